@@ -1,0 +1,12 @@
+"""The graph passes of rpq_fx, in pipeline order: capture → plan → rewrite → checkpoint → cleanup.
+
+Installed as ``rpq_fx.passes``.
+"""
+
+from .capture import capture
+from .checkpoint import insert_checkpoints
+from .cleanup import cleanup
+from .plan import LayerPlan, plan_conversion
+from .rewrite import rewrite
+
+__all__ = ["capture", "plan_conversion", "LayerPlan", "rewrite", "insert_checkpoints", "cleanup"]

@@ -1,0 +1,56 @@
+"""Checkpoint: wrap each expansion, with the op that reads it, in activation checkpointing.
+
+The region ``expand → (view) → op`` becomes a small GraphModule called through non-reentrant
+``torch.utils.checkpoint.checkpoint``: backward recomputes the dense weight instead of keeping it.
+"""
+
+import torch
+import torch.fx as fx
+import torch.utils.checkpoint
+from torch import nn
+
+__all__ = ["insert_checkpoints", "is_expansion"]
+
+
+def is_expansion(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.rpq_fx.expand.default
+
+
+def _region(expand: fx.Node) -> list[fx.Node] | None:
+    """``[expand, (view,) consumer]``, or None if the expansion is not read by exactly one op."""
+    region, value = [expand], expand
+    if len(value.users) == 1 and next(iter(value.users)).target == "view":
+        value = next(iter(value.users))
+        region.append(value)
+    if len(value.users) != 1:
+        return None
+    return [*region, next(iter(value.users))]
+
+
+def _inputs(region: list[fx.Node]) -> list[fx.Node]:
+    inside = set(region)
+    return list(dict.fromkeys(arg for node in region for arg in node.all_input_nodes if arg not in inside))
+
+
+def insert_checkpoints(gm: fx.GraphModule) -> int:
+    """Checkpoint every expansion region of ``gm`` in place; returns how many were wrapped."""
+    graph = gm.graph
+    regions = [r for r in map(_region, [n for n in graph.nodes if is_expansion(n)]) if r is not None]
+    for region in regions:
+        consumer, inputs = region[-1], _inputs(region)
+        body = fx.Graph()
+        env = {node: body.placeholder(node.name) for node in inputs}
+        for node in region:
+            env[node] = body.node_copy(node, env.__getitem__)
+        body.output(env[consumer])
+        name = f"{consumer.name}_checkpoint"
+        gm.add_submodule(name, fx.GraphModule(nn.Module(), body, class_name="CheckpointedExpansion"))
+        with graph.inserting_before(consumer):
+            call = graph.call_function(torch.utils.checkpoint.checkpoint,
+                                       (graph.get_attr(name), *inputs), {"use_reentrant": False})
+        consumer.replace_all_uses_with(call)
+        consumer_name = consumer.name
+        for node in reversed(region):
+            graph.erase_node(node)
+        call.name = consumer_name  # reason: keep the layer's name in gm.code
+    return len(regions)

@@ -1,0 +1,193 @@
+"""Plan: find every parameter used as a layer weight in a captured graph and decide its fate.
+
+Nothing is changed here. A parameter is keyed by identity, so a shared module or a tied weight
+(one Parameter under several names) is planned once, with all its names.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from rpq_fx.config import LayerSettings, RPQConfig
+from rpq_fx.errors import RPQConversionError
+from rpq_fx.nn.weight import rpq_bytes
+
+__all__ = ["LayerPlan", "plan_conversion", "parameter_at", "WEIGHT_MODULES", "WEIGHT_FUNCTIONS"]
+
+WEIGHT_MODULES: dict[type[nn.Module], str] = {
+    nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.Embedding: "embedding",
+}
+WEIGHT_FUNCTIONS: dict[Callable, str] = {
+    F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.embedding: "embedding",
+}
+
+
+@dataclass
+class LayerPlan:
+    """One weight: converted (``reason is None``) or left dense, and why."""
+
+    name: str
+    aliases: tuple[str, ...]
+    ops: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    num_codebooks: int | None = None
+    codebook_dim: int | None = None
+    num_codes: int | None = None
+    shared_codebooks: bool = False
+    reason: str | None = None
+    excluded: bool = False  # left dense on purpose (filter_fn or a config override), not for want of support
+    param: nn.Parameter | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def converted(self) -> bool:
+        return self.reason is None
+
+    @property
+    def bytes_before(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def bytes_after(self) -> int:
+        if not self.converted:
+            return self.bytes_before
+        return rpq_bytes(self.num_codebooks, self.codebook_dim, self.shape[0], self.num_codes,
+                         self.shared_codebooks, self.dtype.itemsize)
+
+
+@dataclass
+class _Uses:
+    ops: list[str] = field(default_factory=list)  # weight ops that read the parameter
+    others: list[str] = field(default_factory=list)  # anything else that reads it
+    unsupported: list[str] = field(default_factory=list)  # weight-bearing layers rpq_fx cannot rewrite
+    layer: tuple[nn.Module, str] | None = None  # the nn layer owning it, if it is a layer's weight
+    refusal: str | None = None  # a use that makes conversion wrong
+
+
+def _target_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _weight_arg(node: fx.Node) -> fx.Node | None:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+
+
+def _embedding_refusal(module: nn.Embedding) -> str | None:
+    if module.max_norm is not None:
+        return f"Embedding max_norm={module.max_norm} renormalises the weight in place, which an RPQ weight cannot be"
+    if module.sparse:
+        return "Embedding sparse=True gives sparse gradients, which RPQ codebooks do not take"
+    return None
+
+
+def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
+    uses: dict[int, _Uses] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            op = WEIGHT_MODULES.get(type(module))
+            if op is not None:
+                use = uses.setdefault(id(module.weight), _Uses())
+                use.ops.append(op)
+                use.layer = (module, node.target)
+                use.refusal = use.refusal or (_embedding_refusal(module) if op == "embedding" else None)
+                continue
+            for param in module.parameters():
+                if param.dim() >= 2:
+                    uses.setdefault(id(param), _Uses()).unsupported.append(type(module).__name__)
+        elif node.op == "get_attr":
+            value = parameter_at(gm, node.target)
+            if value is None:
+                continue
+            use = uses.setdefault(id(value), _Uses())
+            for user in node.users:
+                op = WEIGHT_FUNCTIONS.get(user.target) if user.op == "call_function" else None
+                if op is not None and _weight_arg(user) is node:
+                    use.ops.append(op)
+                else:
+                    use.others.append(f"used by {_target_name(user)}")
+    return uses
+
+
+def parameter_at(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
+    """The Parameter a ``get_attr`` target names, or None if it names something else."""
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:
+        return None
+
+
+def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> None:
+    row_len = math.prod(plan.shape[1:])
+    if refusal is not None:
+        plan.reason = refusal
+        return
+    if not plan.dtype.is_floating_point:
+        plan.reason = f"dtype {plan.dtype} is not floating point"
+        return
+    split = settings.split(row_len)
+    if isinstance(split, str):
+        plan.reason = split
+        return
+    plan.num_codebooks, plan.codebook_dim = split
+    plan.num_codes, plan.shared_codebooks = settings.num_codes, settings.shared_codebooks
+    dense, rpq = plan.bytes_before, plan.bytes_after
+    if rpq >= dense:
+        plan.reason = (f"would grow from {dense} to {rpq} bytes ({plan.shape[0]} rows; RPQ with "
+                       f"num_codes={settings.num_codes} needs far more)")
+        plan.num_codebooks = plan.codebook_dim = plan.num_codes = None
+
+
+def plan_conversion(gm: fx.GraphModule, model: nn.Module, config: RPQConfig,
+                    filter_fn: Callable[[nn.Module | nn.Parameter, str], bool] | None = None,
+                    strict: bool = False) -> list[LayerPlan]:
+    """A plan for every parameter of ``gm`` (captured from ``model``) that is, or looks like, a weight.
+
+    Parameters read by a linear / conv / embedding op get a split or a reason to stay dense; other
+    parameters of two or more dims are listed dense with what reads them. ``strict`` turns any
+    reason other than a deliberate exclusion into an :class:`RPQConversionError`.
+    """
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    plans = []
+    for key, use in _collect_uses(gm).items():
+        param, aliases = params[key], tuple(names[key])
+        if not use.ops and not use.unsupported and param.dim() < 2:
+            continue
+        ops = tuple(dict.fromkeys(use.ops or use.unsupported))
+        plan = LayerPlan(aliases[0], aliases, ops, tuple(param.shape), param.dtype, param=param)
+        plans.append(plan)
+        if not use.ops and use.unsupported:
+            plan.reason = f"inside {', '.join(ops)}, which rpq_fx does not convert"
+            continue
+        if not use.ops:
+            plan.reason = f"not the weight of a linear, conv or embedding ({'; '.join(dict.fromkeys(use.others))})"
+            continue
+        if param.dim() < 2:
+            plan.reason = f"a {param.dim()}-D weight has no rows to quantize"
+            continue
+        layer, layer_name = use.layer if use.layer else (param, plan.name)
+        if filter_fn is not None and not filter_fn(layer, layer_name):
+            plan.reason, plan.excluded = "excluded by filter_fn", True
+            continue
+        settings = config.settings_for(plan.name, plan.name.rpartition(".")[0], *aliases)
+        if settings is None:
+            plan.reason, plan.excluded = "skipped by a config override", True
+            continue
+        if use.unsupported:
+            use.refusal = f"also read inside {', '.join(dict.fromkeys(use.unsupported))}, which cannot take an RPQ weight"
+        _decide(plan, settings, use.refusal)
+    if strict:
+        failed = [p for p in plans if not p.converted and not p.excluded and p.ops]
+        if failed:
+            raise RPQConversionError("strict=True, but these layers cannot be converted:\n" + "\n".join(
+                f"  {p.name} {list(p.shape)}: {p.reason}" for p in failed))
+    return plans

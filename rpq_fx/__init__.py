@@ -1,0 +1,16 @@
+"""rpq_fx: Reverse Product Quantization as a torch.fx model-rewriting pass.
+
+``net = rpq_fx.RPQ(net)`` stores every linear / conv / embedding weight as small learnable
+codebooks plus uint8 codes, expanded just in time inside the forward pass.
+"""
+
+from . import nn, ops
+from .config import LayerSettings, RPQConfig
+from .convert import RPQ, convert
+from .decompress import decompress
+from .errors import RPQConversionError
+from .report import Report, model_size, report
+
+__all__ = ["convert", "RPQ", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
+           "report", "Report", "nn", "ops"]
+__version__ = "0.1.0"

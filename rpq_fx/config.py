@@ -1,0 +1,118 @@
+"""``RPQConfig``: what to convert and how, as one serialisable dataclass."""
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RPQConfig", "LayerSettings"]
+
+_SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
+_OVERRIDABLE = (*_SPLITS, "num_codes", "shared_codebooks", "skip")
+
+
+def _check_int(where: str, name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        accepted = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+        raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """The resolved settings of one layer: exactly one way to split its rows."""
+
+    num_codebooks: int | None
+    codebook_dim: int | None
+    max_codebook_dim: int | None
+    num_codes: int
+    shared_codebooks: bool
+
+    def split(self, row_len: int) -> tuple[int, int] | str:
+        """``(num_codebooks, codebook_dim)`` for a row of ``row_len`` values, or why it can't be split."""
+        if self.num_codebooks is not None:
+            if row_len % self.num_codebooks:
+                return f"row length {row_len} is not divisible by num_codebooks={self.num_codebooks}"
+            return self.num_codebooks, row_len // self.num_codebooks
+        if self.codebook_dim is not None:
+            if row_len % self.codebook_dim:
+                return f"row length {row_len} is not divisible by codebook_dim={self.codebook_dim}"
+            return row_len // self.codebook_dim, self.codebook_dim
+        dim = max(d for d in range(1, min(self.max_codebook_dim, row_len) + 1) if row_len % d == 0)
+        return row_len // dim, dim
+
+
+@dataclass
+class RPQConfig:
+    """How to convert a model.
+
+    Exactly one of ``num_codebooks`` (C per row), ``codebook_dim`` (d, so C = row / d) or
+    ``max_codebook_dim`` (per layer the largest d <= this that divides the row) sets the split.
+    ``overrides`` maps fnmatch patterns, tried against a weight's name (``"blocks.0.mlp.fc1.weight"``)
+    and its layer's name (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the
+    layers they match (later patterns win); ``{"skip": True}`` leaves a layer dense.
+    """
+
+    num_codebooks: int | None = None
+    codebook_dim: int | None = None
+    max_codebook_dim: int | None = None
+    num_codes: int = 256
+    shared_codebooks: bool = False
+    checkpoint: bool = False
+    seed: int = 0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._check(dataclasses.asdict(self), "RPQConfig")
+        for pattern, values in self.overrides.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"RPQConfig.overrides[{pattern!r}] must be a dict, got {values!r}")
+            unknown = set(values) - set(_OVERRIDABLE)
+            if unknown:
+                raise ValueError(f"RPQConfig.overrides[{pattern!r}]: unknown settings {sorted(unknown)}; "
+                                 f"accepted: {list(_OVERRIDABLE)}")
+            self._check(self._apply(dataclasses.asdict(self), values), f"RPQConfig.overrides[{pattern!r}]")
+
+    @staticmethod
+    def _check(values: dict[str, Any], where: str) -> None:
+        splits = [name for name in _SPLITS if values.get(name) is not None]
+        if len(splits) != 1:
+            raise ValueError(f"{where}: set exactly one of {', '.join(_SPLITS)}; got "
+                             f"{', '.join(f'{n}={values[n]}' for n in splits) if splits else 'none'}")
+        _check_int(where, splits[0], values[splits[0]], 1)
+        _check_int(where, "num_codes", values["num_codes"], 2, 65536)
+        if not isinstance(values["shared_codebooks"], bool):
+            raise ValueError(f"{where}: shared_codebooks must be a bool, got {values['shared_codebooks']!r}")
+        if not isinstance(values["checkpoint"], bool):
+            raise ValueError(f"{where}: checkpoint must be a bool, got {values['checkpoint']!r}")
+        _check_int(where, "seed", values["seed"], 0)
+
+    @staticmethod
+    def _apply(values: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with ``override`` on top; an override that names a split replaces the split."""
+        values = dict(values)
+        if any(name in override for name in _SPLITS):
+            values.update(dict.fromkeys(_SPLITS))
+        values.update(override)
+        return values
+
+    def settings_for(self, *names: str) -> LayerSettings | None:
+        """Settings for the layer known by ``names`` (weight and layer name), or None to skip it."""
+        values = dataclasses.asdict(self)
+        for pattern, override in self.overrides.items():
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                values = self._apply(values, override)
+        if values.get("skip"):
+            return None
+        return LayerSettings(**{f.name: values[f.name] for f in dataclasses.fields(LayerSettings)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready) that :meth:`from_dict` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RPQConfig":
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"RPQConfig.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**values)
+

@@ -1,0 +1,112 @@
+"""Drop-in layers whose weight is an :class:`RPQWeight` (the reference RPQ's eager modules)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weight import RPQWeight
+
+__all__ = ["RPQLinear", "RPQEmbedding", "RPQConv1d", "RPQConv2d", "RPQConv3d"]
+
+
+def _split(row_len: int, num_codebooks: int, where: str) -> int:
+    if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, int) or num_codebooks < 1:
+        raise ValueError(f"{where}: num_codebooks must be a positive int, got {num_codebooks!r}")
+    if row_len % num_codebooks:
+        raise ValueError(f"{where}: row length {row_len} is not divisible by num_codebooks={num_codebooks}")
+    return row_len // num_codebooks
+
+
+class RPQLinear(nn.Module):
+    """``nn.Linear`` with an RPQ weight: rows are output neurons, split over the input features."""
+
+    def __init__(self, in_features: int, out_features: int, num_codebooks: int, bias: bool = True, *,
+                 num_codes: int = 256, shared_codebooks: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        dim = _split(in_features, num_codebooks, "RPQLinear")
+        self.weight = RPQWeight(num_codebooks, dim, out_features, num_codes, shared_codebooks,
+                                device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        if self.bias is not None and not self.bias.is_meta:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class RPQEmbedding(nn.Module):
+    """``nn.Embedding`` with an RPQ weight: rows are embeddings, split over the embedding dim."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int,
+                 padding_idx: int | None = None, *, num_codes: int = 256, shared_codebooks: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
+        if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
+            raise ValueError(f"RPQEmbedding: padding_idx must be within num_embeddings={num_embeddings}, "
+                             f"got {padding_idx}")
+        self.padding_idx = padding_idx
+        dim = _split(embedding_dim, num_codebooks, "RPQEmbedding")
+        self.weight = RPQWeight(num_codebooks, dim, num_embeddings, num_codes, shared_codebooks,
+                                device=device, dtype=dtype)
+        self.weight.reset_parameters("normal")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, self.weight(), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
+
+
+class _RPQConvMixin:
+    """Builds the torch conv on the meta device (no dense weight is ever allocated), then swaps in
+    an RPQ weight whose rows are output channels; torch's own ``_conv_forward`` does the rest."""
+
+    def _make_rpq(self, num_codebooks: int, num_codes: int, shared_codebooks: bool, device, dtype) -> None:
+        shape = tuple(self.weight.shape)
+        dim = _split(math.prod(shape[1:]), num_codebooks, type(self).__name__)
+        del self.weight
+        self.weight = RPQWeight(num_codebooks, dim, shape[0], num_codes, shared_codebooks, shape=shape,
+                                device=device, dtype=dtype)
+        if self.bias is not None:
+            fan_in = math.prod(shape[1:])
+            self.bias = nn.Parameter(torch.empty(shape[0], device=device, dtype=dtype))
+            if not self.bias.is_meta:
+                nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def reset_parameters(self) -> None:
+        # reason: torch's _ConvNd.__init__ calls this to init a dense weight; the RPQ weight inits itself
+        pass
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # reason: torch's _conv_forward handles every padding_mode; reuse it rather than copy it
+        return self._conv_forward(input, self.weight(), self.bias)
+
+
+def _conv_class(base: type[nn.Module]) -> type[nn.Module]:
+    class RPQConv(_RPQConvMixin, base):
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                     groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                     num_codebooks: int, num_codes: int = 256, shared_codebooks: bool = False):
+            super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                             bias, padding_mode, device="meta", dtype=dtype)
+            self._make_rpq(num_codebooks, num_codes, shared_codebooks, device, dtype)
+
+    RPQConv.__name__ = RPQConv.__qualname__ = f"RPQ{base.__name__}"
+    RPQConv.__doc__ = f"``nn.{base.__name__}`` with an RPQ weight (rows are output channels)."
+    return RPQConv
+
+
+RPQConv1d = _conv_class(nn.Conv1d)
+RPQConv2d = _conv_class(nn.Conv2d)
+RPQConv3d = _conv_class(nn.Conv3d)

@@ -1,0 +1,90 @@
+"""``RPQWeight``: a dense weight stored dormant as codebooks plus uint8 codes."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..ops import expand
+
+__all__ = ["RPQWeight", "code_dtype", "rpq_bytes"]
+
+
+def code_dtype(num_codes: int) -> torch.dtype:
+    """uint8 codes up to 256 codewords, int16 (read as unsigned) up to 65536."""
+    return torch.uint8 if num_codes <= 256 else torch.int16
+
+
+def rpq_bytes(num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes: int,
+              shared_codebooks: bool, element_size: int) -> int:
+    """Bytes of codebooks plus codes for one RPQ weight."""
+    groups = 1 if shared_codebooks else num_codebooks
+    code_size = torch.empty(0, dtype=code_dtype(num_codes)).element_size()
+    return groups * num_codes * codebook_dim * element_size + num_codebooks * num_vectors * code_size
+
+
+class RPQWeight(nn.Module):
+    """A ``[num_vectors, num_codebooks * codebook_dim]`` weight, expanded on every call.
+
+    ``codebooks`` is a Parameter ``[C, K, d]`` (``[1, K, d]`` when shared), ``codes`` a buffer
+    ``[C, N]`` and ``W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]]``. ``shape`` views the
+    expanded rows as a layer's weight (e.g. a convolution's ``[out, in, kh, kw]``).
+    """
+
+    def __init__(self, num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes: int = 256,
+                 shared_codebooks: bool = False, *, shape: Sequence[int] | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value, low in (("num_codebooks", num_codebooks, 1), ("codebook_dim", codebook_dim, 1),
+                                 ("num_vectors", num_vectors, 1), ("num_codes", num_codes, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"RPQWeight: {name} must be an int >= {low}, got {value!r}")
+        if num_codes > 65536:
+            raise ValueError(f"RPQWeight: num_codes must be <= 65536, got {num_codes}")
+        self.num_codebooks, self.codebook_dim = num_codebooks, codebook_dim
+        self.num_vectors, self.num_codes = num_vectors, num_codes
+        self.shared_codebooks = shared_codebooks
+        self.shape = tuple(shape) if shape is not None else (num_vectors, num_codebooks * codebook_dim)
+        if math.prod(self.shape) != num_vectors * num_codebooks * codebook_dim or self.shape[0] != num_vectors:
+            raise ValueError(f"RPQWeight: shape {self.shape} does not hold {num_vectors} rows of "
+                             f"{num_codebooks}x{codebook_dim} values")
+        groups = 1 if shared_codebooks else num_codebooks
+        self.codebooks = nn.Parameter(torch.empty(groups, num_codes, codebook_dim, device=device, dtype=dtype))
+        self.register_buffer("codes", torch.empty(num_codebooks, num_vectors, device=device,
+                                                  dtype=code_dtype(num_codes)))
+        self.reset_parameters()
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """Alias of ``codes``, the name the reference RPQ used."""
+        return self.codes
+
+    def reset_parameters(self, init: str = "uniform", generator: torch.Generator | None = None) -> None:
+        """Random codes, and codebooks drawn like the dense layer's default init.
+
+        ``"uniform"``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = row length (torch's Linear and
+        Conv default); ``"normal"``: N(0, 1) (torch's Embedding default). Every expanded value is a
+        codebook value, so the expanded weight has the same distribution as the dense init.
+        """
+        if self.codebooks.is_meta:
+            return
+        with torch.no_grad():
+            codes = torch.randint(0, self.num_codes, self.codes.shape, generator=generator,
+                                  device=self.codes.device, dtype=torch.int32)
+            self.codes.copy_(codes.to(self.codes.dtype))  # int16 keeps codes >= 32768 as bit patterns
+            if init == "uniform":
+                bound = 1 / math.sqrt(self.num_codebooks * self.codebook_dim)
+                self.codebooks.uniform_(-bound, bound, generator=generator)
+            elif init == "normal":
+                self.codebooks.normal_(generator=generator)
+            else:
+                raise ValueError(f"RPQWeight.reset_parameters: init must be 'uniform' or 'normal', got {init!r}")
+
+    def forward(self) -> torch.Tensor:
+        return expand(self.codebooks, self.codes).view(self.shape)
+
+    def extra_repr(self) -> str:
+        shared = ", shared_codebooks=True" if self.shared_codebooks else ""
+        return (f"num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
+                f"num_vectors={self.num_vectors}, num_codes={self.num_codes}{shared}, shape={self.shape}")

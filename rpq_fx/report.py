@@ -1,0 +1,76 @@
+"""What a conversion did: ``model_size`` and the per-layer ``report``."""
+
+from dataclasses import dataclass
+
+from tabulate import tabulate
+from torch import nn
+
+from .nn.weight import RPQWeight
+from .passes import LayerPlan
+
+__all__ = ["model_size", "report", "Report"]
+
+_MIB = 1024**2
+
+
+def _bytes(model: nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_size(model: nn.Module) -> float:
+    """MiB held in parameters plus buffers (each shared tensor once), as ``rpq.utils.model_size``."""
+    return _bytes(model) / _MIB
+
+
+def _layers(model: nn.Module) -> list[LayerPlan]:
+    """The conversion record, or one built from the RPQ weights of an eagerly built model."""
+    if hasattr(model, "rpq_layers"):
+        return model.rpq_layers
+    layers = {}
+    for name, w in model.named_modules():
+        if isinstance(w, RPQWeight):
+            layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.codebooks.dtype, w.num_codebooks,
+                                      w.codebook_dim, w.num_codes, w.shared_codebooks)
+    return list(layers.values())
+
+
+@dataclass
+class Report:
+    """Per-layer rows and totals; ``str()`` is a table, :meth:`to_markdown` and :meth:`to_dict` for files."""
+
+    rows: list[dict]
+    totals: dict
+
+    def _table(self, fmt: str) -> str:
+        t = self.totals
+        summary = (f"{t['converted']} of {t['layers']} weights converted; model {t['bytes_before'] / _MIB:.3f} MiB "
+                   f"-> {t['bytes_after'] / _MIB:.3f} MiB ({t['ratio']:.2f}x smaller)")
+        return tabulate(self.rows, headers="keys", tablefmt=fmt, floatfmt=".2f") + "\n\n" + summary
+
+    def __str__(self) -> str:
+        return self._table("simple")
+
+    def to_markdown(self) -> str:
+        return self._table("github")
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "totals": self.totals}
+
+
+def report(model: nn.Module) -> Report:
+    """Each weight: name, op, dense shape, C, K, d, bytes before and after, ratio, or why it stayed dense."""
+    rows = []
+    for layer in _layers(model):
+        ratio = layer.bytes_before / layer.bytes_after
+        rows.append({
+            "layer": layer.name, "op": ",".join(layer.ops), "shape": "x".join(map(str, layer.shape)),
+            "C": layer.num_codebooks, "K": layer.num_codes, "d": layer.codebook_dim,
+            "bytes before": layer.bytes_before, "bytes after": layer.bytes_after, "ratio": ratio,
+            "note": layer.reason or (f"tied: {', '.join(layer.aliases)}" if len(layer.aliases) > 1 else ""),
+        })
+    after = _bytes(model)
+    before = after + sum(r["bytes before"] - r["bytes after"] for r in rows)
+    totals = {"layers": len(rows), "converted": sum(layer.converted for layer in _layers(model)),
+              "bytes_before": before, "bytes_after": after, "ratio": before / after if after else 1.0}
+    return Report(rows, totals)
