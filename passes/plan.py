@@ -138,8 +138,8 @@ def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> No
     plan.num_codes, plan.shared_codebooks = settings.num_codes, settings.shared_codebooks
     dense, rpq = plan.bytes_before, plan.bytes_after
     if rpq >= dense:
-        plan.reason = (f"would grow from {dense} to {rpq} bytes ({plan.shape[0]} rows; RPQ with "
-                       f"num_codes={settings.num_codes} needs far more)")
+        plan.reason = (f"would grow from {dense} to {rpq} bytes: {settings.num_codes} codewords per codebook "
+                       f"cost more than {plan.shape[0]} rows save")
         plan.num_codebooks = plan.codebook_dim = plan.num_codes = None
 
 

@@ -32,9 +32,12 @@ def _new_weight(plan: LayerPlan, generators: dict[torch.device, torch.Generator]
 def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
     codebooks = graph.get_attr(f"{path}.codebooks")
     codes = graph.get_attr(f"{path}.codes")
-    node = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
-                             name=path.replace(".", "_"))
-    return graph.call_method("view", (node, weight.shape)) if len(weight.shape) != 2 else node
+    name = path.replace(".", "_")
+    if len(weight.shape) == 2:
+        return graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes), name=name)
+    rows = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
+                             name=f"{name}_rows")
+    return graph.create_node("call_method", "view", (rows, weight.shape), name=name)
 
 
 def _layer_call(graph: fx.Graph, node: fx.Node, module: nn.Module, op: str, weight: fx.Node) -> fx.Node:

@@ -9,8 +9,9 @@ from .config import LayerSettings, RPQConfig
 from .convert import RPQ, convert
 from .decompress import decompress
 from .errors import RPQConversionError
+from .export import export_graph
 from .report import Report, model_size, report
 
 __all__ = ["convert", "RPQ", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
-           "report", "Report", "nn", "ops"]
+           "report", "Report", "export_graph", "nn", "ops"]
 __version__ = "0.1.0"
