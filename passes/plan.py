@@ -7,6 +7,7 @@ Nothing is changed here. A parameter is keyed by identity, so a shared module or
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.fx as fx
@@ -77,7 +78,12 @@ def _weight_arg(node: fx.Node) -> fx.Node | None:
     return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
 
 
-def _embedding_refusal(module: nn.Embedding) -> str | None:
+def _embedding_refusal(module: nn.Embedding | fx.Node) -> str | None:
+    """Why an embedding (an ``nn.Embedding`` or an ``F.embedding`` call node) cannot read an RPQ weight."""
+    if isinstance(module, fx.Node):  # F.embedding(input, weight, padding_idx, max_norm, norm_type, scale, sparse)
+        args, kwargs = module.args, module.kwargs
+        module = SimpleNamespace(max_norm=args[3] if len(args) > 3 else kwargs.get("max_norm"),
+                                 sparse=args[6] if len(args) > 6 else kwargs.get("sparse", False))
     if module.max_norm is not None:
         return f"Embedding max_norm={module.max_norm} renormalises the weight in place, which an RPQ weight cannot be"
     if module.sparse:
@@ -109,6 +115,7 @@ def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
                 op = WEIGHT_FUNCTIONS.get(user.target) if user.op == "call_function" else None
                 if op is not None and _weight_arg(user) is node:
                     use.ops.append(op)
+                    use.refusal = use.refusal or (_embedding_refusal(user) if op == "embedding" else None)
                 else:
                     use.others.append(f"used by {_target_name(user)}")
     return uses

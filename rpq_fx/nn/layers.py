@@ -49,11 +49,11 @@ class RPQEmbedding(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        if padding_idx is not None and padding_idx < 0:
-            padding_idx += num_embeddings
-        if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"RPQEmbedding: padding_idx must be within num_embeddings={num_embeddings}, "
                              f"got {padding_idx}")
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
         self.padding_idx = padding_idx
         dim = _split(embedding_dim, num_codebooks, "RPQEmbedding")
         self.weight = RPQWeight(num_codebooks, dim, num_embeddings, num_codes, shared_codebooks,

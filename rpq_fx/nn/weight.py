@@ -46,7 +46,9 @@ class RPQWeight(nn.Module):
         self.num_vectors, self.num_codes = num_vectors, num_codes
         self.shared_codebooks = shared_codebooks
         self.shape = tuple(shape) if shape is not None else (num_vectors, num_codebooks * codebook_dim)
-        if math.prod(self.shape) != num_vectors * num_codebooks * codebook_dim or self.shape[0] != num_vectors:
+        if (not self.shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.shape)
+                or math.prod(self.shape) != num_vectors * num_codebooks * codebook_dim
+                or self.shape[0] != num_vectors):
             raise ValueError(f"RPQWeight: shape {self.shape} does not hold {num_vectors} rows of "
                              f"{num_codebooks}x{codebook_dim} values")
         groups = 1 if shared_codebooks else num_codebooks
