@@ -1,14 +1,18 @@
-"""Capture: an ``nn.Module`` as a ``torch.fx.GraphModule`` by symbolic tracing.
+"""Capture: an ``nn.Module`` as a GraphModule by symbolic tracing, in train and in eval mode.
 
-The GraphModule shares the model's submodules and parameters (nothing is copied here).
+The GraphModule shares the model's submodules and parameters (nothing is copied here). If the
+model traces differently in the other mode (``if self.training:`` in its code), that graph is
+kept too, in ``gm.meta["rpq_mode_graphs"]``, over the same modules.
 """
 
 import importlib.util
+from contextlib import contextmanager
 
 import torch.fx as fx
 from torch import nn
 
 from rpq_fx.errors import RPQConversionError
+from rpq_fx.graph_module import RPQGraphModule
 
 __all__ = ["capture", "RPQTracer"]
 
@@ -33,15 +37,57 @@ class RPQTracer(fx.Tracer):
         return isinstance(m, self.notrace_modules) or super().is_leaf_module(m, module_qualified_name)
 
 
-def capture(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule, or raise an error that says what to do instead."""
-    tracer = RPQTracer()
+@contextmanager
+def _mode(model: nn.Module, training: bool):
+    """``model`` in train or eval mode for the duration, every module's own flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
     try:
-        graph = tracer.trace(model)
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    return RPQTracer().trace(model)
+
+
+def _union_root(model: nn.Module, graphs: list[fx.Graph]) -> fx.Graph:
+    """A graph that only names every attribute the ``graphs`` read, so a GraphModule built on it
+    holds all of them (a GraphModule copies just what its graph names)."""
+    union = fx.Graph()
+    targets = {(n.op, n.target) for g in graphs for n in g.nodes if n.op in ("get_attr", "call_module")}
+    for op, target in sorted(targets):
+        union.create_node(op, target)
+    union.output(None)
+    return union
+
+
+def capture(model: nn.Module) -> RPQGraphModule:
+    """Trace ``model`` into a GraphModule, or raise an error that says what to do instead."""
+    try:
+        graph = _trace(model)
     except Exception as error:
         raise RPQConversionError(
             f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}\n"
             "Control flow that depends on input values cannot be traced. Convert a traceable part instead "
             "(rpq_fx.convert(model.backbone, ...)), or make that control flow static."
         ) from error
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    mode, other, untraced = model.training, None, None
+    try:
+        with _mode(model, not mode):
+            other = _trace(model)
+    except Exception as error:
+        untraced = (not mode, f"{type(model).__name__} was converted in {'train' if mode else 'eval'} mode and "
+                              f"torch.fx cannot trace it in the other ({type(error).__name__}: {error}); "
+                              "convert it in the mode you will run it in")
+    if other is not None and other.python_code("self").src == graph.python_code("self").src:
+        other = None
+    gm = RPQGraphModule(model, _union_root(model, [graph] + ([other] if other else [])), type(model).__name__)
+    gm.graph = graph
+    if other is not None:
+        gm.meta["rpq_mode_graphs"] = {mode: graph, not mode: other}
+    if untraced is not None:
+        gm.meta["rpq_untraced_mode"] = untraced
+    return gm

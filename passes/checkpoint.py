@@ -9,6 +9,8 @@ import torch.fx as fx
 import torch.utils.checkpoint
 from torch import nn
 
+from rpq_fx.graph_module import graphs_of
+
 __all__ = ["insert_checkpoints", "is_expansion"]
 
 
@@ -32,18 +34,23 @@ def _inputs(region: list[fx.Node]) -> list[fx.Node]:
     return list(dict.fromkeys(arg for node in region for arg in node.all_input_nodes if arg not in inside))
 
 
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    candidates = (name if i == 0 else f"{name}_{i}" for i in range(len(gm._modules) + 1))
+    return next(c for c in candidates if not hasattr(gm, c))
+
+
 def insert_checkpoints(gm: fx.GraphModule) -> int:
-    """Checkpoint every expansion region of ``gm`` in place; returns how many were wrapped."""
-    graph = gm.graph
-    regions = [r for r in map(_region, [n for n in graph.nodes if is_expansion(n)]) if r is not None]
+    """Checkpoint every expansion region of ``gm`` (each of its graphs) in place; returns how many."""
+    expansions = [n for graph in graphs_of(gm) for n in graph.nodes if is_expansion(n)]
+    regions = [r for r in map(_region, expansions) if r is not None]
     for region in regions:
-        consumer, inputs = region[-1], _inputs(region)
+        consumer, inputs, graph = region[-1], _inputs(region), region[0].graph
         body = fx.Graph()
         env = {node: body.placeholder(node.name) for node in inputs}
         for node in region:
             env[node] = body.node_copy(node, env.__getitem__)
         body.output(env[consumer])
-        name = f"{consumer.name}_checkpoint"
+        name = _free_name(gm, f"{consumer.name}_checkpoint")
         gm.add_submodule(name, fx.GraphModule(nn.Module(), body, class_name="CheckpointedExpansion"))
         with graph.inserting_before(consumer):
             call = graph.call_function(torch.utils.checkpoint.checkpoint,

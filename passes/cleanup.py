@@ -1,6 +1,8 @@
-"""Cleanup: drop what the rewrite left unread, check the graph, regenerate the code."""
+"""Cleanup: drop what the rewrite left unread, check each graph, regenerate the code."""
 
 import torch.fx as fx
+
+from rpq_fx.graph_module import graphs_of
 
 __all__ = ["cleanup"]
 
@@ -10,9 +12,23 @@ def _is_impure(node: fx.Node) -> bool:
     return node.op != "get_attr"
 
 
+def _used_module_names(gm: fx.GraphModule) -> set[str]:
+    used = set()
+    for node in (n for graph in graphs_of(gm) for n in graph.nodes if n.op in ("get_attr", "call_module")):
+        parts = node.target.split(".")
+        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        if node.op == "call_module":
+            used.update(f"{node.target}.{name}" for name, _ in gm.get_submodule(node.target).named_modules() if name)
+    return used
+
+
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
+    for graph in graphs_of(gm):
+        graph.eliminate_dead_code(is_impure_node=_is_impure)
+        graph.lint()
+    # reason: GraphModule.delete_all_unused_submodules sees only the current graph, not the other mode's
+    used = _used_module_names(gm)
+    for name in [name for name, _ in gm.named_modules() if name and name not in used]:
+        gm.delete_submodule(name)
     gm.recompile()
     return gm

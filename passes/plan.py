@@ -7,7 +7,6 @@ Nothing is changed here. A parameter is keyed by identity, so a shared module or
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 import torch.fx as fx
@@ -16,6 +15,7 @@ from torch import nn
 
 from rpq_fx.config import LayerSettings, RPQConfig
 from rpq_fx.errors import RPQConversionError
+from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import rpq_bytes
 
 __all__ = ["LayerPlan", "plan_conversion", "parameter_at", "WEIGHT_MODULES", "WEIGHT_FUNCTIONS"]
@@ -66,7 +66,8 @@ class _Uses:
     ops: list[str] = field(default_factory=list)  # weight ops that read the parameter
     others: list[str] = field(default_factory=list)  # anything else that reads it
     unsupported: list[str] = field(default_factory=list)  # weight-bearing layers rpq_fx cannot rewrite
-    layer: tuple[nn.Module, str] | None = None  # the nn layer owning it, if it is a layer's weight
+    layers: dict[str, nn.Module] = field(default_factory=dict)  # the nn layers calling it as their weight
+    functional: bool = False  # read directly by a functional op (F.linear(x, self.w))
     refusal: str | None = None  # a use that makes conversion wrong
 
 
@@ -74,34 +75,32 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _weight_arg(node: fx.Node) -> fx.Node | None:
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``name`` of a call node, given by position ``index`` or by keyword."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _embedding_refusal(module: nn.Embedding | fx.Node) -> str | None:
-    """Why an embedding (an ``nn.Embedding`` or an ``F.embedding`` call node) cannot read an RPQ weight."""
-    if isinstance(module, fx.Node):  # F.embedding(input, weight, padding_idx, max_norm, norm_type, scale, sparse)
-        args, kwargs = module.args, module.kwargs
-        module = SimpleNamespace(max_norm=args[3] if len(args) > 3 else kwargs.get("max_norm"),
-                                 sparse=args[6] if len(args) > 6 else kwargs.get("sparse", False))
-    if module.max_norm is not None:
-        return f"Embedding max_norm={module.max_norm} renormalises the weight in place, which an RPQ weight cannot be"
-    if module.sparse:
+def _embedding_refusal(max_norm: float | None, sparse: bool) -> str | None:
+    """Why an embedding cannot read an RPQ weight, or None."""
+    if max_norm is not None:
+        return f"Embedding max_norm={max_norm} renormalises the weight in place, which an RPQ weight cannot be"
+    if sparse:
         return "Embedding sparse=True gives sparse gradients, which RPQ codebooks do not take"
     return None
 
 
 def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
     uses: dict[int, _Uses] = {}
-    for node in gm.graph.nodes:
+    for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             op = WEIGHT_MODULES.get(type(module))
             if op is not None:
                 use = uses.setdefault(id(module.weight), _Uses())
                 use.ops.append(op)
-                use.layer = (module, node.target)
-                use.refusal = use.refusal or (_embedding_refusal(module) if op == "embedding" else None)
+                use.layers[node.target] = module
+                if op == "embedding":
+                    use.refusal = use.refusal or _embedding_refusal(module.max_norm, module.sparse)
                 continue
             for param in module.parameters():
                 if param.dim() >= 2:
@@ -113,9 +112,12 @@ def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
             use = uses.setdefault(id(value), _Uses())
             for user in node.users:
                 op = WEIGHT_FUNCTIONS.get(user.target) if user.op == "call_function" else None
-                if op is not None and _weight_arg(user) is node:
+                if op is not None and _arg(user, 1, "weight") is node:
                     use.ops.append(op)
-                    use.refusal = use.refusal or (_embedding_refusal(user) if op == "embedding" else None)
+                    use.functional = True
+                    if op == "embedding":  # F.embedding(input, weight, padding_idx, max_norm, norm_type, scale, sparse)
+                        use.refusal = use.refusal or _embedding_refusal(_arg(user, 3, "max_norm"),
+                                                                        _arg(user, 6, "sparse", False))
                 else:
                     use.others.append(f"used by {_target_name(user)}")
     return uses
@@ -181,8 +183,8 @@ def plan_conversion(gm: fx.GraphModule, model: nn.Module, config: RPQConfig,
         if param.dim() < 2:
             plan.reason = f"a {param.dim()}-D weight has no rows to quantize"
             continue
-        layer, layer_name = use.layer if use.layer else (param, plan.name)
-        if filter_fn is not None and not filter_fn(layer, layer_name):
+        asked = [*use.layers.items(), *([(plan.name, param)] if use.functional else [])]
+        if filter_fn is not None and not all(filter_fn(layer, name) for name, layer in asked):
             plan.reason, plan.excluded = "excluded by filter_fn", True
             continue
         settings = config.settings_for(plan.name, plan.name.rpartition(".")[0], *aliases)

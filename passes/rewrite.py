@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import RPQWeight
 
 from .plan import WEIGHT_FUNCTIONS, WEIGHT_MODULES, LayerPlan, parameter_at
@@ -68,7 +69,7 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 def _sites(gm: fx.GraphModule, planned: dict[int, LayerPlan]):
     """``(node, plan, layer module or None, op)`` for every node that reads a converted weight."""
-    for node in gm.graph.nodes:
+    for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             op = WEIGHT_MODULES.get(type(module))
@@ -87,10 +88,9 @@ def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], seed: int = 0) -> None:
     by_alias = {alias: plan for plan in converted for alias in plan.aliases}
     planned = {id(param): by_alias[name] for name, param in gm.named_parameters(remove_duplicate=False)
                if name in by_alias}
-    graph = gm.graph
     containers: dict[str, nn.Module] = {}
     for node, plan, module, op in list(_sites(gm, planned)):
-        weight = weights[plan.name]
+        weight, graph = weights[plan.name], node.graph
         if module is None:
             _install(gm, node.target, weight)
             for user in list(node.users):

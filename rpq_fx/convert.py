@@ -5,11 +5,11 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .config import RPQConfig
 from .errors import RPQConversionError
+from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
 from .passes import LayerPlan, capture, cleanup, insert_checkpoints, plan_conversion, rewrite
 
@@ -31,11 +31,13 @@ def _config(config: RPQConfig | None, **settings) -> RPQConfig:
     return config
 
 
-def _copy_for_conversion(gm: fx.GraphModule, plans: list[LayerPlan]) -> fx.GraphModule:
+def _copy_for_conversion(gm: RPQGraphModule, plans: list[LayerPlan]) -> RPQGraphModule:
     """A deep copy of ``gm`` in which the weights about to be converted are free meta placeholders."""
     memo = {id(plan.param): nn.Parameter(torch.empty(plan.shape, dtype=plan.dtype, device="meta"))
             for plan in plans if plan.converted}
-    return copy.deepcopy(gm, memo)
+    result = copy.deepcopy(gm, memo)
+    type(result).__name__ = type(gm).__name__  # reason: GraphModule.__deepcopy__ forgets the class name
+    return result
 
 
 def _free_converted(model: nn.Module, plans: list[LayerPlan]) -> None:
@@ -51,12 +53,13 @@ def _free_converted(model: nn.Module, plans: list[LayerPlan]) -> None:
 def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim: int | None = None,
             max_codebook_dim: int | None = None, num_codes: int = 256, shared_codebooks: bool = False,
             checkpoint: bool = False, filter_fn: FilterFn | None = None, config: RPQConfig | None = None,
-            seed: int = 0, inplace: bool = False, strict: bool = False) -> fx.GraphModule:
+            seed: int = 0, inplace: bool = False, strict: bool = False) -> RPQGraphModule:
     """Rewrite every linear / conv / embedding weight of ``model`` as an RPQ weight.
 
     Exactly one of ``num_codebooks``, ``codebook_dim`` or ``max_codebook_dim`` sets how each weight
     row is split (or ``config`` does, with per-layer overrides). ``filter_fn(layer_or_weight, name)``
-    picks layers. Layers that cannot be converted stay dense and are listed by :func:`report`;
+    picks layers: it is asked about every layer that reads a weight (each, for a tied weight), and
+    the weight is converted only if it accepts them all. Layers that cannot be converted stay dense and are listed by :func:`report`;
     ``strict=True`` raises instead. ``checkpoint=True`` recomputes each expanded weight in backward.
 
     The input model is left untouched unless ``inplace=True``, which moves its modules into the
@@ -82,13 +85,13 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     cleanup(gm)
     if inplace:
         _free_converted(model, plans)
-    gm.rpq_layers = [dataclasses.replace(plan, param=None) for plan in plans]
-    gm.rpq_config = config
+    gm.meta["rpq_layers"] = [dataclasses.replace(plan, param=None) for plan in plans]
+    gm.meta["rpq_config"] = config
     gm.training = model.training
     return gm
 
 
-def RPQ(model: nn.Module, **kwargs) -> fx.GraphModule:
+def RPQ(model: nn.Module, **kwargs) -> RPQGraphModule:
     """``net = RPQ(net)``: :func:`convert` with RPQ defaults (codewords of at most 64 values)."""
     if not {"num_codebooks", "codebook_dim", "max_codebook_dim", "config"} & kwargs.keys():
         kwargs["max_codebook_dim"] = 64

@@ -596,3 +596,11 @@ def test_converting_a_converted_model_is_an_error(how, zoo, check):
     with pytest.raises(RPQConversionError):
         rpq_fx.RPQ(model)
     check.unchanged(model, before)
+
+
+@pytest.mark.parametrize("excluded_layer", ["emb", "lm_head"])
+def test_filter_fn_excluding_any_layer_of_a_tied_weight_keeps_it_dense(zoo, excluded_layer):
+    gm = rpq_fx.convert(zoo.TiedLM(), num_codebooks=4, filter_fn=lambda layer, name: name != excluded_layer)
+    tied = next(layer for layer in gm.rpq_layers if "lm_head.weight" in layer.aliases)
+    assert not tied.converted and tied.reason == "excluded by filter_fn"
+    assert not rpq_fx.decompress(gm)
