@@ -7,6 +7,6 @@ from .capture import capture
 from .checkpoint import insert_checkpoints
 from .cleanup import cleanup
 from .plan import LayerPlan, plan_conversion
-from .rewrite import rewrite
+from .rewrite import new_weights, rewrite
 
-__all__ = ["capture", "plan_conversion", "LayerPlan", "rewrite", "insert_checkpoints", "cleanup"]
+__all__ = ["capture", "plan_conversion", "LayerPlan", "new_weights", "rewrite", "insert_checkpoints", "cleanup"]

@@ -19,9 +19,9 @@ def is_expansion(node: fx.Node) -> bool:
 
 
 def _region(expand: fx.Node) -> list[fx.Node] | None:
-    """``[expand, (view,) consumer]``, or None if the expansion is not read by exactly one op."""
+    """``[expand, (view or t,) consumer]``, or None if the expansion is not read by exactly one op."""
     region, value = [expand], expand
-    if len(value.users) == 1 and next(iter(value.users)).target == "view":
+    if len(value.users) == 1 and next(iter(value.users)).target in ("view", "t"):
         value = next(iter(value.users))
         region.append(value)
     if len(value.users) != 1:

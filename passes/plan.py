@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from rpq_fx.config import LayerSettings, RPQConfig
@@ -18,14 +17,9 @@ from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import rpq_bytes
 
-__all__ = ["LayerPlan", "plan_conversion", "parameter_at", "WEIGHT_MODULES", "WEIGHT_FUNCTIONS"]
+from .weight_ops import LAYERS, layer_arguments, layer_refusal, refusal, weight_arg
 
-WEIGHT_MODULES: dict[type[nn.Module], str] = {
-    nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.Embedding: "embedding",
-}
-WEIGHT_FUNCTIONS: dict[Callable, str] = {
-    F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.embedding: "embedding",
-}
+__all__ = ["LayerPlan", "plan_conversion", "parameter_at"]
 
 
 @dataclass
@@ -43,7 +37,13 @@ class LayerPlan:
     shared_codebooks: bool = False
     reason: str | None = None
     excluded: bool = False  # left dense on purpose (filter_fn or a config override), not for want of support
+    transposed: bool = False  # read as W.T (GPT-2's Conv1D): RPQ rows are the parameter's columns
     param: nn.Parameter | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def rows_shape(self) -> tuple[int, ...]:
+        """The weight as RPQ rows: ``[rows, ...]``, each row split into codebook slices."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
 
     @property
     def converted(self) -> bool:
@@ -57,7 +57,7 @@ class LayerPlan:
     def bytes_after(self) -> int:
         if not self.converted:
             return self.bytes_before
-        return rpq_bytes(self.num_codebooks, self.codebook_dim, self.shape[0], self.num_codes,
+        return rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], self.num_codes,
                          self.shared_codebooks, self.dtype.itemsize)
 
 
@@ -68,6 +68,7 @@ class _Uses:
     unsupported: list[str] = field(default_factory=list)  # weight-bearing layers rpq_fx cannot rewrite
     layers: dict[str, nn.Module] = field(default_factory=dict)  # the nn layers calling it as their weight
     functional: bool = False  # read directly by a functional op (F.linear(x, self.w))
+    transposed: set[bool] = field(default_factory=set)  # how the weight ops read it: as W, as W.T
     refusal: str | None = None  # a use that makes conversion wrong
 
 
@@ -75,18 +76,12 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    """Argument ``name`` of a call node, given by position ``index`` or by keyword."""
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
-def _embedding_refusal(max_norm: float | None, sparse: bool) -> str | None:
-    """Why an embedding cannot read an RPQ weight, or None."""
-    if max_norm is not None:
-        return f"Embedding max_norm={max_norm} renormalises the weight in place, which an RPQ weight cannot be"
-    if sparse:
-        return "Embedding sparse=True gives sparse gradients, which RPQ codebooks do not take"
-    return None
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` may write into its inputs (``x.add_(y)``, ``aten.embedding_renorm_``)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    return node.op in ("call_method", "call_function") and _target_name(node).endswith("_")
 
 
 def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
@@ -94,13 +89,13 @@ def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            op = WEIGHT_MODULES.get(type(module))
+            op = LAYERS.get(type(module))
             if op is not None:
                 use = uses.setdefault(id(module.weight), _Uses())
                 use.ops.append(op)
                 use.layers[node.target] = module
-                if op == "embedding":
-                    use.refusal = use.refusal or _embedding_refusal(module.max_norm, module.sparse)
+                use.transposed.add(False)
+                use.refusal = use.refusal or layer_refusal(module, layer_arguments(module, node))
                 continue
             for param in module.parameters():
                 if param.dim() >= 2:
@@ -111,15 +106,16 @@ def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
                 continue
             use = uses.setdefault(id(value), _Uses())
             for user in node.users:
-                op = WEIGHT_FUNCTIONS.get(user.target) if user.op == "call_function" else None
-                if op is not None and _arg(user, 1, "weight") is node:
-                    use.ops.append(op)
+                spec = weight_arg(user, node)
+                if spec is not None:
+                    use.ops.append(spec.op)
                     use.functional = True
-                    if op == "embedding":  # F.embedding(input, weight, padding_idx, max_norm, norm_type, scale, sparse)
-                        use.refusal = use.refusal or _embedding_refusal(_arg(user, 3, "max_norm"),
-                                                                        _arg(user, 6, "sparse", False))
+                    use.transposed.add(spec.transposed)
+                    use.refusal = use.refusal or refusal(user, spec)
                 else:
                     use.others.append(f"used by {_target_name(user)}")
+                    if _mutates(user):
+                        use.refusal = use.refusal or f"modified in place by {_target_name(user)}"
     return uses
 
 
@@ -132,7 +128,7 @@ def parameter_at(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
 
 
 def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> None:
-    row_len = math.prod(plan.shape[1:])
+    row_len = math.prod(plan.rows_shape[1:])
     if refusal is not None:
         plan.reason = refusal
         return
@@ -148,7 +144,7 @@ def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> No
     dense, rpq = plan.bytes_before, plan.bytes_after
     if rpq >= dense:
         plan.reason = (f"would grow from {dense} to {rpq} bytes: {settings.num_codes} codewords per codebook "
-                       f"cost more than {plan.shape[0]} rows save")
+                       f"cost more than {plan.rows_shape[0]} rows save")
         plan.num_codebooks = plan.codebook_dim = plan.num_codes = None
 
 
@@ -191,6 +187,9 @@ def plan_conversion(gm: fx.GraphModule, model: nn.Module, config: RPQConfig,
         if settings is None:
             plan.reason, plan.excluded = "skipped by a config override", True
             continue
+        if len(use.transposed) > 1:
+            use.refusal = use.refusal or "read both as a weight and as its transpose"
+        plan.transposed = use.transposed == {True}
         if use.unsupported:
             use.refusal = f"also read inside {', '.join(dict.fromkeys(use.unsupported))}, which cannot take an RPQ weight"
         _decide(plan, settings, use.refusal)

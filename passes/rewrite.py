@@ -8,55 +8,45 @@ layer itself a plain container of what is left of it: its RPQ ``weight`` and its
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import RPQWeight
 
-from .plan import WEIGHT_FUNCTIONS, WEIGHT_MODULES, LayerPlan, parameter_at
+from .plan import LayerPlan, parameter_at
+from .weight_ops import LAYERS, emit_layer_call, layer_arguments
 
-__all__ = ["rewrite"]
-
-_FUNCTIONS = {op: fn for fn, op in WEIGHT_FUNCTIONS.items()}
+__all__ = ["rewrite", "new_weights"]
 
 
-def _new_weight(plan: LayerPlan, generators: dict[torch.device, torch.Generator]) -> RPQWeight:
-    device = plan.param.device
-    weight = RPQWeight(plan.num_codebooks, plan.codebook_dim, plan.shape[0], plan.num_codes,
-                       plan.shared_codebooks, shape=plan.shape, device=device, dtype=plan.dtype)
-    if device.type != "meta":
-        weight.reset_parameters("normal" if "embedding" in plan.ops else "uniform", generators[device])
-    return weight
+def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
+    """A randomly initialised RPQ weight for every converted plan, by plan name (one generator per
+    device, drawn in plan order, so a seed always gives the same weights)."""
+    converted = [plan for plan in plans if plan.converted]
+    generators = {device: torch.Generator(device).manual_seed(seed)
+                  for device in {plan.param.device for plan in converted} if device.type != "meta"}
+    weights = {}
+    for plan in converted:
+        device = plan.param.device
+        weights[plan.name] = weight = RPQWeight(
+            plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], plan.num_codes, plan.shared_codebooks,
+            shape=plan.rows_shape, transposed=plan.transposed, device=device, dtype=plan.dtype)
+        if device.type != "meta":
+            weight.reset_parameters("normal" if "embedding" in plan.ops else "uniform", generators[device])
+    return weights
 
 
 def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
+    """``get_attr`` codebooks and codes, ``rpq_fx::expand``, and a view or transpose to the weight's layout."""
     codebooks = graph.get_attr(f"{path}.codebooks")
     codes = graph.get_attr(f"{path}.codes")
     name = path.replace(".", "_")
-    if len(weight.shape) == 2:
-        return graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes), name=name)
+    reshape = "t" if weight.transposed else "view" if len(weight.shape) != 2 else None
     rows = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
-                             name=f"{name}_rows")
-    return graph.create_node("call_method", "view", (rows, weight.shape), name=name)
-
-
-def _layer_call(graph: fx.Graph, node: fx.Node, module: nn.Module, op: str, weight: fx.Node) -> fx.Node:
-    """The functional form of ``module(input)`` with ``weight`` in place of the module's weight."""
-    x = node.args[0] if node.args else node.kwargs["input"]
-    bias = graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
-    if op == "linear":
-        return graph.call_function(F.linear, (x, weight, bias))
-    if op == "embedding":
-        return graph.call_function(F.embedding, (x, weight, module.padding_idx, None, module.norm_type,
-                                                 module.scale_grad_by_freq, False))
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        # reason: torch's convs pad in Python for non-zero modes; the amounts are precomputed on the module
-        x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
-        padding = 0
-    return graph.call_function(_FUNCTIONS[op], (x, weight, bias, module.stride, padding, module.dilation,
-                                                module.groups))
+                             name=f"{name}_rows" if reshape else name)
+    if reshape is None:
+        return rows
+    return graph.create_node("call_method", reshape, (rows,) if reshape == "t" else (rows, weight.shape), name=name)
 
 
 def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
@@ -68,28 +58,24 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 
 def _sites(gm: fx.GraphModule, planned: dict[int, LayerPlan]):
-    """``(node, plan, layer module or None, op)`` for every node that reads a converted weight."""
+    """``(node, plan, layer module or None)`` for every node that reads a converted weight."""
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            op = WEIGHT_MODULES.get(type(module))
-            if op is not None and id(module.weight) in planned:
-                yield node, planned[id(module.weight)], module, op
+            if type(module) in LAYERS and id(module.weight) in planned:
+                yield node, planned[id(module.weight)], module
         elif node.op == "get_attr" and id(parameter_at(gm, node.target)) in planned:
-            yield node, planned[id(parameter_at(gm, node.target))], None, None
+            yield node, planned[id(parameter_at(gm, node.target))], None
 
 
-def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], seed: int = 0) -> None:
-    """Rewrite ``gm`` in place (its graph and its modules) for every converted plan."""
+def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWeight]) -> None:
+    """Rewrite ``gm`` in place (its graph and its modules) to read ``weights`` (by plan name)."""
     converted = [plan for plan in plans if plan.converted]
-    generators = {device: torch.Generator(device).manual_seed(seed)
-                  for device in {plan.param.device for plan in converted} if device.type != "meta"}
-    weights = {plan.name: _new_weight(plan, generators) for plan in converted}
     by_alias = {alias: plan for plan in converted for alias in plan.aliases}
     planned = {id(param): by_alias[name] for name, param in gm.named_parameters(remove_duplicate=False)
                if name in by_alias}
     containers: dict[str, nn.Module] = {}
-    for node, plan, module, op in list(_sites(gm, planned)):
+    for node, plan, module in list(_sites(gm, planned)):
         weight, graph = weights[plan.name], node.graph
         if module is None:
             _install(gm, node.target, weight)
@@ -105,7 +91,9 @@ def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], seed: int = 0) -> None:
                 container.bias = module.bias
             gm.set_submodule(node.target, container)
         with graph.inserting_before(node):
-            call = _layer_call(graph, node, module, op, _expansion(graph, f"{node.target}.weight", weight))
+            bias = graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
+            call = emit_layer_call(graph, module, layer_arguments(module, node),
+                                   _expansion(graph, f"{node.target}.weight", weight), bias)
         node.replace_all_uses_with(call)
         name = node.name
         graph.erase_node(node)

@@ -11,7 +11,7 @@ from .config import RPQConfig
 from .errors import RPQConversionError
 from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
-from .passes import LayerPlan, capture, cleanup, insert_checkpoints, plan_conversion, rewrite
+from .passes import LayerPlan, capture, cleanup, insert_checkpoints, new_weights, plan_conversion, rewrite
 
 __all__ = ["convert", "RPQ"]
 
@@ -79,7 +79,7 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     plans = plan_conversion(gm, model, config, filter_fn, strict)
     if not inplace:
         gm = _copy_for_conversion(gm, plans)
-    rewrite(gm, plans, config.seed)
+    rewrite(gm, plans, new_weights(plans, config.seed))
     if config.checkpoint:
         insert_checkpoints(gm)
     cleanup(gm)

@@ -29,12 +29,13 @@ class RPQWeight(nn.Module):
 
     ``codebooks`` is a Parameter ``[C, K, d]`` (``[1, K, d]`` when shared), ``codes`` a buffer
     ``[C, N]`` and ``W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]]``. ``shape`` views the
-    expanded rows as a layer's weight (e.g. a convolution's ``[out, in, kh, kw]``).
+    expanded rows as a layer's weight (e.g. a convolution's ``[out, in, kh, kw]``); ``transposed``
+    returns ``W.T``, for a parameter stored ``[in, out]`` (GPT-2's ``Conv1D``).
     """
 
     def __init__(self, num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes: int = 256,
                  shared_codebooks: bool = False, *, shape: Sequence[int] | None = None,
-                 device=None, dtype=None):
+                 transposed: bool = False, device=None, dtype=None):
         super().__init__()
         for name, value, low in (("num_codebooks", num_codebooks, 1), ("codebook_dim", codebook_dim, 1),
                                  ("num_vectors", num_vectors, 1), ("num_codes", num_codes, 2)):
@@ -51,6 +52,9 @@ class RPQWeight(nn.Module):
                 or self.shape[0] != num_vectors):
             raise ValueError(f"RPQWeight: shape {self.shape} does not hold {num_vectors} rows of "
                              f"{num_codebooks}x{codebook_dim} values")
+        if transposed and len(self.shape) != 2:
+            raise ValueError(f"RPQWeight: transposed=True needs a 2-D shape, got {self.shape}")
+        self.transposed = transposed
         groups = 1 if shared_codebooks else num_codebooks
         self.codebooks = nn.Parameter(torch.empty(groups, num_codes, codebook_dim, device=device, dtype=dtype))
         self.register_buffer("codes", torch.empty(num_codebooks, num_vectors, device=device,
@@ -84,9 +88,11 @@ class RPQWeight(nn.Module):
                 raise ValueError(f"RPQWeight.reset_parameters: init must be 'uniform' or 'normal', got {init!r}")
 
     def forward(self) -> torch.Tensor:
-        return expand(self.codebooks, self.codes).view(self.shape)
+        weight = expand(self.codebooks, self.codes).view(self.shape)
+        return weight.t() if self.transposed else weight
 
     def extra_repr(self) -> str:
         shared = ", shared_codebooks=True" if self.shared_codebooks else ""
+        shared += ", transposed=True" if self.transposed else ""
         return (f"num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
                 f"num_vectors={self.num_vectors}, num_codes={self.num_codes}{shared}, shape={self.shape}")

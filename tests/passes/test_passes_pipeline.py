@@ -12,7 +12,7 @@ from torch import nn
 import rpq_fx
 from rpq_fx import RPQConfig, RPQConversionError
 from rpq_fx.nn import RPQWeight
-from rpq_fx.passes import capture, cleanup, insert_checkpoints, plan_conversion, rewrite
+from rpq_fx.passes import capture, cleanup, insert_checkpoints, new_weights, plan_conversion, rewrite
 
 EXPAND = torch.ops.rpq_fx.expand.default
 
@@ -134,7 +134,7 @@ class PlanZoo(nn.Module):
         self.filtered = nn.Linear(64, 1024)  # filter_fn excludes
         self.renorm = nn.Embedding(2048, 64, max_norm=1.0)  # refused
         self.mha = nn.MultiheadAttention(64, 4)  # unsupported leaf
-        self.up = nn.ConvTranspose2d(512, 16, 3)  # unsupported leaf
+        self.up = nn.ConvTranspose2d(512, 16, 3)  # supported leaf: rows are its 512 input channels
         self.norm = nn.LayerNorm(64)  # 1-D: not listed
 
     def forward(self, x, x60, tokens, img):
@@ -176,8 +176,8 @@ def test_plan_decides_every_weight_with_a_reason():
     assert "max_norm" in reason("renorm.weight")
     assert "MultiheadAttention" in reason("mha.in_proj_weight")
     assert "MultiheadAttention" in reason("mha.out_proj.weight")
-    assert "ConvTranspose2d" in reason("up.weight")
-    assert not any(by_name[n].excluded for n in ("odd.weight", "small.weight", "renorm.weight", "up.weight"))
+    assert by_name["up.weight"].converted and by_name["up.weight"].ops == ("conv_transpose2d",)
+    assert not any(by_name[n].excluded for n in ("odd.weight", "small.weight", "renorm.weight"))
 
 
 @pytest.mark.parametrize("call, refused", [
@@ -220,7 +220,7 @@ def test_plan_strict_names_every_failing_layer_but_not_exclusions():
     with pytest.raises(RPQConversionError) as info:
         _plan_zoo(strict=True)
     message = str(info.value)
-    for name in ("odd.weight", "small.weight", "renorm.weight", "mha.in_proj_weight", "up.weight"):
+    for name in ("odd.weight", "small.weight", "renorm.weight", "mha.in_proj_weight"):
         assert name in message
     for name in ("big.weight", "filtered.weight", "skipme.weight"):
         assert name not in message
@@ -285,7 +285,7 @@ def test_plan_shared_and_tied_weights_planned_once(zoo):
 def _rewritten(model, **config):
     gm = capture(model)
     plans = plan_conversion(gm, model, RPQConfig(**config))
-    rewrite(gm, plans, seed=0)
+    rewrite(gm, plans, new_weights(plans, seed=0))
     gm.recompile()
     return gm, plans
 
@@ -367,7 +367,8 @@ def test_rewrite_uses_the_seed():
     assert torch.equal(a.fc1.weight.codes, b.fc1.weight.codes)
     assert torch.equal(a.fc1.weight.codebooks, b.fc1.weight.codebooks)
     gm = capture(model := MLP())
-    rewrite(gm, plan_conversion(gm, model, RPQConfig(codebook_dim=16)), seed=1)
+    plans = plan_conversion(gm, model, RPQConfig(codebook_dim=16))
+    rewrite(gm, plans, new_weights(plans, seed=1))
     assert not torch.equal(gm.fc1.weight.codes, a.fc1.weight.codes)
 
 

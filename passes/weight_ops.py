@@ -1,0 +1,137 @@
+"""The ops that read a weight: which argument is the weight, and how a layer call becomes functional.
+
+Three spellings of the same ops reach the passes: ``nn`` layer calls (``call_module``), functional
+calls on a Parameter (``F.linear(x, self.w)``) and, in ``torch.export`` graphs, aten ops
+(``aten.linear.default``). Every weight is split into rows along its first dim, except where the op
+reads the parameter transposed (``addmm(bias, x, W)`` in GPT-2's ``Conv1D``): there a row is one
+output, as for a Linear.
+"""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["WeightArg", "FUNCTIONS", "LAYERS", "weight_arg", "refusal", "layer_arguments", "layer_refusal",
+           "emit_layer_call"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class WeightArg:
+    """Where an op takes its weight, and what of its other arguments an RPQ weight cannot honour."""
+
+    op: str
+    index: int
+    keyword: str = "weight"
+    transposed: bool = False
+    max_norm: int | None = None  # position of a max_norm argument (renormalises the weight in place)
+    sparse: int | None = None  # position of a sparse-gradient flag
+
+
+_EMBEDDING = WeightArg("embedding", 1, max_norm=3, sparse=6)
+FUNCTIONS: dict[Callable, WeightArg] = {
+    F.linear: WeightArg("linear", 1),
+    F.bilinear: WeightArg("bilinear", 2),
+    **{fn: WeightArg(f"conv{n}d", 1) for n, fn in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d))},
+    **{fn: WeightArg(f"conv_transpose{n}d", 1)
+       for n, fn in ((1, F.conv_transpose1d), (2, F.conv_transpose2d), (3, F.conv_transpose3d))},
+    F.embedding: _EMBEDDING,
+    F.embedding_bag: WeightArg("embedding_bag", 1, max_norm=3, sparse=7),
+    torch.addmm: WeightArg("addmm", 2, "mat2", transposed=True),
+    aten.linear.default: WeightArg("linear", 1),
+    aten.bilinear.default: WeightArg("bilinear", 2),
+    aten.conv1d.default: WeightArg("conv1d", 1),
+    aten.conv2d.default: WeightArg("conv2d", 1),
+    aten.conv3d.default: WeightArg("conv3d", 1),
+    aten.convolution.default: WeightArg("convolution", 1),
+    aten.conv_transpose1d.default: WeightArg("conv_transpose1d", 1),
+    aten.conv_transpose2d.input: WeightArg("conv_transpose2d", 1),
+    aten.conv_transpose3d.input: WeightArg("conv_transpose3d", 1),
+    aten.embedding.default: WeightArg("embedding", 0, sparse=4),
+    aten.addmm.default: WeightArg("addmm", 2, "mat2", transposed=True),
+}
+
+LAYERS: dict[type[nn.Module], str] = {
+    nn.Linear: "linear", nn.Bilinear: "bilinear",
+    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d",
+    nn.Embedding: "embedding", nn.EmbeddingBag: "embedding_bag",
+}
+
+
+def _arg(node: fx.Node, index: int, keyword: str | None = None, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(keyword, default) if keyword else default
+
+
+def weight_arg(node: fx.Node, value: fx.Node) -> WeightArg | None:
+    """How ``node`` reads ``value`` if it reads it as its weight, else None."""
+    spec = FUNCTIONS.get(node.target) if node.op == "call_function" else None
+    return spec if spec is not None and _arg(node, spec.index, spec.keyword) is value else None
+
+
+def _embedding_refusal(max_norm, sparse) -> str | None:
+    if max_norm is not None:
+        return f"Embedding max_norm={max_norm} renormalises the weight in place, which an RPQ weight cannot be"
+    if sparse:
+        return "Embedding sparse=True gives sparse gradients, which RPQ codebooks do not take"
+    return None
+
+
+def refusal(node: fx.Node, spec: WeightArg) -> str | None:
+    """Why this functional call cannot read an RPQ weight, or None."""
+    max_norm = _arg(node, spec.max_norm, "max_norm") if spec.max_norm is not None else None
+    sparse = _arg(node, spec.sparse, "sparse", False) if spec.sparse is not None else False
+    return _embedding_refusal(max_norm, sparse)
+
+
+def layer_arguments(module: nn.Module, node: fx.Node) -> dict[str, object]:
+    """The arguments of ``module``'s forward in a ``call_module`` node, by name, defaults filled in."""
+    bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def layer_refusal(module: nn.Module, arguments: dict[str, object]) -> str | None:
+    """Why this layer call cannot read an RPQ weight, or None."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return _embedding_refusal(module.max_norm, module.sparse)
+    if arguments.get("output_size") is not None:
+        return f"{type(module).__name__} called with output_size, which fixes output_padding per call"
+    return None
+
+
+def emit_layer_call(graph: fx.Graph, module: nn.Module, arguments: dict, weight: fx.Node,
+                    bias: fx.Node | None) -> fx.Node:
+    """Nodes computing ``module(**arguments)`` with ``weight`` in place of the module's weight."""
+    op = LAYERS[type(module)]
+    if op == "linear":
+        return graph.call_function(F.linear, (arguments["input"], weight, bias))
+    if op == "bilinear":
+        return graph.call_function(F.bilinear, (arguments["input1"], arguments["input2"], weight, bias))
+    if op == "embedding":
+        return graph.call_function(F.embedding, (arguments["input"], weight, module.padding_idx, None,
+                                                 module.norm_type, module.scale_grad_by_freq, False))
+    if op == "embedding_bag":
+        return graph.call_function(F.embedding_bag, (
+            arguments["input"], weight, arguments["offsets"], None, module.norm_type, module.scale_grad_by_freq,
+            module.mode, False, arguments["per_sample_weights"], module.include_last_offset, module.padding_idx))
+    x = arguments["input"]
+    if op.startswith("conv_transpose"):
+        return graph.call_function(getattr(F, op), (x, weight, bias, module.stride, module.padding,
+                                                    module.output_padding, module.groups, module.dilation))
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        # reason: torch's convs pad in Python for non-zero modes; the amounts are precomputed on the module
+        x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
+        padding = 0
+    return graph.call_function(getattr(F, op), (x, weight, bias, module.stride, padding, module.dilation,
+                                                module.groups))
