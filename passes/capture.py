@@ -1,4 +1,5 @@
-"""Capture: an ``nn.Module`` as a GraphModule by symbolic tracing, in train and in eval mode.
+"""Capture: an ``nn.Module`` as a GraphModule, by symbolic tracing (in train and in eval mode) or
+by ``torch.export`` on example inputs.
 
 The GraphModule shares the model's submodules and parameters (nothing is copied here). If the
 model traces differently in the other mode (``if self.training:`` in its code), that graph is
@@ -6,15 +7,17 @@ kept too, in ``gm.meta["rpq_mode_graphs"]``, over the same modules.
 """
 
 import importlib.util
+import inspect
 from contextlib import contextmanager
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import RPQGraphModule
 
-__all__ = ["capture", "RPQTracer"]
+__all__ = ["capture", "capture_export", "RPQTracer"]
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -90,4 +93,43 @@ def capture(model: nn.Module) -> RPQGraphModule:
         gm.meta["rpq_mode_graphs"] = {mode: graph, not mode: other}
     if untraced is not None:
         gm.meta["rpq_untraced_mode"] = untraced
+    return gm
+
+
+def _as_args(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _dynamic_batch_and_sequence(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """``Dim.AUTO`` on the first two dims of every tensor input: dynamic where the model allows."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    dims = lambda t: {i: torch.export.Dim.AUTO for i in range(min(t.dim(), 2))} if isinstance(t, torch.Tensor) else None
+    return {name: torch.utils._pytree.tree_map(dims, value) for name, value in bound.arguments.items()}
+
+
+def capture_export(model: nn.Module, example_inputs) -> RPQGraphModule:
+    """Capture ``model`` with ``torch.export`` on ``example_inputs`` (a tensor, a tuple of positional
+    inputs or a dict of keyword inputs): an aten-level graph, dynamic in batch and sequence where the
+    model allows. The graph is fixed to the model's current train/eval mode."""
+    args, kwargs = _as_args(example_inputs)
+    try:
+        try:
+            program = torch.export.export(model, args, kwargs,
+                                          dynamic_shapes=_dynamic_batch_and_sequence(model, args, kwargs))
+        except Exception:  # reason: some models guard every dim; a static export is still a valid capture
+            program = torch.export.export(model, args, kwargs)
+    except Exception as error:
+        raise RPQConversionError(
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {error}\n"
+            "Call convert without example_inputs to rewrite its layers in place instead."
+        ) from error
+    module = program.module()
+    gm = RPQGraphModule(module, module.graph, type(model).__name__)
+    mode = "train" if model.training else "eval"
+    gm.meta["rpq_untraced_mode"] = (not model.training, f"{type(model).__name__} was exported in {mode} mode, which "
+                                    "torch.export fixes in the graph; convert it in the mode you will run it in")
     return gm

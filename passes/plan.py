@@ -19,7 +19,7 @@ from rpq_fx.nn.weight import rpq_bytes
 
 from .weight_ops import LAYERS, layer_arguments, layer_refusal, refusal, weight_arg
 
-__all__ = ["LayerPlan", "plan_conversion", "parameter_at"]
+__all__ = ["LayerPlan", "plan_conversion", "check_strict", "parameter_at"]
 
 
 @dataclass
@@ -84,8 +84,8 @@ def _mutates(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and _target_name(node).endswith("_")
 
 
-def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
-    uses: dict[int, _Uses] = {}
+def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> None:
+    """Add how ``gm`` (the part of the model at ``prefix``) reads each parameter to ``uses``."""
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
@@ -93,7 +93,7 @@ def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
             if op is not None:
                 use = uses.setdefault(id(module.weight), _Uses())
                 use.ops.append(op)
-                use.layers[node.target] = module
+                use.layers[prefix + node.target] = module
                 use.transposed.add(False)
                 use.refusal = use.refusal or layer_refusal(module, layer_arguments(module, node))
                 continue
@@ -116,7 +116,6 @@ def _collect_uses(gm: fx.GraphModule) -> dict[int, _Uses]:
                     use.others.append(f"used by {_target_name(user)}")
                     if _mutates(user):
                         use.refusal = use.refusal or f"modified in place by {_target_name(user)}"
-    return uses
 
 
 def parameter_at(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
@@ -148,22 +147,28 @@ def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> No
         plan.num_codebooks = plan.codebook_dim = plan.num_codes = None
 
 
-def plan_conversion(gm: fx.GraphModule, model: nn.Module, config: RPQConfig,
+def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Module, config: RPQConfig,
                     filter_fn: Callable[[nn.Module | nn.Parameter, str], bool] | None = None,
                     strict: bool = False) -> list[LayerPlan]:
-    """A plan for every parameter of ``gm`` (captured from ``model``) that is, or looks like, a weight.
+    """A plan for every parameter read in ``gm`` (captured from ``model``) that is, or looks like, a weight.
 
-    Parameters read by a linear / conv / embedding op get a split or a reason to stay dense; other
-    parameters of two or more dims are listed dense with what reads them. ``strict`` turns any
-    reason other than a deliberate exclusion into an :class:`RPQConversionError`.
+    ``gm`` may also be several captured parts of ``model``, by their names in it: a parameter read
+    in several parts (a tied weight) gets one plan. Parameters read by a linear / conv / embedding
+    op get a split or a reason to stay dense; other parameters of two or more dims are listed dense
+    with what reads them. ``strict`` turns any reason other than a deliberate exclusion into an
+    :class:`RPQConversionError`.
     """
+    parts = {"": gm} if isinstance(gm, fx.GraphModule) else {f"{name}.": part for name, part in gm.items()}
     names: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
         params[id(param)] = param
+    uses: dict[int, _Uses] = {}
+    for prefix, part in parts.items():
+        _collect_uses(part, prefix, uses)
     plans = []
-    for key, use in _collect_uses(gm).items():
+    for key, use in uses.items():
         param, aliases = params[key], tuple(names[key])
         if not use.ops and not use.unsupported and param.dim() < 2:
             continue
@@ -194,8 +199,13 @@ def plan_conversion(gm: fx.GraphModule, model: nn.Module, config: RPQConfig,
             use.refusal = f"also read inside {', '.join(dict.fromkeys(use.unsupported))}, which cannot take an RPQ weight"
         _decide(plan, settings, use.refusal)
     if strict:
-        failed = [p for p in plans if not p.converted and not p.excluded and p.ops]
-        if failed:
-            raise RPQConversionError("strict=True, but these layers cannot be converted:\n" + "\n".join(
-                f"  {p.name} {list(p.shape)}: {p.reason}" for p in failed))
+        check_strict(plans)
     return plans
+
+
+def check_strict(plans: list[LayerPlan]) -> None:
+    """Raise if a layer stays dense for want of support (not by a deliberate exclusion)."""
+    failed = [p for p in plans if not p.converted and not p.excluded and p.ops]
+    if failed:
+        raise RPQConversionError("strict=True, but these layers cannot be converted:\n" + "\n".join(
+            f"  {p.name} {list(p.shape)}: {p.reason}" for p in failed))

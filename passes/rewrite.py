@@ -68,12 +68,15 @@ def _sites(gm: fx.GraphModule, planned: dict[int, LayerPlan]):
             yield node, planned[id(parameter_at(gm, node.target))], None
 
 
-def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWeight]) -> None:
-    """Rewrite ``gm`` in place (its graph and its modules) to read ``weights`` (by plan name)."""
+def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWeight], prefix: str = "") -> None:
+    """Rewrite ``gm`` in place (its graph and its modules) to read ``weights`` (by plan name).
+
+    ``prefix`` is where ``gm`` sits in the model the plans name (``"encoder.layer.0."``).
+    """
     converted = [plan for plan in plans if plan.converted]
     by_alias = {alias: plan for plan in converted for alias in plan.aliases}
-    planned = {id(param): by_alias[name] for name, param in gm.named_parameters(remove_duplicate=False)
-               if name in by_alias}
+    planned = {id(param): by_alias[prefix + name] for name, param in gm.named_parameters(remove_duplicate=False)
+               if prefix + name in by_alias}
     containers: dict[str, nn.Module] = {}
     for node, plan, module in list(_sites(gm, planned)):
         weight, graph = weights[plan.name], node.graph

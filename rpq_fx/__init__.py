@@ -10,8 +10,9 @@ from .convert import RPQ, convert
 from .decompress import decompress
 from .errors import RPQConversionError
 from .export import export_graph
+from .graph_module import RPQGraphModule
 from .report import Report, model_size, report
 
-__all__ = ["convert", "RPQ", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
+__all__ = ["convert", "RPQ", "RPQGraphModule", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
            "report", "Report", "export_graph", "nn", "ops"]
 __version__ = "0.1.0"

@@ -11,7 +11,8 @@ from .config import RPQConfig
 from .errors import RPQConversionError
 from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
-from .passes import LayerPlan, capture, cleanup, insert_checkpoints, new_weights, plan_conversion, rewrite
+from .passes import (LayerPlan, capture, capture_export, check_strict, cleanup, insert_checkpoints, new_weights,
+                     plan_conversion, rewrite)
 
 __all__ = ["convert", "RPQ"]
 
@@ -31,10 +32,13 @@ def _config(config: RPQConfig | None, **settings) -> RPQConfig:
     return config
 
 
-def _copy_for_conversion(gm: RPQGraphModule, plans: list[LayerPlan]) -> RPQGraphModule:
-    """A deep copy of ``gm`` in which the weights about to be converted are free meta placeholders."""
-    memo = {id(plan.param): nn.Parameter(torch.empty(plan.shape, dtype=plan.dtype, device="meta"))
+def _placeholders(plans: list[LayerPlan]) -> dict[int, nn.Parameter]:
+    """A ``deepcopy`` memo that copies each weight about to be converted as a free meta placeholder."""
+    return {id(plan.param): nn.Parameter(torch.empty(plan.shape, dtype=plan.dtype, device="meta"))
             for plan in plans if plan.converted}
+
+
+def _copy(gm: RPQGraphModule, memo: dict) -> RPQGraphModule:
     result = copy.deepcopy(gm, memo)
     type(result).__name__ = type(gm).__name__  # reason: GraphModule.__deepcopy__ forgets the class name
     return result
@@ -50,17 +54,102 @@ def _free_converted(model: nn.Module, plans: list[LayerPlan]) -> None:
                 delattr(owner, name)
 
 
+def _finish(gm: RPQGraphModule, plans: list[LayerPlan], weights: dict, config: RPQConfig, prefix: str = "") -> None:
+    """Rewrite, checkpoint and clean up one captured graph module."""
+    rewrite(gm, plans, weights, prefix)
+    if config.checkpoint:
+        insert_checkpoints(gm)
+    cleanup(gm)
+
+
+def _record(target: nn.Module, plans: list[LayerPlan], config: RPQConfig, path: str) -> None:
+    record = {"rpq_layers": [dataclasses.replace(plan, param=None) for plan in plans], "rpq_config": config,
+              "rpq_path": path}
+    if isinstance(target, RPQGraphModule):
+        target.meta.update(record)
+    else:
+        for name, value in record.items():
+            setattr(target, name, value)
+
+
+def _convert_graph(model: nn.Module, gm: RPQGraphModule, path: str, config: RPQConfig, filter_fn, strict: bool,
+                   inplace: bool) -> RPQGraphModule:
+    """The whole model as one graph (fx or torch.export)."""
+    plans = plan_conversion(gm, model, config, filter_fn, strict)
+    if not inplace:
+        gm = _copy(gm, _placeholders(plans))
+    _finish(gm, plans, new_weights(plans, config.seed), config)
+    if inplace:
+        _free_converted(model, plans)
+    _record(gm, plans, config, path)
+    gm.training = model.training
+    return gm
+
+
+def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConfig, filter_fn, strict: bool,
+                      inplace: bool) -> nn.Module:
+    """The model object kept, each layer that owns a weight swapped for its own rewritten graph.
+
+    Weights are planned over all layers at once, so a weight tied across layers stays one RPQ weight.
+    A layer fx cannot trace keeps its weights dense, and so does any layer sharing a weight with it.
+    """
+    parts, untraceable = {}, {}
+    for name, module in model.named_modules():
+        if name and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            try:
+                parts[name] = capture(module)
+            except RPQConversionError as error:
+                untraceable[name] = str(error).splitlines()[0]
+    plans = plan_conversion(parts, model, config, filter_fn)
+    by_param = {id(plan.param): plan for plan in plans}
+    for name, error in untraceable.items():
+        for param_name, param in model.get_submodule(name).named_parameters(recurse=False):
+            plan = by_param.get(id(param))
+            if plan is None and param.dim() >= 2:
+                aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
+                plans.append(plan := LayerPlan(aliases[0], tuple(aliases), (type(model.get_submodule(name)).__name__,),
+                                               tuple(param.shape), param.dtype, param=param))
+            if plan is not None and not plan.excluded:
+                plan.reason = f"read by {name}, which fx cannot trace ({error})"
+                plan.num_codebooks = plan.codebook_dim = plan.num_codes = None
+    if strict:
+        check_strict(plans)
+    memo = {} if inplace else _placeholders(plans)
+    work = model if inplace else copy.deepcopy(model, memo)
+    weights = new_weights(plans, config.seed)
+    for name, part in parts.items():
+        part = part if inplace else _copy(part, memo)
+        _finish(part, plans, weights, config, prefix=f"{name}.")
+        if any(isinstance(m, RPQWeight) for m in part.modules()):
+            part.training = work.get_submodule(name).training
+            work.set_submodule(name, part)
+    if inplace:
+        _free_converted(model, plans)
+    _record(work, plans, config, f"in place ({why.__cause__.__class__.__name__} when tracing the whole model)")
+    return work
+
+
 def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim: int | None = None,
             max_codebook_dim: int | None = None, num_codes: int = 256, shared_codebooks: bool = False,
             checkpoint: bool = False, filter_fn: FilterFn | None = None, config: RPQConfig | None = None,
-            seed: int = 0, inplace: bool = False, strict: bool = False) -> RPQGraphModule:
+            seed: int = 0, inplace: bool = False, strict: bool = False, example_inputs=None) -> nn.Module:
     """Rewrite every linear / conv / embedding weight of ``model`` as an RPQ weight.
 
     Exactly one of ``num_codebooks``, ``codebook_dim`` or ``max_codebook_dim`` sets how each weight
     row is split (or ``config`` does, with per-layer overrides). ``filter_fn(layer_or_weight, name)``
     picks layers: it is asked about every layer that reads a weight (each, for a tied weight), and
-    the weight is converted only if it accepts them all. Layers that cannot be converted stay dense and are listed by :func:`report`;
-    ``strict=True`` raises instead. ``checkpoint=True`` recomputes each expanded weight in backward.
+    the weight is converted only if it accepts them all. Layers that cannot be converted stay dense
+    and are listed by :func:`report`; ``strict=True`` raises instead. ``checkpoint=True`` recomputes
+    each expanded weight in backward.
+
+    How the model is captured (``report`` says which):
+
+    - ``example_inputs`` given (a tensor, a tuple of positional inputs or a dict of keyword inputs):
+      ``torch.export``, an aten-level :class:`RPQGraphModule` fixed to the current train/eval mode;
+    - otherwise ``torch.fx`` symbolic tracing of the whole model, an :class:`RPQGraphModule`;
+    - and where fx cannot trace the whole (every Hugging Face model, for one), the model object is
+      kept, with each layer that owns a weight swapped for its own rewritten graph, so its class,
+      ``config``, ``generate()`` and every other method keep working.
 
     The input model is left untouched unless ``inplace=True``, which moves its modules into the
     result and deletes its converted weights (the input is then consumed). Converting a model
@@ -75,23 +164,17 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     if converted is not None:
         raise RPQConversionError(f"convert: {type(model).__name__} already holds an RPQ weight at '{converted}'; "
                                  "convert the original dense model instead")
-    gm = capture(model)
-    plans = plan_conversion(gm, model, config, filter_fn, strict)
-    if not inplace:
-        gm = _copy_for_conversion(gm, plans)
-    rewrite(gm, plans, new_weights(plans, config.seed))
-    if config.checkpoint:
-        insert_checkpoints(gm)
-    cleanup(gm)
-    if inplace:
-        _free_converted(model, plans)
-    gm.meta["rpq_layers"] = [dataclasses.replace(plan, param=None) for plan in plans]
-    gm.meta["rpq_config"] = config
-    gm.training = model.training
-    return gm
+    options = dict(config=config, filter_fn=filter_fn, strict=strict, inplace=inplace)
+    if example_inputs is not None:
+        return _convert_graph(model, capture_export(model, example_inputs), "torch.export", **options)
+    try:
+        gm = capture(model)
+    except RPQConversionError as untraceable:
+        return _convert_in_place(model, untraceable, **options)
+    return _convert_graph(model, gm, "torch.fx", **options)
 
 
-def RPQ(model: nn.Module, **kwargs) -> RPQGraphModule:
+def RPQ(model: nn.Module, **kwargs) -> nn.Module:
     """``net = RPQ(net)``: :func:`convert` with RPQ defaults (codewords of at most 64 values)."""
     if not {"num_codebooks", "codebook_dim", "max_codebook_dim", "config"} & kwargs.keys():
         kwargs["max_codebook_dim"] = 64

@@ -31,6 +31,11 @@ class RPQGraphModule(fx.GraphModule):
         """The ``RPQConfig`` the model was converted with."""
         return self.meta.get("rpq_config")
 
+    @property
+    def rpq_path(self) -> str | None:
+        """How the model was captured: ``"torch.fx"`` or ``"torch.export"``."""
+        return self.meta.get("rpq_path")
+
     def train(self, mode: bool = True) -> "RPQGraphModule":
         super().train(mode)
         unavailable = self.meta.get("rpq_untraced_mode")

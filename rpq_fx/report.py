@@ -45,7 +45,8 @@ class Report:
     def _table(self, fmt: str) -> str:
         t = self.totals
         summary = (f"{t['converted']} of {t['layers']} weights converted; model {t['bytes_before'] / _MIB:.3f} MiB "
-                   f"-> {t['bytes_after'] / _MIB:.3f} MiB ({t['ratio']:.2f}x smaller)")
+                   f"-> {t['bytes_after'] / _MIB:.3f} MiB ({t['ratio']:.2f}x smaller)"
+                   + (f"; captured by {t['path']}" if t["path"] else ""))
         return tabulate(self.rows, headers="keys", tablefmt=fmt, floatfmt=".2f") + "\n\n" + summary
 
     def __str__(self) -> str:
@@ -72,5 +73,6 @@ def report(model: nn.Module) -> Report:
     after = _bytes(model)
     before = after + sum(r["bytes before"] - r["bytes after"] for r in rows)
     totals = {"layers": len(rows), "converted": sum(layer.converted for layer in _layers(model)),
-              "bytes_before": before, "bytes_after": after, "ratio": before / after if after else 1.0}
+              "bytes_before": before, "bytes_after": after, "ratio": before / after if after else 1.0,
+              "path": getattr(model, "rpq_path", None)}
     return Report(rows, totals)

@@ -550,23 +550,45 @@ def test_non_module_is_a_type_error(value):
     assert "Module" in str(info.value)
 
 
-def test_untraceable_model_error_says_what_to_do(check):
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(64, 512)
+class Branchy(nn.Module):
+    """Data-dependent control flow at the root: fx cannot trace it, its layers are fine."""
 
-        def forward(self, x):
-            return self.fc(x) if x.mean() > 0 else self.fc(-x)
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 512)
+        self.gate = BranchyGate()
 
+    def forward(self, x):
+        return self.gate(self.fc(x) if x.mean() > 0 else self.fc(-x))
+
+
+class BranchyGate(nn.Module):
+    """Owns a weight and branches on data itself: it stays dense, and says why."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(512, 512) / 23)
+
+    def forward(self, h):
+        return h @ self.w if h.sum() > 0 else h @ self.w.t()
+
+
+def test_untraceable_root_falls_back_to_rewriting_its_layers_in_place(check):
     model = Branchy()
     before = check.snapshot(model)
-    with pytest.raises(RPQConversionError) as info:
-        rpq_fx.convert(model, codebook_dim=16)
-    message = str(info.value)
-    assert "Branchy" in message and "trace" in message
-    assert "rpq_fx.convert(model." in message  # a concrete way out: convert a traceable part
+    converted = rpq_fx.convert(model, codebook_dim=16)
     check.unchanged(model, before)
+    assert type(converted) is Branchy and converted is not model
+    assert converted.rpq_path.startswith("in place")
+    assert isinstance(converted.fc, rpq_fx.RPQGraphModule) and "rpq_fx.expand" in converted.fc.code
+    gate = next(layer for layer in converted.rpq_layers if layer.name == "gate.w")
+    assert not gate.converted and "gate" in gate.reason and "trace" in gate.reason
+    reference = check.dense_reference(model, converted)
+    for sign in (1, -1):  # both branches of the untraceable root
+        x = sign * (torch.randn(4, 64).abs() + 0.1)
+        with torch.no_grad():
+            check.outputs_close(converted(x), reference(x))
+
 
 
 def test_strict_error_names_the_layer_and_leaves_model_untouched(zoo, check):
