@@ -17,7 +17,9 @@ from torch import nn
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import RPQGraphModule
 
-__all__ = ["capture", "capture_export", "RPQTracer"]
+from .weight_ops import LAYERS, emit_layer_call
+
+__all__ = ["capture", "capture_layer", "capture_export", "RPQTracer"]
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -94,6 +96,19 @@ def capture(model: nn.Module) -> RPQGraphModule:
     if untraced is not None:
         gm.meta["rpq_untraced_mode"] = untraced
     return gm
+
+
+def capture_layer(layer: nn.Module) -> RPQGraphModule:
+    """A known layer (``nn.Linear``, ``nn.Conv2d``, ...; see ``weight_ops.LAYERS``) as the graph of
+    its functional op, written out rather than traced: their forwards branch on arguments fx would
+    make into proxies (``output_size`` of a transposed conv, which the graph does not take)."""
+    graph = fx.Graph()
+    signature = inspect.signature(layer.forward).parameters.values()
+    arguments = {p.name: graph.placeholder(p.name, default_value=p.default) for p in signature
+                 if p.name != "output_size"}
+    bias = graph.get_attr("bias") if getattr(layer, "bias", None) is not None else None
+    graph.output(emit_layer_call(graph, layer, arguments, graph.get_attr("weight"), bias))
+    return RPQGraphModule(layer, graph, type(layer).__name__)
 
 
 def _as_args(example_inputs) -> tuple[tuple, dict]:

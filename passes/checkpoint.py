@@ -18,15 +18,21 @@ def is_expansion(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.rpq_fx.expand.default
 
 
-def _region(expand: fx.Node) -> list[fx.Node] | None:
-    """``[expand, (view or t,) consumer]``, or None if the expansion is not read by exactly one op."""
-    region, value = [expand], expand
-    if len(value.users) == 1 and next(iter(value.users)).target in ("view", "t"):
-        value = next(iter(value.users))
-        region.append(value)
-    if len(value.users) != 1:
-        return None
-    return [*region, next(iter(value.users))]
+def _chain(expand: fx.Node) -> list[fx.Node]:
+    """``[expand]``, or ``[expand, view]`` / ``[expand, t]`` when the weight is reshaped for its op."""
+    users = list(expand.users)
+    return [expand, users[0]] if len(users) == 1 and users[0].target in ("view", "t") else [expand]
+
+
+def _regions(expansions: list[fx.Node]) -> list[list[fx.Node]]:
+    """Per op reading expanded weights (a layer reads one; ``functional_call`` of a leaf, several):
+    the chains of those expansions, then the op. Expansions read by more than one op are left out."""
+    chains: dict[fx.Node, list[fx.Node]] = {}
+    for expand in expansions:
+        chain = _chain(expand)
+        if len(chain[-1].users) == 1:
+            chains.setdefault(next(iter(chain[-1].users)), []).extend(chain)
+    return [[*chain, consumer] for consumer, chain in chains.items()]
 
 
 def _inputs(region: list[fx.Node]) -> list[fx.Node]:
@@ -42,7 +48,7 @@ def _free_name(gm: fx.GraphModule, name: str) -> str:
 def insert_checkpoints(gm: fx.GraphModule) -> int:
     """Checkpoint every expansion region of ``gm`` (each of its graphs) in place; returns how many."""
     expansions = [n for graph in graphs_of(gm) for n in graph.nodes if is_expansion(n)]
-    regions = [r for r in map(_region, expansions) if r is not None]
+    regions = _regions(expansions)
     for region in regions:
         consumer, inputs, graph = region[-1], _inputs(region), region[0].graph
         body = fx.Graph()

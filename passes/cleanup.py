@@ -1,6 +1,7 @@
 """Cleanup: drop what the rewrite left unread, check each graph, regenerate the code."""
 
 import torch.fx as fx
+from torch import nn
 
 from rpq_fx.graph_module import graphs_of
 
@@ -17,9 +18,17 @@ def _used_module_names(gm: fx.GraphModule) -> set[str]:
     for node in (n for graph in graphs_of(gm) for n in graph.nodes if n.op in ("get_attr", "call_module")):
         parts = node.target.split(".")
         used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-        if node.op == "call_module":
-            used.update(f"{node.target}.{name}" for name, _ in gm.get_submodule(node.target).named_modules() if name)
+        module = _submodule_or_none(gm, node.target)
+        if module is not None:  # a module called, or read whole (functional_call's shell): keep its children
+            used.update(f"{node.target}.{name}" for name, _ in module.named_modules() if name)
     return used
+
+
+def _submodule_or_none(gm: fx.GraphModule, target: str) -> nn.Module | None:
+    try:
+        return gm.get_submodule(target)
+    except AttributeError:
+        return None
 
 
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:

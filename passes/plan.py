@@ -65,7 +65,6 @@ class LayerPlan:
 class _Uses:
     ops: list[str] = field(default_factory=list)  # weight ops that read the parameter
     others: list[str] = field(default_factory=list)  # anything else that reads it
-    unsupported: list[str] = field(default_factory=list)  # weight-bearing layers rpq_fx cannot rewrite
     layers: dict[str, nn.Module] = field(default_factory=dict)  # the nn layers calling it as their weight
     functional: bool = False  # read directly by a functional op (F.linear(x, self.w))
     transposed: set[bool] = field(default_factory=set)  # how the weight ops read it: as W, as W.T
@@ -97,9 +96,12 @@ def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> No
                 use.transposed.add(False)
                 use.refusal = use.refusal or layer_refusal(module, layer_arguments(module, node))
                 continue
-            for param in module.parameters():
+            for param in module.parameters():  # any other leaf: run through torch.func.functional_call
                 if param.dim() >= 2:
-                    uses.setdefault(id(param), _Uses()).unsupported.append(type(module).__name__)
+                    use = uses.setdefault(id(param), _Uses())
+                    use.ops.append(type(module).__name__)
+                    use.layers[prefix + node.target] = module
+                    use.transposed.add(False)
         elif node.op == "get_attr":
             value = parameter_at(gm, node.target)
             if value is None:
@@ -170,14 +172,11 @@ def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Mo
     plans = []
     for key, use in uses.items():
         param, aliases = params[key], tuple(names[key])
-        if not use.ops and not use.unsupported and param.dim() < 2:
+        if not use.ops and param.dim() < 2:
             continue
-        ops = tuple(dict.fromkeys(use.ops or use.unsupported))
-        plan = LayerPlan(aliases[0], aliases, ops, tuple(param.shape), param.dtype, param=param)
+        plan = LayerPlan(aliases[0], aliases, tuple(dict.fromkeys(use.ops)), tuple(param.shape), param.dtype,
+                         param=param)
         plans.append(plan)
-        if not use.ops and use.unsupported:
-            plan.reason = f"inside {', '.join(ops)}, which rpq_fx does not convert"
-            continue
         if not use.ops:
             plan.reason = f"not the weight of a linear, conv or embedding ({'; '.join(dict.fromkeys(use.others))})"
             continue
@@ -195,8 +194,6 @@ def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Mo
         if len(use.transposed) > 1:
             use.refusal = use.refusal or "read both as a weight and as its transpose"
         plan.transposed = use.transposed == {True}
-        if use.unsupported:
-            use.refusal = f"also read inside {', '.join(dict.fromkeys(use.unsupported))}, which cannot take an RPQ weight"
         _decide(plan, settings, use.refusal)
     if strict:
         check_strict(plans)

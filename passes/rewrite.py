@@ -58,29 +58,76 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 
 def _sites(gm: fx.GraphModule, planned: dict[int, LayerPlan]):
-    """``(node, plan, layer module or None)`` for every node that reads a converted weight."""
+    """``(node, module or None)`` for every node that reads a converted weight: a ``get_attr`` of it,
+    or a call of a module holding it (a known layer, or any other leaf module)."""
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if type(module) in LAYERS and id(module.weight) in planned:
-                yield node, planned[id(module.weight)], module
+            if any(id(p) in planned for p in module.parameters()):
+                yield node, module
         elif node.op == "get_attr" and id(parameter_at(gm, node.target)) in planned:
-            yield node, planned[id(parameter_at(gm, node.target))], None
+            yield node, None
+
+
+def _replace_call(node: fx.Node, call: fx.Node) -> None:
+    node.replace_all_uses_with(call)
+    name = node.name
+    node.graph.erase_node(node)
+    call.name = name  # reason: the new call keeps the layer's name, so gm.code reads as before
+
+
+def _container(state: dict[str, nn.Module | torch.Tensor]) -> nn.Module:
+    """A plain module holding ``state`` (RPQ weights, parameters, buffers) at their dotted names."""
+    container = nn.Module()
+    for name, value in state.items():
+        *path, leaf = name.split(".")
+        owner = container
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, nn.Module):
+            owner.register_module(leaf, value)
+        elif isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)
+    return container
+
+
+def _keep_shell(container: nn.Module, module: nn.Module, state: dict) -> None:
+    """Keep ``module`` on ``container`` as ``module``, its tensors swapped for free meta placeholders:
+    the container holds the real ones and functional_call hands them in. A plain attribute, not a
+    submodule, so the placeholders never reach state_dict, ``.to()`` or the size counts."""
+    for name in state:
+        owner_path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(owner._parameters[leaf].to("meta"),
+                                                   owner._parameters[leaf].requires_grad)
+        elif owner._buffers[leaf] is not None:
+            owner._buffers[leaf] = owner._buffers[leaf].to("meta")
+    object.__setattr__(container, "module", module)
 
 
 def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWeight], prefix: str = "") -> None:
     """Rewrite ``gm`` in place (its graph and its modules) to read ``weights`` (by plan name).
 
-    ``prefix`` is where ``gm`` sits in the model the plans name (``"encoder.layer.0."``).
+    A known layer call becomes its functional op; any other leaf module holding a converted weight
+    (``nn.MultiheadAttention``, an RNN, timm's no-trace blocks) is called through
+    ``torch.func.functional_call`` with the expanded weights, its parameters moved to a container
+    and the module itself kept there, emptied of them, as ``module``. ``prefix`` is where ``gm``
+    sits in the model the plans name (``"encoder.layer.0."``).
     """
     converted = [plan for plan in plans if plan.converted]
     by_alias = {alias: plan for plan in converted for alias in plan.aliases}
     planned = {id(param): by_alias[prefix + name] for name, param in gm.named_parameters(remove_duplicate=False)
                if prefix + name in by_alias}
-    containers: dict[str, nn.Module] = {}
-    for node, plan, module in list(_sites(gm, planned)):
-        weight, graph = weights[plan.name], node.graph
+    containers: dict[str, dict[str, nn.Module | nn.Parameter]] = {}
+    for node, module in list(_sites(gm, planned)):
+        graph = node.graph
         if module is None:
+            weight = weights[planned[id(parameter_at(gm, node.target))].name]
             _install(gm, node.target, weight)
             for user in list(node.users):
                 with graph.inserting_before(user):
@@ -88,16 +135,27 @@ def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWe
             graph.erase_node(node)
             continue
         if node.target not in containers:
-            containers[node.target] = container = nn.Module()
-            container.weight = weight
-            if getattr(module, "bias", None) is not None:
-                container.bias = module.bias
+            state = module.named_parameters(remove_duplicate=False)
+            if type(module) not in LAYERS:
+                state = [*state, *module.named_buffers(remove_duplicate=False)]
+            containers[node.target] = held = {name: weights[planned[id(t)].name] if id(t) in planned else t
+                                              for name, t in state}
+            container = _container(held)
+            if type(module) not in LAYERS:
+                _keep_shell(container, module, held)
             gm.set_submodule(node.target, container)
+        held = containers[node.target]
+
+        def read(name: str) -> fx.Node:
+            path = f"{node.target}.{name}"
+            return _expansion(graph, path, held[name]) if isinstance(held[name], RPQWeight) else graph.get_attr(path)
+
         with graph.inserting_before(node):
-            bias = graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
-            call = emit_layer_call(graph, module, layer_arguments(module, node),
-                                   _expansion(graph, f"{node.target}.weight", weight), bias)
-        node.replace_all_uses_with(call)
-        name = node.name
-        graph.erase_node(node)
-        call.name = name  # reason: the functional call keeps the layer's name, so gm.code reads as before
+            if type(module) in LAYERS:
+                bias = read("bias") if "bias" in held else None
+                call = emit_layer_call(graph, module, layer_arguments(module, node), read("weight"), bias)
+            else:
+                call = graph.call_function(torch.func.functional_call, (
+                    graph.get_attr(f"{node.target}.module"), {name: read(name) for name in held},
+                    tuple(node.args), dict(node.kwargs)))
+        _replace_call(node, call)

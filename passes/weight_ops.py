@@ -55,6 +55,8 @@ FUNCTIONS: dict[Callable, WeightArg] = {
     aten.conv_transpose3d.input: WeightArg("conv_transpose3d", 1),
     aten.embedding.default: WeightArg("embedding", 0, sparse=4),
     aten.addmm.default: WeightArg("addmm", 2, "mat2", transposed=True),
+    aten.embedding_bag.default: WeightArg("embedding_bag", 0, sparse=5),
+    aten.embedding_bag.padding_idx: WeightArg("embedding_bag", 0, sparse=5),
 }
 
 LAYERS: dict[type[nn.Module], str] = {

@@ -11,8 +11,9 @@ from .config import RPQConfig
 from .errors import RPQConversionError
 from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
-from .passes import (LayerPlan, capture, capture_export, check_strict, cleanup, insert_checkpoints, new_weights,
-                     plan_conversion, rewrite)
+from .passes import (LayerPlan, capture, capture_export, capture_layer, check_strict, cleanup,
+                     insert_checkpoints, new_weights, plan_conversion, rewrite)
+from .passes.weight_ops import LAYERS
 
 __all__ = ["convert", "RPQ"]
 
@@ -97,7 +98,7 @@ def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConf
     for name, module in model.named_modules():
         if name and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
             try:
-                parts[name] = capture(module)
+                parts[name] = capture_layer(module) if type(module) in LAYERS else capture(module)
             except RPQConversionError as error:
                 untraceable[name] = str(error).splitlines()[0]
     plans = plan_conversion(parts, model, config, filter_fn)

@@ -103,7 +103,7 @@ def notrace_registered():
         timm_fx._leaf_modules.discard(DataDependent)
 
 
-def test_capture_respects_timm_notrace_registry(notrace_registered):
+def test_capture_respects_timm_notrace_registry(notrace_registered, check):
     model = UsesDataDependent()
     gm = capture(model)
     leaves = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
@@ -113,11 +113,14 @@ def test_capture_respects_timm_notrace_registry(notrace_registered):
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
     torch.testing.assert_close(gm(-x.abs()), model(-x.abs()), rtol=0, atol=0)
 
-    # the weight inside the leaf cannot be rewritten: it stays dense, with the layer named as the reason
+    # the weight inside the leaf is converted too: the leaf is called with it through functional_call
     plans = plans_by_name(plan_conversion(gm, model, RPQConfig(codebook_dim=16)))
-    assert not plans["block.inner.weight"].converted
-    assert "DataDependent" in plans["block.inner.weight"].reason
+    assert plans["block.inner.weight"].converted and plans["block.inner.weight"].ops == ("DataDependent",)
     assert plans["fc.weight"].converted
+    converted = rpq_fx.convert(model, codebook_dim=16)
+    assert "functional_call" in converted.code
+    check.matches_dense_reference(model, converted, x)
+    check.matches_dense_reference(model, converted, -x.abs())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class PlanZoo(nn.Module):
         self.skipme = nn.Linear(64, 1024)  # config override skip
         self.filtered = nn.Linear(64, 1024)  # filter_fn excludes
         self.renorm = nn.Embedding(2048, 64, max_norm=1.0)  # refused
-        self.mha = nn.MultiheadAttention(64, 4)  # unsupported leaf
+        self.mha = nn.MultiheadAttention(64, 4)  # a leaf called through functional_call; too small here
         self.up = nn.ConvTranspose2d(512, 16, 3)  # supported leaf: rows are its 512 input channels
         self.norm = nn.LayerNorm(64)  # 1-D: not listed
 
@@ -174,8 +177,8 @@ def test_plan_decides_every_weight_with_a_reason():
     assert "filter_fn" in reason("filtered.weight") and by_name["filtered.weight"].excluded
     assert "override" in reason("skipme.weight") and by_name["skipme.weight"].excluded
     assert "max_norm" in reason("renorm.weight")
-    assert "MultiheadAttention" in reason("mha.in_proj_weight")
-    assert "MultiheadAttention" in reason("mha.out_proj.weight")
+    assert "would grow" in reason("mha.in_proj_weight") and by_name["mha.in_proj_weight"].ops == ("MultiheadAttention",)
+    assert "would grow" in reason("mha.out_proj.weight")
     assert by_name["up.weight"].converted and by_name["up.weight"].ops == ("conv_transpose2d",)
     assert not any(by_name[n].excluded for n in ("odd.weight", "small.weight", "renorm.weight"))
 
