@@ -121,8 +121,10 @@ def _as_args(example_inputs) -> tuple[tuple, dict]:
 
 def _dynamic_batch_and_sequence(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """``Dim.AUTO`` on the first two dims of every tensor input: dynamic where the model allows."""
+    def dims(value):
+        return {i: torch.export.Dim.AUTO for i in range(min(value.dim(), 2))} if isinstance(value, torch.Tensor) else None
+
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    dims = lambda t: {i: torch.export.Dim.AUTO for i in range(min(t.dim(), 2))} if isinstance(t, torch.Tensor) else None
     return {name: torch.utils._pytree.tree_map(dims, value) for name, value in bound.arguments.items()}
 
 
