@@ -57,7 +57,7 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     owner.add_module(name, module)
 
 
-def _sites(gm: fx.GraphModule, planned: dict[int, LayerPlan]):
+def _sites(gm: fx.GraphModule, planned: dict[int, RPQWeight]):
     """``(node, module or None)`` for every node that reads a converted weight: a ``get_attr`` of it,
     or a call of a module holding it (a known layer, or any other leaf module)."""
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
@@ -110,52 +110,63 @@ def _keep_shell(container: nn.Module, module: nn.Module, state: dict) -> None:
     object.__setattr__(container, "module", module)
 
 
+def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor) -> fx.Node:
+    """A node reading the tensor at ``path``: an expansion for an RPQ weight, else a ``get_attr``."""
+    return _expansion(graph, path, value) if isinstance(value, RPQWeight) else graph.get_attr(path)
+
+
+def _rewrite_attribute(gm: fx.GraphModule, node: fx.Node, weight: RPQWeight) -> None:
+    """``get_attr`` of a converted parameter: the RPQ weight takes its place, each reader its own expansion."""
+    _install(gm, node.target, weight)
+    for user in list(node.users):
+        with node.graph.inserting_before(user):
+            user.replace_input_with(node, _expansion(node.graph, node.target, weight))
+    node.graph.erase_node(node)
+
+
+def _rewrite_call(node: fx.Node, module: nn.Module, state: dict[str, nn.Module | torch.Tensor]) -> None:
+    """A call of ``module``, whose tensors now sit in a container at its path, reading them from there."""
+    graph = node.graph
+
+    def read(name: str) -> fx.Node:
+        return _read(graph, f"{node.target}.{name}", state[name])
+
+    with graph.inserting_before(node):
+        if type(module) in LAYERS:
+            call = emit_layer_call(graph, module, layer_arguments(module, node), read("weight"),
+                                   read("bias") if "bias" in state else None)
+        else:
+            call = graph.call_function(torch.func.functional_call, (
+                graph.get_attr(f"{node.target}.module"), {name: read(name) for name in state},
+                tuple(node.args), dict(node.kwargs)))
+    _replace_call(node, call)
+
+
 def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWeight], prefix: str = "") -> None:
     """Rewrite ``gm`` in place (its graph and its modules) to read ``weights`` (by plan name).
 
     A known layer call becomes its functional op; any other leaf module holding a converted weight
     (``nn.MultiheadAttention``, an RNN, timm's no-trace blocks) is called through
-    ``torch.func.functional_call`` with the expanded weights, its parameters moved to a container
-    and the module itself kept there, emptied of them, as ``module``. ``prefix`` is where ``gm``
-    sits in the model the plans name (``"encoder.layer.0."``).
+    ``torch.func.functional_call`` with the expanded weights, its parameters and buffers moved to
+    a container and the module itself kept there, emptied of them, as ``module``. ``prefix`` is
+    where ``gm`` sits in the model the plans name (``"encoder.layer.0."``).
     """
     converted = [plan for plan in plans if plan.converted]
     by_alias = {alias: plan for plan in converted for alias in plan.aliases}
-    planned = {id(param): by_alias[prefix + name] for name, param in gm.named_parameters(remove_duplicate=False)
-               if prefix + name in by_alias}
-    containers: dict[str, dict[str, nn.Module | nn.Parameter]] = {}
+    planned = {id(param): weights[by_alias[prefix + name].name]
+               for name, param in gm.named_parameters(remove_duplicate=False) if prefix + name in by_alias}
+    containers: dict[str, dict[str, nn.Module | torch.Tensor]] = {}
     for node, module in list(_sites(gm, planned)):
-        graph = node.graph
         if module is None:
-            weight = weights[planned[id(parameter_at(gm, node.target))].name]
-            _install(gm, node.target, weight)
-            for user in list(node.users):
-                with graph.inserting_before(user):
-                    user.replace_input_with(node, _expansion(graph, node.target, weight))
-            graph.erase_node(node)
+            _rewrite_attribute(gm, node, planned[id(parameter_at(gm, node.target))])
             continue
         if node.target not in containers:
-            state = module.named_parameters(remove_duplicate=False)
-            if type(module) not in LAYERS:
-                state = [*state, *module.named_buffers(remove_duplicate=False)]
-            containers[node.target] = held = {name: weights[planned[id(t)].name] if id(t) in planned else t
-                                              for name, t in state}
-            container = _container(held)
-            if type(module) not in LAYERS:
-                _keep_shell(container, module, held)
+            layer = type(module) in LAYERS
+            tensors = [*module.named_parameters(remove_duplicate=False),
+                       *(() if layer else module.named_buffers(remove_duplicate=False))]
+            containers[node.target] = state = {name: planned.get(id(t), t) for name, t in tensors}
+            container = _container(state)
+            if not layer:
+                _keep_shell(container, module, state)
             gm.set_submodule(node.target, container)
-        held = containers[node.target]
-
-        def read(name: str) -> fx.Node:
-            path = f"{node.target}.{name}"
-            return _expansion(graph, path, held[name]) if isinstance(held[name], RPQWeight) else graph.get_attr(path)
-
-        with graph.inserting_before(node):
-            if type(module) in LAYERS:
-                bias = read("bias") if "bias" in held else None
-                call = emit_layer_call(graph, module, layer_arguments(module, node), read("weight"), bias)
-            else:
-                call = graph.call_function(torch.func.functional_call, (
-                    graph.get_attr(f"{node.target}.module"), {name: read(name) for name in held},
-                    tuple(node.args), dict(node.kwargs)))
-        _replace_call(node, call)
+        _rewrite_call(node, module, containers[node.target])
