@@ -17,7 +17,7 @@ from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import rpq_bytes
 
-from .weight_ops import LAYERS, layer_arguments, layer_refusal, refusal, weight_arg
+from .weight_ops import LAYERS, layer_arguments, layer_refusal, padding_row, refusal, weight_arg
 
 __all__ = ["LayerPlan", "plan_conversion", "check_strict", "parameter_at"]
 
@@ -38,6 +38,7 @@ class LayerPlan:
     reason: str | None = None
     excluded: bool = False  # left dense on purpose (filter_fn or a config override), not for want of support
     transposed: bool = False  # read as W.T (GPT-2's Conv1D): RPQ rows are the parameter's columns
+    padding_rows: tuple[int, ...] = ()  # embedding rows lookups never train (padding_idx): kept at zero
     param: nn.Parameter | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -68,6 +69,7 @@ class _Uses:
     layers: dict[str, nn.Module] = field(default_factory=dict)  # the nn layers calling it as their weight
     functional: bool = False  # read directly by a functional op (F.linear(x, self.w))
     transposed: set[bool] = field(default_factory=set)  # how the weight ops read it: as W, as W.T
+    padding_rows: set[int] = field(default_factory=set)
     refusal: str | None = None  # a use that makes conversion wrong
 
 
@@ -95,6 +97,8 @@ def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> No
                 use.layers[prefix + node.target] = module
                 use.transposed.add(False)
                 use.refusal = use.refusal or layer_refusal(module, layer_arguments(module, node))
+                if getattr(module, "padding_idx", None) is not None:
+                    use.padding_rows.add(module.padding_idx)
                 continue
             for param in module.parameters():  # any other leaf: run through torch.func.functional_call
                 if param.dim() >= 2:
@@ -114,6 +118,8 @@ def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> No
                     use.functional = True
                     use.transposed.add(spec.transposed)
                     use.refusal = use.refusal or refusal(user, spec)
+                    row = padding_row(user, spec, value.shape[0])
+                    use.padding_rows.update(() if row is None else (row,))
                 else:
                     use.others.append(f"used by {_target_name(user)}")
                     if _mutates(user):
@@ -194,6 +200,7 @@ def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Mo
         if len(use.transposed) > 1:
             use.refusal = use.refusal or "read both as a weight and as its transpose"
         plan.transposed = use.transposed == {True}
+        plan.padding_rows = tuple(sorted(use.padding_rows))
         _decide(plan, settings, use.refusal)
     if strict:
         check_strict(plans)

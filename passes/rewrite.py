@@ -32,7 +32,9 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
             plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], plan.num_codes, plan.shared_codebooks,
             shape=plan.rows_shape, transposed=plan.transposed, device=device, dtype=plan.dtype)
         if device.type != "meta":
-            weight.reset_parameters("normal" if "embedding" in plan.ops else "uniform", generators[device])
+            embedding = any(op.startswith("embedding") for op in plan.ops)  # torch inits those N(0, 1)
+            weight.reset_parameters("normal" if embedding else "uniform", generators[device],
+                                    zero_rows=plan.padding_rows)
     return weights
 
 

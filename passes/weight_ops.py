@@ -16,8 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightArg", "FUNCTIONS", "LAYERS", "weight_arg", "refusal", "layer_arguments", "layer_refusal",
-           "emit_layer_call"]
+__all__ = ["WeightArg", "FUNCTIONS", "LAYERS", "weight_arg", "refusal", "padding_row", "layer_arguments",
+           "layer_refusal", "emit_layer_call"]
 
 aten = torch.ops.aten
 
@@ -32,9 +32,11 @@ class WeightArg:
     transposed: bool = False
     max_norm: int | None = None  # position of a max_norm argument (renormalises the weight in place)
     sparse: int | None = None  # position of a sparse-gradient flag
+    padding_idx: int | None = None  # position of a padding_idx argument (a row lookups never train)
+    no_padding: int | None = None  # the value of padding_idx that means none (aten spells it -1)
 
 
-_EMBEDDING = WeightArg("embedding", 1, max_norm=3, sparse=6)
+_EMBEDDING = WeightArg("embedding", 1, max_norm=3, sparse=6, padding_idx=2)
 FUNCTIONS: dict[Callable, WeightArg] = {
     F.linear: WeightArg("linear", 1),
     F.bilinear: WeightArg("bilinear", 2),
@@ -42,7 +44,7 @@ FUNCTIONS: dict[Callable, WeightArg] = {
     **{fn: WeightArg(f"conv_transpose{n}d", 1)
        for n, fn in ((1, F.conv_transpose1d), (2, F.conv_transpose2d), (3, F.conv_transpose3d))},
     F.embedding: _EMBEDDING,
-    F.embedding_bag: WeightArg("embedding_bag", 1, max_norm=3, sparse=7),
+    F.embedding_bag: WeightArg("embedding_bag", 1, max_norm=3, sparse=7, padding_idx=10),
     torch.addmm: WeightArg("addmm", 2, "mat2", transposed=True),
     aten.linear.default: WeightArg("linear", 1),
     aten.bilinear.default: WeightArg("bilinear", 2),
@@ -53,10 +55,10 @@ FUNCTIONS: dict[Callable, WeightArg] = {
     aten.conv_transpose1d.default: WeightArg("conv_transpose1d", 1),
     aten.conv_transpose2d.input: WeightArg("conv_transpose2d", 1),
     aten.conv_transpose3d.input: WeightArg("conv_transpose3d", 1),
-    aten.embedding.default: WeightArg("embedding", 0, sparse=4),
+    aten.embedding.default: WeightArg("embedding", 0, sparse=4, padding_idx=2, no_padding=-1),
     aten.addmm.default: WeightArg("addmm", 2, "mat2", transposed=True),
     aten.embedding_bag.default: WeightArg("embedding_bag", 0, sparse=5),
-    aten.embedding_bag.padding_idx: WeightArg("embedding_bag", 0, sparse=5),
+    aten.embedding_bag.padding_idx: WeightArg("embedding_bag", 0, sparse=5, padding_idx=8),
 }
 
 LAYERS: dict[type[nn.Module], str] = {
@@ -93,6 +95,12 @@ def refusal(node: fx.Node, spec: WeightArg) -> str | None:
     max_norm = _arg(node, spec.max_norm, "max_norm") if spec.max_norm is not None else None
     sparse = _arg(node, spec.sparse, "sparse", False) if spec.sparse is not None else False
     return _embedding_refusal(max_norm, sparse)
+
+
+def padding_row(node: fx.Node, spec: WeightArg, num_rows: int) -> int | None:
+    """The row an embedding call never trains (its ``padding_idx``, made non-negative), or None."""
+    row = _arg(node, spec.padding_idx, "padding_idx", spec.no_padding) if spec.padding_idx is not None else None
+    return None if row is None or row == spec.no_padding else row % num_rows
 
 
 def layer_arguments(module: nn.Module, node: fx.Node) -> dict[str, object]:

@@ -66,18 +66,24 @@ class RPQWeight(nn.Module):
         """Alias of ``codes``, the name the reference RPQ used."""
         return self.codes
 
-    def reset_parameters(self, init: str = "uniform", generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, init: str = "uniform", generator: torch.Generator | None = None,
+                         zero_rows: Sequence[int] = ()) -> None:
         """Random codes, and codebooks drawn like the dense layer's default init.
 
         ``"uniform"``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = row length (torch's Linear and
         Conv default); ``"normal"``: N(0, 1) (torch's Embedding default). Every expanded value is a
         codebook value, so the expanded weight has the same distribution as the dense init.
+
+        ``zero_rows`` (an embedding's ``padding_idx``) read the last codeword of every codebook, set
+        to zero and read by no other row: the rows start at zero and, as long as only lookups that
+        skip them read them, get no gradient and stay zero.
         """
         if self.codebooks.is_meta:
             return
         with torch.no_grad():
-            codes = torch.randint(0, self.num_codes, self.codes.shape, generator=generator,
+            codes = torch.randint(0, self.num_codes - bool(zero_rows), self.codes.shape, generator=generator,
                                   device=self.codes.device, dtype=torch.int32)
+            codes[:, list(zero_rows)] = self.num_codes - 1
             self.codes.copy_(codes.to(self.codes.dtype))  # int16 keeps codes >= 32768 as bit patterns
             if init == "uniform":
                 bound = 1 / math.sqrt(self.num_codebooks * self.codebook_dim)
@@ -86,6 +92,8 @@ class RPQWeight(nn.Module):
                 self.codebooks.normal_(generator=generator)
             else:
                 raise ValueError(f"RPQWeight.reset_parameters: init must be 'uniform' or 'normal', got {init!r}")
+            if zero_rows:
+                self.codebooks[:, -1] = 0
 
     def forward(self) -> torch.Tensor:
         weight = expand(self.codebooks, self.codes).view(self.shape)

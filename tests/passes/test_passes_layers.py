@@ -244,3 +244,31 @@ def test_torch_leaf_modules_convert_through_functional_call(check, checkpoint):
     reference.eval()
     with torch.no_grad():
         check.outputs_close(converted(x), reference(x))
+
+
+@pytest.mark.parametrize("spelling", ["module", "functional", "export"])
+def test_embedding_padding_row_starts_at_zero_and_stays_there_through_training(spelling):
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(300, 16, padding_idx=3)
+            self.head = nn.Linear(16, 8)
+
+        def forward(self, tokens):
+            table = self.emb(tokens) if spelling != "functional" else F.embedding(tokens, self.emb.weight, 3)
+            return self.head(table)
+
+    tokens = torch.randint(0, 300, (4, 6))
+    tokens[:, 0] = 3
+    kwargs = {"example_inputs": tokens} if spelling == "export" else {}
+    converted = rpq_fx.convert(Lookup(), **SETTINGS, **kwargs)
+    (plan,) = [layer for layer in converted.rpq_layers if layer.name == "emb.weight"]
+    assert plan.converted and plan.padding_rows == (3,)
+    optimizer = torch.optim.AdamW(converted.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        converted(tokens).square().mean().backward()
+        optimizer.step()
+    dense = rpq_fx.decompress(converted)["emb.weight"]
+    assert torch.equal(dense[3], torch.zeros(16)) and dense[4].abs().sum() > 0
+    assert (dense[torch.arange(300) != 3] != 0).any(dim=1).all(), "no other row reads the zero codeword"
