@@ -3,10 +3,10 @@
 Installed as ``rpq_fx.passes``.
 """
 
-from .capture import capture, capture_export, capture_layer
+from .capture import capture, capture_call, capture_export, capture_layer
 from .checkpoint import insert_checkpoints
 from .cleanup import cleanup
 from .plan import LayerPlan, check_strict, plan_conversion
 from .rewrite import new_weights, rewrite
 
-__all__ = ["capture", "capture_export", "capture_layer", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "insert_checkpoints", "cleanup"]
+__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "insert_checkpoints", "cleanup"]

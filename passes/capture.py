@@ -6,6 +6,7 @@ model traces differently in the other mode (``if self.training:`` in its code), 
 kept too, in ``gm.meta["rpq_mode_graphs"]``, over the same modules.
 """
 
+import copy
 import importlib.util
 import inspect
 from contextlib import contextmanager
@@ -17,9 +18,10 @@ from torch import nn
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import RPQGraphModule
 
+from .rewrite import empty_shell
 from .weight_ops import LAYERS, emit_layer_call
 
-__all__ = ["capture", "capture_layer", "capture_export", "RPQTracer"]
+__all__ = ["capture", "capture_layer", "capture_call", "capture_export", "RPQTracer"]
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -109,6 +111,20 @@ def capture_layer(layer: nn.Module) -> RPQGraphModule:
     bias = graph.get_attr("bias") if getattr(layer, "bias", None) is not None else None
     graph.output(emit_layer_call(graph, layer, arguments, graph.get_attr("weight"), bias))
     return RPQGraphModule(layer, graph, type(layer).__name__)
+
+
+def capture_call(module: nn.Module) -> RPQGraphModule:
+    """Any module that owns weights as a graph that runs its own forward, untraced, through
+    ``torch.func.functional_call`` with its tensors read from the graph module: no argument gets
+    fixed by tracing (``if position_ids is None:``), whatever the forward does."""
+    state = {**dict(module.named_parameters(remove_duplicate=False)),
+             **dict(module.named_buffers(remove_duplicate=False))}
+    graph = fx.Graph()
+    args, kwargs = graph.placeholder("*args"), graph.placeholder("**kwargs")
+    tensors = {name: graph.get_attr(name) for name in state}
+    graph.output(graph.call_function(torch.func.functional_call, (graph.get_attr("module"), tensors, args, kwargs)))
+    shell = empty_shell(copy.deepcopy(module, {id(t): None for t in state.values()}))
+    return RPQGraphModule({**state, "module": shell}, graph, type(module).__name__)
 
 
 def _as_args(example_inputs) -> tuple[tuple, dict]:

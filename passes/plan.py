@@ -120,6 +120,10 @@ def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> No
                     use.refusal = use.refusal or refusal(user, spec)
                     row = padding_row(user, spec, value.shape[0])
                     use.padding_rows.update(() if row is None else (row,))
+                elif user.target is torch.func.functional_call and node in user.args[1].values():
+                    use.ops.append(type(gm.get_submodule(user.args[0].target)).__name__)  # capture_call's layer
+                    use.functional = True
+                    use.transposed.add(False)
                 else:
                     use.others.append(f"used by {_target_name(user)}")
                     if _mutates(user):

@@ -16,7 +16,7 @@ from rpq_fx.nn.weight import RPQWeight
 from .plan import LayerPlan, parameter_at
 from .weight_ops import LAYERS, emit_layer_call, layer_arguments
 
-__all__ = ["rewrite", "new_weights"]
+__all__ = ["rewrite", "new_weights", "empty_shell"]
 
 
 def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
@@ -60,15 +60,15 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 
 def _sites(gm: fx.GraphModule, planned: dict[int, RPQWeight]):
-    """``(node, module or None)`` for every node that reads a converted weight: a ``get_attr`` of it,
-    or a call of a module holding it (a known layer, or any other leaf module)."""
+    """``(node, module, None)`` for every call of a module holding a converted weight (a known layer,
+    or any other leaf module), ``(node, None, weight)`` for every ``get_attr`` of one."""
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if any(id(p) in planned for p in module.parameters()):
-                yield node, module
+                yield node, module, None
         elif node.op == "get_attr" and id(parameter_at(gm, node.target)) in planned:
-            yield node, None
+            yield node, None, planned[id(parameter_at(gm, node.target))]
 
 
 def _replace_call(node: fx.Node, call: fx.Node) -> None:
@@ -97,19 +97,13 @@ def _container(state: dict[str, nn.Module | torch.Tensor]) -> nn.Module:
     return container
 
 
-def _keep_shell(container: nn.Module, module: nn.Module, state: dict) -> None:
-    """Keep ``module`` on ``container`` as ``module``, its tensors swapped for free meta placeholders:
-    the container holds the real ones and functional_call hands them in. A plain attribute, not a
-    submodule, so the placeholders never reach state_dict, ``.to()`` or the size counts."""
-    for name in state:
-        owner_path, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_path)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(owner._parameters[leaf].to("meta"),
-                                                   owner._parameters[leaf].requires_grad)
-        elif owner._buffers[leaf] is not None:
-            owner._buffers[leaf] = owner._buffers[leaf].to("meta")
-    object.__setattr__(container, "module", module)
+def empty_shell(module: nn.Module) -> nn.Module:
+    """``module`` with every parameter and buffer set to None, for ``functional_call`` to fill: it
+    keeps its code, hyper-parameters and train/eval flag, and holds no tensor of its own."""
+    for owner in module.modules():
+        owner._parameters.update(dict.fromkeys(owner._parameters))
+        owner._buffers.update(dict.fromkeys(owner._buffers))
+    return module
 
 
 def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor) -> fx.Node:
@@ -158,9 +152,9 @@ def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWe
     planned = {id(param): weights[by_alias[prefix + name].name]
                for name, param in gm.named_parameters(remove_duplicate=False) if prefix + name in by_alias}
     containers: dict[str, dict[str, nn.Module | torch.Tensor]] = {}
-    for node, module in list(_sites(gm, planned)):
+    for node, module, weight in list(_sites(gm, planned)):  # all found before any is rewritten
         if module is None:
-            _rewrite_attribute(gm, node, planned[id(parameter_at(gm, node.target))])
+            _rewrite_attribute(gm, node, weight)
             continue
         if node.target not in containers:
             layer = type(module) in LAYERS
@@ -168,7 +162,7 @@ def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWe
                        *(() if layer else module.named_buffers(remove_duplicate=False))]
             containers[node.target] = state = {name: planned.get(id(t), t) for name, t in tensors}
             container = _container(state)
-            if not layer:
-                _keep_shell(container, module, state)
+            if not layer:  # the container holds the tensors; the module, emptied, runs its own forward
+                container.module = empty_shell(module)
             gm.set_submodule(node.target, container)
         _rewrite_call(node, module, containers[node.target])

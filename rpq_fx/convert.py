@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -11,7 +12,7 @@ from .config import RPQConfig
 from .errors import RPQConversionError
 from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
-from .passes import (LayerPlan, capture, capture_export, capture_layer, check_strict, cleanup,
+from .passes import (LayerPlan, capture, capture_call, capture_export, capture_layer, cleanup,
                      insert_checkpoints, new_weights, plan_conversion, rewrite)
 from .passes.weight_ops import LAYERS
 
@@ -87,34 +88,30 @@ def _convert_graph(model: nn.Module, gm: RPQGraphModule, path: str, config: RPQC
     return gm
 
 
+def _capture_part(module: nn.Module) -> RPQGraphModule:
+    """One weight-owning module of a model rewritten in place: a known layer as its functional op; a
+    module whose forward traces with no argument fixed by tracing (no ``None`` default a branch could
+    test) as its traced graph, so its ops are seen (GPT-2's ``Conv1D`` reads its weight transposed);
+    any other module run untraced through ``functional_call``."""
+    if type(module) in LAYERS:
+        return capture_layer(module)
+    if all(p.default is not None for p in inspect.signature(module.forward).parameters.values()):
+        try:
+            return capture(module)
+        except RPQConversionError:
+            pass
+    return capture_call(module)
+
+
 def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConfig, filter_fn, strict: bool,
                       inplace: bool) -> nn.Module:
-    """The model object kept, each layer that owns a weight swapped for its own rewritten graph.
-
-    Weights are planned over all layers at once, so a weight tied across layers stays one RPQ weight.
-    A layer fx cannot trace keeps its weights dense, and so does any layer sharing a weight with it.
-    """
-    parts, untraceable = {}, {}
-    for name, module in model.named_modules():
-        if name and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
-            try:
-                parts[name] = capture_layer(module) if type(module) in LAYERS else capture(module)
-            except RPQConversionError as error:
-                untraceable[name] = str(error).splitlines()[0]
-    plans = plan_conversion(parts, model, config, filter_fn)
-    by_param = {id(plan.param): plan for plan in plans}
-    for name, error in untraceable.items():
-        for param_name, param in model.get_submodule(name).named_parameters(recurse=False):
-            plan = by_param.get(id(param))
-            if plan is None and param.dim() >= 2:
-                aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
-                plans.append(plan := LayerPlan(aliases[0], tuple(aliases), (type(model.get_submodule(name)).__name__,),
-                                               tuple(param.shape), param.dtype, param=param))
-            if plan is not None and not plan.excluded:
-                plan.reason = f"read by {name}, which fx cannot trace ({error})"
-                plan.num_codebooks = plan.codebook_dim = plan.num_codes = None
-    if strict:
-        check_strict(plans)
+    """The model object kept, each module that owns a weight swapped for its own rewritten graph:
+    a known layer as its functional op, any other module running its own forward, untraced, through
+    ``functional_call``. Weights are planned over all of them at once, so a weight tied across
+    layers stays one RPQ weight."""
+    parts = {name: _capture_part(module) for name, module in model.named_modules()
+             if name and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
+    plans = plan_conversion(parts, model, config, filter_fn, strict)
     memo = {} if inplace else _placeholders(plans)
     work = model if inplace else copy.deepcopy(model, memo)
     weights = new_weights(plans, config.seed)
@@ -122,7 +119,11 @@ def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConf
         part = part if inplace else _copy(part, memo)
         _finish(part, plans, weights, config, prefix=f"{name}.")
         if any(isinstance(m, RPQWeight) for m in part.modules()):
-            part.training = work.get_submodule(name).training
+            original = work.get_submodule(name)
+            part.train(original.training)
+            for attribute, value in vars(original).items():  # stride, padding_idx, ... for code that reads them
+                if not attribute.startswith("_") and not hasattr(part, attribute):
+                    setattr(part, attribute, value)
             work.set_submodule(name, part)
     if inplace:
         _free_converted(model, plans)

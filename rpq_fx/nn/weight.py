@@ -62,6 +62,15 @@ class RPQWeight(nn.Module):
         self.reset_parameters()
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The expanded weight's dtype, for code that asks a layer's weight (``x.to(layer.weight.dtype)``)."""
+        return self.codebooks.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebooks.device
+
+    @property
     def indices(self) -> torch.Tensor:
         """Alias of ``codes``, the name the reference RPQ used."""
         return self.codes
