@@ -1,4 +1,4 @@
-"""The graph passes of rpq_fx, in pipeline order: capture → plan → rewrite → checkpoint → cleanup.
+"""The graph passes of rpq_fx, in pipeline order: capture → plan → rewrite → fuse → checkpoint → cleanup.
 
 Installed as ``rpq_fx.passes``.
 """
@@ -6,7 +6,8 @@ Installed as ``rpq_fx.passes``.
 from .capture import capture, capture_call, capture_export, capture_layer
 from .checkpoint import insert_checkpoints
 from .cleanup import cleanup
+from .fuse import fuse
 from .plan import LayerPlan, check_strict, plan_conversion
 from .rewrite import new_weights, rewrite
 
-__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "insert_checkpoints", "cleanup"]
+__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "fuse", "insert_checkpoints", "cleanup"]

@@ -12,7 +12,7 @@ from .config import RPQConfig
 from .errors import RPQConversionError
 from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
-from .passes import (LayerPlan, capture, capture_call, capture_export, capture_layer, cleanup,
+from .passes import (LayerPlan, capture, capture_call, capture_export, capture_layer, cleanup, fuse,
                      insert_checkpoints, new_weights, plan_conversion, rewrite)
 from .passes.weight_ops import LAYERS
 
@@ -59,6 +59,7 @@ def _free_converted(model: nn.Module, plans: list[LayerPlan]) -> None:
 def _finish(gm: RPQGraphModule, plans: list[LayerPlan], weights: dict, config: RPQConfig, prefix: str = "") -> None:
     """Rewrite, checkpoint and clean up one captured graph module."""
     rewrite(gm, plans, weights, prefix)
+    fuse(gm)
     if config.checkpoint:
         insert_checkpoints(gm)
     cleanup(gm)

@@ -3,9 +3,10 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops import embedding as rpq_embedding
+from ..ops import linear as rpq_linear
 from .weight import RPQWeight
 
 __all__ = ["RPQLinear", "RPQEmbedding", "RPQConv1d", "RPQConv2d", "RPQConv3d"]
@@ -20,7 +21,11 @@ def _split(row_len: int, num_codebooks: int, where: str) -> int:
 
 
 class RPQLinear(nn.Module):
-    """``nn.Linear`` with an RPQ weight: rows are output neurons, split over the input features."""
+    """``nn.Linear`` with an RPQ weight: rows are output neurons, split over the input features.
+
+    The forward is ``rpq_fx::linear``: per call, computed in the compressed domain (the dense
+    weight never built) or by expanding the weight, whichever is cheaper for the batch size.
+    """
 
     def __init__(self, in_features: int, out_features: int, num_codebooks: int, bias: bool = True, *,
                  num_codes: int = 256, shared_codebooks: bool = False, device=None, dtype=None):
@@ -35,14 +40,17 @@ class RPQLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight(), self.bias)
+        return rpq_linear(input, self.weight.codebooks, self.weight.codes, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class RPQEmbedding(nn.Module):
-    """``nn.Embedding`` with an RPQ weight: rows are embeddings, split over the embedding dim."""
+    """``nn.Embedding`` with an RPQ weight: rows are embeddings, split over the embedding dim.
+
+    The forward is ``rpq_fx::embedding``: only the looked-up rows are expanded.
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int,
                  padding_idx: int | None = None, *, num_codes: int = 256, shared_codebooks: bool = False,
@@ -58,10 +66,10 @@ class RPQEmbedding(nn.Module):
         dim = _split(embedding_dim, num_codebooks, "RPQEmbedding")
         self.weight = RPQWeight(num_codebooks, dim, num_embeddings, num_codes, shared_codebooks,
                                 device=device, dtype=dtype)
-        self.weight.reset_parameters("normal")
+        self.weight.reset_parameters("normal", zero_rows=() if padding_idx is None else (padding_idx,))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input, self.weight(), self.padding_idx)
+        return rpq_embedding(input, self.weight.codebooks, self.weight.codes, self.padding_idx)
 
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""

@@ -1,0 +1,53 @@
+"""Shared by the benchmark scripts: medians from ``torch.utils.benchmark``, the machine line, tables."""
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from torch.utils.benchmark import Timer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_ms(fn, min_run_time: float) -> float:
+    """Median wall time of ``fn()`` in milliseconds (``torch.utils.benchmark``, blocked autorange)."""
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    from rpq_fx import _kernels
+
+    kernels = "C++ kernels" if _kernels.available() else "stock torch ops (no C++ kernels)"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+            f"threads, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, {kernels}")
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def table(rows, headers, floatfmt=".2f") -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", floatfmt=floatfmt)
+
+
+def write(name: str, title: str, body: str, load_before: str) -> Path:
+    """``benchmarks/results/<name>.md``: title, command, machine and load, then ``body``."""
+    RESULTS.mkdir(exist_ok=True)
+    text = (f"# {title}\n\nCommand: `{command()}`; {machine()}.\n"
+            f"Load average when it started: {load_before}; when it ended: {load()}.\n\n{body.rstrip()}\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    print(text)
+    return path

@@ -1,0 +1,144 @@
+"""The compressed-domain linear against a dense ``nn.Linear``, forward and forward+backward.
+
+``RPQLinear`` computes ``y = x W^T`` per call either in the compressed domain (a table of each
+input slice against every codeword, then a sum of C table entries per output: the weight is
+never built) or by expanding the weight and calling ``F.linear``; ``auto`` (what ``RPQLinear``
+and converted models do) picks by a cost model. Every variant is timed in one process against
+``nn.Linear`` holding the same weight: medians of ``torch.utils.benchmark``, and the ratio
+``dense time / variant time`` (above 1: faster than dense). ``unfused`` is how rpq_fx ran before
+the compressed-domain op: ``F.linear(x, rpq_fx::expand(codebooks, codes), bias)`` under autograd
+(which keeps the expanded weight for backward).
+
+Two layers: RPQ settings (4096x4096, 16 codebooks, d = 256, the issue's targets) and
+product-quantization settings (4096x4096, one shared codebook of d = 8, where expanding wins at
+large batch). Forward+backward sets every gradient to None first (``zero_grad()``'s default), so
+neither side pays for accumulating into an old gradient.
+
+Writes ``benchmarks/results/linear_<device>.md`` and ``linear_<device>.png`` (latency against batch).
+
+    python benchmarks/linear.py [--quick] [--min-run-time 0.2] [--device cpu]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, load, median_ms, table, write  # noqa: E402
+
+from rpq_fx.nn import RPQLinear  # noqa: E402
+from rpq_fx.ops import choose_path, expand, linear  # noqa: E402
+
+LAYERS = [
+    # label, in, out, num_codebooks, shared
+    ("RPQ 4096x4096, C=16 (d=256)", 4096, 4096, 16, False),
+    ("PQ 4096x4096, d=8 shared", 4096, 4096, 512, True),
+]
+VARIANTS = ("expand", "compressed", "auto")
+TARGETS = {  # (layer index, mode, batch) -> minimum dense / auto speed-up, from the issue
+    (0, "inference", 1): 5.0, (0, "inference", 8): 5.0, (0, "inference", 512): 4.0,
+    (0, "forward+backward", 512): 2.0,
+}
+
+
+def timings(layer: RPQLinear, dense: nn.Linear, batch: int, device, min_run_time: float) -> dict:
+    cb, codes, bias = layer.weight.codebooks, layer.weight.codes, layer.bias
+    x = torch.randn(batch, layer.in_features, device=device)
+    grad = torch.randn(batch, layer.out_features, device=device)
+    x_grad = x.clone().requires_grad_()
+    params = [cb, bias, *dense.parameters(), x_grad]
+
+    def step(fn):
+        def run():
+            for p in params:
+                p.grad = None
+            fn(x_grad).backward(grad)
+        return run
+
+    calls = {"dense": dense, "unfused": lambda x: torch.nn.functional.linear(x, expand(cb, codes), bias),
+             **{v: (lambda x, v=v: linear(x, cb, codes, bias, v)) for v in VARIANTS}}
+    out = {}
+    for name, fn in calls.items():
+        with torch.inference_mode():
+            out[("inference", name)] = median_ms(lambda fn=fn: fn(x), min_run_time)
+        out[("forward+backward", name)] = median_ms(step(fn), min_run_time)
+    out["choice"] = (choose_path(x, cb, codes), choose_path(x, cb, codes, backward=True))
+    return out
+
+
+def plot(results: dict, batches: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(LAYERS), 2, figsize=(11, 4.2 * len(LAYERS)), squeeze=False)
+    styles = {"dense": ("k", "o"), "unfused": ("tab:gray", "x"), "expand": ("tab:orange", "s"),
+              "compressed": ("tab:blue", "^"), "auto": ("tab:green", "")}
+    for row, (label, *_rest) in enumerate(LAYERS):
+        for col, mode in enumerate(("inference", "forward+backward")):
+            ax = axes[row][col]
+            for name, (color, marker) in styles.items():
+                ys = [results[label][b][(mode, name)] for b in batches]
+                ax.plot(batches, ys, color=color, marker=marker or None, label=f"{name} (chosen per call)"
+                        if name == "auto" else name, linestyle="--" if name == "auto" else "-", linewidth=1.5)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("ms (median)")
+            ax.set_title(f"{label}: {mode}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--quick", action="store_true", help="batches 1, 8, 512 only, shorter runs")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    batches = [1, 8, 512] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    min_run_time = 0.05 if args.quick else args.min_run_time
+    started = load()
+    torch.manual_seed(0)
+    results, rows = {}, []
+    for index, (label, fin, fout, c, shared) in enumerate(LAYERS):
+        layer = RPQLinear(fin, fout, c, shared_codebooks=shared, device=device)
+        dense = nn.Linear(fin, fout, device=device)
+        with torch.no_grad():
+            dense.weight.copy_(layer.weight())
+            dense.bias.copy_(layer.bias)
+        results[label] = {}
+        for batch in batches:
+            t = results[label][batch] = timings(layer, dense, batch, device, min_run_time)
+            for mode in ("inference", "forward+backward"):
+                target = TARGETS.get((index, mode, batch))
+                speedup = t[(mode, "dense")] / t[(mode, "auto")]
+                rows.append([label, mode, batch, t[(mode, "dense")], t[(mode, "unfused")], t[(mode, "expand")],
+                             t[(mode, "compressed")], t[(mode, "auto")], t["choice"][mode != "inference"], speedup,
+                             t[(mode, "auto")] / min(t[(mode, "expand")], t[(mode, "compressed")]),
+                             t[(mode, "auto")] / t[(mode, "unfused")],
+                             "" if target is None else f">= {target:g}x: {'met' if speedup >= target else 'MISSED'}"])
+                print(rows[-1], flush=True)
+    headers = ["layer", "mode", "batch", "dense ms", "unfused ms", "expand ms", "compressed ms", "auto ms",
+               "auto chose", "dense / auto", "auto / best path", "auto / unfused", "target"]
+    body = ("Latency per call (median). `unfused`: `F.linear(x, rpq_fx::expand(...), b)` under autograd, as "
+            "before this op; `expand`: `rpq_fx::linear` forced to expand (the weight rebuilt in backward, never "
+            "kept); `compressed`: forced to the compressed domain (the weight never built); `auto`: what "
+            "`RPQLinear` and converted models do (the path it chose is given). `dense / auto` above 1 means "
+            "faster than `nn.Linear`; `auto / best path` near 1 means the per-call choice picked well; "
+            "`auto / unfused` at or below 1 means never slower than expand-then-matmul.\n\n"
+            + table(rows, headers) + f"\n\n![latency vs batch](linear_{device.type}.png)\n")
+    write(f"linear_{device.type}", f"RPQ linear vs dense nn.Linear ({device.type}, fp32)", body, started)
+    plot(results, batches, RESULTS / f"linear_{device.type}.png")
+
+
+if __name__ == "__main__":
+    main()

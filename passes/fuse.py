@@ -1,0 +1,142 @@
+"""Fuse: compute converted linear and embedding layers in the compressed domain.
+
+After :func:`rewrite`, every use of an RPQ weight is ``rpq_fx::expand(codebooks, codes)`` feeding the
+op that reads it. Where that op is a linear layer (``F.linear``, ``aten.linear``, or ``addmm`` reading
+the transposed weight, as GPT-2's ``Conv1D`` does), the pair becomes one ``rpq_fx::linear`` node,
+which picks per call between computing from codebooks and codes directly (the dense weight is
+never built) and expanding; where it is an embedding lookup, one ``rpq_fx::embedding`` node,
+which expands only the looked-up rows::
+
+    fc1_weight = torch.ops.rpq_fx.expand.default(fc1_weight_codebooks, fc1_weight_codes)
+    fc1 = torch._C._nn.linear(x, fc1_weight, fc1_bias)
+        ->
+    fc1 = torch.ops.rpq_fx.linear.default(x, fc1_weight_codebooks, fc1_weight_codes, fc1_bias)
+
+An expansion is fused only when that op is its one user and reads it as its weight. Fused nodes
+hold no dense weight for backward, so the checkpoint pass (which wraps ``rpq_fx::expand`` nodes
+only) leaves them alone. Convolutions keep their expansion.
+"""
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from rpq_fx.graph_module import graphs_of
+
+__all__ = ["fuse"]
+
+aten = torch.ops.aten
+_EXPAND = torch.ops.rpq_fx.expand.default
+_LINEAR = torch.ops.rpq_fx.linear.default
+_EMBEDDING = torch.ops.rpq_fx.embedding.default
+
+# name, positional order and defaults of each op that can be fused
+_SIGNATURES = {
+    F.linear: (("input", "weight", "bias"), {"bias": None}),
+    aten.linear.default: (("input", "weight", "bias"), {"bias": None}),
+    torch.addmm: (("input", "mat1", "mat2"), {"beta": 1, "alpha": 1}),
+    aten.addmm.default: (("input", "mat1", "mat2"), {"beta": 1, "alpha": 1}),
+    F.embedding: (("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+                  {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False,
+                   "sparse": False}),
+    aten.embedding.default: (("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse"),
+                             {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False}),
+}
+_KEYWORD_ONLY = {"beta", "alpha"}
+
+
+def _bind(node: fx.Node) -> dict | None:
+    """The call's arguments by name, defaults filled in, or None if they do not fit the signature."""
+    names, defaults = _SIGNATURES[node.target]
+    if len(node.args) > len(names):
+        return None
+    bound = {**defaults, **dict(zip(names, node.args))}
+    for key, value in node.kwargs.items():
+        if (key not in names and key not in _KEYWORD_ONLY) or key in names[:len(node.args)]:
+            return None
+        bound[key] = value
+    return bound if all(name in bound for name in names) else None
+
+
+def _shape(gm: fx.GraphModule, node) -> tuple[int, ...] | None:
+    """The static shape of a graph value, where the graph knows it (an attribute, or export's meta)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        value = operator.attrgetter(node.target)(gm)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    value = node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _fused_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, object, tuple] | None:
+    """``(node replaced, op, args)`` of the fused node, or None where the expansion's use cannot be fused."""
+    codebooks, codes = expansion.args
+    if len(expansion.users) != 1:
+        return None
+    (user,) = expansion.users
+    weight = expansion
+    if user.op == "call_method" and user.target == "t" and user.args == (expansion,) and len(user.users) == 1:
+        # reason: addmm(bias, x, W.t()) is GPT-2 Conv1D's linear (rows of W are still output neurons)
+        weight, (user,) = user, user.users
+        if user.op != "call_function" or user.target not in (torch.addmm, aten.addmm.default):
+            return None
+    if user.op != "call_function" or user.target not in _SIGNATURES:
+        return None
+    args = _bind(user)
+    if args is None:
+        return None
+    others = [v for k, v in args.items() if k not in ("weight", "mat2")]
+    if any(v is weight or v is expansion for v in others):
+        return None
+    if user.target in (F.linear, aten.linear.default):
+        if args["weight"] is not expansion:
+            return None
+        return user, _LINEAR, (args["input"], codebooks, codes, args["bias"])
+    if user.target in (torch.addmm, aten.addmm.default):
+        bias = args["input"]
+        if (weight is expansion or args["mat2"] is not weight or args["beta"] != 1 or args["alpha"] != 1
+                or _shape(gm, bias) != (_shape(gm, codes) or (None, None))[1:]):
+            return None  # reason: only bias + x @ W.T with a [N] bias is a linear layer
+        return user, _LINEAR, (args["mat1"], codebooks, codes, bias)
+    if user.target is F.embedding:
+        if (args["weight"] is not expansion or args["max_norm"] is not None or args["sparse"] is not False
+                or not isinstance(args["padding_idx"], (int, type(None)))
+                or not isinstance(args["scale_grad_by_freq"], bool)):
+            return None  # reason: max_norm renormalises the weight in place; sparse grads have no RPQ form
+        return user, _EMBEDDING, (args["input"], codebooks, codes, args["padding_idx"], args["scale_grad_by_freq"])
+    if (args["weight"] is not expansion or args["sparse"] is not False or not isinstance(args["padding_idx"], int)
+            or not isinstance(args["scale_grad_by_freq"], bool)):
+        return None
+    padding_idx = None if args["padding_idx"] == -1 else args["padding_idx"]  # reason: aten spells "none" -1
+    return user, _EMBEDDING, (args["indices"], codebooks, codes, padding_idx, args["scale_grad_by_freq"])
+
+
+def fuse(gm: fx.GraphModule) -> int:
+    """Fuse every expansion read by one linear / embedding op, in every graph of ``gm``, in place;
+    returns how many were fused."""
+    fused = 0
+    for graph in graphs_of(gm):
+        for expansion in [n for n in graph.nodes if n.op == "call_function" and n.target is _EXPAND]:
+            call = _fused_call(gm, expansion)
+            if call is None:
+                continue
+            user, op, args = call
+            with graph.inserting_before(user):
+                new = graph.call_function(op, args)
+            new.meta.update(user.meta)
+            user.replace_all_uses_with(new)
+            name = user.name
+            dead = [user]
+            while dead:
+                node = dead.pop()
+                inputs = node.all_input_nodes
+                graph.erase_node(node)
+                dead.extend(n for n in inputs if n in (expansion, *expansion.users) and not n.users)
+            new.name = name  # reason: the fused call keeps the layer's name, so gm.code reads as before
+            fused += 1
+    if fused:
+        gm.recompile()
+    return fused

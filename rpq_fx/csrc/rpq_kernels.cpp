@@ -1,0 +1,456 @@
+// Compressed-domain kernels of rpq_fx (CPU): a linear layer computed from codebooks and codes
+// without ever building the dense weight.
+//
+//   W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]]          (g(c) = c, or 0 when shared)
+//   forward:  T[c, k, b] = codebooks[g(c), k] . x[b, c*d:(c+1)*d]   (a bmm, B*K*in MACs)
+//             y[b, n]    = sum_c T[c, codes[c, n], b]              (a gather, B*C*N adds)
+//   backward: S[c, k, b] = sum_{n: codes[c, n] = k} grad[b, n]      (a scatter, B*C*N adds)
+//             grad_x[b, c*d:(c+1)*d] = sum_k S[c, k, b] codebooks[g(c), k]
+//             grad_codebooks[g(c), k] += sum_b S[c, k, b] x[b, c*d:(c+1)*d]
+//
+// The batch is cut into blocks of BB columns so that a block's table T[:, :, b0:b0+BB] is a
+// contiguous [C, K, BB] array that stays in cache while the gather reads it; each row the gather
+// adds is BB contiguous values (one or two vector registers). Codes are read as they are stored
+// (uint8, or int16 read as uint16): no index tensor is built.
+//
+// Built on first use by rpq_fx/_kernels.py (torch.utils.cpp_extension.load); without it rpq_fx
+// runs the same arithmetic with stock torch ops.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// A block of a whole number of cache lines; rows of fewer values for small batches.
+template <int BB>
+constexpr int64_t rows_per_tile() { return BB >= 16 ? 64 : 1024 / BB; }
+
+// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw.
+// table: [C, K, BB] contiguous; out: row j at out + j * ldo.
+template <typename T, typename code_t, int BB>
+void gather_block(const T* __restrict table, const code_t* __restrict codes, int64_t C, int64_t K, int64_t N,
+                  int64_t n_begin, int64_t n_end, T* __restrict out, int64_t ldo, int64_t bw) {
+  constexpr int64_t NB = rows_per_tile<BB>();
+  alignas(64) T acc[NB][BB];
+  for (int64_t s = n_begin; s < n_end; s += NB) {
+    const int64_t nn = std::min(NB, n_end - s);
+    std::fill(&acc[0][0], &acc[0][0] + NB * BB, T(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const T* __restrict tc = table + c * K * BB;
+      const code_t* __restrict cc = codes + c * N + s;
+      for (int64_t i = 0; i < nn; ++i) {
+        const T* __restrict row = tc + static_cast<int64_t>(cc[i]) * BB;
+#pragma omp simd
+        for (int64_t j = 0; j < BB; ++j) acc[i][j] += row[j];
+      }
+    }
+    for (int64_t j = 0; j < bw; ++j) {
+      T* __restrict o = out + j * ldo + s;
+      for (int64_t i = 0; i < nn; ++i) o[i] = acc[i][j];
+    }
+  }
+}
+
+// S[c, codes[c, n], j] += grad[j, n] for every n, c in [c_begin, c_end), j < bw.
+// grad: row j at grad + j * ldg; S: row (c, k) at S + (c * K + k) * lds, BB values.
+template <typename T, typename code_t, int BB>
+void scatter_block(const T* __restrict grad, int64_t ldg, int64_t bw, const code_t* __restrict codes, int64_t N,
+                   int64_t K, int64_t c_begin, int64_t c_end, T* __restrict S, int64_t lds) {
+  constexpr int64_t NB = rows_per_tile<BB>();
+  alignas(64) T tile[NB][BB];
+  for (int64_t s = 0; s < N; s += NB) {
+    const int64_t nn = std::min(NB, N - s);
+    for (int64_t j = 0; j < BB; ++j) {
+      if (j < bw) {
+        const T* __restrict g = grad + j * ldg + s;
+        for (int64_t i = 0; i < nn; ++i) tile[i][j] = g[i];
+      } else {
+        for (int64_t i = 0; i < nn; ++i) tile[i][j] = T(0);
+      }
+    }
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      T* __restrict sc = S + c * K * lds;
+      const code_t* __restrict cc = codes + c * N + s;
+      for (int64_t i = 0; i < nn; ++i) {
+        T* __restrict row = sc + static_cast<int64_t>(cc[i]) * lds;
+#pragma omp simd
+        for (int64_t j = 0; j < BB; ++j) row[j] += tile[i][j];
+      }
+    }
+  }
+}
+
+// x[b0:b0+bw] as [C, d, BB] (zero-padded to BB columns).
+Tensor x_block_cdb(const Tensor& x, int64_t b0, int64_t bw, int64_t BB, int64_t C, int64_t d) {
+  Tensor xb = x.narrow(0, b0, bw);
+  if (bw < BB) xb = at::constant_pad_nd(xb, {0, 0, 0, BB - bw});
+  return xb.view({BB, C, d}).permute({1, 2, 0});
+}
+
+// The table of one batch block, [C, K, BB], into `table`.
+void block_table(Tensor& table, const Tensor& cbe, const Tensor& x, int64_t b0, int64_t bw, int64_t BB, int64_t C,
+                 int64_t d) {
+  if (BB == 1) {
+    // [C, 1, d] @ [C, d, K] is the same memory as [C, K, 1], and reads the codebooks row by row
+    Tensor out = table.view({C, 1, table.size(1)});
+    at::bmm_out(out, x.narrow(0, b0, 1).view({C, 1, d}), cbe.transpose(1, 2));
+    return;
+  }
+  at::bmm_out(table, cbe, x_block_cdb(x, b0, bw, BB, C, d));
+}
+
+template <typename T, typename code_t, int BB>
+Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Tensor out) {
+  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
+  const int64_t nbb = (B + BB - 1) / BB;
+  const int64_t threads = at::get_num_threads();
+  const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
+  T* out_p = out.data_ptr<T>();
+  if (nbb >= 2 * threads) {
+    // Many batch blocks: each thread builds one block's table and consumes it while it is in cache.
+    at::parallel_for(0, nbb, 1, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
+      Tensor table = at::empty({C, K, BB}, x.options());
+      for (int64_t bb = begin; bb < end; ++bb) {
+        const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
+        block_table(table, cbe, x, b0, bw, BB, C, d);
+        gather_block<T, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
+      }
+    });
+    return out;
+  }
+  // Few batch blocks: build their tables, then share the gather out over the rows.
+  Tensor tables = at::empty({nbb, C, K, BB}, x.options());
+  for (int64_t bb = 0; bb < nbb; ++bb) {
+    Tensor table = tables[bb];
+    block_table(table, cbe, x, bb * BB, std::min<int64_t>(BB, B - bb * BB), BB, C, d);
+  }
+  constexpr int64_t NB = rows_per_tile<BB>();
+  const int64_t per_thread = (N + 4 * threads - 1) / (4 * threads);
+  const int64_t chunk = std::max<int64_t>(NB, (per_thread + NB - 1) / NB * NB);
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const T* tables_p = tables.data_ptr<T>();
+  at::parallel_for(0, nbb * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bb = t / chunks, n0 = (t % chunks) * chunk;
+      const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
+      gather_block<T, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
+                                  out_p + b0 * N, N, bw);
+    }
+  });
+  return out;
+}
+
+template <typename T, typename code_t, int BB>
+std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, const Tensor& cbe, const Tensor& codes,
+                                         int64_t groups, bool need_x, bool need_cb, Tensor grad_x) {
+  const int64_t B = grad.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
+  const int64_t nbb = (B + BB - 1) / BB;
+  const int64_t threads = at::get_num_threads();
+  // S as [C, K, ld], ld >= B padded so that rows never sit a large power of two apart (cache sets)
+  int64_t ld = nbb * BB;
+  if (ld >= 64 && (ld * static_cast<int64_t>(sizeof(T))) % 512 == 0) ld += 16;
+  Tensor S = at::zeros({C, K, ld}, grad.options());
+  const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
+  const T* grad_p = grad.data_ptr<T>();
+  T* S_p = S.data_ptr<T>();
+  const int64_t c_chunks = std::min<int64_t>(C, std::max<int64_t>(1, (2 * threads + nbb - 1) / nbb));
+  const int64_t c_step = (C + c_chunks - 1) / c_chunks;
+  at::parallel_for(0, nbb * c_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bb = t / c_chunks, c0 = (t % c_chunks) * c_step;
+      const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
+      if (c0 < C)
+        scatter_block<T, code_t, BB>(grad_p + b0 * N, N, bw, codes_p, N, K, c0, std::min(C, c0 + c_step),
+                                     S_p + b0, ld);
+    }
+  });
+  Tensor St = S.narrow(2, 0, B);  // [C, K, B]
+  Tensor grad_cb;
+  // The two small-inner-dimension bmms, shared out over the codebooks.
+  const int64_t parts = std::min<int64_t>(C, threads);
+  const int64_t step = (C + parts - 1) / parts;
+  Tensor full_cb;
+  if (need_cb) full_cb = at::empty({C, K, d}, grad.options());
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c0 = p * step, cn = std::min(C, c0 + step) - c0;
+      if (cn <= 0) continue;
+      Tensor Sp = St.narrow(0, c0, cn);
+      if (need_x) {
+        Tensor gx = at::bmm(Sp.transpose(1, 2), cbe.narrow(0, c0, cn));  // [cn, B, d]
+        grad_x.view({B, C, d}).narrow(1, c0, cn).copy_(gx.transpose(0, 1));
+      }
+      if (need_cb) {
+        Tensor part = full_cb.narrow(0, c0, cn);
+        at::bmm_out(part, Sp, x.view({B, C, d}).narrow(1, c0, cn).transpose(0, 1));
+      }
+    }
+  });
+  if (need_cb) grad_cb = groups == 1 ? full_cb.sum(0, true) : full_cb;
+  return {grad_x, grad_cb};
+}
+
+int64_t block_width(int64_t B) {
+  if (B <= 1) return 1;
+  if (B <= 2) return 2;
+  if (B <= 4) return 4;
+  if (B <= 8) return 8;
+  if (B <= 16) return 16;
+  return 32;
+}
+
+template <typename T, typename code_t>
+Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codes, const Tensor& out) {
+  switch (block_width(x.size(0))) {
+    case 1: return forward_impl<T, code_t, 1>(x, cbe, codes, out);
+    case 2: return forward_impl<T, code_t, 2>(x, cbe, codes, out);
+    case 4: return forward_impl<T, code_t, 4>(x, cbe, codes, out);
+    case 8: return forward_impl<T, code_t, 8>(x, cbe, codes, out);
+    case 16: return forward_impl<T, code_t, 16>(x, cbe, codes, out);
+    default: return forward_impl<T, code_t, 32>(x, cbe, codes, out);
+  }
+}
+
+template <typename T, typename code_t>
+std::tuple<Tensor, Tensor> backward_bb(const Tensor& grad, const Tensor& x, const Tensor& cbe, const Tensor& codes,
+                                       int64_t groups, bool need_x, bool need_cb, const Tensor& gx) {
+  switch (block_width(grad.size(0))) {
+    case 1: return backward_impl<T, code_t, 1>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 2: return backward_impl<T, code_t, 2>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 4: return backward_impl<T, code_t, 4>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 8: return backward_impl<T, code_t, 8>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 16: return backward_impl<T, code_t, 16>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    default: return backward_impl<T, code_t, 32>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+  }
+}
+
+void check(const Tensor& x, const Tensor& codebooks, const Tensor& codes, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && codebooks.device().is_cpu() && codes.device().is_cpu(),
+              what, ": the C++ kernels run on the CPU");
+  TORCH_CHECK(x.dim() == 2 && codebooks.dim() == 3 && codes.dim() == 2, what, ": x [B, in], codebooks [G, K, d], codes [C, N]");
+  TORCH_CHECK(x.scalar_type() == codebooks.scalar_type(), what, ": x and codebooks must have one dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, what, ": float32 or float64 only");
+  TORCH_CHECK(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort, what, ": codes must be uint8 or int16");
+  TORCH_CHECK(x.size(1) == codes.size(0) * codebooks.size(2), what, ": x has ", x.size(1), " features, codes and codebooks make ",
+              codes.size(0) * codebooks.size(2));
+  TORCH_CHECK(codebooks.size(0) == 1 || codebooks.size(0) == codes.size(0), what, ": codebooks must be [C, K, d] or [1, K, d]");
+}
+
+Tensor expanded_codebooks(const Tensor& codebooks, int64_t C) {
+  Tensor cb = codebooks.contiguous();
+  return cb.size(0) == 1 && C > 1 ? cb.expand({C, cb.size(1), cb.size(2)}) : cb;
+}
+
+// W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]], d values of E bytes each (any dtype of that size).
+// A block of rows at a time: the block's codes are gathered first (one cache line per codebook),
+// then each row of W is written front to back.
+template <typename E, typename code_t, int D>
+void expand_rows(const E* __restrict cb, const code_t* __restrict codes, E* __restrict out, int64_t C, int64_t N,
+                 int64_t K, int64_t d, int64_t groups) {
+  constexpr int64_t NB = 64;
+  const int64_t dim = D > 0 ? D : d;
+  const int64_t row_len = C * dim;
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> offsets(NB * C);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
+      for (int64_t c = 0; c < C; ++c) {
+        const code_t* __restrict cc = codes + c * N + n0;
+        const int64_t base = (groups == 1 ? 0 : c * K);
+        for (int64_t i = 0; i < nn; ++i) offsets[i * C + c] = (base + static_cast<int64_t>(cc[i])) * dim;
+      }
+      for (int64_t i = 0; i < nn; ++i) {
+        E* __restrict row = out + (n0 + i) * row_len;
+        const int64_t* __restrict off = offsets.data() + i * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const E* __restrict src = cb + off[c];
+          E* __restrict dst = row + c * dim;
+#pragma omp simd
+          for (int64_t j = 0; j < dim; ++j) dst[j] = src[j];
+        }
+      }
+    }
+  });
+}
+
+template <typename E, typename code_t>
+void expand_dispatch(const E* cb, const code_t* codes, E* out, int64_t C, int64_t N, int64_t K, int64_t d,
+                     int64_t groups) {
+  switch (d) {  // reason: a compile-time row length turns the short copies into a few vector moves
+    case 1: return expand_rows<E, code_t, 1>(cb, codes, out, C, N, K, d, groups);
+    case 2: return expand_rows<E, code_t, 2>(cb, codes, out, C, N, K, d, groups);
+    case 4: return expand_rows<E, code_t, 4>(cb, codes, out, C, N, K, d, groups);
+    case 8: return expand_rows<E, code_t, 8>(cb, codes, out, C, N, K, d, groups);
+    case 16: return expand_rows<E, code_t, 16>(cb, codes, out, C, N, K, d, groups);
+    default: return expand_rows<E, code_t, 0>(cb, codes, out, C, N, K, d, groups);
+  }
+}
+
+template <typename E>
+void expand_typed(const Tensor& cb, const Tensor& codes, Tensor& out) {
+  const int64_t G = cb.size(0), K = cb.size(1), d = cb.size(2), C = codes.size(0), N = codes.size(1);
+  const E* cb_p = reinterpret_cast<const E*>(cb.data_ptr());
+  E* out_p = reinterpret_cast<E*>(out.data_ptr());
+  if (codes.scalar_type() == at::kShort)
+    expand_dispatch<E, uint16_t>(cb_p, reinterpret_cast<const uint16_t*>(codes.data_ptr()), out_p, C, N, K, d, G);
+  else
+    expand_dispatch<E, uint8_t>(cb_p, codes.data_ptr<uint8_t>(), out_p, C, N, K, d, G);
+}
+
+// grad_codebooks[g(c), codes[c, n]] += grad_W[n, c*d:(c+1)*d]: the transpose of expand_rows.
+// Each task owns a band of codebooks and reads its contiguous band of every row of grad_W; with one
+// shared codebook each task sums into its own [K, d] copy, added up at the end.
+template <typename T, typename code_t>
+void expand_backward_rows(const T* __restrict grad, const code_t* __restrict codes, T* __restrict out, int64_t C,
+                          int64_t N, int64_t K, int64_t d, int64_t groups) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::min<int64_t>(C, threads);
+  const int64_t step = (C + parts - 1) / parts;
+  std::vector<std::vector<T>> partial(groups == 1 ? parts : 0);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c0 = p * step, c1 = std::min(C, c0 + step);
+      T* acc = out;
+      if (groups == 1) {
+        partial[p].assign(K * d, T(0));
+        acc = partial[p].data();
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        const T* __restrict row = grad + n * C * d;
+        for (int64_t c = c0; c < c1; ++c) {
+          T* __restrict dst = acc + ((groups == 1 ? 0 : c * K) + static_cast<int64_t>(codes[c * N + n])) * d;
+          const T* __restrict src = row + c * d;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+        }
+      }
+    }
+  });
+  for (const auto& part : partial)
+    for (int64_t i = 0; i < K * d; ++i) out[i] += part[i];
+}
+
+}  // namespace
+
+// grad_codebooks [G, K, d] of expand, from grad_W [N, C*d] (float32 / float64); added into `out` when given.
+Tensor expand_backward(const Tensor& grad_in, const Tensor& codes_in, int64_t groups, int64_t num_codes,
+                       const c10::optional<Tensor>& out_in) {
+  TORCH_CHECK(grad_in.device().is_cpu() && codes_in.device().is_cpu(), "rpq_fx expand_backward: the C++ kernels run on the CPU");
+  TORCH_CHECK(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kDouble,
+              "rpq_fx expand_backward: float32 or float64 only");
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte || codes_in.scalar_type() == at::kShort,
+              "rpq_fx expand_backward: codes must be uint8 or int16");
+  TORCH_CHECK(grad_in.dim() == 2 && codes_in.dim() == 2 && grad_in.size(0) == codes_in.size(1) &&
+              grad_in.size(1) % codes_in.size(0) == 0, "rpq_fx expand_backward: grad [N, C*d], codes [C, N]");
+  at::NoGradGuard no_grad;
+  Tensor grad = grad_in.contiguous(), codes = codes_in.contiguous();
+  const int64_t C = codes.size(0), N = codes.size(1), d = grad.size(1) / C;
+  Tensor out;
+  if (out_in.has_value() && out_in->defined()) {
+    out = *out_in;
+    TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == groups && out.size(1) == num_codes &&
+                out.size(2) == d && out.scalar_type() == grad.scalar_type(),
+                "rpq_fx expand_backward: out must be a contiguous [G, K, d] tensor of grad's dtype");
+  } else {
+    out = at::zeros({groups, num_codes, d}, grad.options());
+  }
+  if (grad.numel() == 0) return out;
+  const bool wide = codes.scalar_type() == at::kShort;
+  if (grad.scalar_type() == at::kFloat) {
+    if (wide) expand_backward_rows<float, uint16_t>(grad.data_ptr<float>(), reinterpret_cast<const uint16_t*>(codes.data_ptr()), out.data_ptr<float>(), C, N, num_codes, d, groups);
+    else expand_backward_rows<float, uint8_t>(grad.data_ptr<float>(), codes.data_ptr<uint8_t>(), out.data_ptr<float>(), C, N, num_codes, d, groups);
+  } else {
+    if (wide) expand_backward_rows<double, uint16_t>(grad.data_ptr<double>(), reinterpret_cast<const uint16_t*>(codes.data_ptr()), out.data_ptr<double>(), C, N, num_codes, d, groups);
+    else expand_backward_rows<double, uint8_t>(grad.data_ptr<double>(), codes.data_ptr<uint8_t>(), out.data_ptr<double>(), C, N, num_codes, d, groups);
+  }
+  return out;
+}
+
+// W [N, C*d] from codebooks [G, K, d] and codes [C, N] (uint8, or int16 read as uint16), any dtype.
+Tensor expand(const Tensor& codebooks_in, const Tensor& codes_in) {
+  TORCH_CHECK(codebooks_in.device().is_cpu() && codes_in.device().is_cpu(), "rpq_fx expand: the C++ kernels run on the CPU");
+  TORCH_CHECK(codebooks_in.dim() == 3 && codes_in.dim() == 2, "rpq_fx expand: codebooks [G, K, d], codes [C, N]");
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte || codes_in.scalar_type() == at::kShort,
+              "rpq_fx expand: codes must be uint8 or int16");
+  TORCH_CHECK(codebooks_in.size(0) == 1 || codebooks_in.size(0) == codes_in.size(0),
+              "rpq_fx expand: codebooks must be [C, K, d] or [1, K, d]");
+  at::NoGradGuard no_grad;
+  Tensor cb = codebooks_in.contiguous(), codes = codes_in.contiguous();
+  Tensor out = at::empty({codes.size(1), codes.size(0) * cb.size(2)}, cb.options());
+  if (out.numel() == 0) return out;
+  switch (cb.element_size()) {
+    case 1: expand_typed<uint8_t>(cb, codes, out); break;
+    case 2: expand_typed<uint16_t>(cb, codes, out); break;
+    case 4: expand_typed<uint32_t>(cb, codes, out); break;
+    case 8: expand_typed<uint64_t>(cb, codes, out); break;
+    default: TORCH_CHECK(false, "rpq_fx expand: unsupported element size ", cb.element_size());
+  }
+  return out;
+}
+
+// Where a result goes: `given` (a contiguous [rows, cols] tensor of the right dtype), or a new one.
+Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t cols, const Tensor& like,
+                     const char* what) {
+  if (!given.has_value() || !given->defined()) return at::empty({rows, cols}, like.options());
+  const Tensor& out = *given;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == cols && out.is_contiguous() &&
+              out.scalar_type() == like.scalar_type() && out.device() == like.device(),
+              what, ": out must be a contiguous [", rows, ", ", cols, "] tensor like the input");
+  return out;
+}
+
+// y [B, N] = x [B, in] @ W^T, W never built; written into `out` when given.
+Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor& codes_in,
+                      const c10::optional<Tensor>& out_in) {
+  check(x_in, codebooks, codes_in, "rpq_fx linear_forward");
+  at::NoGradGuard no_grad;  // reason: the callers' autograd formulas differentiate this; its inner ops must not record
+  Tensor x = x_in.contiguous(), codes = codes_in.contiguous();
+  Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, "rpq_fx linear_forward");
+  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
+  const bool wide = codes.scalar_type() == at::kShort;
+  if (x.scalar_type() == at::kFloat)
+    return wide ? forward_bb<float, uint16_t>(x, cbe, codes, out) : forward_bb<float, uint8_t>(x, cbe, codes, out);
+  return wide ? forward_bb<double, uint16_t>(x, cbe, codes, out) : forward_bb<double, uint8_t>(x, cbe, codes, out);
+}
+
+// (grad_x [B, in] or undefined, grad_codebooks [G, K, d] or undefined) of linear_forward; grad_x is
+// written into `grad_x_out` when given.
+std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& x_in, const Tensor& codebooks,
+                                           const Tensor& codes_in, bool need_x, bool need_cb,
+                                           const c10::optional<Tensor>& grad_x_out) {
+  check(x_in, codebooks, codes_in, "rpq_fx linear_backward");
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == x_in.size(0) && grad_in.size(1) == codes_in.size(1),
+              "rpq_fx linear_backward: grad must be [B, N]");
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "rpq_fx linear_backward: grad and x must have one dtype");
+  Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), codes = codes_in.contiguous();
+  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
+  const int64_t groups = codebooks.size(0);
+  Tensor gx = need_x ? result_buffer(grad_x_out, x.size(0), x.size(1), x, "rpq_fx linear_backward") : Tensor();
+  const bool wide = codes.scalar_type() == at::kShort;
+  if (grad.scalar_type() == at::kFloat)
+    return wide ? backward_bb<float, uint16_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx)
+                : backward_bb<float, uint8_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+  return wide ? backward_bb<double, uint16_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx)
+              : backward_bb<double, uint8_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("expand", &expand, "W from codebooks and codes", py::arg("codebooks"), py::arg("codes"));
+  m.def("expand_backward", &expand_backward, "grad_codebooks of expand (added into out when given)",
+        py::arg("grad"), py::arg("codes"), py::arg("groups"), py::arg("num_codes"), py::arg("out") = py::none());
+  m.def("linear_forward", &linear_forward, "y = x W^T from codebooks and codes, W never built",
+        py::arg("x"), py::arg("codebooks"), py::arg("codes"), py::arg("out") = py::none());
+  m.def("linear_backward", &linear_backward, "(grad_x, grad_codebooks) of linear_forward", py::arg("grad"),
+        py::arg("x"), py::arg("codebooks"), py::arg("codes"), py::arg("need_x"), py::arg("need_codebooks"),
+        py::arg("grad_x_out") = py::none());
+}
