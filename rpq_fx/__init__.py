@@ -11,8 +11,11 @@ from .decompress import decompress
 from .errors import RPQConversionError
 from .export import export_graph
 from .graph_module import RPQGraphModule
+from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, save, save_dense
+from .onnx_export import export_onnx
 from .report import Report, model_size, report
 
 __all__ = ["convert", "RPQ", "RPQGraphModule", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
-           "report", "Report", "export_graph", "nn", "ops"]
+           "report", "Report", "export_graph", "nn", "ops", "save", "load", "save_dense", "checkpoint_info",
+           "checkpoint_report", "RPQCheckpointError", "export_onnx"]
 __version__ = "0.1.0"

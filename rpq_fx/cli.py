@@ -1,0 +1,382 @@
+"""``rpq-fx``: convert a model and save it, report on a checkpoint, inspect a checkpoint.
+
+    rpq-fx convert timm:resnet18 --num-codebooks 8 --out out/resnet18
+    rpq-fx report out/resnet18/model.safetensors
+    rpq-fx inspect out/resnet18/model.safetensors --out out/inspect
+
+Also ``python -m rpq_fx``. Errors are one line on stderr and a non-zero exit status (1 for a model
+or file that cannot be handled, 2 for a bad command line); ``--traceback`` shows the whole trace.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["main", "build_model", "SPEC_HELP"]
+
+CHECKPOINT = "model.safetensors"
+
+SPEC_HELP = """\
+SPEC names the model to build (with random weights unless the source has them):
+  timm:NAME            a timm model, e.g. timm:resnet18 (pretrained=False: nothing is downloaded)
+  hf:PATH              a Hugging Face transformers model from a folder (config.json, and weights
+                       if the folder has them) or from a config.json file; the class is the
+                       config's "architectures" entry, else AutoModel
+  MODULE:FACTORY       a Python callable returning an nn.Module, e.g. mypkg.models:build_net or
+  FILE.py:FACTORY      path/to/models.py:build_net (the current folder is importable)
+"""
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# model specs
+
+
+def _factory(spec: str):
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise CLIError(f"model spec {spec!r} is not timm:NAME, hf:PATH or MODULE:FACTORY")
+    if module_name.endswith(".py"):
+        file = Path(module_name)
+        if not file.is_file():
+            raise CLIError(f"model spec {spec!r}: no such file {file}")
+        loader = importlib.util.spec_from_file_location(f"_rpq_fx_spec_{file.stem}", file)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise CLIError(f"model spec {spec!r}: cannot import {module_name!r} ({error})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(f"model spec {spec!r}: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _hf_model(path_text: str, meta: bool):
+    try:
+        import transformers
+    except ImportError:
+        raise CLIError("hf: models need transformers: pip install 'rpq_fx[hf]'") from None
+    path = Path(path_text)
+    if not path.exists():
+        raise CLIError(f"hf:{path_text}: no such folder or file")
+    folder = path if path.is_dir() else path.parent
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise CLIError(f"hf:{path_text}: cannot read a transformers config ({error})") from None
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    cls = cls or transformers.AutoModel
+    has_weights = path.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")))
+    if has_weights and not meta:  # on the meta device only the architecture is wanted: no weights are read
+        return cls.from_pretrained(str(folder), local_files_only=True)
+    return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+
+
+def build_model(spec: str, *, meta: bool = False):
+    """The ``nn.Module`` a SPEC names (see ``SPEC_HELP``); on the meta device if ``meta``."""
+    import torch
+    from torch import nn
+
+    with torch.device("meta") if meta else _nothing():
+        kind, _, rest = spec.partition(":")
+        if kind == "timm":
+            import timm
+
+            if not rest:
+                raise CLIError("timm: needs a model name, e.g. timm:resnet18")
+            try:
+                model = timm.create_model(rest, pretrained=False)
+            except RuntimeError as error:
+                raise CLIError(f"timm:{rest}: {error}") from None
+        elif kind == "hf":
+            model = _hf_model(rest, meta)
+        else:
+            factory = _factory(spec)
+            model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"model spec {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt}{postfix}")
+
+
+def _convert_settings(args) -> dict:
+    from . import RPQConfig
+
+    settings = {}
+    if args.config:
+        try:
+            values = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CLIError(f"--config {args.config}: {error}") from None
+        try:
+            settings["config"] = RPQConfig.from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise CLIError(f"--config {args.config}: {error}") from None
+        split_given = args.num_codebooks or args.codebook_dim or args.max_codebook_dim
+        if split_given or args.num_codes != 256 or args.shared_codebooks or args.checkpoint or args.seed:
+            raise CLIError("--config sets every setting: give the other conversion options in its JSON instead")
+        return settings
+    split = {"num_codebooks": args.num_codebooks, "codebook_dim": args.codebook_dim,
+             "max_codebook_dim": args.max_codebook_dim}
+    split = {k: v for k, v in split.items() if v is not None} or {"max_codebook_dim": 64}
+    settings.update(split, num_codes=args.num_codes, shared_codebooks=args.shared_codebooks,
+                    checkpoint=args.checkpoint, seed=args.seed)
+    return settings
+
+
+def _cmd_convert(args) -> int:
+    import rpq_fx
+
+    settings = _convert_settings(args)
+    if args.init != "random":
+        if "init" not in inspect.signature(rpq_fx.convert).parameters:
+            raise CLIError(f"--init {args.init}: this rpq_fx converts with random init only (k-means init from "
+                           "pretrained weights is not available yet)")
+        settings["init"] = args.init
+    out = Path(args.out)
+    steps = ["build", "convert", "save", "report"] + ([] if args.no_graph else ["graph"])
+    with _progress(len(steps), args.quiet, f"rpq-fx convert {args.spec}") as bar:
+        bar.set_postfix_str("building the model")
+        model = build_model(args.spec)
+        if args.eval:
+            model.eval()
+        bar.update()
+        bar.set_postfix_str("converting")
+        gm = rpq_fx.convert(model, strict=args.strict, **settings)
+        bar.update()
+        bar.set_postfix_str("saving")
+        checkpoint = rpq_fx.save(gm, out / CHECKPOINT, spec=args.spec)
+        bar.update()
+        bar.set_postfix_str("report")
+        rep = rpq_fx.report(gm)
+        (out / "report.md").write_text(rep.to_markdown() + "\n")
+        (out / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+        bar.update()
+        if not args.no_graph:
+            bar.set_postfix_str("graph")
+            rpq_fx.export_graph(gm, out)
+            bar.update()
+        bar.set_postfix_str("done")
+    if not args.quiet:
+        print(rep)
+    size = checkpoint.stat().st_size
+    print(f"wrote {checkpoint} ({size / 2**20:.3f} MiB; model {rpq_fx.model_size(gm):.3f} MiB) and the report"
+          f"{'' if args.no_graph else ' and graph export'} to {out}/")
+    return 0
+
+
+def _header(info: dict, path: Path) -> str:
+    arch = info["architecture"]
+    return "\n".join([
+        f"file:          {path} ({info['file_bytes']} bytes, {len(info['tensors'])} tensors)",
+        f"format:        rpq_fx checkpoint v{info['format_version']}, written by rpq_fx {info.get('rpq_fx_version')} "
+        f"/ torch {info.get('torch_version')}",
+        f"model:         {arch['class']} ({len(arch['tensors'])} original tensors, fingerprint {arch['fingerprint'][:16]})",
+        f"built from:    {info.get('spec') or '(not recorded)'}",
+        f"config:        {json.dumps(info['config'], sort_keys=True)}",
+    ])
+
+
+def _cmd_report(args) -> int:
+    from .io import checkpoint_info, checkpoint_report
+
+    path = Path(args.file)
+    info = checkpoint_info(path)
+    rep = checkpoint_report(path)
+    if args.json:
+        print(json.dumps({"file": str(path), "config": info["config"], "spec": info.get("spec"),
+                          **rep.to_dict()}, indent=2))
+    else:
+        print(_header(info, path) + "\n")
+        print(rep.to_markdown() if args.markdown else rep)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    import rpq_fx
+
+    from .io import checkpoint_info, checkpoint_report
+
+    path, out = Path(args.file), Path(args.out)
+    info = checkpoint_info(path)
+    spec = args.model or info.get("spec")
+    out.mkdir(parents=True, exist_ok=True)
+    steps = 3 if spec else 1
+    with _progress(steps, args.quiet, f"rpq-fx inspect {path.name}") as bar:
+        bar.set_postfix_str("metadata")
+        meta = {k: v for k, v in info.items() if k not in ("code", "sha256")}
+        (out / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        rows = [f"{name}\t{e['dtype']}\t{'x'.join(map(str, e['shape'])) or 'scalar'}\t{e['bytes']}"
+                for name, e in info["tensors"].items()]
+        (out / "tensors.tsv").write_text("name\tdtype\tshape\tbytes\n" + "\n".join(rows) + "\n")
+        bar.update()
+        if spec:
+            bar.set_postfix_str(f"building {spec} on meta")
+            model = build_model(spec, meta=True)
+            modes = {key.rpartition(":")[2] for key in info["code"]}
+            model.train("train" in modes and "eval" not in modes)
+            bar.update()
+            bar.set_postfix_str("loading and exporting the graph")
+            gm = rpq_fx.load(model, path)
+            rpq_fx.export_graph(gm, out)
+            bar.update()
+        else:
+            rep = checkpoint_report(path)
+            (out / "report.md").write_text(rep.to_markdown() + "\n")
+            (out / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+            for mode, code in info["code"].items():
+                (out / ("code.py" if len(info["code"]) == 1 else f"code_{mode}.py")).write_text(code)
+    written = sorted(p.name for p in out.iterdir())
+    print(f"{path}: wrote {', '.join(written)} to {out}/")
+    if not spec:
+        print("no model spec recorded in the file: pass --model SPEC to rebuild it and draw graph.svg")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="rpq-fx", formatter_class=formatter,
+        description="Store every Linear / Conv / Embedding weight of a model as RPQ codebooks + uint8 codes, "
+                    "and work with the saved checkpoints.",
+        epilog="commands:\n  convert   build a model from a SPEC, convert it, save checkpoint + report + graph\n"
+               "  report    print the size report of a saved checkpoint (no model needed)\n"
+               "  inspect   write a checkpoint's metadata, tensors, report, code and graph to a folder\n\n"
+               "`rpq-fx COMMAND --help` describes each. Exit status: 0 ok, 1 error (one line on stderr), "
+               "2 bad command line.")
+    parser.add_argument("--version", action="version", version=f"rpq-fx {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="on error, show the full Python traceback")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    convert = sub.add_parser(
+        "convert", formatter_class=formatter, help="convert a model and save it",
+        description="Build the model SPEC names, convert its weights to RPQ and write to --out: "
+                    f"{CHECKPOINT} (rpq_fx.save), report.md / report.json, and the graph export "
+                    "(code.py, graph.txt, graph.svg or graph.dot).",
+        epilog=SPEC_HELP + "\nThe split: at most one of --num-codebooks, --codebook-dim, --max-codebook-dim "
+                           "(default: --max-codebook-dim 64, as rpq_fx.RPQ).\n\nexample:\n"
+                           "  rpq-fx convert timm:resnet18 --num-codebooks 8 --out out/resnet18")
+    convert.add_argument("spec", metavar="SPEC", help="the model: timm:NAME, hf:PATH or MODULE:FACTORY (below)")
+    convert.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")
+    split = convert.add_mutually_exclusive_group()
+    split.add_argument("--num-codebooks", type=int, metavar="C", help="codebooks per weight row (C)")
+    split.add_argument("--codebook-dim", type=int, metavar="D", help="values per codeword (d); C = row length / d")
+    split.add_argument("--max-codebook-dim", type=int, metavar="D",
+                       help="per layer, the largest d <= D that divides the row")
+    convert.add_argument("--num-codes", type=int, default=256, metavar="K",
+                         help="codewords per codebook (default: %(default)s; above 256 the codes are int16)")
+    convert.add_argument("--shared-codebooks", action="store_true", help="one codebook shared by all slices of a row")
+    convert.add_argument("--init", choices=["random", "kmeans"], default="random",
+                         help="random: the RPQ default (train from scratch); kmeans: fit codebooks to the "
+                              "model's weights (needs an rpq_fx with k-means conversion)")
+    convert.add_argument("--checkpoint", action="store_true",
+                         help="recompute each expanded weight in backward instead of keeping it")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the random init (default: %(default)s)")
+    convert.add_argument("--config", metavar="JSON",
+                         help="an RPQConfig as a JSON file (RPQConfig.to_dict()), instead of the options above")
+    convert.add_argument("--strict", action="store_true", help="fail if any weight-bearing layer cannot be converted")
+    convert.add_argument("--eval", action="store_true", help="convert the model in eval mode (default: as built)")
+    convert.add_argument("--no-graph", action="store_true", help="skip the graph export (large models draw slowly)")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar and no report on stdout")
+    convert.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                         help="on error, show the full Python traceback")
+    convert.set_defaults(run=_cmd_convert)
+
+    report = sub.add_parser(
+        "report", formatter_class=formatter, help="print a checkpoint's size report",
+        description="Print what a checkpoint written by `rpq-fx convert` or rpq_fx.save holds: versions, "
+                    "config, and the per-layer report (C, K, d, bytes before and after, why a layer stayed "
+                    "dense). Reads only the file's metadata; the checksums are checked.")
+    report.add_argument("file", metavar="FILE", help="the .safetensors checkpoint")
+    fmt = report.add_mutually_exclusive_group()
+    fmt.add_argument("--markdown", action="store_true", help="the table as Markdown")
+    fmt.add_argument("--json", action="store_true", help="config and report as JSON")
+    report.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help="on error, show the full Python traceback")
+    report.set_defaults(run=_cmd_report)
+
+    insp = sub.add_parser(
+        "inspect", formatter_class=formatter, help="write a checkpoint's contents out for reading",
+        description="Write to --out: metadata.json (config, conversion record, architecture), tensors.tsv "
+                    "(every stored tensor), report.md / report.json, and the generated code. When the file "
+                    "records the SPEC it was built from (rpq-fx convert does), or --model gives one, the model "
+                    "is rebuilt on the meta device, the checkpoint loaded into it (rpq_fx.load, every check "
+                    "made) and the full graph export written: code.py, graph.txt, graph.svg.")
+    insp.add_argument("file", metavar="FILE", help="the .safetensors checkpoint")
+    insp.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")
+    insp.add_argument("--model", metavar="SPEC", help="the original architecture, if the file does not record it")
+    insp.add_argument("--quiet", action="store_true", help="no progress bar")
+    insp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                      help="on error, show the full Python traceback")
+    insp.set_defaults(run=_cmd_inspect)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("rpq-fx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 (every failure ends as one line, unless --traceback)
+        if args.traceback:
+            raise
+        from .errors import RPQConversionError
+        from .io import RPQCheckpointError
+
+        known = (CLIError, RPQConversionError, RPQCheckpointError, FileNotFoundError, ValueError, TypeError,
+                 ImportError, OSError)
+        prefix = "" if isinstance(error, known) else f"{type(error).__name__}: "
+        print(f"rpq-fx: error: {prefix}{_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _entry() -> None:
+    sys.exit(main())
