@@ -39,6 +39,9 @@ class LayerPlan:
     excluded: bool = False  # left dense on purpose (filter_fn or a config override), not for want of support
     transposed: bool = False  # read as W.T (GPT-2's Conv1D): RPQ rows are the parameter's columns
     padding_rows: tuple[int, ...] = ()  # embedding rows lookups never train (padding_idx): kept at zero
+    codebook_dtype: torch.dtype | None = None  # None: the weight's own dtype
+    init: str = "random"  # how the RPQ weight was filled: "random", "kmeans", "kmeans+calibration"
+    fit_error: float | None = None  # after a fit: the objective (weight or output error) relative to the weight's
     param: nn.Parameter | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -59,7 +62,12 @@ class LayerPlan:
         if not self.converted:
             return self.bytes_before
         return rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], self.num_codes,
-                         self.shared_codebooks, self.dtype.itemsize)
+                         self.shared_codebooks, (self.codebook_dtype or self.dtype).itemsize)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per dense value: codebooks and codes (one byte each, two above 256 codewords)."""
+        return 8 * self.bytes_after / math.prod(self.shape)
 
 
 @dataclass
@@ -152,11 +160,15 @@ def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> No
         return
     plan.num_codebooks, plan.codebook_dim = split
     plan.num_codes, plan.shared_codebooks = settings.num_codes, settings.shared_codebooks
+    plan.init = settings.init
+    if settings.codebook_dtype is not None:
+        plan.codebook_dtype = getattr(torch, settings.codebook_dtype)
     dense, rpq = plan.bytes_before, plan.bytes_after
     if rpq >= dense:
         plan.reason = (f"would grow from {dense} to {rpq} bytes: {settings.num_codes} codewords per codebook "
                        f"cost more than {plan.rows_shape[0]} rows save")
-        plan.num_codebooks = plan.codebook_dim = plan.num_codes = None
+        plan.num_codebooks = plan.codebook_dim = plan.num_codes = plan.codebook_dtype = None
+        plan.init = "random"
 
 
 def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Module, config: RPQConfig,

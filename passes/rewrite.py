@@ -30,7 +30,9 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
         device = plan.param.device
         weights[plan.name] = weight = RPQWeight(
             plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], plan.num_codes, plan.shared_codebooks,
-            shape=plan.rows_shape, transposed=plan.transposed, device=device, dtype=plan.dtype)
+            shape=plan.rows_shape, transposed=plan.transposed, device=device,
+            compute_dtype=plan.dtype if plan.codebook_dtype not in (None, plan.dtype) else None,
+            dtype=plan.codebook_dtype or plan.dtype)
         if device.type != "meta":
             embedding = any(op.startswith("embedding") for op in plan.ops)  # torch inits those N(0, 1)
             weight.reset_parameters("normal" if embedding else "uniform", generators[device],
@@ -39,10 +41,14 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
 
 
 def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
-    """``get_attr`` codebooks and codes, ``rpq_fx::expand``, and a view or transpose to the weight's layout."""
-    codebooks = graph.get_attr(f"{path}.codebooks")
-    codes = graph.get_attr(f"{path}.codes")
+    """``get_attr`` codebooks and codes (codebooks cast where stored in another dtype),
+    ``rpq_fx::expand``, and a view or transpose to the weight's layout."""
     name = path.replace(".", "_")
+    codebooks = graph.get_attr(f"{path}.codebooks")
+    if weight.dtype != weight.codebooks.dtype:
+        codebooks = graph.create_node("call_method", "to", (codebooks, weight.dtype),
+                                      name=f"{name}_codebooks_{str(weight.dtype).removeprefix('torch.')}")
+    codes = graph.get_attr(f"{path}.codes")
     reshape = "t" if weight.transposed else "view" if len(weight.shape) != 2 else None
     rows = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
                              name=f"{name}_rows" if reshape else name)

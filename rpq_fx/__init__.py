@@ -1,7 +1,8 @@
 """rpq_fx: Reverse Product Quantization as a torch.fx model-rewriting pass.
 
 ``net = rpq_fx.RPQ(net)`` stores every linear / conv / embedding weight as small learnable
-codebooks plus uint8 codes, expanded just in time inside the forward pass.
+codebooks plus uint8 codes, expanded just in time inside the forward pass. ``init="kmeans"``
+(with ``calibration=`` inputs) fits them to a trained model instead; :func:`finetune` distils.
 """
 
 from . import nn, ops
@@ -10,6 +11,7 @@ from .convert import RPQ, convert
 from .decompress import decompress
 from .errors import RPQConversionError
 from .export import export_graph
+from .finetune import distillation_loss, finetune, param_groups
 from .graph_module import RPQGraphModule
 from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, save, save_dense
 from .onnx_export import export_onnx
@@ -17,5 +19,5 @@ from .report import Report, model_size, report
 
 __all__ = ["convert", "RPQ", "RPQGraphModule", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
            "report", "Report", "export_graph", "nn", "ops", "save", "load", "save_dense", "checkpoint_info",
-           "checkpoint_report", "RPQCheckpointError", "export_onnx"]
+           "checkpoint_report", "RPQCheckpointError", "export_onnx", "finetune", "param_groups", "distillation_loss"]
 __version__ = "0.1.0"

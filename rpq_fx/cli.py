@@ -11,7 +11,6 @@ or file that cannot be handled, 2 for a bad command line); ``--traceback`` shows
 import argparse
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -146,14 +145,15 @@ def _convert_settings(args) -> dict:
         except (TypeError, ValueError) as error:
             raise CLIError(f"--config {args.config}: {error}") from None
         split_given = args.num_codebooks or args.codebook_dim or args.max_codebook_dim
-        if split_given or args.num_codes != 256 or args.shared_codebooks or args.checkpoint or args.seed:
+        if (split_given or args.num_codes != 256 or args.shared_codebooks or args.checkpoint or args.seed
+                or args.init != "random" or args.codebook_dtype):
             raise CLIError("--config sets every setting: give the other conversion options in its JSON instead")
         return settings
     split = {"num_codebooks": args.num_codebooks, "codebook_dim": args.codebook_dim,
              "max_codebook_dim": args.max_codebook_dim}
     split = {k: v for k, v in split.items() if v is not None} or {"max_codebook_dim": 64}
-    settings.update(split, num_codes=args.num_codes, shared_codebooks=args.shared_codebooks,
-                    checkpoint=args.checkpoint, seed=args.seed)
+    settings.update(split, num_codes=args.num_codes, shared_codebooks=args.shared_codebooks, init=args.init,
+                    codebook_dtype=args.codebook_dtype, checkpoint=args.checkpoint, seed=args.seed)
     return settings
 
 
@@ -161,11 +161,6 @@ def _cmd_convert(args) -> int:
     import rpq_fx
 
     settings = _convert_settings(args)
-    if args.init != "random":
-        if "init" not in inspect.signature(rpq_fx.convert).parameters:
-            raise CLIError(f"--init {args.init}: this rpq_fx converts with random init only (k-means init from "
-                           "pretrained weights is not available yet)")
-        settings["init"] = args.init
     out = Path(args.out)
     steps = ["build", "convert", "save", "report"] + ([] if args.no_graph else ["graph"])
     with _progress(len(steps), args.quiet, f"rpq-fx convert {args.spec}") as bar:
@@ -306,8 +301,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="codewords per codebook (default: %(default)s; above 256 the codes are int16)")
     convert.add_argument("--shared-codebooks", action="store_true", help="one codebook shared by all slices of a row")
     convert.add_argument("--init", choices=["random", "kmeans"], default="random",
-                         help="random: the RPQ default (train from scratch); kmeans: fit codebooks to the "
-                              "model's weights (needs an rpq_fx with k-means conversion)")
+                         help="random: the RPQ default (train from scratch); kmeans: fit codebooks and codes to "
+                              "the model's weights by k-means (default: %(default)s)")
+    convert.add_argument("--codebook-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                         help="store the codebooks in this dtype (default: the weight's own)")
     convert.add_argument("--checkpoint", action="store_true",
                          help="recompute each expanded weight in backward instead of keeping it")
     convert.add_argument("--seed", type=int, default=0, help="seed of the random init (default: %(default)s)")

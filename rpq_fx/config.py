@@ -5,16 +5,25 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = ["RPQConfig", "LayerSettings"]
 
 _SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
-_OVERRIDABLE = (*_SPLITS, "num_codes", "shared_codebooks", "skip")
+_OVERRIDABLE = (*_SPLITS, "num_codes", "shared_codebooks", "init", "codebook_dtype", "skip")
+INITS = ("random", "kmeans")
+CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _check_int(where: str, name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         accepted = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
         raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}")
+
+
+def _dtype_name(value: Any) -> Any:
+    """``torch.float16`` -> ``"float16"`` (configs hold names, so they stay JSON); anything else as given."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,8 @@ class LayerSettings:
     max_codebook_dim: int | None
     num_codes: int
     shared_codebooks: bool
+    init: str = "random"
+    codebook_dtype: str | None = None
 
     def split(self, row_len: int) -> tuple[int, int] | str:
         """``(num_codebooks, codebook_dim)`` for a row of ``row_len`` values, or why it can't be split."""
@@ -47,7 +58,10 @@ class RPQConfig:
 
     Exactly one of ``num_codebooks`` (C per row), ``codebook_dim`` (d, so C = row / d) or
     ``max_codebook_dim`` (per layer the largest d <= this that divides the row) sets the split.
-    ``overrides`` maps fnmatch patterns, tried against a weight's name (``"blocks.0.mlp.fc1.weight"``)
+    ``init``: ``"random"`` (the RPQ default: train from scratch) or ``"kmeans"`` (fit the codebooks
+    and codes to the model's trained weights; data-aware when ``convert`` gets ``calibration``).
+    ``codebook_dtype``: store codebooks as ``"float16"`` / ``"bfloat16"`` (expanded in the weight's
+    own dtype); None keeps the weight's dtype. ``overrides`` maps fnmatch patterns, tried against a weight's name (``"blocks.0.mlp.fc1.weight"``)
     and its layer's name (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the
     layers they match (later patterns win); ``{"skip": True}`` leaves a layer dense.
     """
@@ -57,11 +71,17 @@ class RPQConfig:
     max_codebook_dim: int | None = None
     num_codes: int = 256
     shared_codebooks: bool = False
+    init: str = "random"
+    codebook_dtype: str | None = None
     checkpoint: bool = False
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
+        self.codebook_dtype = _dtype_name(self.codebook_dtype)
+        for values in self.overrides.values():
+            if isinstance(values, dict) and "codebook_dtype" in values:
+                values["codebook_dtype"] = _dtype_name(values["codebook_dtype"])
         self._check(dataclasses.asdict(self), "RPQConfig")
         for pattern, values in self.overrides.items():
             if not isinstance(values, dict):
@@ -82,6 +102,11 @@ class RPQConfig:
         _check_int(where, "num_codes", values["num_codes"], 2, 65536)
         if not isinstance(values["shared_codebooks"], bool):
             raise ValueError(f"{where}: shared_codebooks must be a bool, got {values['shared_codebooks']!r}")
+        if values["init"] not in INITS:
+            raise ValueError(f"{where}: init must be one of {list(INITS)}, got {values['init']!r}")
+        if values["codebook_dtype"] is not None and values["codebook_dtype"] not in CODEBOOK_DTYPES:
+            raise ValueError(f"{where}: codebook_dtype must be None or one of {list(CODEBOOK_DTYPES)}, "
+                             f"got {values['codebook_dtype']!r}")
         if not isinstance(values["checkpoint"], bool):
             raise ValueError(f"{where}: checkpoint must be a bool, got {values['checkpoint']!r}")
         _check_int(where, "seed", values["seed"], 0)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import RPQConfig
 from .errors import RPQConversionError
+from .fit import fit_weights
 from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
 from .passes import (LayerPlan, capture, capture_call, capture_export, capture_layer, cleanup, fuse,
@@ -34,6 +35,11 @@ def _config(config: RPQConfig | None, **settings) -> RPQConfig:
     return config
 
 
+def _fits(config: RPQConfig) -> bool:
+    """Whether any layer is fitted with k-means (the default or an override says so)."""
+    return config.init == "kmeans" or any(o.get("init") == "kmeans" for o in config.overrides.values())
+
+
 def _placeholders(plans: list[LayerPlan]) -> dict[int, nn.Parameter]:
     """A ``deepcopy`` memo that copies each weight about to be converted as a free meta placeholder."""
     return {id(plan.param): nn.Parameter(torch.empty(plan.shape, dtype=plan.dtype, device="meta"))
@@ -56,6 +62,14 @@ def _free_converted(model: nn.Module, plans: list[LayerPlan]) -> None:
                 delattr(owner, name)
 
 
+def _weights(model: nn.Module, plans: list[LayerPlan], config: RPQConfig, calibration, progress: bool) -> dict:
+    """The RPQ weights of ``plans``: drawn at random, then fitted where a plan's init is ``"kmeans"``,
+    to the statistics of ``model`` (still dense) on the calibration inputs, if given."""
+    weights = new_weights(plans, config.seed)
+    fit_weights(model, plans, weights, calibration, seed=config.seed, progress=progress)
+    return weights
+
+
 def _finish(gm: RPQGraphModule, plans: list[LayerPlan], weights: dict, config: RPQConfig, prefix: str = "") -> None:
     """Rewrite, checkpoint and clean up one captured graph module."""
     rewrite(gm, plans, weights, prefix)
@@ -76,12 +90,13 @@ def _record(target: nn.Module, plans: list[LayerPlan], config: RPQConfig, path: 
 
 
 def _convert_graph(model: nn.Module, gm: RPQGraphModule, path: str, config: RPQConfig, filter_fn, strict: bool,
-                   inplace: bool) -> RPQGraphModule:
+                   inplace: bool, calibration, progress: bool) -> RPQGraphModule:
     """The whole model as one graph (fx or torch.export)."""
     plans = plan_conversion(gm, model, config, filter_fn, strict)
+    weights = _weights(model, plans, config, calibration, progress)
     if not inplace:
         gm = _copy(gm, _placeholders(plans))
-    _finish(gm, plans, new_weights(plans, config.seed), config)
+    _finish(gm, plans, weights, config)
     if inplace:
         _free_converted(model, plans)
     _record(gm, plans, config, path)
@@ -105,7 +120,7 @@ def _capture_part(module: nn.Module) -> RPQGraphModule:
 
 
 def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConfig, filter_fn, strict: bool,
-                      inplace: bool) -> nn.Module:
+                      inplace: bool, calibration, progress: bool) -> nn.Module:
     """The model object kept, each module that owns a weight swapped for its own rewritten graph:
     a known layer as its functional op, any other module running its own forward, untraced, through
     ``functional_call``. Weights are planned over all of them at once, so a weight tied across
@@ -113,9 +128,9 @@ def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConf
     parts = {name: _capture_part(module) for name, module in model.named_modules()
              if name and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
     plans = plan_conversion(parts, model, config, filter_fn, strict)
+    weights = _weights(model, plans, config, calibration, progress)
     memo = {} if inplace else _placeholders(plans)
     work = model if inplace else copy.deepcopy(model, memo)
-    weights = new_weights(plans, config.seed)
     for name, part in parts.items():
         part = part if inplace else _copy(part, memo)
         _finish(part, plans, weights, config, prefix=f"{name}.")
@@ -134,8 +149,9 @@ def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConf
 
 def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim: int | None = None,
             max_codebook_dim: int | None = None, num_codes: int = 256, shared_codebooks: bool = False,
-            checkpoint: bool = False, filter_fn: FilterFn | None = None, config: RPQConfig | None = None,
-            seed: int = 0, inplace: bool = False, strict: bool = False, example_inputs=None) -> nn.Module:
+            init: str = "random", codebook_dtype: str | torch.dtype | None = None, checkpoint: bool = False,
+            filter_fn: FilterFn | None = None, config: RPQConfig | None = None, seed: int = 0, inplace: bool = False,
+            strict: bool = False, example_inputs=None, calibration=None, progress: bool = True) -> nn.Module:
     """Rewrite every linear / conv / embedding weight of ``model`` as an RPQ weight.
 
     Exactly one of ``num_codebooks``, ``codebook_dim`` or ``max_codebook_dim`` sets how each weight
@@ -144,6 +160,15 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     the weight is converted only if it accepts them all. Layers that cannot be converted stay dense
     and are listed by :func:`report`; ``strict=True`` raises instead. ``checkpoint=True`` recomputes
     each expanded weight in backward.
+
+    ``init="random"`` (the RPQ default) draws codes and codebooks for training from scratch;
+    ``init="kmeans"`` fits them to the model's trained weights (product quantization, k-means per
+    codebook). ``calibration``, an iterable of example inputs (each a tensor, a tuple of positional
+    inputs or a dict of keyword inputs), makes that fit data-aware: the dense model is run on them
+    (in eval mode, without grad) and each linear / conv layer is fitted to minimise its output
+    error on those inputs, each embedding weighted by how often its rows were looked up.
+    ``codebook_dtype="float16"`` / ``"bfloat16"`` stores the codebooks in half precision.
+    ``progress`` shows a bar for calibration and fitting when they take more than two seconds.
 
     How the model is captured (``report`` says which):
 
@@ -162,12 +187,15 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     config = _config(config, num_codebooks=num_codebooks, codebook_dim=codebook_dim,
                      max_codebook_dim=max_codebook_dim, num_codes=num_codes, shared_codebooks=shared_codebooks,
-                     checkpoint=checkpoint, seed=seed)
+                     init=init, codebook_dtype=codebook_dtype, checkpoint=checkpoint, seed=seed)
+    if calibration is not None and not _fits(config):
+        raise ValueError("convert: calibration= makes the k-means fit data-aware; pass init='kmeans' with it")
     converted = next((name for name, m in model.named_modules() if isinstance(m, RPQWeight)), None)
     if converted is not None:
         raise RPQConversionError(f"convert: {type(model).__name__} already holds an RPQ weight at '{converted}'; "
                                  "convert the original dense model instead")
-    options = dict(config=config, filter_fn=filter_fn, strict=strict, inplace=inplace)
+    options = dict(config=config, filter_fn=filter_fn, strict=strict, inplace=inplace, calibration=calibration,
+                   progress=progress)
     if example_inputs is not None:
         return _convert_graph(model, capture_export(model, example_inputs), "torch.export", **options)
     try:

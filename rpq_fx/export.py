@@ -89,8 +89,14 @@ def _is_checkpointed_expansion(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _codebook_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes
-            if a.op == "get_attr" and a.target.rpartition(".")[2] in ("codebooks", "codes")]
+    """The ``get_attr`` codebooks and codes an RPQ op reads, and the cast of half-precision codebooks."""
+    inputs = []
+    for a in node.all_input_nodes:
+        if a.op == "call_method" and a.target == "to" and _codebook_inputs(a):
+            inputs += [*_codebook_inputs(a), a]
+        elif a.op == "get_attr" and a.target.rpartition(".")[2] in ("codebooks", "codes"):
+            inputs.append(a)
+    return inputs
 
 
 def _regions(gm: fx.GraphModule) -> list[tuple[str, list[fx.Node]]]:

@@ -34,6 +34,7 @@ from torch import nn
 from .config import RPQConfig
 from .convert import convert
 from .decompress import decompress
+from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight
 from .passes import LayerPlan
 from .report import Report, report
@@ -99,6 +100,8 @@ def _layer_from_record(record: dict[str, Any]) -> LayerPlan:
     known = {f.name for f in dataclasses.fields(LayerPlan)} - {"param"}
     values = {k: v for k, v in record.items() if k in known}
     values["dtype"] = _parse_dtype(values["dtype"])
+    if values.get("codebook_dtype") is not None:
+        values["codebook_dtype"] = _parse_dtype(values["codebook_dtype"])
     for key in ("aliases", "ops", "shape"):
         values[key] = tuple(values[key])
     return LayerPlan(**values)
@@ -409,6 +412,16 @@ def _first_difference(saved: str, here: str) -> str:
     return f"saved code has {len(a)} lines, here {len(b)}"
 
 
+_HOW_FILLED = {"init", "fit_error"}  # how the saved values were found: the loaded ones are read, not fitted
+
+
+def _unfitted(config: RPQConfig) -> RPQConfig:
+    """``config`` with every ``init`` random: loading reads the fitted values instead of fitting again."""
+    overrides = {pattern: {**values, "init": "random"} if "init" in values else values
+                 for pattern, values in config.overrides.items()}
+    return dataclasses.replace(config, init="random", overrides=overrides)
+
+
 def _check_converted(path: Path, gm: nn.Module, info: dict, check_forward: bool) -> None:
     here = _architecture(gm)
     if here["fingerprint"] != info["architecture"]["fingerprint"]:
@@ -418,7 +431,7 @@ def _check_converted(path: Path, gm: nn.Module, info: dict, check_forward: bool)
     saved_by_name = {r["name"]: r for r in saved_layers}
     for record in layers:
         saved = saved_by_name.get(record["name"])
-        common = set(record) & set(saved or {})
+        common = set(record) & set(saved or {}) - _HOW_FILLED
         if saved is None or any(saved[k] != record[k] for k in common):
             keys = sorted(k for k in common if saved[k] != record[k]) if saved else []
             detail = "; ".join(f"{k}: saved {saved[k]!r}, here {record[k]!r}" for k in keys) or "not in the saved record"
@@ -521,8 +534,16 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     elif capture == "torch.export":
         raise RPQCheckpointError(f"{path} was converted from a torch.export capture: pass example_inputs= (inputs of "
                                  "the shapes it was converted with) to load it")
-    gm = convert(model, config=config, filter_fn=_exclusions(info["layers"]), **extra)
+    gm = convert(model, config=_unfitted(config), filter_fn=_exclusions(info["layers"]), **extra)
     _check_converted(path, gm, info, check_forward)
+    saved = {r["name"]: r for r in info["layers"]}
+    for layer in gm.rpq_layers:
+        for key in _HOW_FILLED & saved[layer.name].keys():
+            setattr(layer, key, saved[layer.name][key])
+    if isinstance(gm, RPQGraphModule):
+        gm.meta["rpq_config"] = config
+    else:
+        gm.rpq_config = config
     expected = _tensors(gm)
     values = _read_tensors(path, header, info, expected)
     _assign(gm, expected, values, info["aliases"], torch.device(device))

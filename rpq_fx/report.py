@@ -1,5 +1,6 @@
 """What a conversion did: ``model_size`` and the per-layer ``report``."""
 
+import math
 from dataclasses import dataclass
 
 from tabulate import tabulate
@@ -30,8 +31,8 @@ def _layers(model: nn.Module) -> list[LayerPlan]:
     layers = {}
     for name, w in model.named_modules():
         if isinstance(w, RPQWeight):
-            layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.codebooks.dtype, w.num_codebooks,
-                                      w.codebook_dim, w.num_codes, w.shared_codebooks)
+            layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.dtype, w.num_codebooks,
+                                      w.codebook_dim, w.num_codes, w.shared_codebooks, codebook_dtype=w.codebooks.dtype)
     return list(layers.values())
 
 
@@ -44,10 +45,12 @@ class Report:
 
     def _table(self, fmt: str) -> str:
         t = self.totals
-        summary = (f"{t['converted']} of {t['layers']} weights converted; model {t['bytes_before'] / _MIB:.3f} MiB "
+        bits = f" at {t['bits_per_weight']:.2f} bits per weight" if t["bits_per_weight"] is not None else ""
+        summary = (f"{t['converted']} of {t['layers']} weights converted{bits}; model {t['bytes_before'] / _MIB:.3f} MiB "
                    f"-> {t['bytes_after'] / _MIB:.3f} MiB ({t['ratio']:.2f}x smaller)"
                    + (f"; captured by {t['path']}" if t["path"] else ""))
-        return tabulate(self.rows, headers="keys", tablefmt=fmt, floatfmt=".2f") + "\n\n" + summary
+        floatfmt = [".4f" if key == "fit err" else ".2f" for key in (self.rows[0] if self.rows else ())]
+        return tabulate(self.rows, headers="keys", tablefmt=fmt, floatfmt=floatfmt or ".2f") + "\n\n" + summary
 
     def __str__(self) -> str:
         return self._table("simple")
@@ -60,19 +63,28 @@ class Report:
 
 
 def report(model: nn.Module) -> Report:
-    """Each weight: name, op, dense shape, C, K, d, bytes before and after, ratio, or why it stayed dense."""
+    """Each weight: name, op, dense shape, C, K, d, codebook dtype, bytes before and after, ratio,
+    stored bits per weight, how it was filled (and the fit's relative error), or why it stayed dense.
+    Totals: bytes before and after, the ratio, and the stored bits per converted weight."""
     rows = []
-    for layer in _layers(model):
+    layers = _layers(model)
+    for layer in layers:
         ratio = layer.bytes_before / layer.bytes_after
         rows.append({
             "layer": layer.name, "op": ",".join(layer.ops), "shape": "x".join(map(str, layer.shape)),
             "C": layer.num_codebooks, "K": layer.num_codes, "d": layer.codebook_dim,
+            "codebooks": str(layer.codebook_dtype or layer.dtype).removeprefix("torch.") if layer.converted else None,
             "bytes before": layer.bytes_before, "bytes after": layer.bytes_after, "ratio": ratio,
+            "bits/w": layer.bits_per_weight, "init": layer.init if layer.converted else None,
+            "fit err": layer.fit_error,
             "note": layer.reason or (f"tied: {', '.join(layer.aliases)}" if len(layer.aliases) > 1 else ""),
         })
     after = _bytes(model)
     before = after + sum(r["bytes before"] - r["bytes after"] for r in rows)
-    totals = {"layers": len(rows), "converted": sum(layer.converted for layer in _layers(model)),
+    converted = [layer for layer in layers if layer.converted]
+    values = sum(math.prod(layer.shape) for layer in converted)
+    totals = {"layers": len(rows), "converted": len(converted),
               "bytes_before": before, "bytes_after": after, "ratio": before / after if after else 1.0,
+              "bits_per_weight": 8 * sum(layer.bytes_after for layer in converted) / values if values else None,
               "path": getattr(model, "rpq_path", None)}
     return Report(rows, totals)

@@ -6,6 +6,7 @@ model computes.
 """
 
 import copy
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import rpq_fx
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # reason: two xdist workers with two OpenMP threads each on two cores spin against each other;
+    # the k-means fits (many small ops) ran up to 100x slower that way
+    torch.set_num_threads(1)
 
 
 def _tensors(out) -> list[torch.Tensor]:

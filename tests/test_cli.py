@@ -164,15 +164,15 @@ def test_bad_input_is_one_line_and_exit_1(capsys, models, tmp_path, argv, messag
     assert message in lines[0]
 
 
-def test_init_kmeans_is_passed_on_or_refused_in_one_line(capsys, models, tmp_path):
-    code, _, stderr = run(capsys, "convert", "cli_models:net", "--init", "kmeans", "--quiet", "--no-graph",
-                          "--out", tmp_path / "out")
-    import inspect
-
-    if "init" in inspect.signature(rpq_fx.convert).parameters:
-        assert code == 0, stderr
-    else:
-        assert code == 1 and len(stderr.strip().splitlines()) == 1 and "random init only" in stderr
+def test_init_kmeans_and_codebook_dtype_reach_the_checkpoint(capsys, models, tmp_path):
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "convert", "cli_models:net", "--codebook-dim", "8", "--shared-codebooks",
+                          "--init", "kmeans", "--codebook-dtype", "float16", "--quiet", "--no-graph", "--out", out)
+    assert code == 0, stderr
+    info = rpq_fx.checkpoint_info(out / "model.safetensors")
+    assert info["config"]["init"] == "kmeans" and info["config"]["codebook_dtype"] == "float16"
+    fc1 = {r["name"]: r for r in info["layers"]}["fc1.weight"]
+    assert fc1["init"] == "kmeans" and 0 < fc1["fit_error"] < 1 and fc1["codebook_dtype"] == "float16"
 
 
 def test_damaged_checkpoint_is_one_line(capsys, models, tmp_path):

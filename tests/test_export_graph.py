@@ -73,6 +73,12 @@ def test_export_writes_every_file_and_a_picture_with_marked_expansions(zoo, tmp_
     assert {"fc1_weight_codebooks", "fc1_weight_codes", op.name} <= members
 
 
+def test_the_cast_of_half_precision_codebooks_is_boxed_with_them(zoo):
+    gm = rpq_fx.convert(zoo.LeNet().eval(), num_codebooks=5, codebook_dtype="float16")
+    (members,) = boxed(gm).values()
+    assert {"fc1_weight_codebooks", "fc1_weight_codebooks_float32", "fc1_weight_codes"} <= members
+
+
 def test_every_use_of_a_shared_weight_is_boxed(zoo, tmp_path):
     gm = rpq_fx.convert(zoo.TiedLM(vocab=4000).eval(), num_codebooks=2)
     out = rpq_fx.export_graph(gm, tmp_path / "tied")

@@ -30,12 +30,14 @@ class RPQWeight(nn.Module):
     ``codebooks`` is a Parameter ``[C, K, d]`` (``[1, K, d]`` when shared), ``codes`` a buffer
     ``[C, N]`` and ``W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]]``. ``shape`` views the
     expanded rows as a layer's weight (e.g. a convolution's ``[out, in, kh, kw]``); ``transposed``
-    returns ``W.T``, for a parameter stored ``[in, out]`` (GPT-2's ``Conv1D``).
+    returns ``W.T``, for a parameter stored ``[in, out]`` (GPT-2's ``Conv1D``). ``compute_dtype``
+    is the expanded weight's dtype where it differs from the codebooks' (float16 codebooks of a
+    float32 layer are cast, small as they are, before each expansion).
     """
 
     def __init__(self, num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes: int = 256,
                  shared_codebooks: bool = False, *, shape: Sequence[int] | None = None,
-                 transposed: bool = False, device=None, dtype=None):
+                 transposed: bool = False, compute_dtype: torch.dtype | None = None, device=None, dtype=None):
         super().__init__()
         for name, value, low in (("num_codebooks", num_codebooks, 1), ("codebook_dim", codebook_dim, 1),
                                  ("num_vectors", num_vectors, 1), ("num_codes", num_codes, 2)):
@@ -55,6 +57,7 @@ class RPQWeight(nn.Module):
         if transposed and len(self.shape) != 2:
             raise ValueError(f"RPQWeight: transposed=True needs a 2-D shape, got {self.shape}")
         self.transposed = transposed
+        self.compute_dtype = compute_dtype
         groups = 1 if shared_codebooks else num_codebooks
         self.codebooks = nn.Parameter(torch.empty(groups, num_codes, codebook_dim, device=device, dtype=dtype))
         self.register_buffer("codes", torch.empty(num_codebooks, num_vectors, device=device,
@@ -64,7 +67,7 @@ class RPQWeight(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The expanded weight's dtype, for code that asks a layer's weight (``x.to(layer.weight.dtype)``)."""
-        return self.codebooks.dtype
+        return self.compute_dtype or self.codebooks.dtype
 
     @property
     def device(self) -> torch.device:
@@ -105,11 +108,12 @@ class RPQWeight(nn.Module):
                 self.codebooks[:, -1] = 0
 
     def forward(self) -> torch.Tensor:
-        weight = expand(self.codebooks, self.codes).view(self.shape)
+        weight = expand(self.codebooks.to(self.dtype), self.codes).view(self.shape)
         return weight.t() if self.transposed else weight
 
     def extra_repr(self) -> str:
         shared = ", shared_codebooks=True" if self.shared_codebooks else ""
         shared += ", transposed=True" if self.transposed else ""
+        shared += f", compute_dtype={self.compute_dtype}" if self.compute_dtype not in (None, self.codebooks.dtype) else ""
         return (f"num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
                 f"num_vectors={self.num_vectors}, num_codes={self.num_codes}{shared}, shape={self.shape}")

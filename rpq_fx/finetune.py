@@ -1,0 +1,111 @@
+"""Fine-tuning a converted model: distil the dense teacher's outputs into its codebooks.
+
+Codes stay fixed (they are buffers); the codebooks and, by default, the dense leftovers (biases,
+norms) train. :func:`param_groups` gives the parameter groups for any torch optimizer;
+:func:`finetune` is the whole loop with AdamW.
+"""
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .fit.calibrate import run_inputs
+from .nn.weight import RPQWeight
+
+__all__ = ["param_groups", "finetune", "distillation_loss"]
+
+
+def _uses_per_codeword(weight: RPQWeight) -> float:
+    """How many weight slices read each codeword, on average."""
+    return weight.num_codebooks * weight.num_vectors / (weight.codebooks.shape[0] * weight.num_codes)
+
+
+def param_groups(model: nn.Module, lr: float, *, adaptive: bool = True, train_dense: bool = True,
+                 weight_decay: float = 0.0) -> list[dict]:
+    """Parameter groups for ``torch.optim``: one per RPQ weight's codebooks, one for the dense leftovers.
+
+    A codeword is read by many weight slices, so its gradient is the sum of theirs. With SGD
+    (``adaptive=False``) each codebook's learning rate is divided by its slices per codeword, so a
+    codeword moves by the mean of the steps its slices would take as dense weights: the same
+    relative update. Adam-style optimizers normalise the gradient already (a codeword and a dense
+    weight of equal size then take equal steps), so there the rate is ``lr`` unchanged. Codebooks
+    get no weight decay.
+    """
+    groups, seen = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, RPQWeight) and id(module) not in seen:
+            seen.add(id(module))
+            scale = 1.0 if adaptive else 1.0 / _uses_per_codeword(module)
+            groups.append({"params": [module.codebooks], "lr": lr * scale, "weight_decay": 0.0, "name": name})
+    codebooks = {id(g["params"][0]) for g in groups}
+    dense = [p for p in model.parameters() if id(p) not in codebooks and p.is_floating_point()]
+    if train_dense and dense:
+        groups.append({"params": dense, "lr": lr, "weight_decay": weight_decay, "name": "dense"})
+    return groups
+
+
+def _output(value) -> Tensor:
+    """The tensor to match in a model's output: itself, a ModelOutput's logits or last hidden state,
+    or the first tensor of a tuple."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, dict):  # transformers' ModelOutput is a dict
+        for key in ("logits", "last_hidden_state"):
+            if value.get(key) is not None:
+                return value[key]
+        value = list(value.values())
+    if isinstance(value, (tuple, list)) and value:
+        return _output(value[0])
+    raise TypeError(f"finetune: cannot find a tensor to distil in an output of type {type(value).__name__}; "
+                    "pass loss= a function of the two outputs")
+
+
+def distillation_loss(student, teacher) -> Tensor:
+    """Mean squared error of the student's output tensor, relative to the teacher's mean square."""
+    s, t = _output(student), _output(teacher)
+    return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
+
+
+def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int = 100, lr: float = 1e-4,
+             loss: Callable | None = None, optimizer: torch.optim.Optimizer | None = None, train_dense: bool = True,
+             progress: bool = True) -> list[float]:
+    """Train ``model`` (converted) to reproduce ``teacher`` (the dense original) on ``data``; returns the losses.
+
+    ``data`` holds model inputs as for ``convert(calibration=...)`` (tensors, tuples of positional
+    inputs or dicts of keyword inputs), cycled until ``steps`` are done; the teacher's outputs are
+    computed once per item. ``loss(student_output, teacher_output)`` defaults to
+    :func:`distillation_loss`. Both models run in eval mode (no dropout, BatchNorm statistics
+    frozen) and get their modes back afterwards. Codes stay fixed; the codebooks and, with
+    ``train_dense``, the other floating-point parameters train, with AdamW over
+    :func:`param_groups` unless ``optimizer`` is given.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"finetune: steps must be an int >= 1, got {steps!r}")
+    items = data if isinstance(data, Sequence) else list(data)
+    if not items:
+        raise ValueError("finetune: data is empty")
+    loss = loss or distillation_loss
+    optimizer = optimizer or torch.optim.AdamW(param_groups(model, lr, train_dense=train_dense))
+    device = next((p.device for p in model.parameters()), None)
+    modes = {m: m.training for m in (*model.modules(), *teacher.modules())}
+    targets: dict[int, object] = {}
+    losses = []
+    try:
+        model.eval()
+        teacher.eval()
+        for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
+            index = step % len(items)
+            if index not in targets:
+                with torch.no_grad():
+                    targets[index] = run_inputs(teacher, items[index], device)
+            optimizer.zero_grad(set_to_none=True)
+            value = loss(run_inputs(model, items[index], device), targets[index])
+            value.backward()
+            optimizer.step()
+            losses.append(float(value.detach()))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return losses

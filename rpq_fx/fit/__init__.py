@@ -1,0 +1,80 @@
+"""Fit RPQ weights to a trained model (``init="kmeans"``), data-aware with calibration inputs.
+
+:func:`fit_weights` fits every planned weight (:func:`fit_rows`) and writes the codebooks and
+codes into its ``RPQWeight``; with calibration inputs, :func:`collect_stats` first records what
+each layer sees when the layers before it are already fitted.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import RPQConversionError
+from ..nn.weight import RPQWeight
+from ..passes import LayerPlan
+from .calibrate import LayerStats, call_groups, collect_stats, run_inputs
+from .kmeans import kmeans, nearest
+from .quantize import FitResult, fit_rows
+
+__all__ = ["collect_stats", "fit_weights", "fit_rows", "kmeans", "nearest", "LayerStats", "FitResult", "run_inputs"]
+
+
+@torch.no_grad()
+def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int) -> None:
+    """Fit ``weight`` to ``plan.param``; padding rows (``padding_idx``) keep their reserved zero codeword."""
+    param = plan.param
+    if param.is_meta:
+        raise RPQConversionError(f"convert: init='kmeans' fits '{plan.name}' to its trained values, but it is on the "
+                                 "meta device; build the model with its weights, or use init='random'")
+    rows = (param.t() if plan.transposed else param).reshape(plan.rows_shape[0], -1)
+    keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    keep[list(plan.padding_rows)] = False
+    hessian = row_weights = None
+    if stats is not None and stats.hessian is not None:
+        hessian = stats.hessian.to(rows.device)
+    elif stats is not None:
+        counts = stats.row_counts.to(rows.device)[keep]
+        row_weights = counts + counts.sum() / counts.numel()  # reason: rows unseen in calibration still count
+    num_codes = plan.num_codes - bool(plan.padding_rows)
+    result = fit_rows(rows[keep], plan.num_codebooks, num_codes, plan.shared_codebooks, hessian=hessian,
+                      row_weights=row_weights, seed=seed)
+    codes = torch.full(weight.codes.shape, plan.num_codes - 1, dtype=torch.long, device=rows.device)
+    codes[:, keep] = result.codes
+    weight.codes.copy_(codes.to(weight.codes.dtype))  # int16 keeps codes >= 32768 as bit patterns
+    weight.codebooks[:, :num_codes] = result.codebooks.to(weight.codebooks.dtype)
+    weight.codebooks[:, num_codes:] = 0
+    plan.init = "kmeans+calibration" if stats is not None else "kmeans"
+    plan.fit_error = result.error
+
+
+def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQWeight], calibration=None, *,
+                seed: int = 0, progress: bool = True) -> None:
+    """Fit every converted plan whose init is ``"kmeans"`` (its ``RPQWeight`` in ``weights`` by plan
+    name) to ``model``'s trained weights; a progress bar shows when it takes a while.
+
+    With ``calibration`` the fit is data-aware and sequential, as GPTQ's: layers are fitted in the
+    order the model calls them, each on the inputs it receives when every layer before it already
+    computes with its fitted weight, so each fit corrects the error that reaches it. Layers reading
+    the same input (a block's query, key and value) share one pass. Layers no hook can observe
+    (functional calls, attention modules) get plain k-means.
+    """
+    todo = [plan for plan in plans if plan.converted and plan.init == "kmeans"]
+    order = {plan.name: i for i, plan in enumerate(todo)}
+    items = None if calibration is None else calibration if isinstance(calibration, Sequence) else list(calibration)
+    groups = call_groups(model, todo, items[0]) if items else []
+    observed = {plan.name for group in groups for plan in group}
+    groups += [[plan] for plan in todo if plan.name not in observed]
+    replaced: dict[str, torch.Tensor] = {}
+    with tqdm(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, disable=not progress) as bar:
+        for group in groups:
+            calibrated = group[0].name in observed
+            stats = collect_stats(model, group, items, replaced=replaced, progress=False) if calibrated else {}
+            for plan in group:
+                bar.set_postfix_str(plan.name, refresh=False)
+                _fit(plan, weights[plan.name], stats.get(plan.name), seed + order[plan.name])
+                if calibrated:
+                    with torch.no_grad():
+                        replaced.update(dict.fromkeys(plan.aliases, weights[plan.name]()))
+                bar.update()

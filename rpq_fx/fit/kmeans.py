@@ -1,0 +1,95 @@
+"""Batched, weighted k-means: many independent problems (one per codebook) solved at once."""
+
+import torch
+from torch import Tensor
+
+__all__ = ["kmeans", "nearest"]
+
+_CHUNK_ELEMENTS = 2**25  # distance matrices are built in chunks of at most this many values (128 MiB fp32)
+
+
+def nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """For ``x [B, M, d]`` and ``centroids [B, K, d]``: the index ``[B, M]`` of each point's nearest
+    centroid and its squared distance ``[B, M]``, computed in chunks of points."""
+    batch, points, _ = x.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch * centroids.shape[1]))
+    c_norm = centroids.square().sum(-1).unsqueeze(1)  # [B, 1, K]
+    index, dist = [], []
+    for chunk in x.split(step, dim=1):
+        d2 = torch.baddbmm(c_norm, chunk, centroids.transpose(1, 2), alpha=-2)  # |c|^2 - 2 x.c
+        best, where = d2.min(-1)
+        index.append(where)
+        dist.append((best + chunk.square().sum(-1)).clamp_min(0))
+    return torch.cat(index, 1), torch.cat(dist, 1)
+
+
+def _draw(score: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row of ``score [B, M]``, drawn with probability proportional to it."""
+    # reason: torch.multinomial is ~20x slower than an inverse-CDF draw on rows this long
+    cdf = score.double().cumsum(1)
+    u = torch.rand(score.shape[0], 1, generator=generator, device=score.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(score.shape[1] - 1)
+
+
+def _seed(x: Tensor, weights: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """k-means++ seeding: each next centroid drawn with probability ~ weight * distance^2 to the chosen ones."""
+    batch, points, dim = x.shape
+    rows = torch.arange(batch, device=x.device)
+    first = _draw(weights, generator)
+    centroids = x.new_empty(batch, k, dim)
+    centroids[:, 0] = x[rows, first]
+    closest = (x - centroids[:, :1]).square().sum(-1)
+    for j in range(1, k):
+        score = weights * closest
+        # reason: a problem whose points all sit on chosen centroids has no mass left; draw uniformly
+        score = torch.where(score.sum(1, keepdim=True) > 0, score, weights)
+        pick = _draw(score, generator)
+        centroids[:, j] = x[rows, pick]
+        closest = torch.minimum(closest, (x - centroids[:, j:j + 1]).square().sum(-1))
+    return centroids
+
+
+def _refill_empty(centroids: Tensor, x: Tensor, counts: Tensor, error: Tensor) -> None:
+    """Move every empty centroid onto one of the points worst served by its centroid (largest error)."""
+    empty = counts == 0  # [B, K]
+    most = int(empty.sum(1).max())
+    if most == 0:
+        return
+    worst = error.topk(min(most, error.shape[1]), dim=1).indices  # [B, most]
+    rank = (empty.cumsum(1) - 1).clamp(max=worst.shape[1] - 1)  # j-th empty slot takes the j-th worst point
+    batch_index, slot = empty.nonzero(as_tuple=True)
+    centroids[batch_index, slot] = x[batch_index, worst[batch_index, rank[batch_index, slot]]]
+
+
+def kmeans(x: Tensor, k: int, *, weights: Tensor | None = None, iters: int = 20,
+           generator: torch.Generator | None = None, init: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``B`` independent weighted k-means problems on ``x [B, M, d]``: ``(centroids [B, k, d], assignment [B, M])``.
+
+    k-means++ seeding (or the centroids ``init``), then Lloyd iterations until no assignment
+    changes (or ``iters``); each returned centroid is the weighted mean of the points assigned to
+    it. A centroid left empty is moved onto the point with the largest error. ``weights [B, M]``
+    (non-negative) weight each point in seeding and in the means. Deterministic for a given
+    ``generator``.
+    """
+    batch, points, dim = x.shape
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    weights = torch.ones(batch, points, dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+    if points <= k and init is None:  # reason: fewer points than codewords: each point is a codeword, the rest repeat
+        centroids = x[:, torch.arange(k, device=x.device) % points]
+        return centroids, torch.arange(points, device=x.device).expand(batch, points).clone()
+    centroids = _seed(x, weights, k, generator) if init is None else init.to(x.dtype).clone()
+    offsets = (torch.arange(batch, device=x.device) * k).unsqueeze(1)
+    previous = None
+    for _ in range(iters):
+        assignment, dist = nearest(x, centroids)
+        if previous is not None and torch.equal(assignment, previous):
+            break  # the centroids are already the means of this assignment
+        flat = (assignment + offsets).reshape(-1)
+        sums = x.new_zeros(batch * k, dim).index_add_(0, flat, (x * weights.unsqueeze(-1)).reshape(-1, dim))
+        counts = x.new_zeros(batch * k).index_add_(0, flat, weights.reshape(-1))
+        means = sums / counts.clamp_min(1e-30).unsqueeze(1)
+        centroids = torch.where((counts > 0).unsqueeze(1), means, centroids.reshape(batch * k, dim)).view(batch, k, dim)
+        _refill_empty(centroids, x, counts.view(batch, k), weights * dist)
+        previous = assignment
+    return centroids, previous

@@ -1,0 +1,162 @@
+"""Fit one RPQ weight to a trained dense weight: product quantization, optionally data-aware.
+
+Three objectives, one representation (``codebooks [G, K, d]``, ``codes [C, N]``):
+
+- plain: the weight error ``||W - Ŵ||²``, by k-means over the rows' sub-vectors (per codebook, or
+  over all slices for a shared codebook);
+- row-weighted (an embedding): ``Σ_n f_n ||w_n - ŵ_n||²`` with ``f_n`` how often row ``n`` was
+  looked up, by weighted k-means;
+- input-aware (a linear or conv layer): the output error ``||X (W - Ŵ)ᵀ||² = tr(Δ H Δᵀ)`` with
+  ``H = XᵀX``. Slices are quantised one codebook at a time, left to right, each under the metric
+  that the inverse of ``H`` gives it, the error of every quantised slice pushed onto the slices
+  not yet quantised (GPTQ's update, for vectors as in GPTVQ); a codebook of its own is fitted
+  right before its slices are, in that metric. The codebooks are then solved exactly for the
+  chosen codes (conjugate gradients on the quadratic in the codebooks).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..ops import expand, expand_backward
+from .kmeans import kmeans, nearest
+
+__all__ = ["FitResult", "fit_rows"]
+
+_DAMP = 0.01  # of the mean diagonal of H, added to it (GPTQ's default): keeps H invertible
+_MAX_POINTS_PER_CODE = 64  # k-means learns codewords on at most this many points each (faiss uses 256)
+
+
+@dataclass
+class FitResult:
+    codebooks: Tensor  # [G, K, d]
+    codes: Tensor  # [C, N], int64
+    error: float  # the objective at the fit, relative to that of an all-zero weight
+
+
+def _kmeans(points: Tensor, k: int, weights: Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """k-means on ``points [B, M, d]`` learnt on a sample of at most 64 points per codeword, then
+    one Lloyd step over every point (so each codeword is the mean of the points it stands for)."""
+    most = _MAX_POINTS_PER_CODE * k
+    if points.shape[1] <= most:
+        return kmeans(points, k, weights=weights, generator=generator)
+    chosen = torch.randperm(points.shape[1], generator=generator, device=points.device)[:most]
+    centroids, _ = kmeans(points[:, chosen], k, weights=None if weights is None else weights[:, chosen],
+                          generator=generator)
+    return kmeans(points, k, weights=weights, init=centroids, iters=1)
+
+
+def _plain(slices: Tensor, k: int, shared: bool, row_weights: Tensor | None,
+           generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """k-means per codebook (``[C, N, d]`` problems) or over all slices (one problem)."""
+    n, c, d = slices.shape
+    weights = None if row_weights is None else row_weights.expand(c, n)
+    if shared:
+        centroids, codes = _kmeans(slices.reshape(1, n * c, d), k, None if weights is None
+                                   else weights.t().reshape(1, -1), generator)
+        return centroids, codes.view(n, c).t()
+    return _kmeans(slices.transpose(0, 1), k, weights, generator)
+
+
+def _inverse_factor(hessian: Tensor) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``), ``H`` damped, as GPTQ uses it."""
+    h = hessian.clone()
+    dead = h.diagonal() <= 0
+    h.diagonal()[dead] = 1
+    h.diagonal().add_(_DAMP * h.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def _sequential(rows: Tensor, factor: Tensor, codebooks: Tensor | None, num_codebooks: int, k: int,
+                generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Quantise the slices codebook by codebook under the ``H⁻¹`` metric with GPTQ's error feedback;
+    ``codebooks=None`` fits each codebook (one per slice position) right before its slices."""
+    work = rows.clone()
+    n, width = rows.shape
+    d = width // num_codebooks
+    fitted = codebooks is None
+    codebooks = rows.new_empty(num_codebooks, k, d) if fitted else codebooks.clone()
+    codes = torch.empty(num_codebooks, n, dtype=torch.long, device=rows.device)
+    for c in range(num_codebooks):
+        block = slice(c * d, (c + 1) * d)
+        u = factor[block, block]
+        metric = torch.linalg.solve_triangular(u, torch.eye(d, dtype=u.dtype, device=u.device), upper=True)  # U_bb⁻¹
+        z = work[:, block] @ metric  # the slices where distance is plain L2
+        group = c if fitted or codebooks.shape[0] > 1 else 0
+        if fitted:
+            centroids, _ = _kmeans(z.unsqueeze(0).float(), k, None, generator)
+            codebooks[c] = centroids[0].to(rows.dtype) @ u
+        codes[c] = nearest(z.unsqueeze(0).float(), (codebooks[group] @ metric).unsqueeze(0).float())[0][0]
+        error = (work[:, block] - codebooks[group][codes[c]]) @ metric
+        work[:, block.stop:] -= error @ factor[block, block.stop:]
+    return codebooks, codes
+
+
+def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, metric: Callable[[Tensor], Tensor],
+                     iters: int = 15, tolerance: float = 1e-10) -> Tensor:
+    """The codebooks minimising ``tr((W - Ŵ) M (W - Ŵ)ᵀ)`` for fixed codes: preconditioned conjugate
+    gradients on the normal equations ``Aᵀ M A x = Aᵀ M w`` (A: expansion, Aᵀ: its scatter)."""
+    groups, k, _ = codebooks.shape
+    codes8 = codes.to(torch.uint8 if k <= 256 else torch.int16)
+
+    def normal(v: Tensor) -> Tensor:
+        return expand_backward(metric(expand(v, codes8)), codes8, groups, k)
+
+    diagonal = expand_backward(metric(torch.ones_like(rows)), codes8, groups, k)  # Jacobi, exact when M is diagonal
+    used = diagonal > 0
+    inv_diag = torch.where(used, 1 / diagonal.clamp_min(1e-300), torch.zeros_like(diagonal))
+    x = codebooks.clone()
+    r = (expand_backward(metric(rows), codes8, groups, k) - normal(x)) * used
+    z = inv_diag * r
+    p = z.clone()
+    rz = (r * z).sum()
+    start = rz
+    for _ in range(iters):
+        if rz <= tolerance * start:
+            break
+        ap = normal(p)
+        alpha = rz / (p * ap).sum()
+        x += alpha * p
+        r -= alpha * ap
+        z = inv_diag * r
+        rz, previous = (r * z).sum(), rz
+        p = z + (rz / previous) * p
+    return x
+
+
+def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, hessian: Tensor | None = None,
+             row_weights: Tensor | None = None, seed: int = 0) -> FitResult:
+    """Fit codebooks and codes to ``rows [N, C*d]``; ``hessian [C*d, C*d]`` (``XᵀX`` of the layer's
+    inputs) or ``row_weights [N]`` make the fit data-aware (see the module docstring).
+
+    Input-aware fits of a shared codebook run two rounds (the second re-quantises with the solved
+    codebook); with a codebook per slice position one round, as a second did not help on the
+    benchmark's layers."""
+    generator = torch.Generator(rows.device).manual_seed(seed)
+    n, width = rows.shape
+    d = width // num_codebooks
+    work = rows.detach().double()
+    slices = work.view(n, num_codebooks, d)
+    weights = None if row_weights is None else row_weights.double().view(1, n)
+    codebooks, codes = _plain(slices.float(), num_codes, shared, None if weights is None else weights.float(),
+                              generator)
+    codebooks = codebooks.double()
+    if weights is not None:
+        metric = lambda r: r * weights.view(n, 1)  # noqa: E731
+    elif hessian is not None:
+        h = hessian.double()
+        metric = lambda r: r @ h  # noqa: E731
+        factor = _inverse_factor(h)
+        for _ in range(2 if shared else 1):
+            codebooks, codes = _sequential(work, factor, codebooks if shared else None, num_codebooks,
+                                           num_codes, generator)
+            codebooks = _solve_codebooks(work, codebooks, codes, metric)
+    else:
+        metric = lambda r: r  # noqa: E731
+    delta = work - expand(codebooks, codes.to(torch.uint8 if num_codes <= 256 else torch.int16))
+    total = (metric(work) * work).sum()
+    error = float((metric(delta) * delta).sum() / total) if total > 0 else 0.0
+    return FitResult(codebooks, codes, error)

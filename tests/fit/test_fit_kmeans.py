@@ -1,0 +1,58 @@
+"""Batched weighted k-means against brute force and against clusters it must find."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rpq_fx.fit import kmeans, nearest
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), points=st.integers(1, 70), k=st.integers(1, 20), dim=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_nearest_is_brute_force_argmin(batch, points, k, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, c = torch.randn(batch, points, dim, generator=g), torch.randn(batch, k, dim, generator=g)
+    index, dist = nearest(x, c)
+    brute = (x.unsqueeze(2) - c.unsqueeze(1)).square().sum(-1)  # [B, M, K]
+    assert torch.allclose(dist, brute.min(-1).values, atol=1e-4)
+    chosen = brute.gather(2, index.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(chosen, brute.min(-1).values, atol=1e-4)  # ties may pick either
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), k=st.integers(2, 12), dim=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_finds_well_separated_clusters(batch, k, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(batch, k, dim, generator=g) * 100
+    labels = torch.arange(k).repeat(20)
+    x = centers[:, labels] + 0.01 * torch.randn(batch, labels.numel(), dim, generator=g)
+    centroids, assignment = kmeans(x, k, generator=torch.Generator().manual_seed(seed))
+    for b in range(batch):
+        # every true cluster is one found cluster: same labels up to a permutation
+        pairs = set(zip(labels.tolist(), assignment[b].tolist()))
+        assert len(pairs) == k and len({found for _, found in pairs}) == k
+        error = (x[b] - centroids[b, assignment[b]]).square().sum(-1)
+        assert error.max() < 1e-2
+
+
+def test_is_deterministic_for_a_seed_and_weights_pull_the_mean():
+    x = torch.randn(2, 500, 3, generator=torch.Generator().manual_seed(0))
+    a = kmeans(x, 16, generator=torch.Generator().manual_seed(1))
+    b = kmeans(x, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    weights = torch.rand(2, 500, generator=torch.Generator().manual_seed(2))
+    centroid, _ = kmeans(x, 1, weights=weights)
+    expected = (x * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
+    assert torch.allclose(centroid[:, 0], expected, atol=1e-5)
+
+
+def test_more_codewords_than_distinct_points_leaves_no_error_and_no_nan():
+    base = torch.randn(1, 10, 4, generator=torch.Generator().manual_seed(3))
+    x = base[:, torch.arange(300) % 10]  # 300 points on 10 places, 16 codewords: clusters run empty
+    centroids, assignment = kmeans(x, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(centroids).all()
+    assert torch.allclose(centroids[0, assignment[0]], x[0], atol=1e-5)
+    few = torch.randn(2, 5, 3)  # fewer points than codewords: each point is a codeword
+    centroids, assignment = kmeans(few, 8)
+    assert centroids.shape == (2, 8, 3) and torch.equal(centroids.gather(1, assignment.unsqueeze(-1).expand(-1, -1, 3)), few)

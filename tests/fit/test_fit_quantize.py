@@ -1,0 +1,116 @@
+"""fit_rows: product quantization of one weight, plain and data-aware, checked by independent arithmetic."""
+
+import pytest
+import torch
+
+from rpq_fx.fit import fit_rows
+from rpq_fx.fit.quantize import _solve_codebooks
+
+
+def expand_reference(codebooks, codes):
+    """W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]], written out with loops."""
+    groups, _, dim = codebooks.shape
+    num_codebooks, rows = codes.shape
+    out = torch.empty(rows, num_codebooks * dim, dtype=codebooks.dtype)
+    for c in range(num_codebooks):
+        out[:, c * dim:(c + 1) * dim] = codebooks[c if groups > 1 else 0, codes[c].long()]
+    return out
+
+
+def correlated_inputs(rows: int, width: int, seed: int) -> torch.Tensor:
+    """Draws (by ``seed``) from one fixed correlated distribution."""
+    mix = torch.randn(width, width, generator=torch.Generator().manual_seed(99)) * 0.3 + torch.eye(width)
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)) @ mix
+    x[:, : width // 8] *= 8  # a few loud input features, as real activations have
+    return x
+
+
+def output_error(x, weight, codebooks, codes):
+    approx = expand_reference(codebooks.float(), codes)
+    return float((x @ (weight - approx).t()).square().sum() / (x @ weight.t()).square().sum())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_weights_built_from_a_codebook_are_recovered(shared):
+    g = torch.Generator().manual_seed(0)
+    groups, num_codebooks, k, dim, rows = (1 if shared else 3), 3, 8, 4, 400
+    truth = torch.randn(groups, k, dim, generator=g) * 10
+    codes = torch.randint(0, k, (num_codebooks, rows), generator=g)
+    weight = expand_reference(truth, codes)
+    fit = fit_rows(weight, num_codebooks, k, shared)
+    assert fit.codebooks.shape == (groups, k, dim) and fit.codes.shape == (num_codebooks, rows)
+    assert torch.allclose(expand_reference(fit.codebooks, fit.codes).float(), weight, atol=1e-4)
+    assert fit.error < 1e-10
+
+
+@pytest.mark.parametrize("shared,dim,k", [(False, 4, 32), (True, 4, 64), (True, 1, 16), (False, 2, 16)])
+def test_reported_error_is_the_weight_error_and_beats_random_codes(shared, dim, k):
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(300, 32, generator=g)
+    fit = fit_rows(weight, 32 // dim, k, shared)
+    approx = expand_reference(fit.codebooks, fit.codes).float()
+    relative = float((weight - approx).square().sum() / weight.square().sum())
+    assert fit.error == pytest.approx(relative, rel=1e-4)
+    random_codes = torch.randint(0, k, fit.codes.shape, generator=g)
+    assert relative < 0.7 * float((weight - expand_reference(fit.codebooks, random_codes).float()).square().sum()
+                                  / weight.square().sum())
+
+
+@pytest.mark.parametrize("shared,dim", [(True, 4), (False, 4), (True, 1), (True, 8)])
+def test_data_aware_fit_has_lower_output_error_than_plain_kmeans(shared, dim):
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(512, 64, generator=g) * 0.05
+    x = correlated_inputs(2048, 64, seed=3)
+    held_out = correlated_inputs(1024, 64, seed=4)
+    hessian = (x.t() @ x).double()
+    k = 16 if dim == 1 else 64
+    plain = fit_rows(weight, 64 // dim, k, shared)
+    aware = fit_rows(weight, 64 // dim, k, shared, hessian=hessian)
+    assert aware.error == pytest.approx(output_error(x, weight, aware.codebooks, aware.codes), rel=1e-3)
+    assert output_error(held_out, weight, aware.codebooks, aware.codes) < \
+        0.8 * output_error(held_out, weight, plain.codebooks, plain.codes)
+
+
+def test_codebooks_solved_for_fixed_codes_are_the_least_squares_optimum():
+    g = torch.Generator().manual_seed(5)
+    rows, num_codebooks, k, dim = 40, 3, 4, 2
+    weight = torch.randn(rows, num_codebooks * dim, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, k, (num_codebooks, rows), generator=g)
+    x = torch.randn(50, num_codebooks * dim, generator=g, dtype=torch.float64)
+    hessian = x.t() @ x
+    # the expansion as an explicit matrix A: vec(W) = A vec(codebooks), then weighted least squares
+    unknowns = num_codebooks * k * dim
+    a = torch.stack([expand_reference(torch.eye(unknowns, dtype=torch.float64)[i].view(num_codebooks, k, dim),
+                                      codes).reshape(-1) for i in range(unknowns)], 1)
+    metric = torch.kron(torch.eye(rows, dtype=torch.float64), hessian)  # row-major vec: each row weighted by H
+    lhs, rhs = a.t() @ metric @ a, a.t() @ metric @ weight.reshape(-1)
+    expected = torch.linalg.lstsq(lhs, rhs.unsqueeze(1)).solution.view(num_codebooks, k, dim)
+    start = torch.zeros(num_codebooks, k, dim, dtype=torch.float64)
+    solved = _solve_codebooks(weight, start, codes, lambda r: r @ hessian, iters=200)
+    used = torch.zeros(num_codebooks, k, dtype=torch.bool)
+    for c in range(num_codebooks):
+        used[c, codes[c]] = True
+    assert torch.allclose(solved[used], expected[used], atol=1e-6)
+
+
+def test_scalar_weight_sharing_uses_2_to_the_bits_values_at_their_means():
+    weight = torch.randn(256, 48, generator=torch.Generator().manual_seed(6))
+    fit = fit_rows(weight, 48, 16, True)  # codebook_dim 1, one shared codebook: 16 values for the layer
+    approx = expand_reference(fit.codebooks, fit.codes).float()
+    assert approx.unique().numel() <= 16
+    for value in approx.unique():  # least squares: each shared value is the mean of the weights it stands for
+        assert weight[approx == value].mean() == pytest.approx(float(value), abs=1e-4)
+
+
+def test_row_weights_favour_the_rows_that_are_looked_up():
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(2000, 8, generator=g)
+    counts = torch.zeros(2000, dtype=torch.float64)
+    counts[:10] = 1000.0  # the first 10 rows are the frequent tokens
+    plain = fit_rows(weight, 2, 16, False)
+    weighted = fit_rows(weight, 2, 16, False, row_weights=counts + 1)
+
+    def error(fit, rows):
+        return float((weight[rows] - expand_reference(fit.codebooks, fit.codes).float()[rows]).square().mean())
+
+    assert error(weighted, slice(0, 10)) < 0.5 * error(plain, slice(0, 10))

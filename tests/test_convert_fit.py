@@ -1,0 +1,193 @@
+"""convert(init="kmeans", calibration=..., codebook_dtype=...): fitted weights, against dense references."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rpq_fx
+from conftest import assert_outputs_close, dense_reference
+
+
+class Classifier(nn.Module):
+    """A small CNN with a BatchNorm, a padded embedding path and a layer too small to convert."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 320, 3, padding=1)
+        self.norm = nn.BatchNorm2d(320)
+        self.fc1 = nn.Linear(320, 512)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.norm(self.conv(x)).mean((2, 3)))))
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights with structure (low-rank plus noise), as trained weights have, instead of i.i.d. init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                rows = p.shape[0]
+                basis = torch.randn(8, p[0].numel(), generator=g)
+                p.copy_((torch.randn(rows, 8, generator=g) @ basis + 0.1 * torch.randn(rows, basis.shape[1], generator=g))
+                        .view_as(p) * p.std() / 3)
+    return model
+
+
+def inputs(seed: int, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(42)) + 2 * torch.eye(4)
+    return (torch.randn(n, 8, 8, 4, generator=g) @ mix).permute(0, 3, 1, 2).contiguous()
+
+
+def relative_error(model, original, x):
+    with torch.no_grad():
+        out, ref = model(x), original(x)
+    return float((out - ref).square().sum() / ref.square().sum())
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return trained_like(Classifier()).eval()
+
+
+def test_kmeans_fits_the_trained_weights_and_computes_what_its_weights_say(classifier):
+    random = rpq_fx.convert(classifier, codebook_dim=4, shared_codebooks=True, progress=False)
+    fitted = rpq_fx.convert(classifier, codebook_dim=4, shared_codebooks=True, init="kmeans", progress=False)
+    x = inputs(1)
+    assert_outputs_close(fitted(x), dense_reference(classifier, fitted)(x))
+    assert relative_error(fitted, classifier, x) < 0.1 * relative_error(random, classifier, x)
+    layers = {layer.name: layer for layer in fitted.rpq_layers}
+    assert layers["fc1.weight"].init == "kmeans" and 0 < layers["fc1.weight"].fit_error < 0.2
+    assert {layer.init for layer in fitted.rpq_layers if layer.converted} == {"kmeans"}
+
+
+def test_calibration_lowers_the_held_out_output_error(classifier):
+    calibration = [inputs(seed) for seed in range(10, 14)]
+    plain = rpq_fx.convert(classifier, codebook_dim=8, shared_codebooks=True, init="kmeans", progress=False)
+    aware = rpq_fx.convert(classifier, codebook_dim=8, shared_codebooks=True, init="kmeans",
+                           calibration=calibration, progress=False)
+    held_out = inputs(99, 64)
+    assert_outputs_close(aware(held_out), dense_reference(classifier, aware)(held_out))
+    assert relative_error(aware, classifier, held_out) < 0.7 * relative_error(plain, classifier, held_out)
+    assert {layer.init for layer in aware.rpq_layers if layer.converted} == {"kmeans+calibration"}
+
+
+def test_the_input_model_is_untouched_by_a_calibrated_conversion():
+    net = trained_like(Classifier()).train()
+    before = copy.deepcopy(net.state_dict())
+    rpq_fx.convert(net, codebook_dim=8, shared_codebooks=True, init="kmeans", calibration=[inputs(0, 4)],
+                   progress=False)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BatchNorm statistics too
+
+
+def test_fits_are_deterministic_for_a_seed(classifier):
+    a, b, c = (rpq_fx.convert(classifier, codebook_dim=4, init="kmeans", seed=s, progress=False,
+                              filter_fn=lambda m, n: n == "fc1") for s in (3, 3, 4))
+    assert torch.equal(a.fc1.weight.codebooks, b.fc1.weight.codebooks) and torch.equal(a.fc1.weight.codes, b.fc1.weight.codes)
+    assert not torch.equal(a.fc1.weight.codebooks, c.fc1.weight.codebooks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_codebooks_are_stored_counted_and_expanded_in_the_layer_dtype(classifier, dtype):
+    rpq = rpq_fx.convert(classifier, codebook_dim=4, init="kmeans", codebook_dtype=dtype, progress=False)
+    x = inputs(2)
+    assert rpq.fc1.weight.codebooks.dtype == dtype and rpq.fc1.weight.dtype == torch.float32
+    assert_outputs_close(rpq(x), dense_reference(classifier, rpq)(x))
+    out = rpq(x)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert rpq.fc1.weight.codebooks.grad.dtype == dtype
+    # model_size is the analytic size: codebooks at 2 bytes, codes at 1, dense leftovers as they are
+    converted = [layer for layer in rpq.rpq_layers if layer.converted]
+    rpq_bytes = sum(layer.bytes_after for layer in converted)
+    expected = sum(layer.num_codebooks * layer.num_codes * layer.codebook_dim * 2
+                   + layer.num_codebooks * layer.rows_shape[0] for layer in converted)
+    assert rpq_bytes == expected
+    dense_leftovers = sum(t.numel() * t.element_size() for n, t in rpq.state_dict().items()
+                          if not n.endswith((".codebooks", ".codes")))
+    assert rpq_fx.model_size(rpq) * 2**20 == rpq_bytes + dense_leftovers
+    row = {r["layer"]: r for r in rpq_fx.report(rpq).rows}["fc1.weight"]
+    assert row["codebooks"] == str(dtype).removeprefix("torch.")
+
+
+def test_report_gives_bits_per_weight_per_layer_and_in_total(classifier):
+    rpq = rpq_fx.convert(classifier, codebook_dim=8, shared_codebooks=True, init="kmeans", progress=False)
+    rep = rpq_fx.report(rpq)
+    fc1 = {r["layer"]: r for r in rep.rows}["fc1.weight"]
+    assert fc1["bits/w"] == pytest.approx(8 * (256 * 8 * 4 + 40 * 512) / (512 * 320))
+    converted = [r for r in rep.rows if r["init"]]
+    total = 8 * sum(r["bytes after"] for r in converted) / sum(eval(r["shape"].replace("x", "*")) for r in converted)
+    assert rep.totals["bits_per_weight"] == pytest.approx(total)
+    assert "bits per weight" in str(rep)
+
+
+def test_scalar_weight_sharing_leaves_two_to_the_bits_values_per_layer(classifier):
+    rpq = rpq_fx.convert(classifier, codebook_dim=1, num_codes=16, shared_codebooks=True, init="kmeans",
+                         calibration=[inputs(5)], progress=False)
+    for name, weight in rpq_fx.decompress(rpq).items():
+        assert weight.unique().numel() <= 16, name
+    assert relative_error(rpq, classifier, inputs(6)) < 0.05
+
+
+def test_padding_rows_stay_zero_and_tied_weights_stay_one_under_a_calibrated_fit():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(700, 32, padding_idx=0)
+            self.head = nn.Linear(32, 700, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.embed(tokens)))
+
+    net = Tied().eval()
+    batches = [torch.randint(0, 700, (4, 9), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rpq = rpq_fx.convert(net, codebook_dim=4, init="kmeans", calibration=batches, progress=False)
+    dense = rpq_fx.decompress(rpq)
+    assert set(dense) == {"embed.weight", "head.weight"} and dense["embed.weight"] is dense["head.weight"]
+    assert torch.equal(dense["embed.weight"][0], torch.zeros(32))
+    assert_outputs_close(rpq(batches[0]), dense_reference(net, rpq)(batches[0]))
+
+
+def test_hugging_face_in_place_path_takes_keyword_calibration():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=512, max_position_embeddings=64)
+    model = transformers.BertModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 500, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}]
+    rpq = rpq_fx.convert(model, codebook_dim=4, init="kmeans", calibration=batches, progress=False)
+    assert any(layer.init == "kmeans+calibration" for layer in rpq.rpq_layers)
+    with torch.no_grad():
+        out = rpq(**batches[0]).last_hidden_state
+        ref = dense_reference(model, rpq)(**batches[0]).last_hidden_state
+    assert_outputs_close(out, ref)
+
+
+def test_bad_fit_settings_get_clear_errors(classifier):
+    with pytest.raises(ValueError, match="init must be one of"):
+        rpq_fx.convert(classifier, codebook_dim=4, init="pca")
+    with pytest.raises(ValueError, match="calibration= makes the k-means fit data-aware"):
+        rpq_fx.convert(classifier, codebook_dim=4, calibration=[inputs(0)])
+    with pytest.raises(ValueError, match="codebook_dtype must be"):
+        rpq_fx.convert(classifier, codebook_dim=4, codebook_dtype="int8")
+    with torch.device("meta"):
+        meta = Classifier()
+    with pytest.raises(rpq_fx.RPQConversionError, match="'conv.weight'.*meta device"):
+        rpq_fx.convert(meta, codebook_dim=4, init="kmeans", progress=False)
+
+
+def test_a_fitted_half_precision_model_saves_and_loads_bit_identical(classifier, tmp_path):
+    rpq = rpq_fx.convert(classifier, codebook_dim=4, init="kmeans", codebook_dtype="float16", progress=False)
+    path = rpq_fx.save(rpq, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = Classifier()
+    loaded = rpq_fx.load(skeleton.eval(), path)
+    x = inputs(3)
+    assert torch.equal(loaded(x), rpq(x))
+    assert loaded.fc1.weight.codebooks.dtype == torch.float16
+    assert {layer.name: layer.init for layer in loaded.rpq_layers} == {layer.name: layer.init for layer in rpq.rpq_layers}

@@ -1,0 +1,71 @@
+"""finetune and param_groups: distillation trains codebooks (and dense leftovers), never codes or the teacher."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rpq_fx
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 512), nn.ReLU(), nn.Dropout(0.2), nn.Linear(512, 300)).eval()
+
+
+def test_finetune_lowers_the_held_out_distillation_loss_and_trains_only_codebooks_and_leftovers():
+    teacher = mlp()
+    student = rpq_fx.convert(teacher, codebook_dim=8, shared_codebooks=True, init="kmeans", progress=False).train()
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    codes = {n: b.clone() for n, b in student.named_buffers()}
+    codebooks = {n: p.clone() for n, p in student.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    data, held_out = list(torch.randn(256, 32, generator=g).split(32)), torch.randn(512, 32, generator=g)
+    with torch.no_grad():
+        before = rpq_fx.distillation_loss(student.eval()(held_out), teacher(held_out))
+    student.train()
+    losses = rpq_fx.finetune(student, teacher, data, steps=60, lr=1e-3, progress=False)
+    with torch.no_grad():
+        after = rpq_fx.distillation_loss(student.eval()(held_out), teacher(held_out))
+    assert len(losses) == 60 and losses[-1] < losses[0]
+    assert after < 0.8 * before
+    assert all(torch.equal(codes[n], b) for n, b in student.named_buffers()), "codes stay fixed"
+    assert all(not torch.equal(codebooks[n], p) for n, p in student.named_parameters()), "every parameter trained"
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items()), "teacher untouched"
+    student.train()
+    rpq_fx.finetune(student, teacher, data[:1], steps=1, progress=False)
+    assert student.training and not teacher.training, "modes are given back"
+
+
+def test_param_groups_hold_every_codebook_once_with_sgd_rates_scaled_by_uses():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(1000, 64)
+            self.head = nn.Linear(64, 1000)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens))
+
+    rpq = rpq_fx.convert(Tied(), codebook_dim=8, progress=False)
+    groups = rpq_fx.param_groups(rpq, 0.1, adaptive=False)
+    codebook_groups = [g for g in groups if g["name"] != "dense"]
+    assert len(codebook_groups) == 1, "a tied weight is one RPQ weight, one group"
+    weight = rpq.embed.weight
+    uses = weight.num_codebooks * weight.num_vectors / (weight.codebooks.shape[0] * weight.num_codes)
+    assert codebook_groups[0]["params"][0] is weight.codebooks and codebook_groups[0]["lr"] == pytest.approx(0.1 / uses)
+    assert [p for g in groups if g["name"] == "dense" for p in g["params"]] == [rpq.head.bias]
+    adaptive = rpq_fx.param_groups(rpq, 0.1, train_dense=False)
+    assert [g["lr"] for g in adaptive] == [0.1] and len(adaptive) == 1
+    torch.optim.SGD(groups).step()  # the groups are plain torch param groups
+
+
+def test_finetune_refuses_bad_arguments():
+    teacher = mlp()
+    student = rpq_fx.convert(teacher, codebook_dim=8, progress=False)
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        rpq_fx.finetune(student, teacher, [torch.randn(2, 32)], steps=0)
+    with pytest.raises(ValueError, match="data is empty"):
+        rpq_fx.finetune(student, teacher, [], steps=1)
