@@ -444,7 +444,64 @@ std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& 
               : backward_bb<double, uint8_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
 }
 
+// k-means assignment: for x [B, M, d] and centroids [B, K, d], each point's nearest centroid and its
+// squared distance. Per point, |c|^2 - 2 x.c for all K centroids is built in a K-long accumulator
+// from the centroids stored [B, d, K] (contiguous over K, so the d updates vectorise), then its
+// minimum taken: no [M, K] distance matrix is ever written.
+template <typename T>
+void nearest_impl(const Tensor& x, const Tensor& ct, const Tensor& cn, Tensor& index, Tensor& dist) {
+  const int64_t B = x.size(0), M = x.size(1), d = x.size(2), K = ct.size(2);
+  const T* __restrict xs = x.data_ptr<T>();
+  const T* __restrict cts = ct.data_ptr<T>();
+  const T* __restrict cns = cn.data_ptr<T>();
+  int64_t* __restrict out_index = index.data_ptr<int64_t>();
+  T* __restrict out_dist = dist.data_ptr<T>();
+  at::parallel_for(0, B * M, 64, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(K);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b = p / M;
+      const T* __restrict xp = xs + p * d;
+      const T* __restrict ctb = cts + b * d * K;
+      const T* __restrict cnb = cns + b * K;
+      T norm = 0;
+      for (int64_t k = 0; k < K; ++k) acc[k] = cnb[k];
+      for (int64_t j = 0; j < d; ++j) {
+        const T v = -2 * xp[j];
+        const T* __restrict row = ctb + j * K;
+        T* __restrict a = acc.data();
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) a[k] += v * row[k];
+        norm += xp[j] * xp[j];
+      }
+      int64_t best = 0;
+      for (int64_t k = 1; k < K; ++k)
+        if (acc[k] < acc[best]) best = k;
+      out_index[p] = best;
+      out_dist[p] = std::max(acc[best] + norm, T(0));
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> nearest(const Tensor& x_in, const Tensor& centroids) {
+  TORCH_CHECK(x_in.dim() == 3 && centroids.dim() == 3 && x_in.size(0) == centroids.size(0) &&
+              x_in.size(2) == centroids.size(2), "rpq_fx nearest: x [B, M, d] and centroids [B, K, d]");
+  TORCH_CHECK(x_in.scalar_type() == centroids.scalar_type() &&
+              (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble),
+              "rpq_fx nearest: float32 or float64, one dtype");
+  TORCH_CHECK(centroids.size(1) > 0, "rpq_fx nearest: no centroids");
+  const Tensor x = x_in.contiguous();
+  const Tensor ct = centroids.transpose(1, 2).contiguous();
+  const Tensor cn = centroids.square().sum(-1).contiguous();
+  Tensor index = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kLong));
+  Tensor dist = at::empty({x.size(0), x.size(1)}, x.options());
+  if (x.scalar_type() == at::kFloat) nearest_impl<float>(x, ct, cn, index, dist);
+  else nearest_impl<double>(x, ct, cn, index, dist);
+  return {index, dist};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nearest", &nearest, "k-means assignment: nearest centroid and squared distance of every point",
+        py::arg("x"), py::arg("centroids"));
   m.def("expand", &expand, "W from codebooks and codes", py::arg("codebooks"), py::arg("codes"));
   m.def("expand_backward", &expand_backward, "grad_codebooks of expand (added into out when given)",
         py::arg("grad"), py::arg("codes"), py::arg("groups"), py::arg("num_codes"), py::arg("out") = py::none());

@@ -3,14 +3,21 @@
 import torch
 from torch import Tensor
 
+from .. import _kernels
+
 __all__ = ["kmeans", "nearest"]
 
 _CHUNK_ELEMENTS = 2**25  # distance matrices are built in chunks of at most this many values (128 MiB fp32)
+_KERNEL_MAX_DIM = 16  # longer codewords: a matmul per chunk beats the kernel's per-point loop
 
 
 def nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     """For ``x [B, M, d]`` and ``centroids [B, K, d]``: the index ``[B, M]`` of each point's nearest
-    centroid and its squared distance ``[B, M]``, computed in chunks of points."""
+    centroid and its squared distance ``[B, M]``; on the CPU by the C++ kernel for short codewords
+    (no distance matrix built), else in chunks of points."""
+    fast = _kernels.kernels() if x.device.type == "cpu" and x.shape[2] <= _KERNEL_MAX_DIM else None
+    if fast is not None and x.dtype == centroids.dtype and x.dtype in (torch.float32, torch.float64):
+        return fast.nearest(x, centroids)
     batch, points, _ = x.shape
     step = max(1, _CHUNK_ELEMENTS // max(1, batch * centroids.shape[1]))
     c_norm = centroids.square().sum(-1).unsqueeze(1)  # [B, 1, K]

@@ -1,5 +1,6 @@
 """Batched weighted k-means against brute force and against clusters it must find."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,3 +57,18 @@ def test_more_codewords_than_distinct_points_leaves_no_error_and_no_nan():
     few = torch.randn(2, 5, 3)  # fewer points than codewords: each point is a codeword
     centroids, assignment = kmeans(few, 8)
     assert centroids.shape == (2, 8, 3) and torch.equal(centroids.gather(1, assignment.unsqueeze(-1).expand(-1, -1, 3)), few)
+
+
+def test_cpp_assignment_matches_the_torch_one(monkeypatch):
+    from rpq_fx import _kernels
+
+    if _kernels.kernels() is None:
+        pytest.skip("the C++ kernels are not built here")
+    g = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32, torch.float64):
+        x, c = torch.randn(3, 700, 5, generator=g, dtype=dtype), torch.randn(3, 40, 5, generator=g, dtype=dtype)
+        fast = nearest(x, c)
+        monkeypatch.setenv("RPQ_FX_KERNELS", "torch")
+        slow = nearest(x, c)
+        monkeypatch.delenv("RPQ_FX_KERNELS")
+        assert torch.equal(fast[0], slow[0]) and torch.allclose(fast[1], slow[1], atol=1e-5)
