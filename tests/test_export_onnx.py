@@ -111,3 +111,16 @@ def test_onnx_int16_codes_above_32767_read_unsigned(tmp_path):
     (actual,) = run_onnx(path, tokens)
     with torch.no_grad():
         assert np.array_equal(actual, gm(tokens).numpy()), "a pure gather is exact"
+
+
+def test_onnx_keeps_half_precision_codebooks_in_half(tmp_path):
+    net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 300)).eval()
+    gm = rpq_fx.convert(net, codebook_dim=4, codebook_dtype="float16").eval()
+    x = torch.randn(3, 64)
+    path = rpq_fx.export_onnx(gm, (x,), tmp_path / "half.onnx")
+    (out,) = run_onnx(path, x)
+    np.testing.assert_allclose(out, gm(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    float16 = onnx.TensorProto.FLOAT16
+    codebooks = [dims for dtype, dims in initializers(path).values() if dtype == float16]
+    assert len(codebooks) == 2 and all(len(dims) == 3 for dims in codebooks)
+    assert path.stat().st_size < 1.2 * model_bytes(gm)
