@@ -68,15 +68,46 @@ def distillation_loss(student, teacher) -> Tensor:
     return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
 
 
+class _Outputs:
+    """Forward hooks keeping the outputs of the named submodules of a model, in call order."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], which: str):
+        self.values: dict[str, Tensor] = {}
+        self.handles = []
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"finetune: the {which} has no submodule '{name}' (layers=)") from None
+            self.handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: self.values.__setitem__(name, _output(out))))
+
+    def take(self, names: Sequence[str], which: str) -> list[Tensor]:
+        missing = [name for name in names if name not in self.values]
+        if missing:
+            raise ValueError(f"finetune: layers {missing} were not called in the {which}; in a model captured as "
+                             "one graph (torch.fx, torch.export) its submodules no longer run: name layers of a model "
+                             "converted in place, or leave layers= empty")
+        values, self.values = [self.values[name] for name in names], {}
+        return values
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int = 100, lr: float = 1e-4,
-             loss: Callable | None = None, optimizer: torch.optim.Optimizer | None = None, train_dense: bool = True,
+             loss: Callable | None = None, layers: Sequence[str] = (), layer_weight: float = 1.0,
+             optimizer: torch.optim.Optimizer | None = None, train_dense: bool = True,
              progress: bool = True) -> list[float]:
     """Train ``model`` (converted) to reproduce ``teacher`` (the dense original) on ``data``; returns the losses.
 
     ``data`` holds model inputs as for ``convert(calibration=...)`` (tensors, tuples of positional
     inputs or dicts of keyword inputs), cycled until ``steps`` are done; the teacher's outputs are
     computed once per item. ``loss(student_output, teacher_output)`` defaults to
-    :func:`distillation_loss`. Both models run in eval mode (no dropout, BatchNorm statistics
+    :func:`distillation_loss`. ``layers`` names submodules (``"encoder.layer.3"``) whose outputs are
+    distilled too, each by :func:`distillation_loss`, their mean weighted by ``layer_weight``: they
+    must still run in the converted model (a model converted in place keeps them). Both models run in eval mode (no dropout, BatchNorm statistics
     frozen) and get their modes back afterwards. Codes stay fixed; the codebooks and, with
     ``train_dense``, the other floating-point parameters train, with AdamW over
     :func:`param_groups` unless ``optimizer`` is given.
@@ -90,8 +121,9 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     optimizer = optimizer or torch.optim.AdamW(param_groups(model, lr, train_dense=train_dense))
     device = next((p.device for p in model.parameters()), None)
     modes = {m: m.training for m in (*model.modules(), *teacher.modules())}
-    targets: dict[int, object] = {}
+    targets: dict[int, tuple] = {}
     losses = []
+    student_layers, teacher_layers = _Outputs(model, layers, "converted model"), _Outputs(teacher, layers, "teacher")
     try:
         model.eval()
         teacher.eval()
@@ -99,13 +131,20 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
             index = step % len(items)
             if index not in targets:
                 with torch.no_grad():
-                    targets[index] = run_inputs(teacher, items[index], device)
+                    out = run_inputs(teacher, items[index], device)
+                    targets[index] = (out, [t.detach() for t in teacher_layers.take(layers, "teacher")])
             optimizer.zero_grad(set_to_none=True)
-            value = loss(run_inputs(model, items[index], device), targets[index])
+            out, inner = targets[index]
+            value = loss(run_inputs(model, items[index], device), out)
+            if layers:
+                pairs = zip(student_layers.take(layers, "converted model"), inner)
+                value = value + layer_weight * sum(distillation_loss(s, t) for s, t in pairs) / len(layers)
             value.backward()
             optimizer.step()
             losses.append(float(value.detach()))
     finally:
+        student_layers.remove()
+        teacher_layers.remove()
         for module, training in modes.items():
             module.training = training
     return losses

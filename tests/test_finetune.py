@@ -69,3 +69,19 @@ def test_finetune_refuses_bad_arguments():
         rpq_fx.finetune(student, teacher, [torch.randn(2, 32)], steps=0)
     with pytest.raises(ValueError, match="data is empty"):
         rpq_fx.finetune(student, teacher, [], steps=1)
+
+
+def test_per_layer_distillation_on_a_model_converted_in_place_and_a_clear_error_where_layers_are_gone():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=600, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=512, max_position_embeddings=32)
+    teacher = transformers.BertModel(config).eval()
+    student = rpq_fx.convert(teacher, codebook_dim=8, shared_codebooks=True, init="kmeans", progress=False)
+    data = [{"input_ids": torch.randint(0, 600, (4, 10), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    losses = rpq_fx.finetune(student, teacher, data, steps=24, lr=1e-3, layers=["encoder.layer.0"], progress=False)
+    assert losses[-1] < 0.7 * losses[0]
+    assert not any(m._forward_hooks for m in (*student.modules(), *teacher.modules())), "hooks are removed"
+    flat_teacher = mlp()
+    flat = rpq_fx.convert(flat_teacher, codebook_dim=8, progress=False)  # one fx graph: its submodules never run
+    with pytest.raises(ValueError, match=r"layers \['0'\] were not called in the converted model"):
+        rpq_fx.finetune(flat, flat_teacher, [torch.randn(2, 32)], steps=1, layers=["0"], progress=False)
