@@ -63,14 +63,17 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
     todo = [plan for plan in plans if plan.converted and plan.init == "kmeans"]
     order = {plan.name: i for i, plan in enumerate(todo)}
     items = None if calibration is None else calibration if isinstance(calibration, Sequence) else list(calibration)
-    groups = call_groups(model, todo, items[0]) if items else []
+    groups, once = call_groups(model, todo, items[0]) if items else ([], set())
     observed = {plan.name for group in groups for plan in group}
     groups += [[plan] for plan in todo if plan.name not in observed]
     replaced: dict[str, torch.Tensor] = {}
     with tqdm(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, disable=not progress) as bar:
         for group in groups:
             calibrated = group[0].name in observed
-            stats = collect_stats(model, group, items, replaced=replaced, progress=False) if calibrated else {}
+            # reason: a forward can end at the group's last layer, unless one of them is called again later
+            early = all(plan.name in once for plan in group)
+            stats = collect_stats(model, group, items, replaced=replaced, stop_early=early,
+                                  progress=False) if calibrated else {}
             for plan in group:
                 bar.set_postfix_str(plan.name, refresh=False)
                 _fit(plan, weights[plan.name], stats.get(plan.name), seed + order[plan.name])

@@ -89,10 +89,16 @@ def _layers(model: nn.Module, plan: LayerPlan):
             yield model.get_submodule(owner)
 
 
-def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], hooks: list, progress: bool) -> None:
+class _Enough(Exception):
+    """Raised by a hook once every layer of interest has seen the current item: the rest of the forward is skipped."""
+
+
+def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], hooks: list, progress: bool,
+         before_item=lambda: None) -> None:
     """Run ``model`` in eval mode without grad on every calibration item, with ``hooks``
     (``(layer, pre-hook)``) attached and the parameters in ``replaced`` swapped in
-    (``torch.func.functional_call``), leaving its modes and tensors as they were."""
+    (``torch.func.functional_call``), leaving its modes and tensors as they were. A hook may
+    raise :class:`_Enough` to end the item's forward early."""
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
     modes = {module: module.training for module in model.modules()}
     device = next((p.device for p in model.parameters()), None)
@@ -100,13 +106,17 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
         model.eval()
         with torch.no_grad():
             for inputs in tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2, disable=not progress):
-                if replaced:
-                    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (
-                        (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {})
-                    torch.func.functional_call(model, replaced, _moved(args, device), _moved(kwargs, device),
-                                               strict=False)
-                else:
-                    run_inputs(model, inputs, device)
+                before_item()
+                try:
+                    if replaced:
+                        args, kwargs = ((), inputs) if isinstance(inputs, dict) else (
+                            (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {})
+                        torch.func.functional_call(model, replaced, _moved(args, device), _moved(kwargs, device),
+                                                   strict=False)
+                    else:
+                        run_inputs(model, inputs, device)
+                except _Enough:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -119,9 +129,10 @@ def _moved(values, device):
     return {k: move(v) for k, v in values.items()} if isinstance(values, dict) else tuple(map(move, values))
 
 
-def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> list[list[LayerPlan]]:
+def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[list[LayerPlan]], set[str]]:
     """The observable converted plans in the order ``model`` first calls them on ``inputs``, grouped
-    where consecutive layers read the same input tensor (a block's query, key and value)."""
+    where consecutive layers read the same input tensor (a block's query, key and value), and the
+    names of those read by exactly one call."""
     seen: dict[str, int] = {}
     groups: list[list[LayerPlan]] = []
     last = [None]
@@ -130,8 +141,9 @@ def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> list[list[L
         def hook(module, args, kwargs):
             x = kwargs.get("input", args[0] if args else None)
             if plan.name in seen:
+                seen[plan.name] += 1
                 return
-            seen[plan.name] = len(seen)
+            seen[plan.name] = 1
             key = x.data_ptr() if isinstance(x, Tensor) else None
             if key is None or key != last[0] or not groups:
                 groups.append([])
@@ -142,26 +154,39 @@ def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> list[list[L
     hooks = [(layer, watcher(plan)) for plan in plans if plan.converted
              for layer in _layers(model, plan) if _observer(layer, plan, LayerStats()) is not None]
     _run(model, [inputs], {}, hooks, progress=False)
-    return groups
+    return groups, {name for name, calls in seen.items() if calls == 1}
 
 
 def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterable, *,
-                  replaced: dict[str, Tensor] | None = None, progress: bool = True) -> dict[str, LayerStats]:
+                  replaced: dict[str, Tensor] | None = None, stop_early: bool = False,
+                  progress: bool = True) -> dict[str, LayerStats]:
     """Run ``model`` (dense, untouched: eval mode and no grad for the duration) on every calibration
     item and return the statistics of each converted plan that a layer hook can observe, by plan name.
-    ``replaced`` maps parameter names to values the run uses instead (already quantised layers).
+    ``replaced`` maps parameter names to values the run uses instead (already quantised layers);
+    ``stop_early`` ends each forward once every plan's layer has been called (for layers called once).
 
     A weight read by several layers sums their statistics; one read by both an embedding lookup
     and a linear layer (a tied ``lm_head``) keeps the linear's, whose output error is the larger concern.
     """
     stats: dict[str, LayerStats] = {}
     hooks = []
+    pending: set[str] = set()
+
+    def watched(plan: LayerPlan, observe):
+        def hook(module, args, kwargs):
+            observe(module, args, kwargs)
+            pending.discard(plan.name)
+            if stop_early and not pending:
+                raise _Enough
+        return hook
+
     for plan in (p for p in plans if p.converted):
         for layer in _layers(model, plan):
-            hook = _observer(layer, plan, stats.setdefault(plan.name, LayerStats()))
-            if hook is not None:
-                hooks.append((layer, hook))
-    _run(model, calibration, replaced or {}, hooks, progress)
+            observe = _observer(layer, plan, stats.setdefault(plan.name, LayerStats()))
+            if observe is not None:
+                hooks.append((layer, watched(plan, observe)))
+    names = {plan.name for plan in plans if plan.converted}
+    _run(model, calibration, replaced or {}, hooks, progress, before_item=lambda: pending.update(names))
     for value in stats.values():
         if value.hessian is not None:
             value.row_counts = None

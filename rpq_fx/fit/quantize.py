@@ -96,7 +96,7 @@ def _sequential(rows: Tensor, factor: Tensor, codebooks: Tensor | None, num_code
 
 
 def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, metric: Callable[[Tensor], Tensor],
-                     iters: int = 15, tolerance: float = 1e-10) -> Tensor:
+                     iters: int = 8, tolerance: float = 1e-8) -> Tensor:
     """The codebooks minimising ``tr((W - Ŵ) M (W - Ŵ)ᵀ)`` for fixed codes: preconditioned conjugate
     gradients on the normal equations ``Aᵀ M A x = Aᵀ M w`` (A: expansion, Aᵀ: its scatter)."""
     groups, k, _ = codebooks.shape

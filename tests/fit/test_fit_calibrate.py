@@ -65,11 +65,26 @@ def test_replaced_parameters_change_what_later_layers_see_and_layers_are_grouped
     net = Net().eval()
     batches = [torch.randint(0, 600, (4, 5))]
     plans = plan_conversion(capture(net), net, rpq_fx.RPQConfig(codebook_dim=4))
-    groups = call_groups(net, plans, batches[0])
+    groups, once = call_groups(net, plans, batches[0])
     assert [[p.name for p in g] for g in groups] == [["embed.weight"], ["fc1.weight"], ["fc2.weight"]]
+    assert once == {"embed.weight", "fc1.weight", "fc2.weight"}
     zero = torch.zeros_like(net.fc1.weight)
     stats = collect_stats(net, plans, batches, replaced={"fc1.weight": zero}, progress=False)
     with torch.no_grad():
         hidden = net.norm(F.linear(net.embed(batches[0]).mean(1), zero, net.fc1.bias)).double()
     assert torch.allclose(stats["fc2.weight"].hessian, hidden.t() @ hidden, atol=1e-5)
     assert not torch.equal(net.fc1.weight, zero), "the model's own weight is not touched"
+
+
+def test_stopping_each_forward_at_the_last_layer_of_interest_gives_the_same_statistics():
+    net = Net().eval()
+    batches = [torch.randint(0, 600, (4, 5), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plans = [p for p in plan_conversion(capture(net), net, rpq_fx.RPQConfig(codebook_dim=4)) if p.name != "fc2.weight"]
+    calls = []
+    net.fc2.register_forward_hook(lambda *args: calls.append(1))
+    full = collect_stats(net, plans, batches, progress=False)
+    assert len(calls) == 2
+    early = collect_stats(net, plans, batches, stop_early=True, progress=False)
+    assert len(calls) == 2, "the forward ended at fc1: fc2 did not run"
+    assert torch.equal(full["fc1.weight"].hessian, early["fc1.weight"].hessian)
+    assert torch.equal(full["embed.weight"].row_counts, early["embed.weight"].row_counts)
