@@ -38,16 +38,16 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 
 
-def table(rows, headers, floatfmt=".2f") -> str:
-    return tabulate(rows, headers=headers, tablefmt="github", floatfmt=floatfmt)
+def table(rows, headers, floatfmt=".2f", **options) -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", floatfmt=floatfmt, **options)
 
 
-def write(name: str, title: str, body: str, load_before: str) -> Path:
-    """``benchmarks/results/<name>.md``: title, command, machine and load, then ``body``."""
-    RESULTS.mkdir(exist_ok=True)
+def write(name: str, title: str, body: str, load_before: str, directory: Path = RESULTS) -> Path:
+    """``<directory>/<name>.md`` (``benchmarks/results/`` by default): title, command, machine and load, then ``body``."""
+    directory.mkdir(parents=True, exist_ok=True)
     text = (f"# {title}\n\nCommand: `{command()}`; {machine()}.\n"
             f"Load average when it started: {load_before}; when it ended: {load()}.\n\n{body.rstrip()}\n")
-    path = RESULTS / f"{name}.md"
+    path = directory / f"{name}.md"
     path.write_text(text)
     print(text)
     return path

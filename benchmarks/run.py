@@ -4,8 +4,8 @@
     python benchmarks/run.py --quick         # fewer batch sizes, shorter runs, no torch.compile
     python benchmarks/run.py linear vit_b16  # only these
 
-Results land in ``benchmarks/results/`` (Markdown tables, ``linear_cpu.png``). Timings on a shared
-machine move with its load: each table records the load average before and after it ran.
+Results land in ``benchmarks/results/`` (Markdown tables, ``linear_cpu.png``, ``quality.png``). Timings
+on a shared machine move with its load: each table records the load average before and after it ran.
 """
 
 import argparse
@@ -24,6 +24,7 @@ SCRIPTS = {
     "static_sizes": ([], []),
     "vit_b16": ([], ["--no-compile", "--min-run-time", "0.3"]),
     "opt66b": ([], ["--prompt", "4", "--new-tokens", "3"]),  # needs about 6.5 GB of memory
+    "quality": ([], ["--quick"]),  # pretrained MiniLM / EfficientNet-Lite0 / digits CNN: RPQ fits vs RTN
 }
 
 
