@@ -41,6 +41,7 @@ class LayerPlan:
     padding_rows: tuple[int, ...] = ()  # embedding rows lookups never train (padding_idx): kept at zero
     codebook_dtype: torch.dtype | None = None  # None: the weight's own dtype
     init: str = "random"  # how the RPQ weight was filled: "random", "kmeans", "kmeans+calibration"
+    error_feedback: bool = True  # a calibrated fit pushes each slice's error onto the slices after it
     fit_error: float | None = None  # after a fit: the objective (weight or output error) relative to the weight's
     param: nn.Parameter | None = field(default=None, repr=False, compare=False)
 
@@ -160,7 +161,7 @@ def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> No
         return
     plan.num_codebooks, plan.codebook_dim = split
     plan.num_codes, plan.shared_codebooks = settings.num_codes, settings.shared_codebooks
-    plan.init = settings.init
+    plan.init, plan.error_feedback = settings.init, settings.error_feedback
     if settings.codebook_dtype is not None:
         plan.codebook_dtype = getattr(torch, settings.codebook_dtype)
     dense, rpq = plan.bytes_before, plan.bytes_after

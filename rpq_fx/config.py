@@ -10,7 +10,7 @@ import torch
 __all__ = ["RPQConfig", "LayerSettings"]
 
 _SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
-_OVERRIDABLE = (*_SPLITS, "num_codes", "shared_codebooks", "init", "codebook_dtype", "skip")
+_OVERRIDABLE = (*_SPLITS, "num_codes", "shared_codebooks", "init", "codebook_dtype", "error_feedback", "skip")
 INITS = ("random", "kmeans")
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -37,6 +37,7 @@ class LayerSettings:
     shared_codebooks: bool
     init: str = "random"
     codebook_dtype: str | None = None
+    error_feedback: bool = True
 
     def split(self, row_len: int) -> tuple[int, int] | str:
         """``(num_codebooks, codebook_dim)`` for a row of ``row_len`` values, or why it can't be split."""
@@ -61,7 +62,10 @@ class RPQConfig:
     ``init``: ``"random"`` (the RPQ default: train from scratch) or ``"kmeans"`` (fit the codebooks
     and codes to the model's trained weights; data-aware when ``convert`` gets ``calibration``).
     ``codebook_dtype``: store codebooks as ``"float16"`` / ``"bfloat16"`` (expanded in the weight's
-    own dtype); None keeps the weight's dtype. ``overrides`` maps fnmatch patterns, tried against a weight's name (``"blocks.0.mlp.fc1.weight"``)
+    own dtype); None keeps the weight's dtype. ``error_feedback``: in a calibrated fit, push each
+    quantised slice's output error onto the slices not yet quantised (GPTQ's update); it made
+    EfficientNet-Lite0 much better and BERT's FFN output projections much worse, so it can be
+    turned off per layer. ``overrides`` maps fnmatch patterns, tried against a weight's name (``"blocks.0.mlp.fc1.weight"``)
     and its layer's name (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the
     layers they match (later patterns win); ``{"skip": True}`` leaves a layer dense.
     """
@@ -73,6 +77,7 @@ class RPQConfig:
     shared_codebooks: bool = False
     init: str = "random"
     codebook_dtype: str | None = None
+    error_feedback: bool = True
     checkpoint: bool = False
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -107,6 +112,8 @@ class RPQConfig:
         if values["codebook_dtype"] is not None and values["codebook_dtype"] not in CODEBOOK_DTYPES:
             raise ValueError(f"{where}: codebook_dtype must be None or one of {list(CODEBOOK_DTYPES)}, "
                              f"got {values['codebook_dtype']!r}")
+        if not isinstance(values["error_feedback"], bool):
+            raise ValueError(f"{where}: error_feedback must be a bool, got {values['error_feedback']!r}")
         if not isinstance(values["checkpoint"], bool):
             raise ValueError(f"{where}: checkpoint must be a bool, got {values['checkpoint']!r}")
         _check_int(where, "seed", values["seed"], 0)

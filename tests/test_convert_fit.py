@@ -191,3 +191,17 @@ def test_a_fitted_half_precision_model_saves_and_loads_bit_identical(classifier,
     assert torch.equal(loaded(x), rpq(x))
     assert loaded.fc1.weight.codebooks.dtype == torch.float16
     assert {layer.name: layer.init for layer in loaded.rpq_layers} == {layer.name: layer.init for layer in rpq.rpq_layers}
+
+
+def test_error_feedback_is_a_per_layer_setting(classifier):
+    calibration = [inputs(seed) for seed in range(20, 22)]
+    config = rpq_fx.RPQConfig(codebook_dim=8, shared_codebooks=True, init="kmeans",
+                              overrides={"fc1": {"error_feedback": False}})
+    off = rpq_fx.convert(classifier, config=config, calibration=calibration, progress=False)
+    on = rpq_fx.convert(classifier, codebook_dim=8, shared_codebooks=True, init="kmeans", calibration=calibration,
+                        progress=False)
+    flags = {layer.name: layer.error_feedback for layer in off.rpq_layers if layer.converted}
+    assert flags == {"fc1.weight": False, "fc2.weight": True}
+    assert not torch.equal(off.fc1.weight.codes, on.fc1.weight.codes)
+    with pytest.raises(ValueError, match="error_feedback must be a bool"):
+        rpq_fx.RPQConfig(codebook_dim=8, error_feedback="no")

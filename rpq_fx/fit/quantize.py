@@ -70,6 +70,14 @@ def _inverse_factor(hessian: Tensor) -> Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
+def _diagonal_factor(hessian: Tensor) -> Tensor:
+    """The factor of the damped diagonal of ``H`` alone: each input weighted by its own energy, no
+    slice's error pushed onto another."""
+    diagonal = hessian.diagonal().clamp_min(0)
+    diagonal = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
+    return torch.diag((diagonal + _DAMP * diagonal.mean()).rsqrt())
+
+
 def _sequential(rows: Tensor, factor: Tensor, codebooks: Tensor | None, num_codebooks: int, k: int,
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Quantise the slices codebook by codebook under the ``H⁻¹`` metric with GPTQ's error feedback;
@@ -128,9 +136,10 @@ def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, metric: Cal
 
 
 def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, hessian: Tensor | None = None,
-             row_weights: Tensor | None = None, seed: int = 0) -> FitResult:
+             row_weights: Tensor | None = None, error_feedback: bool = True, seed: int = 0) -> FitResult:
     """Fit codebooks and codes to ``rows [N, C*d]``; ``hessian [C*d, C*d]`` (``XᵀX`` of the layer's
     inputs) or ``row_weights [N]`` make the fit data-aware (see the module docstring).
+    ``error_feedback=False`` quantises each slice under ``H``'s diagonal alone, pushing nothing on.
 
     Input-aware fits of a shared codebook run two rounds (the second re-quantises with the solved
     codebook); with a codebook per slice position one round, as a second did not help on the
@@ -149,7 +158,7 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     elif hessian is not None:
         h = hessian.double()
         metric = lambda r: r @ h  # noqa: E731
-        factor = _inverse_factor(h)
+        factor = _inverse_factor(h) if error_feedback else _diagonal_factor(h)
         for _ in range(2 if shared else 1):
             codebooks, codes = _sequential(work, factor, codebooks if shared else None, num_codebooks,
                                            num_codes, generator)

@@ -114,3 +114,16 @@ def test_row_weights_favour_the_rows_that_are_looked_up():
         return float((weight[rows] - expand_reference(fit.codebooks, fit.codes).float()[rows]).square().mean())
 
     assert error(weighted, slice(0, 10)) < 0.5 * error(plain, slice(0, 10))
+
+
+def test_error_feedback_lowers_the_calibration_error_and_can_be_turned_off():
+    weight = torch.randn(512, 64, generator=torch.Generator().manual_seed(9)) * 0.05
+    x = correlated_inputs(2048, 64, seed=10)
+    hessian = (x.t() @ x).double()
+    with_feedback = fit_rows(weight, 16, 64, True, hessian=hessian)
+    without = fit_rows(weight, 16, 64, True, hessian=hessian, error_feedback=False)
+    assert with_feedback.error < 0.9 * without.error
+    plain = fit_rows(weight, 16, 64, True)
+    # without feedback the fit still weighs inputs by their energy: better than plain k-means on X
+    assert output_error(x, weight, without.codebooks, without.codes) < output_error(x, weight, plain.codebooks,
+                                                                                     plain.codes)
