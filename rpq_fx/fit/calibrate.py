@@ -1,8 +1,10 @@
 """Calibration: what each layer of the dense model sees, gathered with forward hooks.
 
-A linear or convolution layer gets ``H = Σ x xᵀ`` over its input rows (a convolution's input
-patches, in the order of its weight's rows); an embedding gets how often each row was looked up.
-These make the fit minimise the layer's output error instead of its weight error.
+A linear or convolution layer gets ``H = Σ x xᵀ / ||W x||²`` over its input rows (a token, a
+convolution's input patch, in the order of its weight's rows): the fit then minimises each row's
+output error relative to that row's dense output, so a few tokens with massive outputs (BERT's)
+cannot outweigh all the others. An embedding gets how often each row was looked up. Positions a
+dict input's ``attention_mask`` marks as padding are left out.
 """
 
 import math
@@ -19,6 +21,7 @@ from ..passes import LayerPlan
 __all__ = ["LayerStats", "collect_stats", "call_groups", "run_inputs"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MIN_ENERGY = 0.01  # of the median: an input row weighs at most 100x a typical one (robust to massive rows)
 
 
 @dataclass
@@ -28,9 +31,13 @@ class LayerStats:
     hessian: Tensor | None = None  # [row length, row length], float64
     row_counts: Tensor | None = None  # [rows], float64
 
-    def add_inputs(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        update = x.t() @ x
+    def add_inputs(self, x: Tensor, energy: Tensor) -> None:
+        """Add input rows ``x [M, row length]`` weighted by one over their dense outputs' energy ``[M]``."""
+        x = x.detach().double()
+        energy = energy.detach().double()
+        # reason: a row whose output is (almost) zero would otherwise weigh without bound
+        weight = 1 / energy.clamp_min(_MIN_ENERGY * energy.median()).clamp_min(torch.finfo(torch.float64).tiny)
+        update = (x.t() * weight) @ x
         self.hessian = update if self.hessian is None else self.hessian.add_(update)
 
     def add_lookups(self, indices: Tensor, rows: int) -> None:
@@ -39,8 +46,8 @@ class LayerStats:
 
 
 def _patches(layer: nn.Module, x: Tensor) -> Tensor:
-    """``[positions, in/groups * prod(kernel)]`` input patches of a convolution, averaged over its
-    groups (every group's rows then share one ``H``, an approximation where groups > 1)."""
+    """``[positions * groups, in/groups * prod(kernel)]`` input patches of a convolution, each group's
+    its own row (every group's weight rows then share one ``H``, an approximation where groups > 1)."""
     dims = len(layer.kernel_size)
     if isinstance(layer.padding, str):  # "valid" or "same"
         pad = [0] * dims if layer.padding == "valid" else [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
@@ -59,16 +66,47 @@ def _patches(layer: nn.Module, x: Tensor) -> Tensor:
     return x.permute(order).reshape(-1, channels // groups * math.prod(layer.kernel_size))
 
 
-def _observer(layer: nn.Module, plan: LayerPlan, stats: LayerStats):
-    """A forward pre-hook adding one call's input to ``stats``, or None for a layer kind with no such statistic."""
+def _conv_inputs(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A convolution's input patches and the energy of each one's output (its group's channels)."""
+    patches = _patches(layer, x)
+    rows = layer.weight.detach().reshape(layer.groups, layer.out_channels // layer.groups, -1)
+    grouped = patches.view(-1, layer.groups, patches.shape[-1])
+    energy = torch.einsum("mgi,goi->mgo", grouped, rows).pow(2).sum(-1)
+    return patches, energy.reshape(-1)
+
+
+def _linear_inputs(x: Tensor, rows: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A linear layer's input rows (padding positions dropped) and the energy of each one's output."""
+    if keep is not None and x.dim() >= 3 and x.shape[:2] == keep.shape:
+        x = x[keep]
+    x = x.reshape(-1, x.shape[-1])
+    return x, (x @ rows.detach().t()).pow(2).sum(-1)
+
+
+def _observer(layer: nn.Module, plan: LayerPlan, stats: LayerStats, mask: dict):
+    """A forward pre-hook adding one call's input to ``stats``, or None for a layer kind with no such
+    statistic; ``mask["keep"]`` is the current item's non-padding positions ``[batch, length]``, or None."""
     if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
-        return lambda module, args, kwargs: stats.add_lookups(kwargs.get("input", args[0] if args else None),
-                                                              plan.shape[0])
+        def lookups(module, args, kwargs):
+            indices, keep = kwargs.get("input", args[0] if args else None), mask["keep"]
+            stats.add_lookups(indices[keep] if keep is not None and indices.shape == keep.shape else indices,
+                              plan.shape[0])
+        return lookups
     if isinstance(layer, _CONV):
-        return lambda module, args, kwargs: stats.add_inputs(_patches(module, kwargs.get("input", args[0])))
-    if isinstance(layer, nn.Linear) or (plan.transposed and type(layer).__name__ == "Conv1D"):  # GPT-2's Conv1D
-        return lambda module, args, kwargs: stats.add_inputs(kwargs.get("input", args[0] if args else kwargs.get("x")))
+        return lambda module, args, kwargs: stats.add_inputs(*_conv_inputs(module, kwargs.get("input", args[0])))
+    if isinstance(layer, nn.Linear):
+        return lambda module, args, kwargs: stats.add_inputs(
+            *_linear_inputs(kwargs.get("input", args[0] if args else None), module.weight, mask["keep"]))
+    if plan.transposed and type(layer).__name__ == "Conv1D":  # GPT-2's Conv1D: weight [in, out]
+        return lambda module, args, kwargs: stats.add_inputs(
+            *_linear_inputs(args[0] if args else kwargs.get("x"), module.weight.t(), mask["keep"]))
     return None
+
+
+def _padding_mask(inputs) -> Tensor | None:
+    """The non-padding positions of a dict calibration item (its ``attention_mask``), else None."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
 def run_inputs(model: nn.Module, inputs, device: torch.device | None = None):
@@ -94,7 +132,7 @@ class _Enough(Exception):
 
 
 def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], hooks: list, progress: bool,
-         before_item=lambda: None) -> None:
+         before_item=lambda inputs: None) -> None:
     """Run ``model`` in eval mode without grad on every calibration item, with ``hooks``
     (``(layer, pre-hook)``) attached and the parameters in ``replaced`` swapped in
     (``torch.func.functional_call``), leaving its modes and tensors as they were. A hook may
@@ -106,7 +144,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
         model.eval()
         with torch.no_grad():
             for inputs in tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2, disable=not progress):
-                before_item()
+                before_item(inputs)
                 try:
                     if replaced:
                         args, kwargs = ((), inputs) if isinstance(inputs, dict) else (
@@ -152,7 +190,7 @@ def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[
         return hook
 
     hooks = [(layer, watcher(plan)) for plan in plans if plan.converted
-             for layer in _layers(model, plan) if _observer(layer, plan, LayerStats()) is not None]
+             for layer in _layers(model, plan) if _observer(layer, plan, LayerStats(), {}) is not None]
     _run(model, [inputs], {}, hooks, progress=False)
     return groups, {name for name, calls in seen.items() if calls == 1}
 
@@ -171,6 +209,7 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
     stats: dict[str, LayerStats] = {}
     hooks = []
     pending: set[str] = set()
+    mask = {"keep": None}
 
     def watched(plan: LayerPlan, observe):
         def hook(module, args, kwargs):
@@ -182,11 +221,17 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
 
     for plan in (p for p in plans if p.converted):
         for layer in _layers(model, plan):
-            observe = _observer(layer, plan, stats.setdefault(plan.name, LayerStats()))
+            observe = _observer(layer, plan, stats.setdefault(plan.name, LayerStats()), mask)
             if observe is not None:
                 hooks.append((layer, watched(plan, observe)))
     names = {plan.name for plan in plans if plan.converted}
-    _run(model, calibration, replaced or {}, hooks, progress, before_item=lambda: pending.update(names))
+
+    def before_item(inputs):
+        pending.update(names)
+        keep = _padding_mask(inputs)
+        mask["keep"] = None if keep is None else keep.to(next((p.device for p in model.parameters()), keep.device))
+
+    _run(model, calibration, replaced or {}, hooks, progress, before_item=before_item)
     for value in stats.values():
         if value.hessian is not None:
             value.row_counts = None

@@ -9,7 +9,7 @@ from torch import nn
 
 import rpq_fx
 from rpq_fx.fit import collect_stats
-from rpq_fx.fit.calibrate import _patches, call_groups
+from rpq_fx.fit.calibrate import _conv_inputs, _patches, call_groups
 from rpq_fx.passes import capture, plan_conversion
 
 
@@ -27,6 +27,16 @@ def test_patches_times_the_weight_rows_are_the_convolution(layer, shape):
     bias = 0 if layer.bias is None else layer.bias.detach()
     expected = out.movedim(1, -1).reshape(-1, layer.out_channels) - bias
     assert torch.allclose(patches @ rows.t(), expected, atol=1e-5)
+
+
+def relative_hessian(x: torch.Tensor, weight: torch.Tensor, calls: int) -> torch.Tensor:
+    """``Σ x xᵀ / ||W x||²`` over the rows of ``x`` (one call's rows after another), the energy
+    floored at 1% of its median in each call, as documented."""
+    total = 0
+    for chunk in x.double().chunk(calls):
+        energy = (chunk @ weight.detach().double().t()).pow(2).sum(1)
+        total = total + (chunk.t() / energy.clamp_min(0.01 * energy.median())) @ chunk
+    return total
 
 
 class Net(nn.Module):
@@ -57,8 +67,8 @@ def test_statistics_are_the_inputs_each_layer_saw_and_the_model_is_untouched():
     with torch.no_grad():
         x = torch.cat([net.embed(b).mean(1) for b in batches]).double()
         hidden = torch.cat([net.norm(net.fc1(net.embed(b).mean(1))) for b in batches]).double()
-    assert torch.allclose(stats["fc1.weight"].hessian, x.t() @ x, atol=1e-6)
-    assert torch.allclose(stats["fc2.weight"].hessian, hidden.t() @ hidden, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(stats["fc1.weight"].hessian, relative_hessian(x, net.fc1.weight, 3), atol=1e-6)
+    assert torch.allclose(stats["fc2.weight"].hessian, relative_hessian(hidden, net.fc2.weight, 3), rtol=1e-5, atol=1e-4)
 
 
 def test_replaced_parameters_change_what_later_layers_see_and_layers_are_grouped_by_input():
@@ -72,7 +82,7 @@ def test_replaced_parameters_change_what_later_layers_see_and_layers_are_grouped
     stats = collect_stats(net, plans, batches, replaced={"fc1.weight": zero}, progress=False)
     with torch.no_grad():
         hidden = net.norm(F.linear(net.embed(batches[0]).mean(1), zero, net.fc1.bias)).double()
-    assert torch.allclose(stats["fc2.weight"].hessian, hidden.t() @ hidden, atol=1e-5)
+    assert torch.allclose(stats["fc2.weight"].hessian, relative_hessian(hidden, net.fc2.weight, 1), atol=1e-5)
     assert not torch.equal(net.fc1.weight, zero), "the model's own weight is not touched"
 
 
@@ -88,3 +98,51 @@ def test_stopping_each_forward_at_the_last_layer_of_interest_gives_the_same_stat
     assert len(calls) == 2, "the forward ended at fc1: fc2 did not run"
     assert torch.equal(full["fc1.weight"].hessian, early["fc1.weight"].hessian)
     assert torch.equal(full["embed.weight"].row_counts, early["embed.weight"].row_counts)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_statistics_weigh_each_patch_by_its_groups_output_energy(groups):
+    layer = nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 4, 5, 5)
+    patches, energy = _conv_inputs(layer, x)
+    out = layer(x).detach().movedim(1, -1)  # [B, H, W, out]
+    expected = out.reshape(-1, groups, 6 // groups).pow(2).sum(-1).reshape(-1)
+    assert patches.shape[0] == energy.shape[0] == 2 * 25 * groups
+    assert torch.allclose(energy, expected, rtol=1e-4, atol=1e-5)
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(600, 16)
+        self.fc = nn.Linear(16, 600)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+
+
+def test_padding_positions_of_a_dict_input_are_left_out():
+    net = Tokens().eval()
+    ids = torch.randint(1, 600, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    padded = ids.clone()
+    padded[0, 4:] = 0  # whatever the padding holds must not count
+    plans = plan_conversion(capture(net), net, rpq_fx.RPQConfig(codebook_dim=4))
+    stats = collect_stats(net, plans, [{"input_ids": padded, "attention_mask": mask}], progress=False)
+    real = padded[mask.bool()]
+    assert torch.equal(stats["embed.weight"].row_counts, torch.bincount(real, minlength=600).double())
+    with torch.no_grad():
+        x = net.embed(real)
+    assert torch.allclose(stats["fc.weight"].hessian, relative_hessian(x, net.fc.weight, 1), atol=1e-6)
+
+
+def test_scaling_an_input_row_does_not_change_its_weight_in_the_statistics():
+    net = nn.Sequential(nn.Linear(16, 600, bias=False)).eval()
+    x = torch.randn(32, 16)
+    scaled = x.clone()
+    scaled[:4] *= 1000  # massive activations on a few rows
+    plans = plan_conversion(capture(net), net, rpq_fx.RPQConfig(codebook_dim=4))
+    plain = collect_stats(net, plans, [x], progress=False)["0.weight"].hessian
+    big = collect_stats(net, plans, [scaled], progress=False)["0.weight"].hessian
+    assert torch.allclose(plain, big, rtol=1e-5, atol=1e-7)  # float32 energies
