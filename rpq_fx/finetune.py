@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .fit.calibrate import run_inputs
+from .fit.calibrate import padding_mask, run_inputs
 from .nn.weight import RPQWeight
 
 __all__ = ["param_groups", "finetune", "distillation_loss"]
@@ -62,9 +62,13 @@ def _output(value) -> Tensor:
                     "pass loss= a function of the two outputs")
 
 
-def distillation_loss(student, teacher) -> Tensor:
-    """Mean squared error of the student's output tensor, relative to the teacher's mean square."""
+def distillation_loss(student, teacher, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error of the student's output tensor, relative to the teacher's mean square;
+    ``mask [batch, length]`` (an attention mask) leaves the padding positions out."""
     s, t = _output(student), _output(teacher)
+    if mask is not None and s.dim() >= 3 and s.shape[:2] == mask.shape:
+        keep = mask.to(s.device).bool()
+        s, t = s[keep], t[keep]
     return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
 
 
@@ -96,8 +100,30 @@ class _Outputs:
             handle.remove()
 
 
+class _Best:
+    """The trained parameters at the lowest validation loss seen, to put back at the end."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params, self.loss, self.values = params, float("inf"), None
+
+    def offer(self, loss: float) -> None:
+        if loss < self.loss:
+            self.loss, self.values = loss, [p.detach().clone() for p in self.params]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, value in zip(self.params, self.values or ()):
+                p.copy_(value)
+
+
+def _mean_loss(model: nn.Module, items: Sequence, targets: list, loss: Callable, device) -> float:
+    with torch.no_grad():
+        return sum(float(loss(run_inputs(model, x, device), t, x)) for x, t in zip(items, targets)) / len(items)
+
+
 def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int = 100, lr: float = 1e-4,
              loss: Callable | None = None, layers: Sequence[str] = (), layer_weight: float = 1.0,
+             validation: Iterable | None = None, validate_every: int = 10,
              optimizer: torch.optim.Optimizer | None = None, train_dense: bool = True,
              progress: bool = True) -> list[float]:
     """Train ``model`` (converted) to reproduce ``teacher`` (the dense original) on ``data``; returns the losses.
@@ -105,28 +131,45 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     ``data`` holds model inputs as for ``convert(calibration=...)`` (tensors, tuples of positional
     inputs or dicts of keyword inputs), cycled until ``steps`` are done; the teacher's outputs are
     computed once per item. ``loss(student_output, teacher_output)`` defaults to
-    :func:`distillation_loss`. ``layers`` names submodules (``"encoder.layer.3"``) whose outputs are
-    distilled too, each by :func:`distillation_loss`, their mean weighted by ``layer_weight``: they
-    must still run in the converted model (a model converted in place keeps them). Both models run in eval mode (no dropout, BatchNorm statistics
-    frozen) and get their modes back afterwards. Codes stay fixed; the codebooks and, with
-    ``train_dense``, the other floating-point parameters train, with AdamW over
-    :func:`param_groups` unless ``optimizer`` is given.
+    :func:`distillation_loss`, padding positions (an item's ``attention_mask``) left out.
+    ``layers`` names submodules (``"encoder.layer.3"``) whose outputs are distilled too, each by
+    :func:`distillation_loss`, their mean weighted by ``layer_weight``: they must still run in the
+    converted model (a model converted in place keeps them).
+    ``validation``, other inputs, guards against overfitting: ``loss`` is measured on them before
+    training and every ``validate_every`` steps, and the parameters at its lowest are put back at
+    the end (so the model is never worse there than before). Both models run in eval mode (no
+    dropout, BatchNorm statistics frozen) and get their modes back afterwards. Codes stay fixed;
+    the codebooks and, with ``train_dense``, the other floating-point parameters train, with AdamW
+    over :func:`param_groups` unless ``optimizer`` is given.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"finetune: steps must be an int >= 1, got {steps!r}")
+    if not isinstance(validate_every, int) or isinstance(validate_every, bool) or validate_every < 1:
+        raise ValueError(f"finetune: validate_every must be an int >= 1, got {validate_every!r}")
     items = data if isinstance(data, Sequence) else list(data)
+    held_out = None if validation is None else validation if isinstance(validation, Sequence) else list(validation)
     if not items:
         raise ValueError("finetune: data is empty")
-    loss = loss or distillation_loss
+    if held_out is not None and not held_out:
+        raise ValueError("finetune: validation is empty")
+    # reason: the default loss leaves out padding positions (a dict item's attention_mask), as calibration does
+    objective = ((lambda s, t, item: loss(s, t)) if loss is not None
+                 else (lambda s, t, item: distillation_loss(s, t, padding_mask(item))))
     optimizer = optimizer or torch.optim.AdamW(param_groups(model, lr, train_dense=train_dense))
     device = next((p.device for p in model.parameters()), None)
     modes = {m: m.training for m in (*model.modules(), *teacher.modules())}
     targets: dict[int, tuple] = {}
     losses = []
     student_layers, teacher_layers = _Outputs(model, layers, "converted model"), _Outputs(teacher, layers, "teacher")
+    best = _Best([p for group in optimizer.param_groups for p in group["params"]])
     try:
         model.eval()
         teacher.eval()
+        if held_out is not None:
+            with torch.no_grad():
+                held_targets = [run_inputs(teacher, x, device) for x in held_out]
+            teacher_layers.values = {}
+            best.offer(_mean_loss(model, held_out, held_targets, objective, device))
         for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
             index = step % len(items)
             if index not in targets:
@@ -135,13 +178,19 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
                     targets[index] = (out, [t.detach() for t in teacher_layers.take(layers, "teacher")])
             optimizer.zero_grad(set_to_none=True)
             out, inner = targets[index]
-            value = loss(run_inputs(model, items[index], device), out)
+            value = objective(run_inputs(model, items[index], device), out, items[index])
             if layers:
                 pairs = zip(student_layers.take(layers, "converted model"), inner)
-                value = value + layer_weight * sum(distillation_loss(s, t) for s, t in pairs) / len(layers)
+                mask = padding_mask(items[index])
+                value = value + layer_weight * sum(distillation_loss(s, t, mask) for s, t in pairs) / len(layers)
             value.backward()
             optimizer.step()
             losses.append(float(value.detach()))
+            if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
+                best.offer(_mean_loss(model, held_out, held_targets, objective, device))
+                student_layers.values = {}
+        if held_out is not None:
+            best.restore()
     finally:
         student_layers.remove()
         teacher_layers.remove()

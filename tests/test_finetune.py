@@ -38,6 +38,31 @@ def test_finetune_lowers_the_held_out_distillation_loss_and_trains_only_codebook
     assert student.training and not teacher.training, "modes are given back"
 
 
+def test_validation_puts_back_the_parameters_at_the_lowest_held_out_loss():
+    teacher = mlp()
+    fitted = rpq_fx.convert(teacher, codebook_dim=8, shared_codebooks=True, init="kmeans", progress=False)
+    g = torch.Generator().manual_seed(2)
+    data, validation = list(torch.randn(64, 32, generator=g).split(32)), list(torch.randn(64, 32, generator=g).split(32))
+
+    def held_out(model):
+        with torch.no_grad():
+            return sum(float(rpq_fx.distillation_loss(model(x), teacher(x))) for x in validation) / len(validation)
+
+    start = held_out(fitted)
+    blind, guarded = copy.deepcopy(fitted), copy.deepcopy(fitted)
+    rpq_fx.finetune(blind, teacher, data, steps=12, lr=0.5, progress=False)  # a rate that wrecks the fit
+    assert held_out(blind) > 2 * start
+    rpq_fx.finetune(guarded, teacher, data, steps=12, lr=0.5, validation=validation, validate_every=4, progress=False)
+    assert held_out(guarded) == pytest.approx(start), "no validated state beat the start: the start is put back"
+    gentle = copy.deepcopy(fitted)
+    rpq_fx.finetune(gentle, teacher, data, steps=20, lr=1e-3, validation=validation, validate_every=5, progress=False)
+    assert held_out(gentle) < start, "an improving run keeps its improvement"
+    with pytest.raises(ValueError, match="validate_every must be an int >= 1, got 0"):
+        rpq_fx.finetune(gentle, teacher, data, steps=1, validation=validation, validate_every=0)
+    with pytest.raises(ValueError, match="validation is empty"):
+        rpq_fx.finetune(gentle, teacher, data, steps=1, validation=[])
+
+
 def test_param_groups_hold_every_codebook_once_with_sgd_rates_scaled_by_uses():
     class Tied(nn.Module):
         def __init__(self):
@@ -85,3 +110,12 @@ def test_per_layer_distillation_on_a_model_converted_in_place_and_a_clear_error_
     flat = rpq_fx.convert(flat_teacher, codebook_dim=8, progress=False)  # one fx graph: its submodules never run
     with pytest.raises(ValueError, match=r"layers \['0'\] were not called in the converted model"):
         rpq_fx.finetune(flat, flat_teacher, [torch.randn(2, 32)], steps=1, layers=["0"], progress=False)
+
+
+def test_the_default_loss_leaves_padding_positions_out():
+    teacher = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    student = teacher.clone()
+    student[1, 2] = 100.0  # a padding position: whatever it holds must not count
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert rpq_fx.distillation_loss(student, teacher, mask) == 0
+    assert rpq_fx.distillation_loss(student, teacher) > 0

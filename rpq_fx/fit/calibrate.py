@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..passes import LayerPlan
 
-__all__ = ["LayerStats", "collect_stats", "call_groups", "run_inputs"]
+__all__ = ["LayerStats", "collect_stats", "call_groups", "padding_mask", "run_inputs"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MIN_ENERGY = 0.01  # of the median: an input row weighs at most 100x a typical one (robust to massive rows)
@@ -103,7 +103,7 @@ def _observer(layer: nn.Module, plan: LayerPlan, stats: LayerStats, mask: dict):
     return None
 
 
-def _padding_mask(inputs) -> Tensor | None:
+def padding_mask(inputs) -> Tensor | None:
     """The non-padding positions of a dict calibration item (its ``attention_mask``), else None."""
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
@@ -228,7 +228,7 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
 
     def before_item(inputs):
         pending.update(names)
-        keep = _padding_mask(inputs)
+        keep = padding_mask(inputs)
         mask["keep"] = None if keep is None else keep.to(next((p.device for p in model.parameters()), keep.device))
 
     _run(model, calibration, replaced or {}, hooks, progress, before_item=before_item)

@@ -127,3 +127,14 @@ def test_error_feedback_lowers_the_calibration_error_and_can_be_turned_off():
     # without feedback the fit still weighs inputs by their energy: better than plain k-means on X
     assert output_error(x, weight, without.codebooks, without.codes) < output_error(x, weight, plain.codebooks,
                                                                                      plain.codes)
+
+
+def test_scalar_sharing_keeps_outlier_weights_a_sample_would_miss():
+    # 786k weights within about ±0.2 and two outliers: the codewords are learnt on 64 per codeword,
+    # and a random sample of those would hold neither outlier, clipping both to the bulk's range
+    weight = torch.randn(512, 1536, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight[3, 7], weight[100, 5] = 7.9, -6.0
+    fit = fit_rows(weight, 1536, 256, True)
+    rebuilt = expand_reference(fit.codebooks, fit.codes)
+    assert rebuilt[3, 7] == pytest.approx(7.9, rel=1e-3) and rebuilt[100, 5] == pytest.approx(-6.0, rel=1e-3)
+    assert fit.error < 1e-3  # the bulk is well served too (clipping both outliers alone costs 0.04)
