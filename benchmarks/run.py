@@ -1,6 +1,6 @@
 """Run the benchmark suite: each script in its own process, each against the dense baseline.
 
-    python benchmarks/run.py                 # everything (about 20 minutes on 2 CPU cores)
+    python benchmarks/run.py                 # everything (about an hour on 2 CPU cores)
     python benchmarks/run.py --quick         # fewer batch sizes, shorter runs, no torch.compile
     python benchmarks/run.py linear vit_b16  # only these
 
@@ -25,6 +25,7 @@ SCRIPTS = {
     "vit_b16": ([], ["--no-compile", "--min-run-time", "0.3"]),
     "opt66b": ([], ["--prompt", "4", "--new-tokens", "3"]),  # needs about 6.5 GB of memory
     "quality": ([], ["--quick"]),  # pretrained MiniLM / EfficientNet-Lite0 / digits CNN: RPQ fits vs RTN
+    "minilm_low_bits": ([], ["--steps", "2"]),  # MiniLM at about 2 bits: per-group loss, mixed configurations
 }
 
 

