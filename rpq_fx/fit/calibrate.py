@@ -109,14 +109,19 @@ def padding_mask(inputs) -> Tensor | None:
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-def run_inputs(model: nn.Module, inputs, device: torch.device | None = None):
-    """Call ``model`` on one calibration item: a tensor, a tuple of positional inputs or a dict of keywords."""
+def _arguments(inputs, device) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of one calibration item (a tensor, a tuple of positional inputs or a dict
+    of keywords), its tensors moved to ``device``."""
     move = (lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t)
     if isinstance(inputs, dict):
-        return model(**{k: move(v) for k, v in inputs.items()})
-    if isinstance(inputs, (tuple, list)):
-        return model(*map(move, inputs))
-    return model(move(inputs))
+        return (), {k: move(v) for k, v in inputs.items()}
+    return tuple(map(move, inputs if isinstance(inputs, (tuple, list)) else (inputs,))), {}
+
+
+def run_inputs(model: nn.Module, inputs, device: torch.device | None = None):
+    """Call ``model`` on one calibration item: a tensor, a tuple of positional inputs or a dict of keywords."""
+    args, kwargs = _arguments(inputs, device)
+    return model(*args, **kwargs)
 
 
 def _layers(model: nn.Module, plan: LayerPlan):
@@ -147,10 +152,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
                 before_item(inputs)
                 try:
                     if replaced:
-                        args, kwargs = ((), inputs) if isinstance(inputs, dict) else (
-                            (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {})
-                        torch.func.functional_call(model, replaced, _moved(args, device), _moved(kwargs, device),
-                                                   strict=False)
+                        torch.func.functional_call(model, replaced, *_arguments(inputs, device), strict=False)
                     else:
                         run_inputs(model, inputs, device)
                 except _Enough:
@@ -160,11 +162,6 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
             handle.remove()
         for module, training in modes.items():
             module.training = training
-
-
-def _moved(values, device):
-    move = (lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t)
-    return {k: move(v) for k, v in values.items()} if isinstance(values, dict) else tuple(map(move, values))
 
 
 def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[list[LayerPlan]], set[str]]:
