@@ -63,11 +63,11 @@ class RPQConfig:
     and codes to the model's trained weights; data-aware when ``convert`` gets ``calibration``).
     ``codebook_dtype``: store codebooks as ``"float16"`` / ``"bfloat16"`` (expanded in the weight's
     own dtype); None keeps the weight's dtype. ``error_feedback``: in a calibrated fit, push each
-    quantised slice's output error onto the slices not yet quantised (GPTQ's update); it made
-    EfficientNet-Lite0 much better and BERT's FFN output projections much worse, so it can be
-    turned off per layer. ``overrides`` maps fnmatch patterns, tried against a weight's name (``"blocks.0.mlp.fc1.weight"``)
-    and its layer's name (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the
-    layers they match (later patterns win); ``{"skip": True}`` leaves a layer dense.
+    quantised slice's output error onto the slices not yet quantised (GPTQ's update; it makes
+    EfficientNet-Lite0 much better), or not, per layer. ``overrides`` maps fnmatch patterns, tried
+    against a weight's name (``"blocks.0.mlp.fc1.weight"``) and its layer's name
+    (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the layers they match
+    (later patterns win); ``{"skip": True}`` leaves a layer dense.
     """
 
     num_codebooks: int | None = None

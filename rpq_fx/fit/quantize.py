@@ -6,8 +6,8 @@ Three objectives, one representation (``codebooks [G, K, d]``, ``codes [C, N]``)
   over all slices for a shared codebook);
 - row-weighted (an embedding): ``Σ_n f_n ||w_n - ŵ_n||²`` with ``f_n`` how often row ``n`` was
   looked up, by weighted k-means;
-- input-aware (a linear or conv layer): the output error ``||X (W - Ŵ)ᵀ||² = tr(Δ H Δᵀ)`` with
-  ``H = XᵀX``. Slices are quantised one codebook at a time, left to right, each under the metric
+- input-aware (a linear or conv layer): the output error ``tr(Δ H Δᵀ)`` for a Gram matrix ``H`` of
+  its inputs (``XᵀX``; calibration weighs each input row by its output, see ``calibrate``). Slices are quantised one codebook at a time, left to right, each under the metric
   that the inverse of ``H`` gives it, the error of every quantised slice pushed onto the slices
   not yet quantised (GPTQ's update, for vectors as in GPTVQ); a codebook of its own is fitted
   right before its slices are, in that metric. The codebooks are then solved exactly for the
