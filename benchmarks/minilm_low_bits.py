@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, load, table, write  # noqa: E402
 from _quality import data, methods, tasks  # noqa: E402
@@ -47,10 +45,9 @@ def sensitivity(task) -> list[list]:
     total = sum(p.numel() for p in task.weights.values())
     for group, pattern in GROUPS.items():
         chosen = {name for name in task.weights if re.search(pattern, name)}
-        keep = (lambda layer, name, chosen=chosen:  # as methods._filter, for this group only
-                (name if isinstance(layer, torch.nn.Parameter) else f"{name}.weight") in chosen)
         model = rpq_fx.convert(task.model, codebook_dim=4, shared_codebooks=True, init="kmeans",
-                               calibration=task.calibration, filter_fn=keep, progress=False).eval()
+                               calibration=task.calibration, filter_fn=methods.weight_filter(chosen),
+                               progress=False).eval()
         share = sum(task.weights[name].numel() for name in chosen) / total
         rows.append([group, len(chosen), share, task.evaluate(model)["cosine"]])
         print(rows[-1], flush=True)
@@ -76,7 +73,7 @@ def main() -> None:
     for name, config in CONFIGS.items():
         start = time.perf_counter()
         model = rpq_fx.convert(task.model, config=rpq_fx.RPQConfig.from_dict(config), calibration=task.calibration,
-                               filter_fn=methods._filter(task), progress=False).eval()
+                               filter_fn=methods.weight_filter(task.weights), progress=False).eval()
         convert_s = time.perf_counter() - start
         bits = rpq_fx.report(model).totals["bits_per_weight"]
         fitted = task.evaluate(model)

@@ -15,7 +15,7 @@ INITS = ("random", "kmeans")
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-def _check_int(where: str, name: str, value: Any, low: int, high: int | None = None) -> None:
+def check_int(where: str, name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         accepted = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
         raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}")
@@ -103,8 +103,8 @@ class RPQConfig:
         if len(splits) != 1:
             raise ValueError(f"{where}: set exactly one of {', '.join(_SPLITS)}; got "
                              f"{', '.join(f'{n}={values[n]}' for n in splits) if splits else 'none'}")
-        _check_int(where, splits[0], values[splits[0]], 1)
-        _check_int(where, "num_codes", values["num_codes"], 2, 65536)
+        check_int(where, splits[0], values[splits[0]], 1)
+        check_int(where, "num_codes", values["num_codes"], 2, 65536)
         if not isinstance(values["shared_codebooks"], bool):
             raise ValueError(f"{where}: shared_codebooks must be a bool, got {values['shared_codebooks']!r}")
         if values["init"] not in INITS:
@@ -116,7 +116,7 @@ class RPQConfig:
             raise ValueError(f"{where}: error_feedback must be a bool, got {values['error_feedback']!r}")
         if not isinstance(values["checkpoint"], bool):
             raise ValueError(f"{where}: checkpoint must be a bool, got {values['checkpoint']!r}")
-        _check_int(where, "seed", values["seed"], 0)
+        check_int(where, "seed", values["seed"], 0)
 
     @staticmethod
     def _apply(values: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

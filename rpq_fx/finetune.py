@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .fit.calibrate import padding_mask, run_inputs
+from .config import check_int
+from .fit.calibrate import drop_padding, padding_mask, run_inputs
 from .nn.weight import RPQWeight
 
 __all__ = ["param_groups", "finetune", "distillation_loss"]
@@ -66,9 +67,8 @@ def distillation_loss(student, teacher, mask: Tensor | None = None) -> Tensor:
     """Mean squared error of the student's output tensor, relative to the teacher's mean square;
     ``mask [batch, length]`` (an attention mask) leaves the padding positions out."""
     s, t = _output(student), _output(teacher)
-    if mask is not None and s.dim() >= 3 and s.shape[:2] == mask.shape:
-        keep = mask.to(s.device).bool()
-        s, t = s[keep], t[keep]
+    keep = None if mask is None else mask.bool()
+    s, t = drop_padding(s, keep), drop_padding(t, keep)
     return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
 
 
@@ -142,10 +142,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     the codebooks and, with ``train_dense``, the other floating-point parameters train, with AdamW
     over :func:`param_groups` unless ``optimizer`` is given.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"finetune: steps must be an int >= 1, got {steps!r}")
-    if not isinstance(validate_every, int) or isinstance(validate_every, bool) or validate_every < 1:
-        raise ValueError(f"finetune: validate_every must be an int >= 1, got {validate_every!r}")
+    check_int("finetune", "steps", steps, 1)
+    check_int("finetune", "validate_every", validate_every, 1)
     items = data if isinstance(data, Sequence) else list(data)
     held_out = None if validation is None else validation if isinstance(validation, Sequence) else list(validation)
     if not items:

@@ -3,6 +3,7 @@
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -43,10 +44,10 @@ RTN_METHOD = "RTN (per-row int)"
 VALIDATE_EVERY = 5  # fine-tuning steps between validations
 
 
-def _filter(task: Task):
-    """The ``filter_fn`` that lets through exactly ``task.weights``: asked with a layer and its name,
-    or with a weight read by a functional op and the weight's own name."""
-    names = set(task.weights)
+def weight_filter(weights) -> Callable:
+    """The ``filter_fn`` that lets through exactly the weights named in ``weights``: asked with a
+    layer and its name, or with a weight read by a functional op and the weight's own name."""
+    names = set(weights)
     return lambda layer, name: (name if isinstance(layer, nn.Parameter) else f"{name}.weight") in names
 
 
@@ -89,7 +90,7 @@ def _convert(task: Task, size: Size, spec: dict, seed: int) -> tuple[nn.Module, 
     start = time.perf_counter()
     model = rpq_fx.convert(task.model, codebook_dim=size.codebook_dim, num_codes=size.num_codes, shared_codebooks=True,
                            init=spec["init"], calibration=task.calibration if spec.get("calibration") else None,
-                           filter_fn=_filter(task), seed=seed, progress=False).eval()
+                           filter_fn=weight_filter(task.weights), seed=seed, progress=False).eval()
     return model, time.perf_counter() - start
 
 

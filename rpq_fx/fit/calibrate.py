@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..passes import LayerPlan
 
-__all__ = ["LayerStats", "collect_stats", "call_groups", "padding_mask", "run_inputs"]
+__all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask", "run_inputs"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MIN_ENERGY = 0.01  # of the median: an input row weighs at most 100x a typical one (robust to massive rows)
@@ -75,10 +75,18 @@ def _conv_inputs(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return patches, energy.reshape(-1)
 
 
+def drop_padding(x: Tensor, keep: Tensor | None, *, features: bool = True) -> Tensor:
+    """``x`` without the positions ``keep [batch, length]`` marks False, where ``x`` is laid out
+    ``[batch, length, features...]`` (or, ``features=False``, exactly ``[batch, length]``, as token
+    ids are); anything else, or ``keep=None``, as it is."""
+    if keep is None or x.shape[:2] != keep.shape or (x.dim() < 3 if features else x.dim() != 2):
+        return x
+    return x[keep.to(x.device)]
+
+
 def _linear_inputs(x: Tensor, rows: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
     """A linear layer's input rows (padding positions dropped) and the energy of each one's output."""
-    if keep is not None and x.dim() >= 3 and x.shape[:2] == keep.shape:
-        x = x[keep]
+    x = drop_padding(x, keep)
     x = x.reshape(-1, x.shape[-1])
     return x, (x @ rows.detach().t()).pow(2).sum(-1)
 
@@ -88,9 +96,8 @@ def _observer(layer: nn.Module, plan: LayerPlan, stats: LayerStats, mask: dict):
     statistic; ``mask["keep"]`` is the current item's non-padding positions ``[batch, length]``, or None."""
     if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
         def lookups(module, args, kwargs):
-            indices, keep = kwargs.get("input", args[0] if args else None), mask["keep"]
-            stats.add_lookups(indices[keep] if keep is not None and indices.shape == keep.shape else indices,
-                              plan.shape[0])
+            indices = kwargs.get("input", args[0] if args else None)
+            stats.add_lookups(drop_padding(indices, mask["keep"], features=False), plan.shape[0])
         return lookups
     if isinstance(layer, _CONV):
         return lambda module, args, kwargs: stats.add_inputs(*_conv_inputs(module, kwargs.get("input", args[0])))
@@ -225,8 +232,7 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
 
     def before_item(inputs):
         pending.update(names)
-        keep = padding_mask(inputs)
-        mask["keep"] = None if keep is None else keep.to(next((p.device for p in model.parameters()), keep.device))
+        mask["keep"] = padding_mask(inputs)
 
     _run(model, calibration, replaced or {}, hooks, progress, before_item=before_item)
     for value in stats.values():

@@ -7,9 +7,9 @@ Three objectives, one representation (``codebooks [G, K, d]``, ``codes [C, N]``)
 - row-weighted (an embedding): ``Σ_n f_n ||w_n - ŵ_n||²`` with ``f_n`` how often row ``n`` was
   looked up, by weighted k-means;
 - input-aware (a linear or conv layer): the output error ``tr(Δ H Δᵀ)`` for a Gram matrix ``H`` of
-  its inputs (``XᵀX``; calibration weighs each input row by its output, see ``calibrate``). Slices are quantised one codebook at a time, left to right, each under the metric
-  that the inverse of ``H`` gives it, the error of every quantised slice pushed onto the slices
-  not yet quantised (GPTQ's update, for vectors as in GPTVQ); a codebook of its own is fitted
+  its inputs (``XᵀX``; calibration weighs each input row by its output, see ``calibrate``). Slices
+  are quantised one codebook at a time, left to right, each under the metric that the inverse of
+  ``H`` gives it, the error of every quantised slice pushed onto the slices not yet quantised (GPTQ's update, for vectors as in GPTVQ); a codebook of its own is fitted
   right before its slices are, in that metric. The codebooks are then solved exactly for the
   chosen codes (conjugate gradients on the quadratic in the codebooks).
 """
@@ -76,22 +76,25 @@ def _plain(slices: Tensor, k: int, shared: bool, row_weights: Tensor | None,
     return _kmeans(slices.transpose(0, 1), k, weights, generator)
 
 
-def _inverse_factor(hessian: Tensor) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``), ``H`` damped, as GPTQ uses it."""
+def _damped(hessian: Tensor) -> Tensor:
+    """``H`` as GPTQ uses it: inputs that never carried energy get 1 on the diagonal, and
+    ``_DAMP`` of the mean diagonal is added to it."""
     h = hessian.clone()
-    dead = h.diagonal() <= 0
-    h.diagonal()[dead] = 1
+    h.diagonal()[h.diagonal() <= 0] = 1
     h.diagonal().add_(_DAMP * h.diagonal().mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return h
+
+
+def _inverse_factor(hessian: Tensor) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``), ``H`` damped."""
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_damped(hessian)))
     return torch.linalg.cholesky(inverse, upper=True)
 
 
 def _diagonal_factor(hessian: Tensor) -> Tensor:
     """The factor of the damped diagonal of ``H`` alone: each input weighted by its own energy, no
     slice's error pushed onto another."""
-    diagonal = hessian.diagonal().clamp_min(0)
-    diagonal = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
-    return torch.diag((diagonal + _DAMP * diagonal.mean()).rsqrt())
+    return torch.diag(_damped(hessian).diagonal().rsqrt())
 
 
 def _sequential(rows: Tensor, factor: Tensor, codebooks: Tensor | None, num_codebooks: int, k: int,
