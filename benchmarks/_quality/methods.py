@@ -96,13 +96,14 @@ def _convert(task: Task, size: Size, spec: dict, seed: int) -> tuple[nn.Module, 
 
 def _finetune(task: Task, model: nn.Module, steps: int) -> dict:
     """Distil the dense model into ``model`` (in place) on the calibration inputs, the last quarter
-    of them held out as ``finetune``'s validation (the best validated state is kept)."""
+    of them held out as ``finetune``'s validation (the best validated state is kept); fewer than
+    four batches (--quick) leave none to hold out."""
     start = time.perf_counter()
     kwargs = {"lr": task.finetune_lr} if task.finetune_lr else {}
-    held = max(1, len(task.calibration) // 4)
-    losses = rpq_fx.finetune(model, copy.deepcopy(task.model), task.calibration[:-held], steps=steps,
-                             validation=task.calibration[-held:], validate_every=VALIDATE_EVERY, progress=False,
-                             **kwargs)
+    train = len(task.calibration) - len(task.calibration) // 4
+    losses = rpq_fx.finetune(model, copy.deepcopy(task.model), task.calibration[:train], steps=steps,
+                             validation=task.calibration[train:] or None, validate_every=VALIDATE_EVERY,
+                             progress=False, **kwargs)
     model.eval()
     return dict(finetune_s=time.perf_counter() - start, finetune_steps=steps, loss_first=float(losses[0]),
                 loss_last=float(losses[-1]))
