@@ -13,8 +13,11 @@ _KERNEL_MAX_DIM = 16  # longer codewords: a matmul per chunk beats the kernel's 
 
 def nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     """For ``x [B, M, d]`` and ``centroids [B, K, d]``: the index ``[B, M]`` of each point's nearest
-    centroid and its squared distance ``[B, M]``; on the CPU by the C++ kernel for short codewords
-    (no distance matrix built), else in chunks of points."""
+    centroid and its squared distance ``[B, M]``: for scalars by binary search among the sorted
+    centroids; on the CPU by the C++ kernel for short codewords (no distance matrix built), else in
+    chunks of points."""
+    if x.shape[2] == 1:
+        return _nearest_scalar(x[..., 0], centroids[..., 0])
     fast = _kernels.kernels() if x.device.type == "cpu" and x.shape[2] <= _KERNEL_MAX_DIM else None
     if fast is not None and x.dtype == centroids.dtype and x.dtype in (torch.float32, torch.float64):
         return fast.nearest(x, centroids)
@@ -28,6 +31,15 @@ def nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         index.append(where)
         dist.append((best + chunk.square().sum(-1)).clamp_min(0))
     return torch.cat(index, 1), torch.cat(dist, 1)
+
+
+def _nearest_scalar(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`nearest` for scalars ``x [B, M]``, ``centroids [B, K]``: each point's cell found among
+    the midpoints of the sorted centroids, ``O(M log K)``."""
+    values, order = centroids.sort(dim=1)
+    cell = torch.searchsorted((values[:, 1:] + values[:, :-1]) / 2, x.contiguous())  # [B, M] in [0, K-1]
+    where = order.gather(1, cell)
+    return where, (x - values.gather(1, cell)).square()
 
 
 def _draw(score: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -36,39 +36,51 @@ class FitResult:
     error: float  # the objective at the fit, relative to that of an all-zero weight
 
 
-def _sorted_runs(points: Tensor, weights: Tensor | None, runs: int) -> tuple[Tensor, Tensor]:
-    """Scalars ``points [B, M, 1]`` summarised as ``runs`` consecutive runs of their sorted values:
-    each run's weighted mean and total weight, ``[B, runs, 1]`` and ``[B, runs]``."""
+def _scalar_summary(points: Tensor, weights: Tensor | None, bins: int) -> tuple[Tensor, Tensor]:
+    """Scalars ``points [B, M, 1]`` summarised as the weighted means of the cells that two
+    partitions of the sorted values make together: ``bins`` runs of equal count (resolution where
+    values are dense) and ``bins`` intervals of equal width (no two values far apart merged, so each
+    outlier keeps its own point). ``[B, 2 bins, 1]`` points and ``[B, 2 bins]`` weights, unused
+    cells weighing 0."""
     values, order = points[..., 0].sort(dim=1)
     w = torch.ones_like(values) if weights is None else weights.gather(1, order)
-    run = torch.arange(values.shape[1], device=values.device) * runs // values.shape[1]  # [M], non-decreasing
-    totals = w.new_zeros(values.shape[0], runs).index_add_(1, run, w)
-    sums = w.new_zeros(values.shape[0], runs).index_add_(1, run, w * values)
+    batch, m = values.shape
+    run = (torch.arange(m, device=values.device) * bins // m).expand(batch, m)
+    low, high = values[:, :1], values[:, -1:]
+    width = ((values - low) / (high - low).clamp_min(1e-30) * bins).long().clamp_max(bins - 1)
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[:, 1:] = (run[:, 1:] != run[:, :-1]) | (width[:, 1:] != width[:, :-1])
+    cell = new.long().cumsum(1) - 1  # [B, M], < 2 bins: each partition starts a cell at most bins times
+    totals = w.new_zeros(batch, 2 * bins).scatter_add_(1, cell, w)
+    sums = w.new_zeros(batch, 2 * bins).scatter_add_(1, cell, w * values)
     return (sums / totals.clamp_min(1e-30)).unsqueeze(-1), totals
 
 
 def _kmeans(points: Tensor, k: int, weights: Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """k-means on ``points [B, M, d]`` learnt on at most 64 points per codeword, then one Lloyd step
     over every point (so each codeword is the mean of the points it stands for). Those points are
-    a random sample; for scalars, the means of runs of the sorted values, which keep the outliers a
-    sample would miss (a weight of 7.9 among thousands within ±0.5 gets a codeword of its own)."""
+    a random sample. Scalars are learnt on :func:`_scalar_summary` (which keeps the outliers a
+    sample would miss: a weight of 7.9 among thousands within ±0.5 needs a codeword of its own),
+    then iterated over every point (a binary search each, cheap)."""
     most = _MAX_POINTS_PER_CODE * k
     if points.shape[1] <= most:
         return kmeans(points, k, weights=weights, generator=generator)
     if points.shape[2] == 1:
-        summary, summary_weights = _sorted_runs(points, weights, most)
-    else:
-        chosen = torch.randperm(points.shape[1], generator=generator, device=points.device)[:most]
-        summary, summary_weights = points[:, chosen], None if weights is None else weights[:, chosen]
+        summary, summary_weights = _scalar_summary(points, weights, most // 2)
+        centroids, _ = kmeans(summary, k, weights=summary_weights, generator=generator)
+        return kmeans(points, k, weights=weights, init=centroids)
+    chosen = torch.randperm(points.shape[1], generator=generator, device=points.device)[:most]
+    summary, summary_weights = points[:, chosen], None if weights is None else weights[:, chosen]
     centroids, _ = kmeans(summary, k, weights=summary_weights, generator=generator)
     return kmeans(points, k, weights=weights, init=centroids, iters=1)
 
 
-def _plain(slices: Tensor, k: int, shared: bool, row_weights: Tensor | None,
+def _plain(slices: Tensor, k: int, shared: bool, weights: Tensor | None,
            generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """k-means per codebook (``[C, N, d]`` problems) or over all slices (one problem)."""
+    """k-means per codebook (``[C, N, d]`` problems) or over all slices (one problem); ``weights``
+    (broadcast to ``[C, N]``) weigh each slice."""
     n, c, d = slices.shape
-    weights = None if row_weights is None else row_weights.expand(c, n)
+    weights = None if weights is None else weights.expand(c, n)
     if shared:
         centroids, codes = _kmeans(slices.reshape(1, n * c, d), k, None if weights is None
                                    else weights.t().reshape(1, -1), generator)
@@ -169,8 +181,14 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     work = rows.detach().double()
     slices = work.view(n, num_codebooks, d)
     weights = None if row_weights is None else row_weights.double().view(1, n)
-    codebooks, codes = _plain(slices.float(), num_codes, shared, None if weights is None else weights.float(),
-                              generator)
+    if weights is not None:
+        point_weights = weights
+    elif hessian is not None:  # reason: codewords go where the inputs carry energy, not where weights are many
+        point_weights = hessian.diagonal().double().clamp_min(0).view(num_codebooks, d).sum(1, keepdim=True)
+    else:
+        point_weights = None
+    codebooks, codes = _plain(slices.float(), num_codes, shared, None if point_weights is None
+                              else point_weights.float(), generator)
     codebooks = codebooks.double()
     if weights is not None:
         metric = lambda r: r * weights.view(n, 1)  # noqa: E731

@@ -138,3 +138,19 @@ def test_scalar_sharing_keeps_outlier_weights_a_sample_would_miss():
     rebuilt = expand_reference(fit.codebooks, fit.codes)
     assert rebuilt[3, 7] == pytest.approx(7.9, rel=1e-3) and rebuilt[100, 5] == pytest.approx(-6.0, rel=1e-3)
     assert fit.error < 1e-3  # the bulk is well served too (clipping both outliers alone costs 0.04)
+
+
+def test_data_aware_scalar_sharing_beats_per_row_int8_on_weights_with_outliers():
+    # a transformer's projection: weights within about ±0.15 and a few dozen of up to ±1 in the
+    # inputs that carry the most energy (BERT's); 256 shared values must serve both like a scale per row
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(384, 384, generator=g) * 0.04
+    x = torch.randn(4096, 384, generator=g)
+    x[:, :4] *= 10
+    rows, cols = torch.randint(0, 384, (24,), generator=g), torch.randint(0, 4, (24,), generator=g)
+    weight[rows, cols] = torch.empty(24).uniform_(0.5, 1.0, generator=g) * torch.randn(24, generator=g).sign()
+    fit = fit_rows(weight, 384, 256, True, hessian=(x.t() @ x).double())
+    scale = weight.abs().amax(1, keepdim=True) / 127
+    int8 = (weight / scale).round() * scale
+    int8_error = float((x @ (weight - int8).t()).square().sum() / (x @ weight.t()).square().sum())
+    assert output_error(x, weight, fit.codebooks, fit.codes) < int8_error
