@@ -9,9 +9,11 @@ Three objectives, one representation (``codebooks [G, K, d]``, ``codes [C, N]``)
 - input-aware (a linear or conv layer): the output error ``tr(Δ H Δᵀ)`` for a Gram matrix ``H`` of
   its inputs (``XᵀX``; calibration weighs each input row by its output, see ``calibrate``). Slices
   are quantised one codebook at a time, left to right, each under the metric that the inverse of
-  ``H`` gives it, the error of every quantised slice pushed onto the slices not yet quantised (GPTQ's update, for vectors as in GPTVQ); a codebook of its own is fitted
-  right before its slices are, in that metric. The codebooks are then solved exactly for the
-  chosen codes (conjugate gradients on the quadratic in the codebooks).
+  ``H`` gives it, the error of every quantised slice pushed onto the slices not yet quantised
+  (GPTQ's update, for vectors as in GPTVQ); a codebook of its own is fitted right before its
+  slices are, in that metric, and a shared one starts from k-means over all slices, each weighed
+  by its inputs' energy (``H``'s diagonal). The codebooks are then solved exactly for the chosen
+  codes (conjugate gradients on the quadratic in the codebooks).
 """
 
 from collections.abc import Callable
