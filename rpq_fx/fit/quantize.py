@@ -61,18 +61,16 @@ def _scalar_summary(points: Tensor, weights: Tensor | None, bins: int) -> tuple[
 def _kmeans(points: Tensor, k: int, weights: Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """k-means on ``points [B, M, d]`` learnt on at most 64 points per codeword, then one Lloyd step
     over every point (so each codeword is the mean of the points it stands for). Those points are
-    a random sample. Scalars are learnt on :func:`_scalar_summary` (which keeps the outliers a
-    sample would miss: a weight of 7.9 among thousands within ±0.5 needs a codeword of its own),
-    then iterated over every point (a binary search each, cheap)."""
+    a random sample; for scalars, :func:`_scalar_summary`, which keeps the outliers a sample would
+    miss (a weight of 7.9 among thousands within ±0.5 needs a codeword of its own)."""
     most = _MAX_POINTS_PER_CODE * k
     if points.shape[1] <= most:
         return kmeans(points, k, weights=weights, generator=generator)
     if points.shape[2] == 1:
         summary, summary_weights = _scalar_summary(points, weights, most // 2)
-        centroids, _ = kmeans(summary, k, weights=summary_weights, generator=generator)
-        return kmeans(points, k, weights=weights, init=centroids)
-    chosen = torch.randperm(points.shape[1], generator=generator, device=points.device)[:most]
-    summary, summary_weights = points[:, chosen], None if weights is None else weights[:, chosen]
+    else:
+        chosen = torch.randperm(points.shape[1], generator=generator, device=points.device)[:most]
+        summary, summary_weights = points[:, chosen], None if weights is None else weights[:, chosen]
     centroids, _ = kmeans(summary, k, weights=summary_weights, generator=generator)
     return kmeans(points, k, weights=weights, init=centroids, iters=1)
 
