@@ -181,12 +181,9 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     work = rows.detach().double()
     slices = work.view(n, num_codebooks, d)
     weights = None if row_weights is None else row_weights.double().view(1, n)
-    if weights is not None:
-        point_weights = weights
-    elif hessian is not None:  # reason: codewords go where the inputs carry energy, not where weights are many
+    point_weights = weights
+    if point_weights is None and hessian is not None:  # reason: codewords go where inputs carry energy
         point_weights = hessian.diagonal().double().clamp_min(0).view(num_codebooks, d).sum(1, keepdim=True)
-    else:
-        point_weights = None
     codebooks, codes = _plain(slices.float(), num_codes, shared, None if point_weights is None
                               else point_weights.float(), generator)
     codebooks = codebooks.double()
