@@ -24,7 +24,7 @@ from _quality import data, methods, tasks  # noqa: E402
 import rpq_fx  # noqa: E402
 
 N_EVAL, N_CALIB, FINETUNE_LINES = 2000, 256, 2048  # as quality.py's MiniLM task, plus fine-tuning lines
-# name -> RPQConfig.from_dict; every selected weight is converted (methods._filter), the rest stays fp32
+# name -> RPQConfig.from_dict; every selected weight is converted (methods.weight_filter), the rest stays fp32
 CONFIGS = {
     "d=4 shared everywhere": {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans"},
     "word embedding d=8 per-slice codebooks, others d=3 shared": {

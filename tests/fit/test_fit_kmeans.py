@@ -21,7 +21,6 @@ def test_nearest_is_brute_force_argmin(batch, points, k, dim, seed):
     assert torch.allclose(chosen, brute.min(-1).values, atol=1e-4)  # ties may pick either
 
 
-
 @pytest.mark.parametrize("points", [1025, 5000])  # above the kernel's range: the scalar binary search
 def test_nearest_of_many_scalars_is_brute_force_argmin(points):
     g = torch.Generator().manual_seed(points)
@@ -30,6 +29,7 @@ def test_nearest_of_many_scalars_is_brute_force_argmin(points):
     brute = (x - c.transpose(1, 2)).square()  # [B, M, K]
     assert torch.allclose(dist, brute.min(-1).values)
     assert torch.allclose(brute.gather(2, index.unsqueeze(-1)).squeeze(-1), brute.min(-1).values)
+
 
 @settings(max_examples=15, deadline=None)
 @given(batch=st.integers(1, 3), k=st.integers(2, 12), dim=st.integers(1, 6), seed=st.integers(0, 2**16))
