@@ -11,7 +11,7 @@ from .convert import RPQ, convert
 from .decompress import decompress
 from .errors import RPQConversionError
 from .export import export_graph
-from .finetune import distillation_loss, finetune, param_groups
+from .finetune import distillation_loss, finetune, float32_codebooks, param_groups
 from .graph_module import RPQGraphModule
 from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, save, save_dense
 from .onnx_export import export_onnx
@@ -19,5 +19,6 @@ from .report import Report, model_size, report
 
 __all__ = ["convert", "RPQ", "RPQGraphModule", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
            "report", "Report", "export_graph", "nn", "ops", "save", "load", "save_dense", "checkpoint_info",
-           "checkpoint_report", "RPQCheckpointError", "export_onnx", "finetune", "param_groups", "distillation_loss"]
+           "checkpoint_report", "RPQCheckpointError", "export_onnx", "finetune", "param_groups", "float32_codebooks",
+           "distillation_loss"]
 __version__ = "0.1.0"

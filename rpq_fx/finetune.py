@@ -1,10 +1,12 @@
 """Fine-tuning a converted model: distil the dense teacher's outputs into its codebooks.
 
 Codes stay fixed (they are buffers); the codebooks and, by default, the dense leftovers (biases,
-norms) train. :func:`param_groups` gives the parameter groups for any torch optimizer;
+norms) train. :func:`param_groups` gives the parameter groups for any torch optimizer,
+:func:`float32_codebooks` the float32 master copies that float16 / bfloat16 codebooks train in;
 :func:`finetune` is the whole loop with AdamW.
 """
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -15,7 +17,7 @@ from .config import check_int
 from .fit.calibrate import drop_padding, padding_mask, run_inputs
 from .nn.weight import RPQWeight
 
-__all__ = ["param_groups", "finetune", "distillation_loss"]
+__all__ = ["param_groups", "float32_codebooks", "finetune", "distillation_loss"]
 
 
 def _uses_per_codeword(weight: RPQWeight) -> float:
@@ -32,7 +34,8 @@ def param_groups(model: nn.Module, lr: float, *, adaptive: bool = True, train_de
     codeword moves by the mean of the steps its slices would take as dense weights: the same
     relative update. Adam-style optimizers normalise the gradient already (a codeword and a dense
     weight of equal size then take equal steps), so there the rate is ``lr`` unchanged. Codebooks
-    get no weight decay.
+    get no weight decay. Codebooks stored in float16 / bfloat16: build and step the optimizer
+    inside :func:`float32_codebooks`.
     """
     groups, seen = [], set()
     for name, module in model.named_modules():
@@ -45,6 +48,27 @@ def param_groups(model: nn.Module, lr: float, *, adaptive: bool = True, train_de
     if train_dense and dense:
         groups.append({"params": dense, "lr": lr, "weight_decay": weight_decay, "name": "dense"})
     return groups
+
+
+@contextlib.contextmanager
+def float32_codebooks(model: nn.Module):
+    """Within the block, codebooks stored below their layer's precision (float16 codebooks of a
+    float32 layer) are held in that precision; on exit they are rounded back and their gradients
+    dropped. Train them inside it, as mixed-precision training keeps float32 master weights: in
+    float16 an optimizer's steps are mostly below the values' resolution, and Adam's ``eps`` of
+    1e-8 is 0, so its first step divides 0 by 0. The Parameters stay the same objects."""
+    low = []
+    for weight in model.modules():
+        if (isinstance(weight, RPQWeight) and weight.compute_dtype is not None
+                and weight.compute_dtype.itemsize > weight.codebooks.dtype.itemsize):
+            low.append((weight.codebooks, weight.codebooks.dtype))
+            weight.codebooks.data = weight.codebooks.data.to(weight.compute_dtype)
+    try:
+        yield
+    finally:
+        for codebooks, dtype in low:
+            codebooks.data = codebooks.data.to(dtype)
+            codebooks.grad = None
 
 
 def _output(value) -> Tensor:
@@ -140,7 +164,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     the end (so the model is never worse there than before). Both models run in eval mode (no
     dropout, BatchNorm statistics frozen) and get their modes back afterwards. Codes stay fixed;
     the codebooks and, with ``train_dense``, the other floating-point parameters train, with AdamW
-    over :func:`param_groups` unless ``optimizer`` is given.
+    over :func:`param_groups` unless ``optimizer`` is given; float16 / bfloat16 codebooks train in
+    float32 (:func:`float32_codebooks`).
     """
     check_int("finetune", "steps", steps, 1)
     check_int("finetune", "validate_every", validate_every, 1)
@@ -153,45 +178,46 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     # reason: the default loss leaves out padding positions (a dict item's attention_mask), as calibration does
     objective = ((lambda s, t, item: loss(s, t)) if loss is not None
                  else (lambda s, t, item: distillation_loss(s, t, padding_mask(item))))
-    optimizer = optimizer or torch.optim.AdamW(param_groups(model, lr, train_dense=train_dense))
-    device = next((p.device for p in model.parameters()), None)
-    modes = {m: m.training for m in (*model.modules(), *teacher.modules())}
-    targets: dict[int, tuple] = {}
-    losses = []
-    student_layers, teacher_layers = _Outputs(model, layers, "converted model"), _Outputs(teacher, layers, "teacher")
-    best = _Best([p for group in optimizer.param_groups for p in group["params"]])
-    try:
-        model.eval()
-        teacher.eval()
-        if held_out is not None:
-            with torch.no_grad():
-                held_targets = [run_inputs(teacher, x, device) for x in held_out]
-            teacher_layers.values = {}
-            best.offer(_mean_loss(model, held_out, held_targets, objective, device))
-        for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
-            index = step % len(items)
-            if index not in targets:
+    with float32_codebooks(model):  # reason: float16 codebooks train in float32 master copies
+        optimizer = optimizer or torch.optim.AdamW(param_groups(model, lr, train_dense=train_dense))
+        device = next((p.device for p in model.parameters()), None)
+        modes = {m: m.training for m in (*model.modules(), *teacher.modules())}
+        targets: dict[int, tuple] = {}
+        losses = []
+        student_layers, teacher_layers = _Outputs(model, layers, "converted model"), _Outputs(teacher, layers, "teacher")
+        best = _Best([p for group in optimizer.param_groups for p in group["params"]])
+        try:
+            model.eval()
+            teacher.eval()
+            if held_out is not None:
                 with torch.no_grad():
-                    out = run_inputs(teacher, items[index], device)
-                    targets[index] = (out, [t.detach() for t in teacher_layers.take(layers, "teacher")])
-            optimizer.zero_grad(set_to_none=True)
-            out, inner = targets[index]
-            value = objective(run_inputs(model, items[index], device), out, items[index])
-            if layers:
-                pairs = zip(student_layers.take(layers, "converted model"), inner)
-                mask = padding_mask(items[index])
-                value = value + layer_weight * sum(distillation_loss(s, t, mask) for s, t in pairs) / len(layers)
-            value.backward()
-            optimizer.step()
-            losses.append(float(value.detach()))
-            if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
+                    held_targets = [run_inputs(teacher, x, device) for x in held_out]
+                teacher_layers.values = {}
                 best.offer(_mean_loss(model, held_out, held_targets, objective, device))
-                student_layers.values = {}
-        if held_out is not None:
-            best.restore()
-    finally:
-        student_layers.remove()
-        teacher_layers.remove()
-        for module, training in modes.items():
-            module.training = training
-    return losses
+            for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
+                index = step % len(items)
+                if index not in targets:
+                    with torch.no_grad():
+                        out = run_inputs(teacher, items[index], device)
+                        targets[index] = (out, [t.detach() for t in teacher_layers.take(layers, "teacher")])
+                optimizer.zero_grad(set_to_none=True)
+                out, inner = targets[index]
+                value = objective(run_inputs(model, items[index], device), out, items[index])
+                if layers:
+                    pairs = zip(student_layers.take(layers, "converted model"), inner)
+                    mask = padding_mask(items[index])
+                    value = value + layer_weight * sum(distillation_loss(s, t, mask) for s, t in pairs) / len(layers)
+                value.backward()
+                optimizer.step()
+                losses.append(float(value.detach()))
+                if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
+                    best.offer(_mean_loss(model, held_out, held_targets, objective, device))
+                    student_layers.values = {}
+            if held_out is not None:
+                best.restore()
+        finally:
+            student_layers.remove()
+            teacher_layers.remove()
+            for module, training in modes.items():
+                module.training = training
+        return losses

@@ -38,6 +38,30 @@ def test_finetune_lowers_the_held_out_distillation_loss_and_trains_only_codebook
     assert student.training and not teacher.training, "modes are given back"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_codebooks_train_in_float32_and_are_stored_back_in_their_dtype(dtype):
+    teacher = mlp()
+    student = rpq_fx.convert(teacher, codebook_dim=8, shared_codebooks=True, init="kmeans", codebook_dtype=dtype,
+                             progress=False)
+    stored = {n: p for n, p in student.named_parameters() if n.endswith("codebooks")}
+    before = {n: p.clone() for n, p in stored.items()}
+    g = torch.Generator().manual_seed(1)
+    data, held_out = list(torch.randn(256, 32, generator=g).split(32)), torch.randn(512, 32, generator=g)
+    with torch.no_grad():
+        start = rpq_fx.distillation_loss(student(held_out), teacher(held_out))
+    losses = rpq_fx.finetune(student, teacher, data, steps=60, lr=1e-3, progress=False)
+    assert all(torch.isfinite(torch.tensor(losses))), "Adam on float16 codebooks divides 0 by 0"
+    with torch.no_grad():
+        assert rpq_fx.distillation_loss(student(held_out), teacher(held_out)) < 0.8 * start
+    for name, p in student.named_parameters():
+        if name in stored:
+            assert p is stored[name] and p.dtype == dtype and p.grad is None and not torch.equal(p, before[name])
+    weight = student.get_submodule("0.weight")
+    with rpq_fx.float32_codebooks(student):
+        assert weight.codebooks.dtype == torch.float32 and weight.codebooks is stored["0.weight.codebooks"]
+    assert weight.codebooks.dtype == dtype
+
+
 def test_validation_puts_back_the_parameters_at_the_lowest_held_out_loss():
     teacher = mlp()
     fitted = rpq_fx.convert(teacher, codebook_dim=8, shared_codebooks=True, init="kmeans", progress=False)
