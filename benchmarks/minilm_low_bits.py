@@ -6,7 +6,8 @@ The issue's target is a mean cosine >= 0.95 at <= 2 bits. First, where the loss 
 group of layers alone converted (d=4 shared, data-aware), the rest dense. Then each configuration is converted data-aware
 on the quality benchmark's 256 calibration lines, then fine-tuned on 2048 further Shakespeare
 lines (validated on the calibration lines, the best state kept); it is evaluated, like
-``quality.py``, on the same 2000 held-out lines. Writes ``results/minilm_low_bits.md``.
+``quality.py``, on the same 2000 held-out lines. The last configuration is ``rpq_fx.allocate``'s
+for 2.0 bits, its costs measured on the calibration lines. Writes ``results/minilm_low_bits.md``.
 """
 
 import argparse
@@ -27,10 +28,14 @@ N_EVAL, N_CALIB, FINETUNE_LINES = 2000, 256, 2048  # as quality.py's MiniLM task
 # name -> RPQConfig.from_dict; every selected weight is converted (methods.weight_filter), the rest stays fp32
 CONFIGS = {
     "d=4 shared everywhere": {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans"},
+    "d=4 shared everywhere, float16 codebooks": {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans",
+                                                 "codebook_dtype": "float16"},
     "word embedding d=8 per-slice codebooks, others d=3 shared": {
         "codebook_dim": 3, "shared_codebooks": True, "init": "kmeans",
         "overrides": {"embeddings.word_embeddings": {"codebook_dim": 8, "shared_codebooks": False}}},
 }
+ALLOCATED = "rpq_fx.allocate for 2.0 bits: d in 8, 6, 4, 3, 2 per weight, float16 codebooks"
+BASE = {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans", "codebook_dtype": "float16"}
 
 
 # group -> a pattern of the weight names it holds
@@ -54,6 +59,15 @@ def sensitivity(task) -> list[list]:
     return rows
 
 
+def _by_size(overrides: dict) -> list[list]:
+    """The weights an allocation gave each ``codebook_dim``, names shortened (``L3 attention.self.query``)."""
+    sizes: dict[int, list[str]] = {}
+    for name, size in overrides.items():
+        short = re.sub(r"^encoder\.layer\.(\d+)\.", r"L\1 ", name.removesuffix(".weight"))
+        sizes.setdefault(size["codebook_dim"], []).append(short)
+    return [[d, ", ".join(names)] for d, names in sorted(sizes.items())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
@@ -69,8 +83,12 @@ def main() -> None:
     _, lines = data.shakespeare_lines(N_EVAL, N_CALIB + FINETUNE_LINES)  # the first N_CALIB are the calibration lines
     train, _ = tasks._tokenize(tok, lines[N_CALIB:], 32, 64)
     groups = sensitivity(task)
+    start = time.perf_counter()
+    allocated = rpq_fx.allocate(task.model, 2.0, task.calibration, config=rpq_fx.RPQConfig.from_dict(BASE),
+                                filter_fn=methods.weight_filter(task.weights), progress=False)
+    allocate_s = time.perf_counter() - start
     rows = []
-    for name, config in CONFIGS.items():
+    for name, config in {**CONFIGS, ALLOCATED: allocated.to_dict()}.items():
         start = time.perf_counter()
         model = rpq_fx.convert(task.model, config=rpq_fx.RPQConfig.from_dict(config), calibration=task.calibration,
                                filter_fn=methods.weight_filter(task.weights), progress=False).eval()
@@ -96,7 +114,7 @@ def main() -> None:
             f"`finetune` for {args.steps} steps (lr {args.lr}, batches of 32) on {FINETUNE_LINES} other lines, "
             "validated on the calibration lines every 20 steps (best state kept). Evaluation as in "
             f"`quality.md`: {N_EVAL} held-out lines, against the dense model's embeddings. Bits per weight over the "
-            "converted weights (the quality benchmark's selection), fp32 codebooks counted.\n\n"
+            "converted weights (the quality benchmark's selection), codebooks counted in their dtype.\n\n"
             + table([[r["config"], r["bits_per_weight"], r["fitted_cosine"], r["tuned_cosine"],
                       r["fitted_nn_agreement"], r["tuned_nn_agreement"], r["convert_s"], r["finetune_s"]]
                      for r in rows],
@@ -104,7 +122,10 @@ def main() -> None:
                      "top-10 NN (fitted)", "top-10 NN (+ fine-tuning)", "convert s", "fine-tune s"],
                     floatfmt=".3f")
             + "\n\nConfigurations, as `RPQConfig.from_dict` takes them:\n\n"
-            + "\n".join(f"- {r['config']}: `{json.dumps(r['json'])}`" for r in rows))
+            + "\n".join(f"- {r['config']}: `{json.dumps(r['json'])}`" for r in rows[:-1])
+            + f"\n- {ALLOCATED}: `rpq_fx.allocate(model, 2.0, calibration, config=RPQConfig.from_dict({json.dumps(BASE)}))` "
+            f"({allocate_s:.0f} s), which chose:\n\n"
+            + table(_by_size(allocated.overrides), ["codebook_dim", "weights"]))
     write("minilm_low_bits", "all-MiniLM-L6-v2 at about 2 bits per weight", body, started, directory=args.out)
 
 

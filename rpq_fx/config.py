@@ -10,7 +10,8 @@ import torch
 __all__ = ["RPQConfig", "LayerSettings"]
 
 _SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
-_OVERRIDABLE = (*_SPLITS, "num_codes", "shared_codebooks", "init", "codebook_dtype", "error_feedback", "skip")
+SIZE_SETTINGS = (*_SPLITS, "num_codes", "shared_codebooks", "codebook_dtype")  # what sets a weight's stored size
+_OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "skip")
 INITS = ("random", "kmeans")
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
 

@@ -125,9 +125,12 @@ def _arguments(inputs, device) -> tuple[tuple, dict]:
     return tuple(map(move, inputs if isinstance(inputs, (tuple, list)) else (inputs,))), {}
 
 
-def run_inputs(model: nn.Module, inputs, device: torch.device | None = None):
-    """Call ``model`` on one calibration item: a tensor, a tuple of positional inputs or a dict of keywords."""
+def run_inputs(model: nn.Module, inputs, device: torch.device | None = None, replaced: dict[str, Tensor] | None = None):
+    """Call ``model`` on one calibration item: a tensor, a tuple of positional inputs or a dict of
+    keywords; with the parameters named in ``replaced`` swapped in (``torch.func.functional_call``)."""
     args, kwargs = _arguments(inputs, device)
+    if replaced:
+        return torch.func.functional_call(model, replaced, args, kwargs, strict=False)
     return model(*args, **kwargs)
 
 
@@ -158,10 +161,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
             for inputs in tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2, disable=not progress):
                 before_item(inputs)
                 try:
-                    if replaced:
-                        torch.func.functional_call(model, replaced, *_arguments(inputs, device), strict=False)
-                    else:
-                        run_inputs(model, inputs, device)
+                    run_inputs(model, inputs, device, replaced)
                 except _Enough:
                     pass
     finally:

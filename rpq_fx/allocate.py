@@ -1,0 +1,117 @@
+"""``allocate``: the size of each weight, for a budget of bits per weight, by what each one costs the model.
+
+Every weight is fitted at every candidate size (one ``convert`` per size), and each fitted weight
+alone is put into the dense model to measure what it costs the output on the calibration inputs
+(:func:`distillation_loss`). Taking the costs of different weights as additive, the sizes that
+minimise their sum within the budget are found by a Lagrangian search (each weight takes the size
+minimising ``cost + λ · bits``, ``λ`` the smallest that fits), and returned as an
+:class:`RPQConfig` with one override per weight.
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import SIZE_SETTINGS, RPQConfig
+from .convert import FilterFn, convert
+from .decompress import decompress
+from .finetune import distillation_loss
+from .fit.calibrate import padding_mask, run_inputs
+from .report import report
+
+__all__ = ["allocate", "DEFAULT_SIZES"]
+
+DEFAULT_SIZES = tuple({"codebook_dim": d} for d in (8, 6, 4, 3, 2))  # 1 to 4 code bits per weight at 256 codes
+
+
+@dataclass
+class _Option:
+    size: dict
+    bits: float  # stored bits, all of the weight's values
+    cost: float  # the model's output loss with this weight alone fitted at this size
+
+
+def _cost(model: nn.Module, replaced: dict[str, torch.Tensor], items: list, targets: list, device) -> float:
+    losses = [distillation_loss(run_inputs(model, item, device, replaced), target, padding_mask(item))
+              for item, target in zip(items, targets)]
+    return float(sum(losses)) / len(items)
+
+
+def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, _Option]:
+    """Per weight the option minimising ``cost + λ · bits`` for the smallest ``λ`` within ``budget`` bits."""
+    def pick(lam: float) -> dict[str, _Option]:
+        return {name: min(found, key=lambda o: (o.cost + lam * o.bits, o.bits)) for name, found in options.items()}
+
+    def bits(chosen: dict[str, _Option]) -> float:
+        return sum(o.bits for o in chosen.values())
+
+    low, high = 0.0, 1e-12
+    if bits(pick(low)) <= budget:
+        return pick(low)
+    while bits(pick(high)) > budget:  # ends: at a large enough λ every weight takes its fewest bits
+        high *= 4
+    for _ in range(100):  # reason: bisection on λ; the chosen sizes change only at finitely many λ
+        middle = (low + high) / 2
+        low, high = (low, middle) if bits(pick(middle)) <= budget else (middle, high)
+    return pick(high)
+
+
+@torch.no_grad()
+def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Sequence[dict] = DEFAULT_SIZES,
+             config: RPQConfig | None = None, filter_fn: FilterFn | None = None, progress: bool = True) -> RPQConfig:
+    """An :class:`RPQConfig` that converts ``model`` within ``bits`` stored bits per converted weight
+    (codebooks and codes, as :func:`report` counts them), giving the bits where they cost the least.
+
+    ``sizes`` are the candidate settings of every weight (``{"codebook_dim": 4}``, ``{"codebook_dim":
+    2, "num_codes": 16}``), each applied on top of ``config`` (default: one shared codebook per
+    weight, ``init="kmeans"``), whose other settings and overrides stay; ``calibration`` as for
+    :func:`convert`, which the result is meant for: ``convert(model, config=allocate(model, 2.0,
+    batches), calibration=batches)``. It costs one data-aware conversion per size and, per weight
+    and size, one pass of the model over the calibration inputs.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0:
+        raise ValueError(f"allocate: bits must be a number > 0, got {bits!r}")
+    if not sizes or not all(isinstance(size, dict) for size in sizes):
+        raise ValueError(f"allocate: sizes must be a non-empty sequence of dicts of settings, got {sizes!r}")
+    unknown = sorted({key for size in sizes for key in size} - set(SIZE_SETTINGS))
+    if unknown:
+        raise ValueError(f"allocate: sizes hold unknown settings {unknown}; accepted: {list(SIZE_SETTINGS)}")
+    items = list(calibration)
+    if not items:
+        raise ValueError("allocate: calibration is empty; the costs are measured on it")
+    base = config or RPQConfig(codebook_dim=4, shared_codebooks=True, init="kmeans")
+    candidates = [RPQConfig(**RPQConfig._apply(base.to_dict(), size)) for size in sizes]
+    modes = {m: m.training for m in model.modules()}
+    device = next((p.device for p in model.parameters()), None)
+    model.eval()
+    try:
+        targets = [run_inputs(model, item, device) for item in items]
+        options: dict[str, list[_Option]] = {}
+        values: dict[str, int] = {}
+        for size, candidate in zip(tqdm(sizes, desc="rpq_fx allocate", unit="size", disable=not progress), candidates):
+            converted = convert(model, config=candidate, calibration=items, filter_fn=filter_fn, progress=False)
+            dense = decompress(converted)
+            params = dict(model.named_parameters(remove_duplicate=False))
+            for row in report(converted).rows:
+                if row["init"] is None:
+                    continue
+                value = dense[row["layer"]]
+                replaced = {name: v for name, v in dense.items() if v is value and name in params}
+                values[row["layer"]] = value.numel()
+                options.setdefault(row["layer"], []).append(
+                    _Option(size, row["bits/w"] * value.numel(), _cost(model, replaced, items, targets, device)))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not options:
+        raise ValueError("allocate: no weight of the model was converted at any of the sizes")
+    total = sum(values.values())
+    smallest = sum(min(o.bits for o in found) for found in options.values()) / total
+    if smallest > bits:
+        raise ValueError(f"allocate: the smallest sizes take {smallest:.3f} bits per weight, above the budget of {bits}")
+    chosen = _choose(options, bits * total)
+    return RPQConfig(**{**RPQConfig._apply(base.to_dict(), sizes[0]),
+                        "overrides": {**base.overrides, **{name: dict(o.size) for name, o in chosen.items()}}})

@@ -1,0 +1,87 @@
+"""allocate: sizes per weight within a budget of bits, more bits where a weight costs the model more."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import rpq_fx
+from rpq_fx.allocate import _choose, _Option
+
+
+class TwoBranches(nn.Module):
+    """``10 loud(x) + 0.1 quiet(x)``: the same error costs the output 10^4 times more in ``loud``."""
+
+    def __init__(self):
+        super().__init__()
+        self.loud, self.quiet = nn.Linear(96, 2048), nn.Linear(96, 2048)
+
+    def forward(self, x):
+        return 10 * self.loud(x) + 0.1 * self.quiet(x)
+
+
+def _loss(converted, model, x):
+    with torch.no_grad():
+        return float(rpq_fx.distillation_loss(converted(x), model(x)))
+
+
+def test_the_sensitive_weight_gets_more_bits_within_the_budget_and_beats_uniform_sizes():
+    torch.manual_seed(0)
+    model = TwoBranches().train()
+    before = copy.deepcopy(model.state_dict())
+    calibration = list(torch.randn(256, 96).split(64))
+    sizes = [{"codebook_dim": 8}, {"codebook_dim": 4}, {"codebook_dim": 3}]  # 1.3, 2.2, 2.8 bits per weight
+    uniform = rpq_fx.convert(model, codebook_dim=4, shared_codebooks=True, init="kmeans", calibration=calibration,
+                             progress=False)
+    budget = rpq_fx.report(uniform).totals["bits_per_weight"]
+    config = rpq_fx.allocate(model, budget, calibration, sizes=sizes, progress=False)
+    assert config.overrides["loud.weight"]["codebook_dim"] < config.overrides["quiet.weight"]["codebook_dim"]
+    allocated = rpq_fx.convert(model, config=config, calibration=calibration, progress=False)
+    assert rpq_fx.report(allocated).totals["bits_per_weight"] <= budget
+    x = torch.randn(512, 96)
+    assert _loss(allocated, model, x) < 0.5 * _loss(uniform, model, x)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "model untouched"
+
+
+def test_a_generous_budget_takes_the_largest_size_and_the_base_config_settings_stay():
+    torch.manual_seed(1)
+    model = TwoBranches()
+    base = rpq_fx.RPQConfig(codebook_dim=8, shared_codebooks=True, init="kmeans", codebook_dtype="float16",
+                            overrides={"quiet": {"skip": True}})
+    config = rpq_fx.allocate(model, 16.0, [torch.randn(64, 96)], sizes=[{"codebook_dim": 8}, {"codebook_dim": 2}],
+                             config=base, progress=False)
+    assert config.overrides == {"quiet": {"skip": True}, "loud.weight": {"codebook_dim": 2}}
+    assert config.codebook_dtype == "float16" and config.shared_codebooks
+    assert rpq_fx.RPQConfig.from_dict(config.to_dict()) == config
+
+
+def test_allocate_refuses_bad_input_with_the_value():
+    model, calibration = TwoBranches(), [torch.randn(8, 96)]
+    with pytest.raises(ValueError, match="bits must be a number > 0, got -1"):
+        rpq_fx.allocate(model, -1, calibration)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        rpq_fx.allocate(model, 2.0, [])
+    with pytest.raises(ValueError, match="sizes must be a non-empty sequence of dicts"):
+        rpq_fx.allocate(model, 2.0, calibration, sizes=[4])
+    with pytest.raises(ValueError, match=r"unknown settings \['skip'\]"):
+        rpq_fx.allocate(model, 2.0, calibration, sizes=[{"codebook_dim": 4, "skip": True}])
+    with pytest.raises(ValueError, match=r"the smallest sizes take \d+\.\d+ bits per weight, above the budget of 0.5"):
+        rpq_fx.allocate(model, 0.5, calibration, sizes=[{"codebook_dim": 4}], progress=False)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(1, 64), st.floats(0, 10)), min_size=1, max_size=4), min_size=1,
+                max_size=5), st.floats(0, 1))
+def test_the_choice_is_within_the_budget_and_never_costs_more_than_the_fewest_bits(weights, slack):
+    options = {f"w{i}": [_Option({"i": j}, float(b), c) for j, (b, c) in enumerate(found)]
+               for i, found in enumerate(weights)}
+    fewest = {name: min(found, key=lambda o: (o.bits, o.cost)) for name, found in options.items()}
+    most = sum(max(o.bits for o in found) for found in options.values())
+    floor = sum(o.bits for o in fewest.values())
+    budget = floor + slack * (most - floor)
+    chosen = _choose(options, budget)
+    assert sum(o.bits for o in chosen.values()) <= budget + 1e-9
+    assert sum(o.cost for o in chosen.values()) <= sum(o.cost for o in fewest.values()) + 1e-9
