@@ -100,6 +100,8 @@ def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Seq
                     continue
                 value = dense[row["layer"]]
                 replaced = {name: v for name, v in dense.items() if v is value and name in params}
+                if not replaced:  # reason: a cost measured on the untouched model would be 0, and wrong
+                    raise RuntimeError(f"allocate: no parameter of the model is named like the weight '{row['layer']}'")
                 values[row["layer"]] = value.numel()
                 options.setdefault(row["layer"], []).append(
                     _Option(size, row["bits/w"] * value.numel(), _cost(model, replaced, items, targets, device)))

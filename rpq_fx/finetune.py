@@ -62,6 +62,7 @@ def float32_codebooks(model: nn.Module):
         if (isinstance(weight, RPQWeight) and weight.compute_dtype is not None
                 and weight.compute_dtype.itemsize > weight.codebooks.dtype.itemsize):
             low.append((weight.codebooks, weight.codebooks.dtype))
+            # reason: set through .data, the Parameter stays the object optimizers and param_groups hold
             weight.codebooks.data = weight.codebooks.data.to(weight.compute_dtype)
     try:
         yield
