@@ -25,17 +25,16 @@ from _quality import data, methods, tasks  # noqa: E402
 import rpq_fx  # noqa: E402
 
 N_EVAL, N_CALIB, FINETUNE_LINES = 2000, 256, 2048  # as quality.py's MiniLM task, plus fine-tuning lines
+BASE = {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans", "codebook_dtype": "float16"}  # allocate's too
 # name -> RPQConfig.from_dict; every selected weight is converted (methods.weight_filter), the rest stays fp32
 CONFIGS = {
     "d=4 shared everywhere": {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans"},
-    "d=4 shared everywhere, float16 codebooks": {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans",
-                                                 "codebook_dtype": "float16"},
+    "d=4 shared everywhere, float16 codebooks": BASE,
     "word embedding d=8 per-slice codebooks, others d=3 shared": {
         "codebook_dim": 3, "shared_codebooks": True, "init": "kmeans",
         "overrides": {"embeddings.word_embeddings": {"codebook_dim": 8, "shared_codebooks": False}}},
 }
 ALLOCATED = "rpq_fx.allocate for 2.0 bits: d in 8, 6, 4, 3, 2 per weight, float16 codebooks"
-BASE = {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans", "codebook_dtype": "float16"}
 
 
 # group -> a pattern of the weight names it holds

@@ -3,11 +3,11 @@
 Installed as ``rpq_fx.passes``.
 """
 
-from .capture import capture, capture_call, capture_export, capture_layer
+from .capture import capture, capture_call, capture_export, capture_layer, training_mode
 from .checkpoint import insert_checkpoints
 from .cleanup import cleanup
 from .fuse import fuse
 from .plan import LayerPlan, check_strict, plan_conversion
 from .rewrite import new_weights, rewrite
 
-__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "fuse", "insert_checkpoints", "cleanup"]
+__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "training_mode", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "fuse", "insert_checkpoints", "cleanup"]

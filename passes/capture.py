@@ -45,7 +45,7 @@ class RPQTracer(fx.Tracer):
 
 
 @contextmanager
-def _mode(model: nn.Module, training: bool):
+def training_mode(model: nn.Module, training: bool):
     """``model`` in train or eval mode for the duration, every module's own flag restored after."""
     flags = [(m, m.training) for m in model.modules()]
     model.train(training)
@@ -83,7 +83,7 @@ def capture(model: nn.Module) -> RPQGraphModule:
         ) from error
     mode, other, untraced = model.training, None, None
     try:
-        with _mode(model, not mode):
+        with training_mode(model, not mode):
             other = _trace(model)
     except Exception as error:
         untraced = (not mode, f"{type(model).__name__} was converted in {'train' if mode else 'eval'} mode and "

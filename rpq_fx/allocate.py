@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from .config import SIZE_SETTINGS, RPQConfig
 from .convert import FilterFn, convert
 from .decompress import decompress
-from .finetune import distillation_loss
-from .fit.calibrate import padding_mask, run_inputs
+from .finetune import default_loss, mean_loss
+from .fit.calibrate import run_inputs
+from .passes import training_mode
 from .report import report
 
 __all__ = ["allocate", "DEFAULT_SIZES"]
@@ -32,12 +33,6 @@ class _Option:
     size: dict
     bits: float  # stored bits, all of the weight's values
     cost: float  # the model's output loss with this weight alone fitted at this size
-
-
-def _cost(model: nn.Module, replaced: dict[str, torch.Tensor], items: list, targets: list, device) -> float:
-    losses = [distillation_loss(run_inputs(model, item, device, replaced), target, padding_mask(item))
-              for item, target in zip(items, targets)]
-    return float(sum(losses)) / len(items)
 
 
 def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, _Option]:
@@ -84,17 +79,15 @@ def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Seq
         raise ValueError("allocate: calibration is empty; the costs are measured on it")
     base = config or RPQConfig(codebook_dim=4, shared_codebooks=True, init="kmeans")
     candidates = [RPQConfig(**RPQConfig._apply(base.to_dict(), size)) for size in sizes]
-    modes = {m: m.training for m in model.modules()}
     device = next((p.device for p in model.parameters()), None)
-    model.eval()
-    try:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    options: dict[str, list[_Option]] = {}
+    values: dict[str, int] = {}
+    with training_mode(model, False):
         targets = [run_inputs(model, item, device) for item in items]
-        options: dict[str, list[_Option]] = {}
-        values: dict[str, int] = {}
         for size, candidate in zip(tqdm(sizes, desc="rpq_fx allocate", unit="size", disable=not progress), candidates):
             converted = convert(model, config=candidate, calibration=items, filter_fn=filter_fn, progress=False)
             dense = decompress(converted)
-            params = dict(model.named_parameters(remove_duplicate=False))
             for row in report(converted).rows:
                 if row["init"] is None:
                     continue
@@ -103,11 +96,8 @@ def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Seq
                 if not replaced:  # reason: a cost measured on the untouched model would be 0, and wrong
                     raise RuntimeError(f"allocate: no parameter of the model is named like the weight '{row['layer']}'")
                 values[row["layer"]] = value.numel()
-                options.setdefault(row["layer"], []).append(
-                    _Option(size, row["bits/w"] * value.numel(), _cost(model, replaced, items, targets, device)))
-    finally:
-        for module, training in modes.items():
-            module.training = training
+                cost = mean_loss(model, items, targets, default_loss, device, replaced)
+                options.setdefault(row["layer"], []).append(_Option(size, row["bits/w"] * value.numel(), cost))
     if not options:
         raise ValueError("allocate: no weight of the model was converted at any of the sizes")
     total = sum(values.values())

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .config import check_int
 from .fit.calibrate import drop_padding, padding_mask, run_inputs
 from .nn.weight import RPQWeight
+from .passes import training_mode
 
 __all__ = ["param_groups", "float32_codebooks", "finetune", "distillation_loss"]
 
@@ -98,7 +99,8 @@ def distillation_loss(student, teacher, mask: Tensor | None = None) -> Tensor:
 
 
 class _Outputs:
-    """Forward hooks keeping the outputs of the named submodules of a model, in call order."""
+    """Forward hooks keeping the outputs of the named submodules of a model, in call order; removed
+    when the ``with`` block that holds them ends."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], which: str):
         self.values: dict[str, Tensor] = {}
@@ -120,7 +122,10 @@ class _Outputs:
         values, self.values = [self.values[name] for name in names], {}
         return values
 
-    def remove(self) -> None:
+    def __enter__(self) -> "_Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
 
@@ -141,9 +146,16 @@ class _Best:
                 p.copy_(value)
 
 
-def _mean_loss(model: nn.Module, items: Sequence, targets: list, loss: Callable, device) -> float:
+def mean_loss(model: nn.Module, items: Sequence, targets: list, loss: Callable, device,
+              replaced: dict[str, Tensor] | None = None) -> float:
+    """``loss(output, target, item)`` over ``items``, without grad; ``replaced`` parameters swapped in."""
     with torch.no_grad():
-        return sum(float(loss(run_inputs(model, x, device), t, x)) for x, t in zip(items, targets)) / len(items)
+        return sum(float(loss(run_inputs(model, x, device, replaced), t, x)) for x, t in zip(items, targets)) / len(items)
+
+
+def default_loss(student, teacher, item) -> Tensor:
+    """:func:`distillation_loss` with an item's padding positions (its ``attention_mask``) left out."""
+    return distillation_loss(student, teacher, padding_mask(item))
 
 
 def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int = 100, lr: float = 1e-4,
@@ -177,48 +189,40 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     if held_out is not None and not held_out:
         raise ValueError("finetune: validation is empty")
     # reason: the default loss leaves out padding positions (a dict item's attention_mask), as calibration does
-    objective = ((lambda s, t, item: loss(s, t)) if loss is not None
-                 else (lambda s, t, item: distillation_loss(s, t, padding_mask(item))))
-    with float32_codebooks(model):  # reason: float16 codebooks train in float32 master copies
+    objective = (lambda s, t, item: loss(s, t)) if loss is not None else default_loss
+    # reason: float16 codebooks train in float32 master copies
+    with (float32_codebooks(model), training_mode(model, False), training_mode(teacher, False),
+          _Outputs(model, layers, "converted model") as student_layers,
+          _Outputs(teacher, layers, "teacher") as teacher_layers):
         optimizer = optimizer or torch.optim.AdamW(param_groups(model, lr, train_dense=train_dense))
         device = next((p.device for p in model.parameters()), None)
-        modes = {m: m.training for m in (*model.modules(), *teacher.modules())}
         targets: dict[int, tuple] = {}
         losses = []
-        student_layers, teacher_layers = _Outputs(model, layers, "converted model"), _Outputs(teacher, layers, "teacher")
         best = _Best([p for group in optimizer.param_groups for p in group["params"]])
-        try:
-            model.eval()
-            teacher.eval()
-            if held_out is not None:
+        if held_out is not None:
+            with torch.no_grad():
+                held_targets = [run_inputs(teacher, x, device) for x in held_out]
+            teacher_layers.values = {}
+            best.offer(mean_loss(model, held_out, held_targets, objective, device))
+        for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
+            index = step % len(items)
+            if index not in targets:
                 with torch.no_grad():
-                    held_targets = [run_inputs(teacher, x, device) for x in held_out]
-                teacher_layers.values = {}
-                best.offer(_mean_loss(model, held_out, held_targets, objective, device))
-            for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
-                index = step % len(items)
-                if index not in targets:
-                    with torch.no_grad():
-                        out = run_inputs(teacher, items[index], device)
-                        targets[index] = (out, [t.detach() for t in teacher_layers.take(layers, "teacher")])
-                optimizer.zero_grad(set_to_none=True)
-                out, inner = targets[index]
-                value = objective(run_inputs(model, items[index], device), out, items[index])
-                if layers:
-                    pairs = zip(student_layers.take(layers, "converted model"), inner)
-                    mask = padding_mask(items[index])
-                    value = value + layer_weight * sum(distillation_loss(s, t, mask) for s, t in pairs) / len(layers)
-                value.backward()
-                optimizer.step()
-                losses.append(float(value.detach()))
-                if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
-                    best.offer(_mean_loss(model, held_out, held_targets, objective, device))
-                    student_layers.values = {}
-            if held_out is not None:
-                best.restore()
-        finally:
-            student_layers.remove()
-            teacher_layers.remove()
-            for module, training in modes.items():
-                module.training = training
-        return losses
+                    out = run_inputs(teacher, items[index], device)
+                    targets[index] = (out, [t.detach() for t in teacher_layers.take(layers, "teacher")])
+            optimizer.zero_grad(set_to_none=True)
+            out, inner = targets[index]
+            value = objective(run_inputs(model, items[index], device), out, items[index])
+            if layers:
+                pairs = zip(student_layers.take(layers, "converted model"), inner)
+                mask = padding_mask(items[index])
+                value = value + layer_weight * sum(distillation_loss(s, t, mask) for s, t in pairs) / len(layers)
+            value.backward()
+            optimizer.step()
+            losses.append(float(value.detach()))
+            if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
+                best.offer(mean_loss(model, held_out, held_targets, objective, device))
+                student_layers.values = {}
+        if held_out is not None:
+            best.restore()
+    return losses

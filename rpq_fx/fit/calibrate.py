@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..passes import LayerPlan
+from ..passes import LayerPlan, training_mode
 
 __all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask", "run_inputs"]
 
@@ -153,11 +153,9 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
     (``torch.func.functional_call``), leaving its modes and tensors as they were. A hook may
     raise :class:`_Enough` to end the item's forward early."""
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
-    modes = {module: module.training for module in model.modules()}
     device = next((p.device for p in model.parameters()), None)
     try:
-        model.eval()
-        with torch.no_grad():
+        with training_mode(model, False), torch.no_grad():
             for inputs in tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2, disable=not progress):
                 before_item(inputs)
                 try:
@@ -167,8 +165,6 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
 
 
 def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[list[LayerPlan]], set[str]]:
