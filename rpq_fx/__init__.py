@@ -6,7 +6,7 @@ codebooks plus uint8 codes, expanded just in time inside the forward pass. ``ini
 """
 
 from . import nn, ops
-from .allocate import allocate
+from .allocate import SizeCosts, allocate, size_costs
 from .config import LayerSettings, RPQConfig
 from .convert import RPQ, convert
 from .decompress import decompress
@@ -18,8 +18,8 @@ from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, sa
 from .onnx_export import export_onnx
 from .report import Report, model_size, report
 
-__all__ = ["convert", "RPQ", "allocate", "RPQGraphModule", "RPQConfig", "LayerSettings", "RPQConversionError", "decompress", "model_size",
-           "report", "Report", "export_graph", "nn", "ops", "save", "load", "save_dense", "checkpoint_info",
-           "checkpoint_report", "RPQCheckpointError", "export_onnx", "finetune", "param_groups", "float32_codebooks",
-           "distillation_loss"]
+__all__ = ["convert", "RPQ", "allocate", "size_costs", "SizeCosts", "RPQGraphModule", "RPQConfig", "LayerSettings",
+           "RPQConversionError", "decompress", "model_size", "report", "Report", "export_graph", "nn", "ops", "save",
+           "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError", "export_onnx",
+           "finetune", "param_groups", "float32_codebooks", "distillation_loss"]
 __version__ = "0.1.0"

@@ -1,11 +1,12 @@
 """``allocate``: the size of each weight, for a budget of bits per weight, by what each one costs the model.
 
-Every weight is fitted at every candidate size (one ``convert`` per size), and each fitted weight
-alone is put into the dense model to measure what it costs the output on the calibration inputs
-(:func:`distillation_loss`). Taking the costs of different weights as additive, the sizes that
-minimise their sum within the budget are found by a Lagrangian search (each weight takes the size
-minimising ``cost + λ · bits``, ``λ`` the smallest that fits), and returned as an
-:class:`RPQConfig` with one override per weight.
+:func:`size_costs` fits every weight at every candidate size (one ``convert`` per size) and puts
+each fitted weight alone into the dense model to measure what it costs the output on the
+calibration inputs (:func:`distillation_loss`). Taking the costs of different weights as additive,
+:meth:`SizeCosts.config` finds the sizes that minimise their sum within a budget by a Lagrangian
+search (each weight takes the size minimising ``cost + λ · bits``, ``λ`` the smallest that fits)
+and returns them as an :class:`RPQConfig` with one override per weight; the costs are measured
+once for any number of budgets. :func:`allocate` is both in one call.
 """
 
 from collections.abc import Iterable, Sequence
@@ -23,24 +24,26 @@ from .fit.calibrate import run_inputs
 from .passes import training_mode
 from .report import report
 
-__all__ = ["allocate", "DEFAULT_SIZES"]
+__all__ = ["allocate", "size_costs", "SizeCosts", "SizeOption", "DEFAULT_SIZES"]
 
 DEFAULT_SIZES = tuple({"codebook_dim": d} for d in (8, 6, 4, 3, 2))  # 1 to 4 code bits per weight at 256 codes
 
 
 @dataclass
-class _Option:
+class SizeOption:
+    """One candidate size of one weight, as :func:`size_costs` measured it."""
+
     size: dict
     bits: float  # stored bits, all of the weight's values
     cost: float  # the model's output loss with this weight alone fitted at this size
 
 
-def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, _Option]:
+def _choose(options: dict[str, list[SizeOption]], budget: float) -> dict[str, SizeOption]:
     """Per weight the option minimising ``cost + λ · bits`` for the smallest ``λ`` within ``budget`` bits."""
-    def pick(lam: float) -> dict[str, _Option]:
+    def pick(lam: float) -> dict[str, SizeOption]:
         return {name: min(found, key=lambda o: (o.cost + lam * o.bits, o.bits)) for name, found in options.items()}
 
-    def bits(chosen: dict[str, _Option]) -> float:
+    def bits(chosen: dict[str, SizeOption]) -> float:
         return sum(o.bits for o in chosen.values())
 
     low, high = 0.0, 1e-12
@@ -54,21 +57,51 @@ def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, _Opti
     return pick(high)
 
 
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0:
+        raise ValueError(f"allocate: bits must be a number > 0, got {bits!r}")
+
+
+@dataclass
+class SizeCosts:
+    """What each weight costs the model at each candidate size (:func:`size_costs`): configs for any budget."""
+
+    base: RPQConfig  # the settings every size was applied on top of
+    sizes: list[dict]
+    options: dict[str, list[SizeOption]]  # weight name -> one option per size
+    values: dict[str, int]  # weight name -> its number of values
+
+    @property
+    def smallest_bits(self) -> float:
+        """Bits per weight with every weight at its fewest: the smallest budget :meth:`config` accepts."""
+        return sum(min(o.bits for o in found) for found in self.options.values()) / sum(self.values.values())
+
+    def config(self, bits: float) -> RPQConfig:
+        """The sizes of least total cost within ``bits`` stored bits per converted weight, as an
+        :class:`RPQConfig` (the base config's settings and overrides, one more override per weight)."""
+        _check_bits(bits)
+        if self.smallest_bits > bits:
+            raise ValueError(f"allocate: the smallest sizes take {self.smallest_bits:.3f} bits per weight, above the "
+                             f"budget of {bits}")
+        chosen = _choose(self.options, bits * sum(self.values.values()))
+        overrides = {name: dict(o.size) for name, o in chosen.items()}
+        return RPQConfig(**{**RPQConfig._apply(self.base.to_dict(), self.sizes[0]),
+                            "overrides": {**self.base.overrides, **overrides}})
+
+
 @torch.no_grad()
-def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Sequence[dict] = DEFAULT_SIZES,
-             config: RPQConfig | None = None, filter_fn: FilterFn | None = None, progress: bool = True) -> RPQConfig:
-    """An :class:`RPQConfig` that converts ``model`` within ``bits`` stored bits per converted weight
-    (codebooks and codes, as :func:`report` counts them), giving the bits where they cost the least.
+def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict] = DEFAULT_SIZES,
+               config: RPQConfig | None = None, filter_fn: FilterFn | None = None,
+               progress: bool = True) -> SizeCosts:
+    """Fit every weight ``convert`` would convert at each of ``sizes`` and measure what it costs
+    ``model``'s output on ``calibration`` alone; ``.config(bits)`` then allocates any budget.
 
     ``sizes`` are the candidate settings of every weight (``{"codebook_dim": 4}``, ``{"codebook_dim":
     2, "num_codes": 16}``), each applied on top of ``config`` (default: one shared codebook per
     weight, ``init="kmeans"``), whose other settings and overrides stay; ``calibration`` as for
-    :func:`convert`, which the result is meant for: ``convert(model, config=allocate(model, 2.0,
-    batches), calibration=batches)``. It costs one data-aware conversion per size and, per weight
-    and size, one pass of the model over the calibration inputs.
+    :func:`convert`. It costs one data-aware conversion per size and, per weight and size, one pass
+    of the model over the calibration inputs. The model is left as it was.
     """
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0:
-        raise ValueError(f"allocate: bits must be a number > 0, got {bits!r}")
     if not sizes or not all(isinstance(size, dict) for size in sizes):
         raise ValueError(f"allocate: sizes must be a non-empty sequence of dicts of settings, got {sizes!r}")
     unknown = sorted({key for size in sizes for key in size} - set(SIZE_SETTINGS))
@@ -81,7 +114,7 @@ def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Seq
     candidates = [RPQConfig(**RPQConfig._apply(base.to_dict(), size)) for size in sizes]
     device = next((p.device for p in model.parameters()), None)
     params = dict(model.named_parameters(remove_duplicate=False))
-    options: dict[str, list[_Option]] = {}
+    options: dict[str, list[SizeOption]] = {}
     values: dict[str, int] = {}
     with training_mode(model, False):
         targets = [run_inputs(model, item, device) for item in items]
@@ -97,13 +130,21 @@ def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Seq
                     raise RuntimeError(f"allocate: no parameter of the model is named like the weight '{row['layer']}'")
                 values[row["layer"]] = value.numel()
                 cost = mean_loss(model, items, targets, default_loss, device, replaced)
-                options.setdefault(row["layer"], []).append(_Option(size, row["bits/w"] * value.numel(), cost))
+                options.setdefault(row["layer"], []).append(SizeOption(size, row["bits/w"] * value.numel(), cost))
     if not options:
         raise ValueError("allocate: no weight of the model was converted at any of the sizes")
-    total = sum(values.values())
-    smallest = sum(min(o.bits for o in found) for found in options.values()) / total
-    if smallest > bits:
-        raise ValueError(f"allocate: the smallest sizes take {smallest:.3f} bits per weight, above the budget of {bits}")
-    chosen = _choose(options, bits * total)
-    return RPQConfig(**{**RPQConfig._apply(base.to_dict(), sizes[0]),
-                        "overrides": {**base.overrides, **{name: dict(o.size) for name, o in chosen.items()}}})
+    return SizeCosts(base, list(sizes), options, values)
+
+
+def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Sequence[dict] = DEFAULT_SIZES,
+             config: RPQConfig | None = None, filter_fn: FilterFn | None = None, progress: bool = True) -> RPQConfig:
+    """An :class:`RPQConfig` that converts ``model`` within ``bits`` stored bits per converted weight
+    (codebooks and codes, as :func:`report` counts them), giving the bits where they cost the least:
+    ``convert(model, config=allocate(model, 2.0, batches), calibration=batches)``.
+
+    ``size_costs(model, calibration, ...).config(bits)`` (see :func:`size_costs` for the arguments);
+    call that to allocate several budgets from one measurement.
+    """
+    _check_bits(bits)
+    return size_costs(model, calibration, sizes=sizes, config=config, filter_fn=filter_fn,
+                      progress=progress).config(bits)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import rpq_fx
-from rpq_fx.allocate import _choose, _Option
+from rpq_fx.allocate import SizeOption, _choose
 
 
 class TwoBranches(nn.Module):
@@ -72,11 +72,28 @@ def test_allocate_refuses_bad_input_with_the_value():
         rpq_fx.allocate(model, 0.5, calibration, sizes=[{"codebook_dim": 4}], progress=False)
 
 
+def test_one_measurement_allocates_every_budget_as_allocate_does():
+    torch.manual_seed(2)
+    model, calibration = TwoBranches(), list(torch.randn(128, 96).split(64))
+    sizes = [{"codebook_dim": 8}, {"codebook_dim": 4}, {"codebook_dim": 2}]
+    costs = rpq_fx.size_costs(model, calibration, sizes=sizes, progress=False)
+    assert set(costs.options) == {"loud.weight", "quiet.weight"} and all(len(o) == 3 for o in costs.options.values())
+    assert costs.config(1.0e9) == rpq_fx.allocate(model, 1.0e9, calibration, sizes=sizes, progress=False)
+    dims = []
+    for bits in (costs.smallest_bits, 2.5, 5.0):
+        converted = rpq_fx.convert(model, config=costs.config(bits), calibration=calibration, progress=False)
+        assert rpq_fx.report(converted).totals["bits_per_weight"] <= bits + 1e-9
+        dims.append(costs.config(bits).overrides["loud.weight"]["codebook_dim"])
+    assert dims == sorted(dims, reverse=True) and dims[0] == 8 and dims[-1] == 2, dims  # more bits, smaller d
+    with pytest.raises(ValueError, match=r"above the budget of 0.1"):
+        costs.config(0.1)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(1, 64), st.floats(0, 10)), min_size=1, max_size=4), min_size=1,
                 max_size=5), st.floats(0, 1))
 def test_the_choice_is_within_the_budget_and_never_costs_more_than_the_fewest_bits(weights, slack):
-    options = {f"w{i}": [_Option({"i": j}, float(b), c) for j, (b, c) in enumerate(found)]
+    options = {f"w{i}": [SizeOption({"i": j}, float(b), c) for j, (b, c) in enumerate(found)]
                for i, found in enumerate(weights)}
     fewest = {name: min(found, key=lambda o: (o.bits, o.cost)) for name, found in options.items()}
     most = sum(max(o.bits for o in found) for found in options.values())
