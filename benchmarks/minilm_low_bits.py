@@ -1,13 +1,14 @@
 """all-MiniLM-L6-v2 at about 2 bits per weight: how close to the dense embeddings RPQ gets.
 
-    python benchmarks/minilm_low_bits.py [--steps 200] [--lr 1e-3]
+    python benchmarks/minilm_low_bits.py [--steps 200] [--lr 1e-3] [--sizes 8 6 4 3 2]
 
 The issue's target is a mean cosine >= 0.95 at <= 2 bits. First, where the loss comes from: each
 group of layers alone converted (d=4 shared, data-aware), the rest dense. Then each configuration is converted data-aware
 on the quality benchmark's 256 calibration lines, then fine-tuned on 2048 further Shakespeare
 lines (validated on the calibration lines, the best state kept); it is evaluated, like
-``quality.py``, on the same 2000 held-out lines. The last configuration is ``rpq_fx.allocate``'s
-for 2.0 bits, its costs measured on the calibration lines. Writes ``results/minilm_low_bits.md``.
+``quality.py``, on the same 2000 held-out lines. The last configurations are ``rpq_fx.allocate``'s
+for 2.0, 2.5 and 3.0 bits, from one ``rpq_fx.size_costs`` measurement on the calibration lines.
+Writes ``results/minilm_low_bits.md``.
 """
 
 import argparse
@@ -34,7 +35,7 @@ CONFIGS = {
         "codebook_dim": 3, "shared_codebooks": True, "init": "kmeans",
         "overrides": {"embeddings.word_embeddings": {"codebook_dim": 8, "shared_codebooks": False}}},
 }
-ALLOCATED = "rpq_fx.allocate for 2.0 bits: d in 8, 6, 4, 3, 2 per weight, float16 codebooks"
+BUDGETS = (2.0, 2.5, 3.0)  # bits per weight given to rpq_fx.allocate
 
 
 # group -> a pattern of the weight names it holds
@@ -58,19 +59,18 @@ def sensitivity(task) -> list[list]:
     return rows
 
 
-def _by_size(overrides: dict) -> list[list]:
-    """The weights an allocation gave each ``codebook_dim``, names shortened (``L3 attention.self.query``)."""
-    sizes: dict[int, list[str]] = {}
-    for name, size in overrides.items():
-        short = re.sub(r"^encoder\.layer\.(\d+)\.", r"L\1 ", name.removesuffix(".weight"))
-        sizes.setdefault(size["codebook_dim"], []).append(short)
-    return [[d, ", ".join(names)] for d, names in sorted(sizes.items())]
+def _chosen(configs: dict[float, rpq_fx.RPQConfig]) -> list[list]:
+    """Per weight (names shortened: ``L3 attention.self.query``) the ``codebook_dim`` each budget gave it."""
+    names = list(next(iter(configs.values())).overrides)
+    return [[re.sub(r"^encoder\.layer\.(\d+)\.", r"L\1 ", name.removesuffix(".weight")),
+             *(config.overrides[name]["codebook_dim"] for config in configs.values())] for name in names]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 6, 4, 3, 2], help="codebook_dim for allocate")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     started = load()
@@ -83,11 +83,15 @@ def main() -> None:
     train, _ = tasks._tokenize(tok, lines[N_CALIB:], 32, 64)
     groups = sensitivity(task)
     start = time.perf_counter()
-    allocated = rpq_fx.allocate(task.model, 2.0, task.calibration, config=rpq_fx.RPQConfig.from_dict(BASE),
-                                filter_fn=methods.weight_filter(task.weights), progress=False)
-    allocate_s = time.perf_counter() - start
+    costs = rpq_fx.size_costs(task.model, task.calibration, sizes=[{"codebook_dim": d} for d in args.sizes],
+                              config=rpq_fx.RPQConfig.from_dict(BASE), filter_fn=methods.weight_filter(task.weights),
+                              progress=False)
+    costs_s = time.perf_counter() - start
+    sizes = ", ".join(map(str, args.sizes))
+    allocated = {bits: costs.config(bits) for bits in BUDGETS}
     rows = []
-    for name, config in {**CONFIGS, ALLOCATED: allocated.to_dict()}.items():
+    for name, config in {**CONFIGS, **{f"rpq_fx.allocate for {bits} bits: d in {sizes} per weight, float16 codebooks":
+                                       config.to_dict() for bits, config in allocated.items()}}.items():
         start = time.perf_counter()
         model = rpq_fx.convert(task.model, config=rpq_fx.RPQConfig.from_dict(config), calibration=task.calibration,
                                filter_fn=methods.weight_filter(task.weights), progress=False).eval()
@@ -121,10 +125,11 @@ def main() -> None:
                      "top-10 NN (fitted)", "top-10 NN (+ fine-tuning)", "convert s", "fine-tune s"],
                     floatfmt=".3f")
             + "\n\nConfigurations, as `RPQConfig.from_dict` takes them:\n\n"
-            + "\n".join(f"- {r['config']}: `{json.dumps(r['json'])}`" for r in rows[:-1])
-            + f"\n- {ALLOCATED}: `rpq_fx.allocate(model, 2.0, calibration, config=RPQConfig.from_dict({json.dumps(BASE)}))` "
-            f"({allocate_s:.0f} s), which chose:\n\n"
-            + table(_by_size(allocated.overrides), ["codebook_dim", "weights"]))
+            + "\n".join(f"- {r['config']}: `{json.dumps(r['json'])}`" for r in rows[:len(CONFIGS)])
+            + f"\n- rpq_fx.allocate for b bits: `rpq_fx.allocate(model, b, calibration, sizes=[{{\"codebook_dim\": d}} "
+            f"for d in ({sizes})], config=RPQConfig.from_dict({json.dumps(BASE)}))`, here as one "
+            f"`rpq_fx.size_costs(...)` ({costs_s:.0f} s) and its `.config(b)` for each b, which chose:\n\n"
+            + table(_chosen(allocated), ["weight", *(f"codebook_dim at {bits} bits" for bits in BUDGETS)]))
     write("minilm_low_bits", "all-MiniLM-L6-v2 at about 2 bits per weight", body, started, directory=args.out)
 
 
