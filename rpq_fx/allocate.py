@@ -145,6 +145,6 @@ def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Seq
     ``size_costs(model, calibration, ...).config(bits)`` (see :func:`size_costs` for the arguments);
     call that to allocate several budgets from one measurement.
     """
-    _check_bits(bits)
+    _check_bits(bits)  # reason: before the minutes of measuring, not after (config checks it again)
     return size_costs(model, calibration, sizes=sizes, config=config, filter_fn=filter_fn,
                       progress=progress).config(bits)
