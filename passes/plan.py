@@ -15,7 +15,7 @@ from torch import nn
 from rpq_fx.config import LayerSettings, RPQConfig
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import graphs_of
-from rpq_fx.nn.weight import rpq_bytes
+from rpq_fx.nn.weight import hot_bytes, rpq_bytes
 
 from .weight_ops import LAYERS, layer_arguments, layer_refusal, padding_row, refusal, weight_arg
 
@@ -43,6 +43,8 @@ class LayerPlan:
     init: str = "random"  # how the RPQ weight was filled: "random", "kmeans", "kmeans+calibration"
     error_feedback: bool = True  # a calibrated fit pushes each slice's error onto the slices after it
     fit_error: float | None = None  # after a fit: the objective (weight or output error) relative to the weight's
+    hot_rows: int = 0  # rows with a second, residual code (RPQWeight.hot)
+    hot_codebook_dim: int | None = None
     param: nn.Parameter | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -62,8 +64,11 @@ class LayerPlan:
     def bytes_after(self) -> int:
         if not self.converted:
             return self.bytes_before
-        return rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], self.num_codes,
-                         self.shared_codebooks, (self.codebook_dtype or self.dtype).itemsize)
+        element_size = (self.codebook_dtype or self.dtype).itemsize
+        return (rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], self.num_codes,
+                          self.shared_codebooks, element_size)
+                + hot_bytes(self.num_codebooks * self.codebook_dim, self.hot_rows, self.hot_codebook_dim,
+                            self.num_codes, element_size))
 
     @property
     def bits_per_weight(self) -> float:
@@ -164,12 +169,18 @@ def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> No
     plan.init, plan.error_feedback = settings.init, settings.error_feedback
     if settings.codebook_dtype is not None:
         plan.codebook_dtype = getattr(torch, settings.codebook_dtype)
+    if settings.hot_rows:
+        if row_len % settings.hot_codebook_dim:
+            plan.reason = f"row length {row_len} is not divisible by hot_codebook_dim={settings.hot_codebook_dim}"
+            return
+        plan.hot_rows = min(settings.hot_rows, plan.rows_shape[0] - len(plan.padding_rows))
+        plan.hot_codebook_dim = settings.hot_codebook_dim
     dense, rpq = plan.bytes_before, plan.bytes_after
     if rpq >= dense:
         plan.reason = (f"would grow from {dense} to {rpq} bytes: {settings.num_codes} codewords per codebook "
                        f"cost more than {plan.rows_shape[0]} rows save")
-        plan.num_codebooks = plan.codebook_dim = plan.num_codes = plan.codebook_dtype = None
-        plan.init = "random"
+        plan.num_codebooks = plan.codebook_dim = plan.num_codes = plan.codebook_dtype = plan.hot_codebook_dim = None
+        plan.init, plan.hot_rows = "random", 0
 
 
 def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Module, config: RPQConfig,

@@ -30,7 +30,8 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
         device = plan.param.device
         weights[plan.name] = weight = RPQWeight(
             plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], plan.num_codes, plan.shared_codebooks,
-            shape=plan.rows_shape, transposed=plan.transposed, device=device,
+            shape=plan.rows_shape, transposed=plan.transposed, device=device, hot_rows=plan.hot_rows,
+            hot_codebook_dim=plan.hot_codebook_dim,
             compute_dtype=plan.dtype if plan.codebook_dtype not in (None, plan.dtype) else None,
             dtype=plan.codebook_dtype or plan.dtype)
         if device.type != "meta":
@@ -42,7 +43,8 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
 
 def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
     """``get_attr`` codebooks and codes (codebooks cast where stored in another dtype),
-    ``rpq_fx::expand``, and a view or transpose to the weight's layout."""
+    ``rpq_fx::expand``, the hot rows' expansion added in (``index_add``), and a view or transpose
+    to the weight's layout."""
     name = path.replace(".", "_")
     codebooks = graph.get_attr(f"{path}.codebooks")
     if weight.dtype != weight.codebooks.dtype:
@@ -50,8 +52,13 @@ def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
                                       name=f"{name}_codebooks_{str(weight.dtype).removeprefix('torch.')}")
     codes = graph.get_attr(f"{path}.codes")
     reshape = "t" if weight.transposed else "view" if len(weight.shape) != 2 else None
+    hot = weight.hot is not None
     rows = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
-                             name=f"{name}_rows" if reshape else name)
+                             name=f"{name}_rows" if reshape or hot else name)
+    if hot:
+        rows = graph.create_node("call_method", "index_add", (rows, 0, graph.get_attr(f"{path}.hot_index"),
+                                                              _expansion(graph, f"{path}.hot", weight.hot)),
+                                 name=f"{name}_rows" if reshape else name)
     if reshape is None:
         return rows
     return graph.create_node("call_method", reshape, (rows,) if reshape == "t" else (rows, weight.shape), name=name)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import SIZE_SETTINGS, RPQConfig
+from .config import SIZE_SETTINGS, SPLITS, RPQConfig
 from .convert import FilterFn, convert
 from .decompress import decompress
 from .finetune import default_loss, mean_loss
@@ -84,7 +84,10 @@ class SizeCosts:
             raise ValueError(f"allocate: the smallest sizes take {self.smallest_bits:.3f} bits per weight, above the "
                              f"budget of {bits}")
         chosen = _choose(self.options, bits * sum(self.values.values()))
-        overrides = {name: dict(o.size) for name, o in chosen.items()}
+        # reason: a setting one size sets and another leaves to the base (hot_rows) is spelled out in every override
+        varied = {key for size in self.sizes for key in size} - set(SPLITS)
+        base = self.base.to_dict()
+        overrides = {name: {**{key: base[key] for key in varied}, **o.size} for name, o in chosen.items()}
         return RPQConfig(**{**RPQConfig._apply(self.base.to_dict(), self.sizes[0]),
                             "overrides": {**self.base.overrides, **overrides}})
 

@@ -9,8 +9,8 @@ import torch
 
 __all__ = ["RPQConfig", "LayerSettings"]
 
-_SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
-SIZE_SETTINGS = (*_SPLITS, "num_codes", "shared_codebooks", "codebook_dtype")  # what sets a weight's stored size
+SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
+SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "hot_rows", "hot_codebook_dim")  # what sets a weight's stored size
 _OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "skip")
 INITS = ("random", "kmeans")
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -39,6 +39,8 @@ class LayerSettings:
     init: str = "random"
     codebook_dtype: str | None = None
     error_feedback: bool = True
+    hot_rows: int = 0
+    hot_codebook_dim: int | None = None
 
     def split(self, row_len: int) -> tuple[int, int] | str:
         """``(num_codebooks, codebook_dim)`` for a row of ``row_len`` values, or why it can't be split."""
@@ -65,7 +67,10 @@ class RPQConfig:
     ``codebook_dtype``: store codebooks as ``"float16"`` / ``"bfloat16"`` (expanded in the weight's
     own dtype); None keeps the weight's dtype. ``error_feedback``: in a calibrated fit, push each
     quantised slice's output error onto the slices not yet quantised (GPTQ's update; it makes
-    EfficientNet-Lite0 much better), or not, per layer. ``overrides`` maps fnmatch patterns, tried
+    EfficientNet-Lite0 much better), or not, per layer. ``hot_rows``: that many rows of each weight
+    (at most; the rows whose fit error weighs most: for an embedding, the tokens the calibration
+    looks up most) get a second code on top of their own, from one shared residual codebook of
+    ``hot_codebook_dim`` values per codeword. ``overrides`` maps fnmatch patterns, tried
     against a weight's name (``"blocks.0.mlp.fc1.weight"``) and its layer's name
     (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the layers they match
     (later patterns win); ``{"skip": True}`` leaves a layer dense.
@@ -79,6 +84,8 @@ class RPQConfig:
     init: str = "random"
     codebook_dtype: str | None = None
     error_feedback: bool = True
+    hot_rows: int = 0
+    hot_codebook_dim: int | None = None
     checkpoint: bool = False
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -100,9 +107,9 @@ class RPQConfig:
 
     @staticmethod
     def _check(values: dict[str, Any], where: str) -> None:
-        splits = [name for name in _SPLITS if values.get(name) is not None]
+        splits = [name for name in SPLITS if values.get(name) is not None]
         if len(splits) != 1:
-            raise ValueError(f"{where}: set exactly one of {', '.join(_SPLITS)}; got "
+            raise ValueError(f"{where}: set exactly one of {', '.join(SPLITS)}; got "
                              f"{', '.join(f'{n}={values[n]}' for n in splits) if splits else 'none'}")
         check_int(where, splits[0], values[splits[0]], 1)
         check_int(where, "num_codes", values["num_codes"], 2, 65536)
@@ -115,6 +122,9 @@ class RPQConfig:
                              f"got {values['codebook_dtype']!r}")
         if not isinstance(values["error_feedback"], bool):
             raise ValueError(f"{where}: error_feedback must be a bool, got {values['error_feedback']!r}")
+        check_int(where, "hot_rows", values["hot_rows"], 0)
+        if values["hot_rows"] or values["hot_codebook_dim"] is not None:
+            check_int(where, "hot_codebook_dim (hot_rows > 0 needs one)", values["hot_codebook_dim"], 1)
         if not isinstance(values["checkpoint"], bool):
             raise ValueError(f"{where}: checkpoint must be a bool, got {values['checkpoint']!r}")
         check_int(where, "seed", values["seed"], 0)
@@ -123,8 +133,8 @@ class RPQConfig:
     def _apply(values: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         """``values`` with ``override`` on top; an override that names a split replaces the split."""
         values = dict(values)
-        if any(name in override for name in _SPLITS):
-            values.update(dict.fromkeys(_SPLITS))
+        if any(name in override for name in SPLITS):
+            values.update(dict.fromkeys(SPLITS))
         values.update(override)
         return values
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .nn.weight import RPQWeight
+from .nn.weight import rpq_weights
 
 __all__ = ["decompress"]
 
@@ -17,9 +17,8 @@ def decompress(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     dense: dict[int, torch.Tensor] = {}
     out = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, RPQWeight):
-            out[name] = dense.setdefault(id(module), module())
+    for name, module in rpq_weights(model, remove_duplicate=False):
+        out[name] = dense.setdefault(id(module), module())
     for layer in getattr(model, "rpq_layers", ()):
         present = [alias for alias in layer.aliases if alias in out] if layer.converted else []
         out.update(dict.fromkeys(layer.aliases, out[present[0]]) if present else {})

@@ -28,7 +28,7 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
-from .nn.weight import RPQWeight
+from .nn.weight import RPQWeight, rpq_weights
 from .report import report
 
 __all__ = ["export_graph", "draw_graph", "find_renderer", "node_table", "GraphvizMissingWarning"]
@@ -155,7 +155,7 @@ def _dot_graph(gm: fx.GraphModule, name: str):
             cluster.add_node(node)
         dot.add_subgraph(cluster)
     mode = "train" if gm.training else "eval"
-    converted = sum(1 for _, m in gm.named_modules() if isinstance(m, RPQWeight))
+    converted = len(rpq_weights(gm))
     dot.set("label", f'"{name} ({mode} mode): {converted} RPQ weights, read by the {len(regions)} rpq_fx ops in '
                      f'orange boxes (codebooks + uint8 codes -> weight, or computed from them directly)"')
     dot.set("labelloc", "t")
@@ -242,7 +242,7 @@ def export_graph(model: nn.Module, out_dir: str | Path, *, picture: bool = True)
              "| part | class | RPQ weights | graph | code |", "|---|---|---|---|---|"]
     for name, gm in parts:
         _export_one(gm, out / name, f"{type(model).__name__}.{name}", picture)
-        count = sum(1 for m in gm.modules() if isinstance(m, RPQWeight))
+        count = len(rpq_weights(gm))
         drawn = next((f.name for f in (out / name).glob("graph.*") if f.suffix in (".svg", ".dot")), None)
         graph = f"[{drawn}]({name}/{drawn})" if drawn else "-"
         lines.append(f"| `{name}` | {type(gm).__name__} | {count} | {graph} | [code.py]({name}/code.py) |")

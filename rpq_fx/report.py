@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from tabulate import tabulate
 from torch import nn
 
-from .nn.weight import RPQWeight
+from .nn.weight import rpq_weights
 from .passes import LayerPlan
 
 __all__ = ["model_size", "report", "Report"]
@@ -29,11 +29,17 @@ def _layers(model: nn.Module) -> list[LayerPlan]:
     if hasattr(model, "rpq_layers"):
         return model.rpq_layers
     layers = {}
-    for name, w in model.named_modules():
-        if isinstance(w, RPQWeight):
-            layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.dtype, w.num_codebooks,
-                                      w.codebook_dim, w.num_codes, w.shared_codebooks, codebook_dtype=w.codebooks.dtype)
+    for name, w in rpq_weights(model):
+        hot = {} if w.hot is None else {"hot_rows": w.hot.num_vectors, "hot_codebook_dim": w.hot.codebook_dim}
+        layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.dtype, w.num_codebooks, w.codebook_dim,
+                                  w.num_codes, w.shared_codebooks, codebook_dtype=w.codebooks.dtype, **hot)
     return list(layers.values())
+
+
+def _note(layer: LayerPlan) -> str:
+    notes = [f"hot: {layer.hot_rows} rows, d={layer.hot_codebook_dim}"] if layer.hot_rows else []
+    notes += [f"tied: {', '.join(layer.aliases)}"] if len(layer.aliases) > 1 else []
+    return "; ".join(notes)
 
 
 @dataclass
@@ -77,7 +83,7 @@ def report(model: nn.Module) -> Report:
             "bytes before": layer.bytes_before, "bytes after": layer.bytes_after, "ratio": ratio,
             "bits/w": layer.bits_per_weight, "init": layer.init if layer.converted else None,
             "fit err": layer.fit_error,
-            "note": layer.reason or (f"tied: {', '.join(layer.aliases)}" if len(layer.aliases) > 1 else ""),
+            "note": layer.reason or _note(layer),
         })
     after = _bytes(model)
     before = after + sum(r["bytes before"] - r["bytes after"] for r in rows)

@@ -21,6 +21,33 @@ from .quantize import FitResult, fit_rows
 __all__ = ["collect_stats", "fit_weights", "fit_rows", "kmeans", "nearest", "LayerStats", "FitResult", "run_inputs"]
 
 
+def _row_errors(delta: torch.Tensor, hessian: torch.Tensor | None, row_weights: torch.Tensor | None) -> torch.Tensor:
+    """Each row's share of the fit's objective: ``Δ_n H Δ_nᵀ``, ``f_n ||Δ_n||²`` or ``||Δ_n||²``."""
+    delta = delta.double()
+    if hessian is not None:
+        return ((delta @ hessian.double()) * delta).sum(1)
+    errors = delta.square().sum(1)
+    return errors if row_weights is None else errors * row_weights.double()
+
+
+def _fit_hot(plan: LayerPlan, weight: RPQWeight, rows: torch.Tensor, keep: torch.Tensor, hessian, row_weights,
+             seed: int) -> float:
+    """Give the rows whose error weighs most a residual code (``weight.hot``); the fit's relative error after it."""
+    delta = rows[keep].double() - weight.expand_rows()[keep].double()
+    errors = _row_errors(delta, hessian, row_weights)
+    chosen = errors.topk(plan.hot_rows).indices.sort().values
+    hot = weight.hot
+    result = fit_rows(delta[chosen], hot.num_codebooks, hot.num_codes, True, hessian=hessian,
+                      row_weights=None if row_weights is None else row_weights[chosen],
+                      error_feedback=plan.error_feedback, seed=seed)
+    weight.hot_index.copy_(keep.nonzero()[chosen, 0].to(torch.int32))
+    hot.codes.copy_(result.codes.to(hot.codes.dtype))
+    hot.codebooks.copy_(result.codebooks.to(hot.codebooks.dtype))
+    total = _row_errors(rows[keep], hessian, row_weights).sum()
+    left = _row_errors(rows[keep].double() - weight.expand_rows()[keep].double(), hessian, row_weights).sum()
+    return float(left / total) if total > 0 else 0.0
+
+
 @torch.no_grad()
 def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int) -> None:
     """Fit ``weight`` to ``plan.param``; padding rows (``padding_idx``) keep their reserved zero codeword."""
@@ -47,6 +74,8 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
     weight.codebooks[:, num_codes:] = 0
     plan.init = "kmeans+calibration" if stats is not None else "kmeans"
     plan.fit_error = result.error
+    if weight.hot is not None:
+        plan.fit_error = _fit_hot(plan, weight, rows, keep, hessian, row_weights, seed)
 
 
 def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQWeight], calibration=None, *,

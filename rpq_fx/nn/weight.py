@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops import expand
 
-__all__ = ["RPQWeight", "code_dtype", "rpq_bytes"]
+__all__ = ["RPQWeight", "code_dtype", "rpq_bytes", "hot_bytes", "rpq_weights"]
 
 
 def code_dtype(num_codes: int) -> torch.dtype:
@@ -24,6 +24,21 @@ def rpq_bytes(num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes
     return groups * num_codes * codebook_dim * element_size + num_codebooks * num_vectors * code_size
 
 
+def hot_bytes(row_len: int, hot_rows: int, hot_codebook_dim: int, num_codes: int, element_size: int) -> int:
+    """Bytes of a weight's hot part: its shared residual codebook, its codes and its int32 row index."""
+    if not hot_rows:
+        return 0
+    return rpq_bytes(row_len // hot_codebook_dim, hot_codebook_dim, hot_rows, num_codes, True, element_size) + 4 * hot_rows
+
+
+def rpq_weights(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, "RPQWeight"]]:
+    """``(name, weight)`` for every RPQ weight in ``model`` (each once, unless ``remove_duplicate=False``),
+    without the hot parts inside them."""
+    hot = {id(m.hot) for m in model.modules() if isinstance(m, RPQWeight) and m.hot is not None}
+    return [(name, m) for name, m in model.named_modules(remove_duplicate=remove_duplicate)
+            if isinstance(m, RPQWeight) and id(m) not in hot]
+
+
 class RPQWeight(nn.Module):
     """A ``[num_vectors, num_codebooks * codebook_dim]`` weight, expanded on every call.
 
@@ -33,11 +48,17 @@ class RPQWeight(nn.Module):
     returns ``W.T``, for a parameter stored ``[in, out]`` (GPT-2's ``Conv1D``). ``compute_dtype``
     is the expanded weight's dtype where it differs from the codebooks' (float16 codebooks of a
     float32 layer are cast, small as they are, before each expansion).
+
+    ``hot_rows`` rows get a second, finer code on top of their own: ``hot`` is an RPQ weight of
+    those rows (one shared codebook of ``num_codes`` codewords of ``hot_codebook_dim`` values) and
+    ``hot_index`` (int32) says which rows they are: ``W[hot_index[h]] += hot()[h]``. For an embedding
+    these are the tokens looked up most, where the error reaches the output most often.
     """
 
     def __init__(self, num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes: int = 256,
                  shared_codebooks: bool = False, *, shape: Sequence[int] | None = None,
-                 transposed: bool = False, compute_dtype: torch.dtype | None = None, device=None, dtype=None):
+                 transposed: bool = False, compute_dtype: torch.dtype | None = None, hot_rows: int = 0,
+                 hot_codebook_dim: int | None = None, device=None, dtype=None):
         super().__init__()
         for name, value, low in (("num_codebooks", num_codebooks, 1), ("codebook_dim", codebook_dim, 1),
                                  ("num_vectors", num_vectors, 1), ("num_codes", num_codes, 2)):
@@ -62,6 +83,18 @@ class RPQWeight(nn.Module):
         self.codebooks = nn.Parameter(torch.empty(groups, num_codes, codebook_dim, device=device, dtype=dtype))
         self.register_buffer("codes", torch.empty(num_codebooks, num_vectors, device=device,
                                                   dtype=code_dtype(num_codes)))
+        self.hot = None
+        if hot_rows:
+            row_len = num_codebooks * codebook_dim
+            if isinstance(hot_rows, bool) or not isinstance(hot_rows, int) or not 0 < hot_rows <= num_vectors:
+                raise ValueError(f"RPQWeight: hot_rows must be an int in [0, {num_vectors}], got {hot_rows!r}")
+            if (isinstance(hot_codebook_dim, bool) or not isinstance(hot_codebook_dim, int) or hot_codebook_dim < 1
+                    or row_len % hot_codebook_dim):
+                raise ValueError(f"RPQWeight: hot_codebook_dim must be an int dividing the row length {row_len}, "
+                                 f"got {hot_codebook_dim!r}")
+            self.hot = RPQWeight(row_len // hot_codebook_dim, hot_codebook_dim, hot_rows, num_codes, True,
+                                 compute_dtype=compute_dtype, device=device, dtype=dtype)
+            self.register_buffer("hot_index", torch.empty(hot_rows, device=device, dtype=torch.int32))
         self.reset_parameters()
 
     @property
@@ -88,7 +121,8 @@ class RPQWeight(nn.Module):
 
         ``zero_rows`` (an embedding's ``padding_idx``) read the last codeword of every codebook, set
         to zero and read by no other row: the rows start at zero and, as long as only lookups that
-        skip them read them, get no gradient and stay zero.
+        skip them read them, get no gradient and stay zero. The hot part starts at zero, on the
+        first rows that are not ``zero_rows``.
         """
         if self.codebooks.is_meta:
             return
@@ -106,14 +140,29 @@ class RPQWeight(nn.Module):
                 raise ValueError(f"RPQWeight.reset_parameters: init must be 'uniform' or 'normal', got {init!r}")
             if zero_rows:
                 self.codebooks[:, -1] = 0
+            if self.hot is not None:
+                rows = torch.ones(self.num_vectors, dtype=torch.bool)
+                rows[list(zero_rows)] = False
+                if rows.sum() < self.hot.num_vectors:
+                    raise ValueError(f"RPQWeight: hot_rows={self.hot.num_vectors} exceed the {int(rows.sum())} rows "
+                                     f"that are not zero_rows")
+                self.hot_index.copy_(rows.nonzero()[:self.hot.num_vectors, 0])
+                self.hot.reset_parameters(generator=generator)
+                self.hot.codebooks.zero_()
+
+    def expand_rows(self) -> torch.Tensor:
+        """The expanded rows ``[num_vectors, C*d]``, hot rows' residuals added."""
+        rows = expand(self.codebooks.to(self.dtype), self.codes)
+        return rows if self.hot is None else rows.index_add(0, self.hot_index, self.hot.expand_rows())
 
     def forward(self) -> torch.Tensor:
-        weight = expand(self.codebooks.to(self.dtype), self.codes).view(self.shape)
+        weight = self.expand_rows().view(self.shape)
         return weight.t() if self.transposed else weight
 
     def extra_repr(self) -> str:
         shared = ", shared_codebooks=True" if self.shared_codebooks else ""
         shared += ", transposed=True" if self.transposed else ""
         shared += f", compute_dtype={self.compute_dtype}" if self.compute_dtype not in (None, self.codebooks.dtype) else ""
+        shared += f", hot_rows={self.hot.num_vectors}, hot_codebook_dim={self.hot.codebook_dim}" if self.hot else ""
         return (f"num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
                 f"num_vectors={self.num_vectors}, num_codes={self.num_codes}{shared}, shape={self.shape}")
