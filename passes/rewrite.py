@@ -56,8 +56,10 @@ def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
     rows = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
                              name=f"{name}_rows" if reshape or hot else name)
     if hot:
-        rows = graph.create_node("call_method", "index_add", (rows, 0, graph.get_attr(f"{path}.hot_index"),
-                                                              _expansion(graph, f"{path}.hot", weight.hot)),
+        # reason: stored int32 (half the bytes), read as int64: ONNX's ScatterND, index_add's export, takes no other
+        index = graph.create_node("call_method", "long", (graph.get_attr(f"{path}.hot_index"),))
+        hot_rows = _expansion(graph, f"{path}.hot", weight.hot)
+        rows = graph.create_node("call_method", "index_add", (rows, 0, index, hot_rows),
                                  name=f"{name}_rows" if reshape else name)
     if reshape is None:
         return rows

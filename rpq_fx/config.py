@@ -10,7 +10,8 @@ import torch
 __all__ = ["RPQConfig", "LayerSettings"]
 
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
-SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "hot_rows", "hot_codebook_dim")  # what sets a weight's stored size
+# what sets a weight's stored size
+SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "hot_rows", "hot_codebook_dim")
 _OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "skip")
 INITS = ("random", "kmeans")
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")

@@ -89,6 +89,22 @@ def test_one_measurement_allocates_every_budget_as_allocate_does():
         costs.config(0.1)
 
 
+def test_a_size_with_hot_rows_is_one_option_and_the_others_keep_none():
+    torch.manual_seed(3)
+    model, calibration = TwoBranches(), list(torch.randn(128, 96).split(64))
+    hot = {"codebook_dim": 8, "hot_rows": 512, "hot_codebook_dim": 4}
+    costs = rpq_fx.size_costs(model, calibration, sizes=[hot, {"codebook_dim": 4}], progress=False)
+    loud = {o.size["codebook_dim"]: o.bits for o in costs.options["loud.weight"]}
+    assert loud[8] == 8 * (256 * 8 * 4 + 12 * 2048 + 256 * 4 * 4 + 24 * 512 + 4 * 512)  # float32 codebooks
+    quiet = {o.size["codebook_dim"]: o.bits for o in costs.options["quiet.weight"]}
+    assert quiet[8] < quiet[4]
+    config = costs.config((loud[4] + quiet[8]) / (2 * 96 * 2048))  # room for the sensitive weight's d=4 only
+    assert config.hot_rows == 512 and config.overrides == {
+        "loud.weight": {"codebook_dim": 4, "hot_rows": 0, "hot_codebook_dim": None}, "quiet.weight": hot}
+    converted = rpq_fx.convert(model, config=config, calibration=calibration, progress=False)
+    assert converted.loud.weight.hot is None and converted.quiet.weight.hot.num_vectors == 512
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(1, 64), st.floats(0, 10)), min_size=1, max_size=4), min_size=1,
                 max_size=5), st.floats(0, 1))

@@ -124,3 +124,17 @@ def test_onnx_keeps_half_precision_codebooks_in_half(tmp_path):
     codebooks = [dims for dtype, dims in initializers(path).values() if dtype == float16]
     assert len(codebooks) == 2 and all(len(dims) == 3 for dims in codebooks)
     assert path.stat().st_size < 1.2 * model_bytes(gm)
+
+
+def test_onnx_adds_the_hot_rows_and_stores_them_compressed(tmp_path):
+    gm = rpq_fx.convert(Table(), config=rpq_fx.RPQConfig(codebook_dim=8, hot_rows=300, hot_codebook_dim=2)).eval()
+    with torch.no_grad():
+        gm.table.weight.hot.codebooks.normal_()  # a fresh hot part adds zero: give it something to add
+    tokens = torch.cat([gm.table.weight.hot_index[:40].long(), torch.randint(0, 50000, (92,))]).view(4, 33)
+    path = rpq_fx.export_onnx(gm, (tokens,), tmp_path / "hot.onnx")
+    assert initializers(path)["table.weight.hot.codes"][0] == onnx.TensorProto.UINT8
+    (actual,) = run_onnx(path, tokens)
+    with torch.no_grad():
+        expected = gm(tokens).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+    assert path.stat().st_size < 1.2 * model_bytes(gm)

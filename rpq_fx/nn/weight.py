@@ -28,7 +28,8 @@ def hot_bytes(row_len: int, hot_rows: int, hot_codebook_dim: int, num_codes: int
     """Bytes of a weight's hot part: its shared residual codebook, its codes and its int32 row index."""
     if not hot_rows:
         return 0
-    return rpq_bytes(row_len // hot_codebook_dim, hot_codebook_dim, hot_rows, num_codes, True, element_size) + 4 * hot_rows
+    codes_and_codebook = rpq_bytes(row_len // hot_codebook_dim, hot_codebook_dim, hot_rows, num_codes, True, element_size)
+    return codes_and_codebook + 4 * hot_rows
 
 
 def rpq_weights(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, "RPQWeight"]]:
@@ -163,6 +164,7 @@ class RPQWeight(nn.Module):
         shared = ", shared_codebooks=True" if self.shared_codebooks else ""
         shared += ", transposed=True" if self.transposed else ""
         shared += f", compute_dtype={self.compute_dtype}" if self.compute_dtype not in (None, self.codebooks.dtype) else ""
-        shared += f", hot_rows={self.hot.num_vectors}, hot_codebook_dim={self.hot.codebook_dim}" if self.hot else ""
+        if self.hot is not None:
+            shared += f", hot_rows={self.hot.num_vectors}, hot_codebook_dim={self.hot.codebook_dim}"
         return (f"num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
                 f"num_vectors={self.num_vectors}, num_codes={self.num_codes}{shared}, shape={self.shape}")
