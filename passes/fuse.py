@@ -12,6 +12,10 @@ which expands only the looked-up rows::
         ->
     fc1 = torch.ops.rpq_fx.linear.default(x, fc1_weight_codebooks, fc1_weight_codes, fc1_bias)
 
+An embedding whose weight has hot rows (``expand(...).index_add(0, hot_index, hot expansion)``)
+becomes ``rpq_fx::embedding`` plus :func:`rpq_fx.ops.hot_embedding`, the looked-up hot rows'
+residuals; a linear layer with hot rows keeps its expansion.
+
 An expansion is fused only when that op is its one user and reads it as its weight. Fused nodes
 hold no dense weight for backward, so the checkpoint pass (which wraps ``rpq_fx::expand`` nodes
 only) leaves them alone. Convolutions keep their expansion.
@@ -24,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from rpq_fx.graph_module import graphs_of
+from rpq_fx.ops import hot_embedding
 
 __all__ = ["fuse"]
 
@@ -71,13 +76,29 @@ def _shape(gm: fx.GraphModule, node) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def _hot_part(expansion: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(index_add, hot_index, hot expansion)`` where ``expansion`` is a weight with hot rows added in."""
+    (user,) = expansion.users
+    if user.op == "call_method" and user.target == "index_add" and user.args[:2] == (expansion, 0):
+        return user, user.args[2], user.args[3]
+    return None
+
+
 def _fused_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, object, tuple] | None:
     """``(node replaced, op, args)`` of the fused node, or None where the expansion's use cannot be fused."""
     codebooks, codes = expansion.args
     if len(expansion.users) != 1:
         return None
-    (user,) = expansion.users
     weight = expansion
+    hot = _hot_part(expansion)
+    if hot is not None:  # reason: only an embedding reads a weight with hot rows in the compressed domain
+        weight = hot[0]
+        if len(weight.users) != 1:
+            return None
+        (user,) = weight.users
+        if user.target not in (F.embedding, aten.embedding.default):
+            return None
+    (user,) = weight.users
     if user.op == "call_method" and user.target == "t" and user.args == (expansion,) and len(user.users) == 1:
         # reason: addmm(bias, x, W.t()) is GPT-2 Conv1D's linear (rows of W are still output neurons)
         weight, (user,) = user, user.users
@@ -102,16 +123,26 @@ def _fused_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, object
             return None  # reason: only bias + x @ W.T with a [N] bias is a linear layer
         return user, _LINEAR, (args["mat1"], codebooks, codes, bias)
     if user.target is F.embedding:
-        if (args["weight"] is not expansion or args["max_norm"] is not None or args["sparse"] is not False
+        if (args["weight"] is not weight or args["max_norm"] is not None or args["sparse"] is not False
                 or not isinstance(args["padding_idx"], (int, type(None)))
                 or not isinstance(args["scale_grad_by_freq"], bool)):
             return None  # reason: max_norm renormalises the weight in place; sparse grads have no RPQ form
         return user, _EMBEDDING, (args["input"], codebooks, codes, args["padding_idx"], args["scale_grad_by_freq"])
-    if (args["weight"] is not expansion or args["sparse"] is not False or not isinstance(args["padding_idx"], int)
+    if (args["weight"] is not weight or args["sparse"] is not False or not isinstance(args["padding_idx"], int)
             or not isinstance(args["scale_grad_by_freq"], bool)):
         return None
     padding_idx = None if args["padding_idx"] == -1 else args["padding_idx"]  # reason: aten spells "none" -1
     return user, _EMBEDDING, (args["indices"], codebooks, codes, padding_idx, args["scale_grad_by_freq"])
+
+
+def _fusable(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, object, tuple] | None:
+    """:func:`_fused_call`, but not for a weight with hot rows whose lookup scales gradients by
+    frequency (the hot rows' residuals are added as they are) or whose row count the graph does not know."""
+    call = _fused_call(gm, expansion)
+    if call is None or _hot_part(expansion) is None:
+        return call
+    _, _, (_, _, codes, _, scale_grad_by_freq) = call
+    return None if scale_grad_by_freq or _shape(gm, codes) is None else call
 
 
 def fuse(gm: fx.GraphModule) -> int:
@@ -120,21 +151,30 @@ def fuse(gm: fx.GraphModule) -> int:
     fused = 0
     for graph in graphs_of(gm):
         for expansion in [n for n in graph.nodes if n.op == "call_function" and n.target is _EXPAND]:
-            call = _fused_call(gm, expansion)
+            call = _fusable(gm, expansion)
             if call is None:
                 continue
             user, op, args = call
+            hot = _hot_part(expansion)
             with graph.inserting_before(user):
                 new = graph.call_function(op, args)
+                if hot is not None:  # the looked-up hot rows' residuals, added
+                    _, index, hot_expansion = hot
+                    new.name = f"{user.name}_rows"
+                    rows = graph.call_function(hot_embedding, (args[0], *hot_expansion.args, index,
+                                                               _shape(gm, args[2])[1]))
+                    rows.name = f"{user.name}_hot_rows"
+                    new = graph.call_function(operator.add, (new, rows))
             new.meta.update(user.meta)
             user.replace_all_uses_with(new)
             name = user.name
+            parts = (expansion, *expansion.users, *(() if hot is None else hot[2:]))
             dead = [user]
             while dead:
                 node = dead.pop()
                 inputs = node.all_input_nodes
                 graph.erase_node(node)
-                dead.extend(n for n in inputs if n in (expansion, *expansion.users) and not n.users)
+                dead.extend(n for n in inputs if n in parts and not n.users)
             new.name = name  # reason: the fused call keeps the layer's name, so gm.code reads as before
             fused += 1
     if fused:

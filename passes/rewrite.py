@@ -57,7 +57,8 @@ def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
                              name=f"{name}_rows" if reshape or hot else name)
     if hot:
         # reason: stored int32 (half the bytes), read as int64: ONNX's ScatterND, index_add's export, takes no other
-        index = graph.create_node("call_method", "long", (graph.get_attr(f"{path}.hot_index"),))
+        index = graph.create_node("call_method", "long", (graph.get_attr(f"{path}.hot_index"),),
+                                  name=f"{name}_hot_index_int64")
         hot_rows = _expansion(graph, f"{path}.hot", weight.hot)
         rows = graph.create_node("call_method", "index_add", (rows, 0, index, hot_rows),
                                  name=f"{name}_rows" if reshape else name)

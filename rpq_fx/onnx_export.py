@@ -14,7 +14,8 @@ followed by the codebook Gather.
 
 Constant folding would turn that into the dense weight, stored in the file; it is switched off for
 these nodes (and only these), so the file holds the codebooks and the uint8 codes: about
-``model_size`` bytes, not the dense size. onnxruntime computes what PyTorch computes.
+``model_size`` bytes, not the dense size (plus, for an embedding with hot rows, each row's hot
+slot: 4 bytes per row). onnxruntime computes what PyTorch computes.
 
 Needs ``onnx``, ``onnxscript`` (and ``onnxruntime`` to run the result): ``pip install 'rpq_fx[onnx]'``.
 """

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from . import _kernels
 
-__all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding", "choose_path", "PATHS"]
+__all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding", "hot_embedding", "choose_path",
+           "PATHS"]
 
 
 def _flat_index(codes: Tensor, num_groups: int, num_codes: int) -> Tensor:
@@ -447,3 +448,16 @@ def _embedding_autograd(ctx, grad):
 
 
 embedding.register_autograd(_embedding_autograd, setup_context=_embedding_setup_context)
+
+
+def hot_embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, hot_index: Tensor, num_rows: int) -> Tensor:
+    """The hot rows' residuals (``RPQWeight.hot``) of the looked-up rows, zero for rows that are not hot:
+    ``F.embedding(indices, zeros(num_rows, D).index_add(0, hot_index, expand(codebooks, codes)))``,
+    expanding only the looked-up rows that are hot (an ONNX export holds the table of each row's
+    hot slot, 4 bytes per row, as a constant)."""
+    slots = torch.full((num_rows,), -1, dtype=torch.int32, device=indices.device)
+    slots = slots.index_copy(0, hot_index.long(), torch.arange(hot_index.numel(), dtype=torch.int32,
+                                                                device=indices.device))
+    slot = slots[indices]
+    rows = embedding(slot.clamp_min(0), codebooks, codes)
+    return rows * (slot >= 0).unsqueeze(-1).to(rows.dtype)

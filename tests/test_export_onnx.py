@@ -137,4 +137,4 @@ def test_onnx_adds_the_hot_rows_and_stores_them_compressed(tmp_path):
     with torch.no_grad():
         expected = gm(tokens).numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
-    assert path.stat().st_size < 1.2 * model_bytes(gm)
+    assert path.stat().st_size < 1.2 * (model_bytes(gm) + 4 * 50000)  # + each row's hot slot, folded

@@ -142,3 +142,40 @@ def test_bad_hot_settings_get_clear_errors(lm):
         rpq_fx.convert(lm, config=rpq_fx.RPQConfig(codebook_dim=8, hot_rows=4, hot_codebook_dim=3), strict=True,
                        progress=False)
     assert all(torch.equal(v, original[k]) for k, v in lm.state_dict().items())
+
+
+def _targets(model) -> list:
+    return [n.target for n in model.graph.nodes if n.op == "call_function"]
+
+
+def test_an_embedding_with_hot_rows_is_looked_up_in_the_compressed_domain_with_the_dense_gradients(lm):
+    calibration = zipf_tokens(0)
+    hot = convert(lm, calibration, hot_rows=24, hot_codebook_dim=2)
+    assert torch.ops.rpq_fx.embedding.default in _targets(hot) and rpq_fx.ops.hot_embedding in _targets(hot)
+    tokens = torch.cat([hot.embed.weight.hot_index[:8].long(), torch.tensor([0, 0, 5, 99, 300, 599])]).view(2, 7)
+    weight = hot.embed.weight
+    fused = hot(tokens)
+    reference = dense_reference(lm, hot)
+    assert_outputs_close(fused, reference(tokens))
+    fused.square().sum().backward()
+    unfused = torch.func.functional_call(reference, {"embed.weight": weight()}, (tokens,))  # expanded whole
+    expected = torch.autograd.grad(unfused.square().sum(), [weight.codebooks, weight.hot.codebooks])
+    torch.testing.assert_close(weight.codebooks.grad, expected[0])
+    torch.testing.assert_close(weight.hot.codebooks.grad, expected[1])
+    assert weight.hot.codebooks.grad.abs().sum() > 0
+
+
+def test_a_lookup_that_scales_gradients_by_frequency_keeps_the_expansion():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, DIM, scale_grad_by_freq=True)
+
+        def forward(self, tokens):
+            return self.embed(tokens)
+
+    net = Scaled()
+    hot = convert(net, zipf_tokens(0), hot_rows=24, hot_codebook_dim=2)
+    assert torch.ops.rpq_fx.expand.default in _targets(hot) and rpq_fx.ops.hot_embedding not in _targets(hot)
+    tokens = zipf_tokens(1)[0]
+    assert_outputs_close(hot(tokens), dense_reference(net, hot)(tokens))
