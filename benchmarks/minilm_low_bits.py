@@ -8,7 +8,8 @@ group of layers alone converted (d=4 shared, data-aware), the rest dense. Then e
 on the quality benchmark's 256 calibration lines, then fine-tuned on 2048 further Shakespeare
 lines (validated on the calibration lines, the best state kept); it is evaluated, like
 ``quality.py``, on the same 2000 held-out lines. The last configurations are ``rpq_fx.allocate``'s
-for 2.0, 2.5 and 3.0 bits, from one ``rpq_fx.size_costs`` measurement on the calibration lines,
+for 2.0 and 2.5 bits, from one ``rpq_fx.size_costs`` measurement (fitted on the calibration lines,
+costs measured on the last 256 fine-tuning lines),
 whose candidate sizes include one with hot rows (d=8 and a residual d=4 code on the ``--hot-rows``
 rows whose error weighs most). Last, allocations for 2.0 and 2.25 bits converted with every
 training line as calibration (calibration plus fine-tuning lines: the word embedding's hot rows
@@ -40,7 +41,7 @@ CONFIGS = {
         "codebook_dim": 3, "shared_codebooks": True, "init": "kmeans",
         "overrides": {"embeddings.word_embeddings": {"codebook_dim": 8, "shared_codebooks": False}}},
 }
-BUDGETS = (2.0, 2.5, 3.0)  # bits per weight given to rpq_fx.allocate
+BUDGETS = (2.0, 2.5)  # bits per weight given to rpq_fx.allocate
 WIDE_BUDGETS = (2.0, 2.25)  # those converted with every training line as calibration
 HOT_CODEBOOK_DIM = 4  # the hot rows' residual code: 2 bits per value on top of the d=8 base's 1
 
@@ -101,8 +102,9 @@ def main() -> None:
     candidates = [{"codebook_dim": d} for d in args.sizes]
     if args.hot_rows:
         candidates.append({"codebook_dim": 8, "hot_rows": args.hot_rows, "hot_codebook_dim": HOT_CODEBOOK_DIM})
+    held_out = train[-N_CALIB // 32:]  # costs measured off the calibration lines, which the hot rows fit best
     costs = rpq_fx.size_costs(task.model, task.calibration, sizes=candidates, config=rpq_fx.RPQConfig.from_dict(BASE),
-                              filter_fn=methods.weight_filter(task.weights), progress=False)
+                              filter_fn=methods.weight_filter(task.weights), validation=held_out, progress=False)
     costs_s = time.perf_counter() - start
     sizes = ", ".join(map(_size, candidates))
     allocated = {bits: costs.config(bits) for bits in sorted({*BUDGETS, *WIDE_BUDGETS})}
@@ -157,7 +159,8 @@ def main() -> None:
             + "\n\nConfigurations, as `RPQConfig.from_dict` takes them:\n\n"
             + "\n".join(f"- {r['config']}: `{json.dumps(r['json'])}`" for r in rows[:len(CONFIGS)])
             + f"\n- rpq_fx.allocate for b bits: `rpq_fx.allocate(model, b, calibration, sizes={json.dumps(candidates)}, "
-            f"config=RPQConfig.from_dict({json.dumps(BASE)}))`, here as one "
+            f"config=RPQConfig.from_dict({json.dumps(BASE)}), validation=<the last {N_CALIB} fine-tuning lines>)`, "
+            "here as one "
             f"`rpq_fx.size_costs(...)` ({costs_s:.0f} s) and its `.config(b)` for each b, which chose:\n\n"
             + table(_chosen(allocated), ["weight", *(f"codebook_dim at {k}" + (" bits" * isinstance(k, float)) for k in allocated)]))
     write("minilm_low_bits", "all-MiniLM-L6-v2 at about 2 bits per weight", body, started, directory=args.out)

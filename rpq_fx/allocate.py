@@ -95,15 +95,18 @@ class SizeCosts:
 @torch.no_grad()
 def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict] = DEFAULT_SIZES,
                config: RPQConfig | None = None, filter_fn: FilterFn | None = None,
-               progress: bool = True) -> SizeCosts:
+               validation: Iterable | None = None, progress: bool = True) -> SizeCosts:
     """Fit every weight ``convert`` would convert at each of ``sizes`` and measure what it costs
     ``model``'s output on ``calibration`` alone; ``.config(bits)`` then allocates any budget.
 
     ``sizes`` are the candidate settings of every weight (``{"codebook_dim": 4}``, ``{"codebook_dim":
     2, "num_codes": 16}``), each applied on top of ``config`` (default: one shared codebook per
     weight, ``init="kmeans"``), whose other settings and overrides stay; ``calibration`` as for
-    :func:`convert`. It costs one data-aware conversion per size and, per weight and size, one pass
-    of the model over the calibration inputs. The model is left as it was.
+    :func:`convert`. ``validation``: other inputs to measure the costs on (default: the calibration
+    inputs). A fit is best on the inputs it was fitted to, hot rows most of all (they are the rows
+    those inputs look up), so costs measured there favour it. It costs one data-aware conversion
+    per size and, per weight and size, one pass of the model over the inputs costs are measured on.
+    The model is left as it was.
     """
     if not sizes or not all(isinstance(size, dict) for size in sizes):
         raise ValueError(f"allocate: sizes must be a non-empty sequence of dicts of settings, got {sizes!r}")
@@ -111,8 +114,10 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
     if unknown:
         raise ValueError(f"allocate: sizes hold unknown settings {unknown}; accepted: {list(SIZE_SETTINGS)}")
     items = list(calibration)
-    if not items:
-        raise ValueError("allocate: calibration is empty; the costs are measured on it")
+    measured = items if validation is None else list(validation)
+    if not items or not measured:
+        raise ValueError(f"allocate: {'calibration' if not items else 'validation'} is empty; "
+                         f"{'the weights are fitted' if not items else 'the costs are measured'} on it")
     base = config or RPQConfig(codebook_dim=4, shared_codebooks=True, init="kmeans")
     candidates = [RPQConfig(**RPQConfig._apply(base.to_dict(), size)) for size in sizes]
     device = next((p.device for p in model.parameters()), None)
@@ -120,7 +125,7 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
     options: dict[str, list[SizeOption]] = {}
     values: dict[str, int] = {}
     with training_mode(model, False):
-        targets = [run_inputs(model, item, device) for item in items]
+        targets = [run_inputs(model, item, device) for item in measured]
         for size, candidate in zip(tqdm(sizes, desc="rpq_fx allocate", unit="size", disable=not progress), candidates):
             converted = convert(model, config=candidate, calibration=items, filter_fn=filter_fn, progress=False)
             dense = decompress(converted)
@@ -132,7 +137,7 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
                 if not replaced:  # reason: a cost measured on the untouched model would be 0, and wrong
                     raise RuntimeError(f"allocate: no parameter of the model is named like the weight '{row['layer']}'")
                 values[row["layer"]] = value.numel()
-                cost = mean_loss(model, items, targets, default_loss, device, replaced)
+                cost = mean_loss(model, measured, targets, default_loss, device, replaced)
                 options.setdefault(row["layer"], []).append(SizeOption(size, row["bits/w"] * value.numel(), cost))
     if not options:
         raise ValueError("allocate: no weight of the model was converted at any of the sizes")
@@ -140,7 +145,8 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
 
 
 def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Sequence[dict] = DEFAULT_SIZES,
-             config: RPQConfig | None = None, filter_fn: FilterFn | None = None, progress: bool = True) -> RPQConfig:
+             config: RPQConfig | None = None, filter_fn: FilterFn | None = None, validation: Iterable | None = None,
+             progress: bool = True) -> RPQConfig:
     """An :class:`RPQConfig` that converts ``model`` within ``bits`` stored bits per converted weight
     (codebooks and codes, as :func:`report` counts them), giving the bits where they cost the least:
     ``convert(model, config=allocate(model, 2.0, batches), calibration=batches)``.
@@ -149,5 +155,5 @@ def allocate(model: nn.Module, bits: float, calibration: Iterable, *, sizes: Seq
     call that to allocate several budgets from one measurement.
     """
     _check_bits(bits)  # reason: before the minutes of measuring, not after (config checks it again)
-    return size_costs(model, calibration, sizes=sizes, config=config, filter_fn=filter_fn,
+    return size_costs(model, calibration, sizes=sizes, config=config, filter_fn=filter_fn, validation=validation,
                       progress=progress).config(bits)
