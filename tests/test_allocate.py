@@ -105,6 +105,21 @@ def test_a_size_with_hot_rows_is_one_option_and_the_others_keep_none():
     assert converted.loud.weight.hot is None and converted.quiet.weight.hot.num_vectors == 512
 
 
+def test_costs_are_measured_on_the_validation_inputs_when_given():
+    torch.manual_seed(4)
+    model, calibration = TwoBranches(), list(torch.randn(128, 96).split(64))
+    validation = [3 * torch.randn(64, 96)]
+    costs = rpq_fx.size_costs(model, calibration, sizes=[{"codebook_dim": 8}], validation=validation, progress=False)
+    converted = rpq_fx.convert(model, codebook_dim=8, shared_codebooks=True, init="kmeans", calibration=calibration,
+                               progress=False)
+    for name in ("loud.weight", "quiet.weight"):
+        alone = copy.deepcopy(model)
+        alone.load_state_dict({name: rpq_fx.decompress(converted)[name]}, strict=False)
+        assert costs.options[name][0].cost == pytest.approx(_loss(alone, model, validation[0]), rel=1e-5)
+    with pytest.raises(ValueError, match="validation is empty"):
+        rpq_fx.size_costs(model, calibration, validation=[], progress=False)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(1, 64), st.floats(0, 10)), min_size=1, max_size=4), min_size=1,
                 max_size=5), st.floats(0, 1))
