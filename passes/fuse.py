@@ -78,19 +78,22 @@ def _shape(gm: fx.GraphModule, node) -> tuple[int, ...] | None:
 
 def _hot_part(expansion: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """``(index_add, hot_index, hot expansion)`` where ``expansion`` is a weight with hot rows added in."""
+    if len(expansion.users) != 1:
+        return None
     (user,) = expansion.users
     if user.op == "call_method" and user.target == "index_add" and user.args[:2] == (expansion, 0):
         return user, user.args[2], user.args[3]
     return None
 
 
-def _fused_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, object, tuple] | None:
-    """``(node replaced, op, args)`` of the fused node, or None where the expansion's use cannot be fused."""
+def _fused_call(gm: fx.GraphModule, expansion: fx.Node,
+                hot: tuple | None) -> tuple[fx.Node, object, tuple] | None:
+    """``(node replaced, op, args)`` of the fused node, or None where the expansion's use cannot be fused;
+    ``hot``: :func:`_hot_part` of ``expansion``."""
     codebooks, codes = expansion.args
     if len(expansion.users) != 1:
         return None
     weight = expansion
-    hot = _hot_part(expansion)
     if hot is not None:  # reason: only an embedding reads a weight with hot rows in the compressed domain
         weight = hot[0]
         if len(weight.users) != 1:
@@ -135,11 +138,12 @@ def _fused_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, object
     return user, _EMBEDDING, (args["indices"], codebooks, codes, padding_idx, args["scale_grad_by_freq"])
 
 
-def _fusable(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, object, tuple] | None:
+def _fusable(gm: fx.GraphModule, expansion: fx.Node,
+             hot: tuple | None) -> tuple[fx.Node, object, tuple] | None:
     """:func:`_fused_call`, but not for a weight with hot rows whose lookup scales gradients by
     frequency (the hot rows' residuals are added as they are) or whose row count the graph does not know."""
-    call = _fused_call(gm, expansion)
-    if call is None or _hot_part(expansion) is None:
+    call = _fused_call(gm, expansion, hot)
+    if call is None or hot is None:
         return call
     _, _, (_, _, codes, _, scale_grad_by_freq) = call
     return None if scale_grad_by_freq or _shape(gm, codes) is None else call
@@ -151,11 +155,11 @@ def fuse(gm: fx.GraphModule) -> int:
     fused = 0
     for graph in graphs_of(gm):
         for expansion in [n for n in graph.nodes if n.op == "call_function" and n.target is _EXPAND]:
-            call = _fusable(gm, expansion)
+            hot = _hot_part(expansion)
+            call = _fusable(gm, expansion, hot)
             if call is None:
                 continue
             user, op, args = call
-            hot = _hot_part(expansion)
             with graph.inserting_before(user):
                 new = graph.call_function(op, args)
                 if hot is not None:  # the looked-up hot rows' residuals, added
