@@ -26,7 +26,8 @@ SCRIPTS = {
     "opt66b": ([], ["--prompt", "4", "--new-tokens", "3"]),  # needs about 6.5 GB of memory
     "quality": ([], ["--quick"]),  # pretrained MiniLM / EfficientNet-Lite0 / digits CNN: RPQ fits vs RTN
     # MiniLM at about 2 bits: per-group loss, mixed configurations
-    "minilm_low_bits": ([], ["--steps", "2", "--sizes", "6", "3", "--finetune-lines", "64", "--calibration-lines", "512"]),
+    "minilm_low_bits": ([], ["--steps", "2", "--sizes", "6", "3", "--finetune-lines", "64",
+                             "--calibration-lines", "512"]),
 }
 
 

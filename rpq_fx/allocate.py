@@ -115,9 +115,10 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
         raise ValueError(f"allocate: sizes hold unknown settings {unknown}; accepted: {list(SIZE_SETTINGS)}")
     items = list(calibration)
     measured = items if validation is None else list(validation)
-    if not items or not measured:
-        raise ValueError(f"allocate: {'calibration' if not items else 'validation'} is empty; "
-                         f"{'the weights are fitted' if not items else 'the costs are measured'} on it")
+    if not items:
+        raise ValueError("allocate: calibration is empty; the weights are fitted on it")
+    if not measured:
+        raise ValueError("allocate: validation is empty; the costs are measured on it")
     base = config or RPQConfig(codebook_dim=4, shared_codebooks=True, init="kmeans")
     candidates = [RPQConfig(**RPQConfig._apply(base.to_dict(), size)) for size in sizes]
     device = next((p.device for p in model.parameters()), None)
