@@ -12,7 +12,7 @@ __all__ = ["RPQConfig", "LayerSettings"]
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
 # what sets a weight's stored size
 SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "hot_rows", "hot_codebook_dim")
-_OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "skip")
+_OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "damp", "skip")
 INITS = ("random", "kmeans")
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -40,6 +40,7 @@ class LayerSettings:
     init: str = "random"
     codebook_dtype: str | None = None
     error_feedback: bool = True
+    damp: float = 0.01
     hot_rows: int = 0
     hot_codebook_dim: int | None = None
 
@@ -68,7 +69,11 @@ class RPQConfig:
     ``codebook_dtype``: store codebooks as ``"float16"`` / ``"bfloat16"`` (expanded in the weight's
     own dtype); None keeps the weight's dtype. ``error_feedback``: in a calibrated fit, push each
     quantised slice's output error onto the slices not yet quantised (GPTQ's update; it makes
-    EfficientNet-Lite0 much better), or not, per layer. ``hot_rows``: that many rows of each weight
+    EfficientNet-Lite0 much better), or not, per layer. ``damp``: in a calibrated fit of a linear or
+    convolution layer, that fraction of the inputs' Gram matrix's mean diagonal is added to its
+    diagonal where it steers the slice-by-slice quantisation (GPTQ's ``damp_percent``, as a fraction):
+    more leans the codes toward the plain weight error, which can help where calibration inputs are
+    few, per layer. ``hot_rows``: that many rows of each weight
     (at most; the rows whose fit error weighs most: for an embedding, the tokens the calibration
     looks up most) get a second code on top of their own, from one shared residual codebook of
     ``hot_codebook_dim`` values per codeword. ``overrides`` maps fnmatch patterns, tried
@@ -85,6 +90,7 @@ class RPQConfig:
     init: str = "random"
     codebook_dtype: str | None = None
     error_feedback: bool = True
+    damp: float = 0.01
     hot_rows: int = 0
     hot_codebook_dim: int | None = None
     checkpoint: bool = False
@@ -123,6 +129,9 @@ class RPQConfig:
                              f"got {values['codebook_dtype']!r}")
         if not isinstance(values["error_feedback"], bool):
             raise ValueError(f"{where}: error_feedback must be a bool, got {values['error_feedback']!r}")
+        damp = values["damp"]
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
+            raise ValueError(f"{where}: damp must be a number > 0, got {damp!r}")
         check_int(where, "hot_rows", values["hot_rows"], 0)
         if values["hot_rows"] or values["hot_codebook_dim"] is not None:
             check_int(where, "hot_codebook_dim (hot_rows > 0 needs one)", values["hot_codebook_dim"], 1)

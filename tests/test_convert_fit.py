@@ -205,3 +205,20 @@ def test_error_feedback_is_a_per_layer_setting(classifier):
     assert not torch.equal(off.fc1.weight.codes, on.fc1.weight.codes)
     with pytest.raises(ValueError, match="error_feedback must be a bool"):
         rpq_fx.RPQConfig(codebook_dim=8, error_feedback="no")
+
+
+def test_damp_is_a_per_layer_setting_checked_up_front(classifier):
+    calibration = [inputs(seed) for seed in range(20, 22)]
+    config = rpq_fx.RPQConfig(codebook_dim=8, shared_codebooks=True, init="kmeans", overrides={"fc1": {"damp": 10.0}})
+    damped = rpq_fx.convert(classifier, config=config, calibration=calibration, progress=False)
+    default = rpq_fx.convert(classifier, codebook_dim=8, shared_codebooks=True, init="kmeans", calibration=calibration,
+                             progress=False)
+    assert {layer.name: layer.damp for layer in damped.rpq_layers if layer.converted} == {"fc1.weight": 10.0,
+                                                                                         "fc2.weight": 0.01}
+    assert not torch.equal(damped.fc1.weight.codes, default.fc1.weight.codes)
+    assert_outputs_close(damped(inputs(3)), dense_reference(classifier, damped)(inputs(3)))
+    for bad in (0, -0.1, True, "0.1", float("nan")):
+        with pytest.raises(ValueError, match=r"damp must be a number > 0, got"):
+            rpq_fx.RPQConfig(codebook_dim=8, damp=bad)
+    with pytest.raises(ValueError, match=r"overrides\['fc1'\]: damp must be a number > 0, got 0"):
+        rpq_fx.RPQConfig(codebook_dim=8, overrides={"fc1": {"damp": 0}})

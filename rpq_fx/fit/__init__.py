@@ -39,7 +39,7 @@ def _fit_hot(plan: LayerPlan, weight: RPQWeight, rows: torch.Tensor, keep: torch
     hot = weight.hot
     result = fit_rows(delta[chosen], hot.num_codebooks, hot.num_codes, True, hessian=hessian,
                       row_weights=None if row_weights is None else row_weights[chosen],
-                      error_feedback=plan.error_feedback, seed=seed)
+                      error_feedback=plan.error_feedback, damp=plan.damp, seed=seed)
     weight.hot_index.copy_(keep.nonzero()[chosen, 0].to(torch.int32))
     hot.codes.copy_(result.codes.to(hot.codes.dtype))
     hot.codebooks.copy_(result.codebooks.to(hot.codebooks.dtype))
@@ -66,7 +66,7 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
         row_weights = counts + counts.sum() / counts.numel()  # reason: rows unseen in calibration still count
     num_codes = plan.num_codes - bool(plan.padding_rows)
     result = fit_rows(rows[keep], plan.num_codebooks, num_codes, plan.shared_codebooks, hessian=hessian,
-                      row_weights=row_weights, error_feedback=plan.error_feedback, seed=seed)
+                      row_weights=row_weights, error_feedback=plan.error_feedback, damp=plan.damp, seed=seed)
     codes = torch.full(weight.codes.shape, plan.num_codes - 1, dtype=torch.long, device=rows.device)
     codes[:, keep] = result.codes
     weight.codes.copy_(codes.to(weight.codes.dtype))  # int16 keeps codes >= 32768 as bit patterns

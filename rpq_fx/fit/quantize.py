@@ -27,7 +27,6 @@ from .kmeans import kmeans, nearest
 
 __all__ = ["FitResult", "fit_rows"]
 
-_DAMP = 0.01  # of the mean diagonal of H, added to it (GPTQ's default): keeps H invertible
 _MAX_POINTS_PER_CODE = 64  # k-means learns codewords on at most this many points each (faiss uses 256)
 
 
@@ -88,25 +87,25 @@ def _plain(slices: Tensor, k: int, shared: bool, weights: Tensor | None,
     return _kmeans(slices.transpose(0, 1), k, weights, generator)
 
 
-def _damped(hessian: Tensor) -> Tensor:
+def _damped(hessian: Tensor, damp: float) -> Tensor:
     """``H`` as GPTQ uses it: inputs that never carried energy get 1 on the diagonal, and
-    ``_DAMP`` of the mean diagonal is added to it."""
+    ``damp`` of the mean diagonal is added to it (keeping it invertible)."""
     h = hessian.clone()
     h.diagonal()[h.diagonal() <= 0] = 1
-    h.diagonal().add_(_DAMP * h.diagonal().mean())
+    h.diagonal().add_(damp * h.diagonal().mean())
     return h
 
 
-def _inverse_factor(hessian: Tensor) -> Tensor:
+def _inverse_factor(hessian: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``), ``H`` damped."""
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_damped(hessian)))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_damped(hessian, damp)))
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _diagonal_factor(hessian: Tensor) -> Tensor:
+def _diagonal_factor(hessian: Tensor, damp: float) -> Tensor:
     """The factor of the damped diagonal of ``H`` alone: each input weighted by its own energy, no
     slice's error pushed onto another."""
-    return torch.diag(_damped(hessian).diagonal().rsqrt())
+    return torch.diag(_damped(hessian, damp).diagonal().rsqrt())
 
 
 def _sequential(rows: Tensor, factor: Tensor, codebooks: Tensor | None, num_codebooks: int, k: int,
@@ -167,10 +166,13 @@ def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, metric: Cal
 
 
 def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, hessian: Tensor | None = None,
-             row_weights: Tensor | None = None, error_feedback: bool = True, seed: int = 0) -> FitResult:
+             row_weights: Tensor | None = None, error_feedback: bool = True, damp: float = 0.01,
+             seed: int = 0) -> FitResult:
     """Fit codebooks and codes to ``rows [N, C*d]``; ``hessian [C*d, C*d]`` (``XᵀX`` of the layer's
     inputs) or ``row_weights [N]`` make the fit data-aware (see the module docstring).
     ``error_feedback=False`` quantises each slice under ``H``'s diagonal alone, pushing nothing on.
+    ``damp`` (GPTQ's default 0.01) of ``H``'s mean diagonal is added to the diagonal of the ``H``
+    that steers the slice-by-slice quantisation (the codebooks are then solved under ``H`` itself).
 
     Input-aware fits of a shared codebook run two rounds (the second re-quantises with the solved
     codebook); with a codebook per slice position one round, as a second did not help on the
@@ -192,7 +194,7 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     elif hessian is not None:
         h = hessian.double()
         metric = lambda r: r @ h  # noqa: E731
-        factor = _inverse_factor(h) if error_feedback else _diagonal_factor(h)
+        factor = _inverse_factor(h, damp) if error_feedback else _diagonal_factor(h, damp)
         for _ in range(2 if shared else 1):
             codebooks, codes = _sequential(work, factor, codebooks if shared else None, num_codebooks,
                                            num_codes, generator)

@@ -129,6 +129,20 @@ def test_error_feedback_lowers_the_calibration_error_and_can_be_turned_off():
                                                                                      plain.codes)
 
 
+def test_damp_leans_the_fit_from_the_output_error_toward_the_weight_error():
+    weight = torch.randn(512, 64, generator=torch.Generator().manual_seed(9)) * 0.05
+    x = correlated_inputs(2048, 64, seed=10)
+    hessian = (x.t() @ x).double()
+    fits = {damp: fit_rows(weight, 16, 64, True, hessian=hessian, damp=damp) for damp in (0.01, 100.0)}
+
+    def weight_error(fit):
+        return float((weight - expand_reference(fit.codebooks, fit.codes).float()).square().sum())
+
+    low, high = fits[0.01], fits[100.0]
+    assert output_error(x, weight, low.codebooks, low.codes) < output_error(x, weight, high.codebooks, high.codes)
+    assert weight_error(high) < weight_error(low)
+
+
 def test_scalar_sharing_keeps_outlier_weights_a_sample_would_miss():
     # 786k weights within about ±0.2 and two outliers: the codewords are learnt on 64 per codeword,
     # and a random sample of those would hold neither outlier, clipping both to the bulk's range
