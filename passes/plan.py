@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from rpq_fx.config import LayerSettings, RPQConfig
+from rpq_fx.config import DAMP, LayerSettings, RPQConfig
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import hot_bytes, rpq_bytes
@@ -42,7 +42,7 @@ class LayerPlan:
     codebook_dtype: torch.dtype | None = None  # None: the weight's own dtype
     init: str = "random"  # how the RPQ weight was filled: "random", "kmeans", "kmeans+calibration"
     error_feedback: bool = True  # a calibrated fit pushes each slice's error onto the slices after it
-    damp: float = 0.01  # a calibrated fit adds this fraction of its Gram matrix's mean diagonal to the diagonal
+    damp: float = DAMP  # a calibrated fit adds this fraction of its Gram matrix's mean diagonal to the diagonal
     fit_error: float | None = None  # after a fit: the objective (weight or output error) relative to the weight's
     hot_rows: int = 0  # rows with a second, residual code (RPQWeight.hot)
     hot_codebook_dim: int | None = None

@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["RPQConfig", "LayerSettings"]
+__all__ = ["RPQConfig", "LayerSettings", "DAMP"]
 
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
 # what sets a weight's stored size
 SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "hot_rows", "hot_codebook_dim")
 _OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "damp", "skip")
 INITS = ("random", "kmeans")
+DAMP = 0.01  # GPTQ's default damping of a calibrated fit's H (RPQConfig.damp)
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -40,7 +41,7 @@ class LayerSettings:
     init: str = "random"
     codebook_dtype: str | None = None
     error_feedback: bool = True
-    damp: float = 0.01
+    damp: float = DAMP
     hot_rows: int = 0
     hot_codebook_dim: int | None = None
 
@@ -90,7 +91,7 @@ class RPQConfig:
     init: str = "random"
     codebook_dtype: str | None = None
     error_feedback: bool = True
-    damp: float = 0.01
+    damp: float = DAMP
     hot_rows: int = 0
     hot_codebook_dim: int | None = None
     checkpoint: bool = False

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import DAMP
 from ..ops import expand, expand_backward
 from .kmeans import kmeans, nearest
 
@@ -166,7 +167,7 @@ def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, metric: Cal
 
 
 def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, hessian: Tensor | None = None,
-             row_weights: Tensor | None = None, error_feedback: bool = True, damp: float = 0.01,
+             row_weights: Tensor | None = None, error_feedback: bool = True, damp: float = DAMP,
              seed: int = 0) -> FitResult:
     """Fit codebooks and codes to ``rows [N, C*d]``; ``hessian [C*d, C*d]`` (``XᵀX`` of the layer's
     inputs) or ``row_weights [N]`` make the fit data-aware (see the module docstring).
