@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rpq_fx.fit import fit_rows
-from rpq_fx.fit.quantize import _solve_codebooks
+from rpq_fx.fit.quantize import _damped, _refine_codes, _solve_codebooks
 
 
 def expand_reference(codebooks, codes):
@@ -127,6 +127,43 @@ def test_error_feedback_lowers_the_calibration_error_and_can_be_turned_off():
     # without feedback the fit still weighs inputs by their energy: better than plain k-means on X
     assert output_error(x, weight, without.codebooks, without.codes) < output_error(x, weight, plain.codebooks,
                                                                                      plain.codes)
+
+
+def test_slices_are_quantised_loudest_first_wherever_they_sit_in_the_row():
+    # the same layer with its slices in reverse order (the loud inputs last): an input-aware fit goes
+    # by the inputs' energy, not by position, so it finds the same codes, codebooks and error
+    weight = torch.randn(512, 64, generator=torch.Generator().manual_seed(9)) * 0.05
+    x = correlated_inputs(2048, 64, seed=10)
+    hessian = (x.t() @ x).double()
+    order = torch.arange(16).flip(0)
+    columns = (order.view(-1, 1) * 4 + torch.arange(4)).view(-1)
+    fit = fit_rows(weight, 16, 16, False, hessian=hessian)
+    flipped = fit_rows(weight[:, columns], 16, 16, False, hessian=hessian[columns][:, columns])
+    assert torch.equal(flipped.codes, fit.codes[order])
+    torch.testing.assert_close(flipped.codebooks, fit.codebooks[order])
+    assert flipped.error == pytest.approx(fit.error, rel=1e-9)
+
+
+def test_code_refinement_never_raises_the_output_error_and_leaves_the_last_slice_at_its_best():
+    weight = torch.randn(256, 32, generator=torch.Generator().manual_seed(3)).double() * 0.05
+    x = correlated_inputs(1024, 32, seed=4).double()
+    hessian = _damped(x.t() @ x, 0.01)
+    codebooks = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(5)).double() * 0.05
+    codes = torch.randint(0, 16, (8, 256), generator=torch.Generator().manual_seed(6))
+
+    def errors(codes):  # each row's tr(Δ H Δᵀ), by the loop-written expansion
+        delta = weight - expand_reference(codebooks, codes)
+        return ((delta @ hessian) * delta).sum(1)
+
+    refined = _refine_codes(weight, hessian, codebooks, codes)
+    assert errors(refined).sum() < 0.5 * errors(codes).sum()
+    again = _refine_codes(weight, hessian, codebooks, refined)
+    assert (errors(again) <= errors(refined) * (1 + 1e-9)).all()
+    # the last slice's codes: no other codeword lowers any row's error, the other slices as they are
+    for word in range(16):
+        other = again.clone()
+        other[-1] = word
+        assert (errors(again) <= errors(other) * (1 + 1e-9)).all()
 
 
 def test_damp_leans_the_fit_from_the_output_error_toward_the_weight_error():
