@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..config import DAMP
+from ..nn.weight import code_dtype
 from ..ops import expand, expand_backward
 from .kmeans import kmeans, nearest
 
@@ -176,7 +177,7 @@ def _refine_codes(rows: Tensor, hessian: Tensor, codebooks: Tensor, codes: Tenso
     codes = codes.clone()
     num_codebooks = codes.shape[0]
     d = rows.shape[1] // num_codebooks
-    residual = rows - expand(codebooks, codes.to(torch.uint8 if codebooks.shape[1] <= 256 else torch.int16))
+    residual = rows - expand(codebooks, codes.to(code_dtype(codebooks.shape[1])))
     blocks = torch.stack([hessian[c * d:(c + 1) * d, c * d:(c + 1) * d] for c in range(num_codebooks)])
     factors = torch.linalg.cholesky(blocks)  # H_bb = L Lᵀ
     inverses = torch.cholesky_inverse(factors)
@@ -187,7 +188,8 @@ def _refine_codes(rows: Tensor, hessian: Tensor, codebooks: Tensor, codes: Tenso
         # what the other slices' errors add (H symmetric: its rows, contiguous, stand for its columns)
         pull = residual @ hessian[block].t() - residual[:, block] @ blocks[c]
         target = free + pull @ inverses[c]  # the slice's error is then ||(target - word) L||²
-        codes[c] = nearest((target @ factors[c]).unsqueeze(0).float(), (words @ factors[c]).unsqueeze(0).float())[0][0]
+        points, centroids = (target @ factors[c]).unsqueeze(0), (words @ factors[c]).unsqueeze(0)
+        codes[c] = nearest(points.float(), centroids.float())[0][0]
         residual[:, block] = free - words[codes[c]]
     return codes
 
@@ -206,7 +208,7 @@ def _in_energy_order(rows: Tensor, hessian: Tensor, energy: Tensor, codebooks: T
     for _ in range(2 if shared else 1):
         codebooks, codes = _sequential(rows, factor, codebooks if shared else None, num_codebooks, k, generator)
         codebooks = _solve_codebooks(rows, codebooks, codes, lambda r: r @ h)
-    # reason: without error feedback the slices are fitted as independent, and so are left
+    # reason: error_feedback=False fits each slice alone, under H's diagonal; the whole H would undo that
     for _ in range(_REFINE_PASSES if error_feedback else 0):
         codes = _refine_codes(rows, _damped(h, damp), codebooks, codes)
         codebooks = _solve_codebooks(rows, codebooks, codes, lambda r: r @ h)
