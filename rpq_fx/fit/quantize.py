@@ -204,14 +204,17 @@ def _in_energy_order(rows: Tensor, hessian: Tensor, energy: Tensor, codebooks: T
     columns = (order.view(-1, 1) * d + torch.arange(d, device=rows.device)).view(-1)
     rows, h = rows[:, columns], hessian[columns][:, columns]
     factor = _inverse_factor(h, damp) if error_feedback else _diagonal_factor(h, damp)
+    metric = lambda r: r @ h  # noqa: E731
     shared = codebooks is not None
     for _ in range(2 if shared else 1):
         codebooks, codes = _sequential(rows, factor, codebooks if shared else None, num_codebooks, k, generator)
-        codebooks = _solve_codebooks(rows, codebooks, codes, lambda r: r @ h)
+        codebooks = _solve_codebooks(rows, codebooks, codes, metric)
     # reason: error_feedback=False fits each slice alone, under H's diagonal; the whole H would undo that
-    for _ in range(_REFINE_PASSES if error_feedback else 0):
-        codes = _refine_codes(rows, _damped(h, damp), codebooks, codes)
-        codebooks = _solve_codebooks(rows, codebooks, codes, lambda r: r @ h)
+    if error_feedback:
+        damped = _damped(h, damp)
+        for _ in range(_REFINE_PASSES):
+            codes = _refine_codes(rows, damped, codebooks, codes)
+            codebooks = _solve_codebooks(rows, codebooks, codes, metric)
     back = order.argsort()
     return (codebooks if shared else codebooks[back]), codes[back]
 
