@@ -42,6 +42,7 @@ class LayerPlan:
     codebook_dtype: torch.dtype | None = None  # None: the weight's own dtype
     init: str = "random"  # how the RPQ weight was filled: "random", "kmeans", "kmeans+calibration"
     error_feedback: bool = True  # a calibrated fit pushes each slice's error onto the slices after it
+    asymmetric: bool = True  # a calibrated fit matches the dense model's output, not its own weight's, on its inputs
     damp: float = DAMP  # a calibrated fit adds this fraction of its Gram matrix's mean diagonal to the diagonal
     fit_error: float | None = None  # after a fit: the objective (weight or output error) relative to the weight's
     hot_rows: int = 0  # rows with a second, residual code (RPQWeight.hot)
@@ -168,6 +169,7 @@ def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> No
     plan.num_codebooks, plan.codebook_dim = split
     plan.num_codes, plan.shared_codebooks = settings.num_codes, settings.shared_codebooks
     plan.init, plan.error_feedback, plan.damp = settings.init, settings.error_feedback, settings.damp
+    plan.asymmetric = settings.asymmetric
     if settings.codebook_dtype is not None:
         plan.codebook_dtype = getattr(torch, settings.codebook_dtype)
     if settings.hot_rows:

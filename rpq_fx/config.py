@@ -12,7 +12,7 @@ __all__ = ["RPQConfig", "LayerSettings", "DAMP"]
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
 # what sets a weight's stored size
 SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "hot_rows", "hot_codebook_dim")
-_OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "damp", "skip")
+_OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "damp", "asymmetric", "skip")
 INITS = ("random", "kmeans")
 DAMP = 0.01  # GPTQ's default damping of a calibrated fit's H (RPQConfig.damp)
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -42,6 +42,7 @@ class LayerSettings:
     codebook_dtype: str | None = None
     error_feedback: bool = True
     damp: float = DAMP
+    asymmetric: bool = True
     hot_rows: int = 0
     hot_codebook_dim: int | None = None
 
@@ -74,7 +75,10 @@ class RPQConfig:
     convolution layer, that fraction of the inputs' Gram matrix's mean diagonal is added to its
     diagonal where it steers the slice-by-slice quantisation (GPTQ's ``damp_percent``, as a fraction):
     more leans the codes toward the plain weight error (on MiniLM 0.01 to 0.03 did best,
-    ``benchmarks/damp.py``), per layer. ``hot_rows``: that many rows of each weight
+    ``benchmarks/damp.py``), per layer. ``asymmetric``: in a calibrated fit of a linear or convolution
+    layer, match the dense model's output on the inputs the layer gets once the layers before it are
+    quantised (GPTAQ's asymmetric calibration: it corrects the error they pass on; one more forward per
+    fit), or, off, its own dense weight's output on them, per layer. ``hot_rows``: that many rows of each weight
     (at most; the rows whose fit error weighs most: for an embedding, the tokens the calibration
     looks up most) get a second code on top of their own, from one shared residual codebook of
     ``hot_codebook_dim`` values per codeword. ``overrides`` maps fnmatch patterns, tried
@@ -92,6 +96,7 @@ class RPQConfig:
     codebook_dtype: str | None = None
     error_feedback: bool = True
     damp: float = DAMP
+    asymmetric: bool = True
     hot_rows: int = 0
     hot_codebook_dim: int | None = None
     checkpoint: bool = False
@@ -128,8 +133,9 @@ class RPQConfig:
         if values["codebook_dtype"] is not None and values["codebook_dtype"] not in CODEBOOK_DTYPES:
             raise ValueError(f"{where}: codebook_dtype must be None or one of {list(CODEBOOK_DTYPES)}, "
                              f"got {values['codebook_dtype']!r}")
-        if not isinstance(values["error_feedback"], bool):
-            raise ValueError(f"{where}: error_feedback must be a bool, got {values['error_feedback']!r}")
+        for name in ("error_feedback", "asymmetric"):
+            if not isinstance(values[name], bool):
+                raise ValueError(f"{where}: {name} must be a bool, got {values[name]!r}")
         damp = values["damp"]
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
             raise ValueError(f"{where}: damp must be a number > 0, got {damp!r}")

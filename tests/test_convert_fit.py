@@ -222,3 +222,33 @@ def test_damp_is_a_per_layer_setting_checked_up_front(classifier):
             rpq_fx.RPQConfig(codebook_dim=8, damp=bad)
     with pytest.raises(ValueError, match=r"overrides\['fc1'\]: damp must be a number > 0, got 0"):
         rpq_fx.RPQConfig(codebook_dim=8, overrides={"fc1": {"damp": 0}})
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_asymmetric_calibration_corrects_the_error_the_layers_before_pass_on():
+    net = trained_like(TwoLayers()).eval()
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(16, 16, generator=g)
+    calibration = [torch.randn(512, 16, generator=g) @ mix for _ in range(8)]
+    held_out = torch.randn(4096, 16, generator=g) @ mix
+    # a coarse first layer (d=8, 16 codes) before a fine second one (scalars, 256 codes) that can make up for it
+    settings = dict(codebook_dim=1, shared_codebooks=True, init="kmeans",
+                    overrides={"fc1": {"codebook_dim": 8, "num_codes": 16}})
+    matched = rpq_fx.convert(net, config=rpq_fx.RPQConfig(**settings), calibration=calibration, progress=False)
+    plain = rpq_fx.convert(net, config=rpq_fx.RPQConfig(**settings, asymmetric=False), calibration=calibration,
+                           progress=False)
+    assert torch.equal(matched.fc1.weight.codes, plain.fc1.weight.codes), "fc1 sees the dense inputs: one fit"
+    assert_outputs_close(matched(held_out), dense_reference(net, matched)(held_out))
+    assert relative_error(matched, net, held_out) < 0.7 * relative_error(plain, net, held_out)
+    assert {layer.name: layer.asymmetric for layer in plain.rpq_layers} == {"fc1.weight": False, "fc2.weight": False}
+    with pytest.raises(ValueError, match="asymmetric must be a bool"):
+        rpq_fx.RPQConfig(codebook_dim=8, asymmetric=1)

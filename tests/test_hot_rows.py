@@ -39,7 +39,9 @@ def lm():
 
 
 def convert(model, calibration, **settings):
-    config = rpq_fx.RPQConfig(codebook_dim=8, shared_codebooks=True, init="kmeans", **settings)
+    """A calibrated fit whose later layers do not make up for the embedding's error (``asymmetric``):
+    the output error measures the embedding's own fit."""
+    config = rpq_fx.RPQConfig(codebook_dim=8, shared_codebooks=True, init="kmeans", asymmetric=False, **settings)
     return rpq_fx.convert(model, config=config, calibration=calibration, progress=False)
 
 

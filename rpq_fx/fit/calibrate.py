@@ -3,7 +3,9 @@
 A linear or convolution layer gets ``H = Σ x xᵀ / ||W x||²`` over its input rows (a token, a
 convolution's input patch, in the order of its weight's rows): the fit then minimises each row's
 output error relative to that row's dense output, so a few tokens with massive outputs (BERT's)
-cannot outweigh all the others. An embedding gets how often each row was looked up. Positions a
+cannot outweigh all the others. With layers before it already quantised, it can also get the
+cross-covariance of the inputs the dense model gives it with those it gets (asymmetric calibration,
+one more, dense, forward per item). An embedding gets how often each row was looked up. Positions a
 dict input's ``attention_mask`` marks as padding are left out.
 """
 
@@ -30,15 +32,21 @@ class LayerStats:
 
     hessian: Tensor | None = None  # [row length, row length], float64
     row_counts: Tensor | None = None  # [rows], float64
+    cross: Tensor | None = None  # [row length, row length], float64: Σ x_dense xᵀ, weighted as hessian
+    unpaired: bool = False  # the dense model's calls and these did not pair up one to one (control flow differed)
 
-    def add_inputs(self, x: Tensor, energy: Tensor) -> None:
-        """Add input rows ``x [M, row length]`` weighted by one over their dense outputs' energy ``[M]``."""
+    def add_inputs(self, x: Tensor, energy: Tensor, dense: Tensor | None = None) -> None:
+        """Add input rows ``x [M, row length]`` weighted by one over their dense outputs' energy ``[M]``;
+        ``dense``: the rows the dense model gives the layer on the same item, for ``cross``."""
         x = x.detach().double()
         energy = energy.detach().double()
         # reason: a row whose output is (almost) zero would otherwise weigh without bound
         weight = 1 / energy.clamp_min(_MIN_ENERGY * energy.median()).clamp_min(torch.finfo(torch.float64).tiny)
         update = (x.t() * weight) @ x
         self.hessian = update if self.hessian is None else self.hessian.add_(update)
+        if dense is not None:
+            update = (dense.detach().double().t() * weight) @ x
+            self.cross = update if self.cross is None else self.cross.add_(update)
 
     def add_lookups(self, indices: Tensor, rows: int) -> None:
         counts = torch.bincount(indices.detach().reshape(-1).long(), minlength=rows).double()
@@ -91,23 +99,49 @@ def _linear_inputs(x: Tensor, rows: Tensor, keep: Tensor | None) -> tuple[Tensor
     return x, (x @ rows.detach().t()).pow(2).sum(-1)
 
 
+def _input_rows(layer: nn.Module, plan: LayerPlan, mask: dict):
+    """A function of a forward pre-hook's ``(module, args, kwargs)`` giving the layer's input rows and
+    the energy of each one's dense output, or None for a layer kind with no such statistic."""
+    if isinstance(layer, _CONV):
+        return lambda module, args, kwargs: _conv_inputs(module, kwargs.get("input", args[0]))
+    if isinstance(layer, nn.Linear):
+        return lambda module, args, kwargs: _linear_inputs(kwargs.get("input", args[0] if args else None),
+                                                           module.weight, mask["keep"])
+    if plan.transposed and type(layer).__name__ == "Conv1D":  # GPT-2's Conv1D: weight [in, out]
+        return lambda module, args, kwargs: _linear_inputs(args[0] if args else kwargs.get("x"), module.weight.t(),
+                                                           mask["keep"])
+    return None
+
+
 def _observer(layer: nn.Module, plan: LayerPlan, stats: LayerStats, mask: dict):
     """A forward pre-hook adding one call's input to ``stats``, or None for a layer kind with no such
-    statistic; ``mask["keep"]`` is the current item's non-padding positions ``[batch, length]``, or None."""
+    statistic; ``mask["keep"]`` is the current item's non-padding positions ``[batch, length]``, or None.
+    While ``mask["dense"]`` is a dict the hook records the call's rows there (the dense model's pass
+    over the item) instead; the next pass pairs them with its own, call by call, for ``cross``."""
     if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
         def lookups(module, args, kwargs):
             indices = kwargs.get("input", args[0] if args else None)
             stats.add_lookups(drop_padding(indices, mask["keep"], features=False), plan.shape[0])
         return lookups
-    if isinstance(layer, _CONV):
-        return lambda module, args, kwargs: stats.add_inputs(*_conv_inputs(module, kwargs.get("input", args[0])))
-    if isinstance(layer, nn.Linear):
-        return lambda module, args, kwargs: stats.add_inputs(
-            *_linear_inputs(kwargs.get("input", args[0] if args else None), module.weight, mask["keep"]))
-    if plan.transposed and type(layer).__name__ == "Conv1D":  # GPT-2's Conv1D: weight [in, out]
-        return lambda module, args, kwargs: stats.add_inputs(
-            *_linear_inputs(args[0] if args else kwargs.get("x"), module.weight.t(), mask["keep"]))
-    return None
+    rows = _input_rows(layer, plan, mask)
+    if rows is None:
+        return None
+
+    def observe(module, args, kwargs):
+        x, energy = rows(module, args, kwargs)
+        if mask.get("recording"):
+            mask["dense"].setdefault(plan.name, []).append((x, energy))
+        elif mask.get("dense") is not None:
+            records = mask["dense"].get(plan.name)
+            if records and records[0][0].shape == x.shape:
+                dense, dense_energy = records.pop(0)
+                stats.add_inputs(x, dense_energy, dense)
+            else:
+                stats.unpaired = True
+                stats.add_inputs(x, energy)
+        else:
+            stats.add_inputs(x, energy)
+    return observe
 
 
 def padding_mask(inputs) -> Tensor | None:
@@ -197,11 +231,13 @@ def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[
 
 def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterable, *,
                   replaced: dict[str, Tensor] | None = None, stop_early: bool = False,
-                  progress: bool = True) -> dict[str, LayerStats]:
+                  asymmetric: bool = False, progress: bool = True) -> dict[str, LayerStats]:
     """Run ``model`` (dense, untouched: eval mode and no grad for the duration) on every calibration
     item and return the statistics of each converted plan that a layer hook can observe, by plan name.
     ``replaced`` maps parameter names to values the run uses instead (already quantised layers);
-    ``stop_early`` ends each forward once every plan's layer has been called (for layers called once).
+    ``stop_early`` ends each forward once every plan's layer has been called (for layers called once);
+    ``asymmetric`` (with ``replaced``) first runs the dense model on each item too, so that each
+    layer's statistics pair what it gets there with what it gets here (``LayerStats.cross``).
 
     A weight read by several layers sums their statistics; one read by both an embedding lookup
     and a linear layer (a tied ``lm_head``) keeps the linear's, whose output error is the larger concern.
@@ -226,12 +262,30 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
                 hooks.append((layer, watched(plan, observe)))
     names = {plan.name for plan in plans if plan.converted}
 
+    device = next((p.device for p in model.parameters()), None)
+
+    def check_paired():
+        for name, records in mask.get("dense", {}).items():
+            stats[name].unpaired |= bool(records)  # dense calls left over
+
     def before_item(inputs):
         pending.update(names)
         mask["keep"] = padding_mask(inputs)
+        if asymmetric and replaced:
+            check_paired()
+            mask["dense"], mask["recording"] = {}, True
+            try:
+                run_inputs(model, inputs, device)
+            except _Enough:
+                pass
+            mask["recording"] = False
+            pending.update(names)
 
     _run(model, calibration, replaced or {}, hooks, progress, before_item=before_item)
+    check_paired()
     for value in stats.values():
         if value.hessian is not None:
             value.row_counts = None
+        if value.unpaired:  # reason: a cross-covariance over only some of the calls would skew the fit's target
+            value.cross = None
     return {name: value for name, value in stats.items() if value.hessian is not None or value.row_counts is not None}

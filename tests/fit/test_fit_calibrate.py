@@ -86,6 +86,61 @@ def test_replaced_parameters_change_what_later_layers_see_and_layers_are_grouped
     assert not torch.equal(net.fc1.weight, zero), "the model's own weight is not touched"
 
 
+def test_asymmetric_statistics_pair_each_quantised_input_with_the_dense_one():
+    net = Net().eval()
+    batches = [torch.randint(0, 600, (4, 5), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plans = [p for p in plan_conversion(capture(net), net, rpq_fx.RPQConfig(codebook_dim=4)) if p.name == "fc2.weight"]
+    noisy = net.fc1.weight.detach() + 0.1 * torch.randn_like(net.fc1.weight)
+    stats = collect_stats(net, plans, batches, replaced={"fc1.weight": noisy}, asymmetric=True, progress=False)
+    hessian = cross = 0
+    with torch.no_grad():
+        for b in batches:
+            x = net.embed(b).mean(1)
+            dense = net.norm(net.fc1(x)).double()
+            quantised = net.norm(F.linear(x, noisy, net.fc1.bias)).double()
+            energy = (dense @ net.fc2.weight.double().t()).pow(2).sum(1)  # the dense model's output weighs each row
+            weight = 1 / energy.clamp_min(0.01 * energy.median())
+            hessian = hessian + (quantised.t() * weight) @ quantised
+            cross = cross + (dense.t() * weight) @ quantised
+    assert torch.allclose(stats["fc2.weight"].hessian, hessian, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stats["fc2.weight"].cross, cross, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cross, hessian, rtol=1e-2), "the pairs differ: fc1's change reaches fc2"
+    assert collect_stats(net, plans, batches, asymmetric=True, progress=False)["fc2.weight"].cross is None, \
+        "nothing quantised before: the inputs are the dense ones, no second pass"
+
+
+class Branchy(nn.Module):
+    """Calls ``fc2`` twice where ``fc1``'s output is large: the dense and the quantised model may differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        out = self.fc2(h)
+        return out + self.fc2(h) if h.abs().mean() > 1 else out
+
+
+@pytest.mark.parametrize("scale", [10.0, 0.0], ids=["dense-calls-once", "dense-calls-twice"])
+def test_calls_that_do_not_pair_up_leave_the_statistics_symmetric(scale):
+    net = Branchy().eval()
+    with torch.no_grad():
+        net.fc1.weight.fill_(0.5)
+        net.fc1.bias.zero_()
+    x = [torch.full((4, 64), 0.01)]  # dense |h| = 0.32: fc2 called once
+    if not scale:
+        x = [torch.full((4, 64), 0.1)]  # dense |h| = 3.2: twice; quantised (fc1 = 0) once
+    straight = nn.Sequential()  # reason: fx cannot trace the branch; plans of a model with the same layer names
+    straight.fc1, straight.fc2 = net.fc1, net.fc2
+    plans = [p for p in plan_conversion(capture(straight), straight, rpq_fx.RPQConfig(codebook_dim=4, num_codes=4))
+             if p.name == "fc2.weight"]
+    stats = collect_stats(net, plans, x, replaced={"fc1.weight": net.fc1.weight.detach() * scale}, asymmetric=True,
+                          progress=False)["fc2.weight"]
+    assert stats.unpaired and stats.cross is None
+    assert stats.hessian is not None
+
+
 def test_stopping_each_forward_at_the_last_layer_of_interest_gives_the_same_statistics():
     net = Net().eval()
     batches = [torch.randint(0, 600, (4, 5), generator=torch.Generator().manual_seed(i)) for i in range(2)]
