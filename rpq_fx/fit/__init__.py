@@ -106,8 +106,9 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
 
     With ``calibration`` the fit is data-aware and sequential, as GPTQ's: layers are fitted in the
     order the model calls them, each on the inputs it receives when every layer before it already
-    computes with its fitted weight, so each fit corrects the error that reaches it. Layers reading
-    the same input (a block's query, key and value) share one pass. Layers no hook can observe
+    computes with its fitted weight, and (``plan.asymmetric``) to the dense model's output there,
+    so each fit corrects the error that reaches it. Layers reading the same input (a block's query,
+    key and value) share one pass. Layers no hook can observe
     (functional calls, attention modules) get plain k-means.
     """
     todo = [plan for plan in plans if plan.converted and plan.init == "kmeans"]
@@ -122,8 +123,9 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
             calibrated = group[0].name in observed
             # reason: a forward can end at the group's last layer, unless one of them is called again later
             early = all(plan.name in once for plan in group)
-            stats = collect_stats(model, group, items, replaced=replaced, stop_early=early,
-                                  asymmetric=any(plan.asymmetric for plan in group), progress=False) if calibrated else {}
+            asymmetric = any(plan.asymmetric for plan in group)
+            stats = collect_stats(model, group, items, replaced=replaced, stop_early=early, asymmetric=asymmetric,
+                                  progress=False) if calibrated else {}
             for plan in group:
                 bar.set_postfix_str(plan.name, refresh=False)
                 _fit(plan, weights[plan.name], stats.get(plan.name), seed + order[plan.name])
