@@ -176,6 +176,11 @@ def _layers(model: nn.Module, plan: LayerPlan):
             yield model.get_submodule(owner)
 
 
+def _device(model: nn.Module) -> torch.device | None:
+    """Where ``model``'s parameters are (calibration inputs go there), or None for a model without any."""
+    return next((p.device for p in model.parameters()), None)
+
+
 class _Enough(Exception):
     """Raised by a hook once every layer of interest has seen the current item: the rest of the forward is skipped."""
 
@@ -187,7 +192,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
     (``torch.func.functional_call``), leaving its modes and tensors as they were. A hook may
     raise :class:`_Enough` to end the item's forward early."""
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
-    device = next((p.device for p in model.parameters()), None)
+    device = _device(model)
     try:
         with training_mode(model, False), torch.no_grad():
             for inputs in tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2, disable=not progress):
@@ -262,7 +267,7 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
                 hooks.append((layer, watched(plan, observe)))
     names = {plan.name for plan in plans if plan.converted}
 
-    device = next((p.device for p in model.parameters()), None)
+    device = _device(model)
 
     def check_paired():
         for name, records in mask.get("dense", {}).items():

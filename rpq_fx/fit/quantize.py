@@ -143,7 +143,7 @@ def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, metric: Cal
     """The codebooks minimising ``tr((W - Ŵ) M (W - Ŵ)ᵀ)`` for fixed codes: preconditioned conjugate
     gradients on the normal equations ``Aᵀ M A x = Aᵀ M w`` (A: expansion, Aᵀ: its scatter)."""
     groups, k, _ = codebooks.shape
-    codes8 = codes.to(torch.uint8 if k <= 256 else torch.int16)
+    codes8 = codes.to(code_dtype(k))
 
     def normal(v: Tensor) -> Tensor:
         return expand_backward(metric(expand(v, codes8)), codes8, groups, k)
@@ -253,7 +253,7 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
                                             num_codebooks, num_codes, error_feedback, damp, generator)
     else:
         metric = lambda r: r  # noqa: E731
-    delta = work - expand(codebooks, codes.to(torch.uint8 if num_codes <= 256 else torch.int16))
+    delta = work - expand(codebooks, codes.to(code_dtype(num_codes)))
     total = (metric(work) * work).sum()
     error = float((metric(delta) * delta).sum() / total) if total > 0 else 0.0
     return FitResult(codebooks, codes, error)
