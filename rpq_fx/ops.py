@@ -17,7 +17,23 @@ from torch import Tensor
 from . import _kernels
 
 __all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding", "hot_embedding", "choose_path",
-           "PATHS"]
+           "PATHS", "check_codes"]
+
+
+def check_codes(codes: Tensor, num_codes: int, where: str) -> None:
+    """Raise ``IndexError`` naming ``where`` unless ``codes`` are uint8 / int16 codes all below ``num_codes``.
+
+    int16 codes are read as unsigned bit patterns (codes above 32767). The one check every entry
+    point (ops, ``RPQWeight`` state, checkpoints) shares, so no code can index past a codebook.
+    """
+    if codes.dtype not in (torch.uint8, torch.int16):
+        raise TypeError(f"{where}: codes must be uint8 or int16, got {codes.dtype}")
+    capacity = 256 if codes.dtype == torch.uint8 else 65536
+    if num_codes >= capacity or codes.numel() == 0 or codes.is_meta:
+        return
+    largest = int(codes.max()) if codes.dtype == torch.uint8 else int((codes.to(torch.int32) & 0xFFFF).max())
+    if largest >= num_codes:
+        raise IndexError(f"{where}: code {largest} is out of range for {num_codes} codewords (codes must be < {num_codes})")
 
 
 def _flat_index(codes: Tensor, num_groups: int, num_codes: int) -> Tensor:
