@@ -252,3 +252,19 @@ def test_asymmetric_calibration_corrects_the_error_the_layers_before_pass_on():
     assert {layer.name: layer.asymmetric for layer in plain.rpq_layers} == {"fc1.weight": False, "fc2.weight": False}
     with pytest.raises(ValueError, match="asymmetric must be a bool"):
         rpq_fx.RPQConfig(codebook_dim=8, asymmetric=1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_weight_is_refused_naming_the_layer_and_the_value(classifier, bad):
+    net = copy.deepcopy(classifier)
+    with torch.no_grad():
+        net.fc1.weight[7, 3] = bad
+    with pytest.raises(rpq_fx.RPQConversionError, match=rf"'fc1.weight'.* 1 non-finite value.*{bad}.*\[7, 3\]"):
+        rpq_fx.convert(net, codebook_dim=4, init="kmeans", progress=False)
+
+
+def test_non_finite_calibration_statistics_are_refused_naming_the_layer(classifier):
+    calibration = [inputs(seed) for seed in range(10, 13)]
+    calibration[1][0, 2, 3, 4] = float("nan")
+    with pytest.raises(rpq_fx.RPQConversionError, match=r"'conv.weight'.*calibration.*non-finite"):
+        rpq_fx.convert(classifier, codebook_dim=4, init="kmeans", calibration=calibration, progress=False)

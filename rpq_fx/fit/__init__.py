@@ -8,7 +8,7 @@ each layer sees when the layers before it are already fitted.
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import RPQConversionError
@@ -67,6 +67,20 @@ def _fit_hot(plan: LayerPlan, weight: RPQWeight, rows: torch.Tensor, keep: torch
     return float(left / total) if total > 0 else 0.0
 
 
+def _refuse_non_finite(name: str, tensor: Tensor, what: str, hint: str) -> None:
+    """Raise naming layer ``name`` if ``tensor`` holds a NaN or an infinity (one reduction when it does not)."""
+    if torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return
+    bad = ~torch.isfinite(tensor)
+    count = int(bad.sum())
+    if count == 0:  # reason: finite float64 values can still sum past the largest float64
+        return
+    first = bad.nonzero()[0].tolist()
+    raise RPQConversionError(f"convert: init='kmeans' cannot fit '{name}': {what} holds {count} non-finite "
+                             f"value{'s' if count > 1 else ''} of {tensor.numel()} (the first, "
+                             f"{tensor[tuple(first)].item()}, at {first}); {hint}")
+
+
 @torch.no_grad()
 def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int) -> None:
     """Fit ``weight`` to ``plan.param``; padding rows (``padding_idx``) keep their reserved zero codeword."""
@@ -74,6 +88,13 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
     if param.is_meta:
         raise RPQConversionError(f"convert: init='kmeans' fits '{plan.name}' to its trained values, but it is on the "
                                  "meta device; build the model with its weights, or use init='random'")
+    _refuse_non_finite(plan.name, param, "its weight", "repair or skip that layer, or use init='random'")
+    if stats is not None:
+        for what, value in (("the Gram matrix of its calibration inputs", stats.hessian),
+                            ("the cross-covariance of its calibration inputs", stats.cross)):
+            if value is not None:
+                _refuse_non_finite(plan.name, value, what, "a calibration input, or what the layers before it "
+                                   "compute from one, is NaN or infinite; check the calibration inputs")
     rows = (param.t() if plan.transposed else param).reshape(plan.rows_shape[0], -1)
     keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
     keep[list(plan.padding_rows)] = False
