@@ -1,6 +1,7 @@
-"""A committed ``format_version: 1`` checkpoint still loads and computes what it computed when saved.
+"""Committed ``format_version: 1`` checkpoints still load and compute what they computed when saved.
 
-``tests/fixtures/format1_net.safetensors`` was written by ``python tests/test_io_format1.py`` with
+``tests/fixtures/format1_net.safetensors`` (a traced model) and ``format1_inplace.safetensors`` (a
+model fx cannot trace, converted in place) were written by ``python tests/test_io_format1.py`` with
 rpq_fx 0.1.0 / torch 2.14 (commit 1015e40), before any change to the checkpoint format; the
 expected outputs below were computed from the saved model. Never regenerate the file: it stands for
 the files users already have.
@@ -15,6 +16,7 @@ from torch import nn
 import rpq_fx
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1_net.safetensors"
+IN_PLACE_FIXTURE = FIXTURE.with_name("format1_inplace.safetensors")
 
 
 class Format1Net(nn.Module):
@@ -32,6 +34,21 @@ class Format1Net(nn.Module):
         if self.training:
             x = x * 0.5
         return self.fc2(F.relu(self.fc1(x)))
+
+
+class Format1InPlace(nn.Module):
+    """Data-dependent control flow: converted in place, one graph per layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 64)
+        self.head = nn.Linear(64, 48)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:
+            h = -h
+        return self.head(h)
 
 
 def example_input() -> torch.Tensor:
@@ -78,8 +95,38 @@ def test_format1_fixture_loads_onto_a_meta_skeleton_in_train_mode():
     assert_saved_outputs(loaded)
 
 
-if __name__ == "__main__":  # how the fixture was made (do not run again: see the module docstring)
+IN_PLACE_INPUT = torch.linspace(-2, 1, 48).reshape(3, 16)
+IN_PLACE_EXPECTED = [  # (first 4 columns, row sums) of the saved model's outputs on IN_PLACE_INPUT and its negation
+    ([[0.20641520619392395, -0.06853286176919937, 0.05652901530265808, 0.7734096646308899],
+      [-0.0699269101023674, 0.004861988127231598, 0.10896307229995728, 0.2725537419319153],
+      [-0.3462691009044647, 0.07825680077075958, 0.16139715909957886, -0.2283022105693817]],
+     [6.655797481536865, 2.028550386428833, -2.5986974239349365]),
+    ([[0.29107511043548584, -0.21175141632556915, -0.06403981149196625, 0.7231221795082092],
+      [0.014732807874679565, -0.13835640251636505, -0.011605709791183472, 0.22226624190807343],
+      [-0.26160937547683716, -0.06496161222457886, 0.040828414261341095, -0.27858966588974]],
+     [7.062319278717041, 2.4350712299346924, -2.19217586517334]),
+]
+
+
+def test_format1_in_place_fixture_loads_and_computes_the_saved_outputs():
+    with torch.device("meta"):
+        skeleton = Format1InPlace().eval()
+    loaded = rpq_fx.load(skeleton, IN_PLACE_FIXTURE)
+    assert type(loaded) is Format1InPlace
+    with torch.no_grad():
+        for x, (columns, sums) in zip((IN_PLACE_INPUT, -IN_PLACE_INPUT), IN_PLACE_EXPECTED):
+            y = loaded(x)
+            torch.testing.assert_close(y[:, :4], torch.tensor(columns), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(y.sum(1), torch.tensor(sums), rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":  # how the fixtures were made (do not run again: see the module docstring)
     torch.manual_seed(0)
     converted = rpq_fx.convert(Format1Net().eval(), num_codes=16, max_codebook_dim=4, init="kmeans")
     rpq_fx.save(converted, FIXTURE)
     print(_outputs(rpq_fx.load(Format1Net().eval(), FIXTURE)))
+    torch.manual_seed(0)
+    converted = rpq_fx.convert(Format1InPlace().eval(), num_codes=16, codebook_dim=4)
+    rpq_fx.save(converted, IN_PLACE_FIXTURE)
+    with torch.no_grad():
+        print([(y[:, :4].tolist(), y.sum(1).tolist()) for y in map(converted, (IN_PLACE_INPUT, -IN_PLACE_INPUT))])
