@@ -266,5 +266,21 @@ def test_a_non_finite_weight_is_refused_naming_the_layer_and_the_value(classifie
 def test_non_finite_calibration_statistics_are_refused_naming_the_layer(classifier):
     calibration = [inputs(seed) for seed in range(10, 13)]
     calibration[1][0, 2, 3, 4] = float("nan")
-    with pytest.raises(rpq_fx.RPQConversionError, match=r"'conv.weight'.*calibration.*non-finite"):
+    with pytest.raises(rpq_fx.RPQConversionError, match=r"'conv.weight'.*calibration.*non-finite.*calibration item 1\)"):
         rpq_fx.convert(classifier, codebook_dim=4, init="kmeans", calibration=calibration, progress=False)
+
+
+@pytest.mark.parametrize("empty", [[], iter([]), (x for x in ())], ids=["list", "iterator", "generator"])
+def test_calibration_without_items_is_refused(classifier, empty):
+    with pytest.raises(ValueError, match=r"calibration= holds no items.*used up.*calibration=None"):
+        rpq_fx.convert(classifier, codebook_dim=4, init="kmeans", calibration=empty, progress=False)
+
+
+def test_a_calibration_item_the_model_cannot_take_is_named_with_the_layer_it_failed_in():
+    net = trained_like(nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 300))).eval()
+    calibration = [torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 17)]
+    with pytest.raises(rpq_fx.RPQConversionError,
+                       match=r"calibration item 2 \(Tensor \[4, 17\]\).* layer '0' \(Linear\).*mat1 and mat2"):
+        rpq_fx.convert(net, codebook_dim=4, init="kmeans", calibration=calibration, progress=False)
+    with pytest.raises(rpq_fx.RPQConversionError, match=r"calibration item 0 \(tuple of 2\).*forward\(\)"):
+        rpq_fx.convert(net, codebook_dim=4, init="kmeans", calibration=[(torch.randn(4, 16),) * 2], progress=False)

@@ -90,11 +90,12 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
                                  "meta device; build the model with its weights, or use init='random'")
     _refuse_non_finite(plan.name, param, "its weight", "repair or skip that layer, or use init='random'")
     if stats is not None:
+        item = "" if stats.non_finite_item is None else f" (first in calibration item {stats.non_finite_item})"
         for what, value in (("the Gram matrix of its calibration inputs", stats.hessian),
                             ("the cross-covariance of its calibration inputs", stats.cross)):
             if value is not None:
-                _refuse_non_finite(plan.name, value, what, "a calibration input, or what the layers before it "
-                                   "compute from one, is NaN or infinite; check the calibration inputs")
+                _refuse_non_finite(plan.name, value, what, f"its input is NaN or infinite{item}: a calibration "
+                                   "input, or what the layers before it compute from one; check the calibration inputs")
     rows = (param.t() if plan.transposed else param).reshape(plan.rows_shape[0], -1)
     keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
     keep[list(plan.padding_rows)] = False
@@ -135,6 +136,11 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
     todo = [plan for plan in plans if plan.converted and plan.init == "kmeans"]
     order = {plan.name: i for i, plan in enumerate(todo)}
     items = None if calibration is None else calibration if isinstance(calibration, Sequence) else list(calibration)
+    if items is not None and not items:
+        raise ValueError(f"convert: calibration= holds no items (got {type(calibration).__name__}: an empty "
+                         "sequence, or an iterator or generator already used up); pass example inputs (tensors, "
+                         "tuples of positional inputs or dicts of keyword inputs), or calibration=None for a plain "
+                         "k-means fit")
     groups, once = call_groups(model, todo, items[0]) if items else ([], set())
     observed = {plan.name for group in groups for plan in group}
     groups += [[plan] for plan in todo if plan.name not in observed]

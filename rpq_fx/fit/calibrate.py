@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import RPQConversionError
 from ..passes import LayerPlan, training_mode
 
 __all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask", "run_inputs"]
@@ -34,6 +35,7 @@ class LayerStats:
     row_counts: Tensor | None = None  # [rows], float64
     cross: Tensor | None = None  # [row length, row length], float64: Σ x_dense xᵀ, weighted as hessian
     unpaired: bool = False  # the dense model's calls and these did not pair up one to one (control flow differed)
+    non_finite_item: int | None = None  # the first calibration item that gave this layer a NaN or infinite input
 
     def add_inputs(self, x: Tensor, energy: Tensor, dense: Tensor | None = None) -> None:
         """Add input rows ``x [M, row length]`` weighted by one over their dense outputs' energy ``[M]``;
@@ -99,40 +101,71 @@ def _linear_inputs(x: Tensor, rows: Tensor, keep: Tensor | None) -> tuple[Tensor
     return x, (x @ rows.detach().t()).pow(2).sum(-1)
 
 
-def _input_rows(layer: nn.Module, plan: LayerPlan, mask: dict):
-    """A function of a forward pre-hook's ``(module, args, kwargs)`` giving the layer's input rows and
-    the energy of each one's dense output, or None for a layer kind with no such statistic."""
+def _input_rows(layer: nn.Module, plan: LayerPlan):
+    """A function of a forward pre-hook's ``(module, args, kwargs)`` and the item's non-padding positions
+    ``keep`` giving the layer's input rows and the energy of each one's dense output, or None for a layer
+    kind with no such statistic."""
     if isinstance(layer, _CONV):
-        return lambda module, args, kwargs: _conv_inputs(module, kwargs.get("input", args[0]))
+        return lambda module, args, kwargs, keep: _conv_inputs(module, kwargs.get("input", args[0]))
     if isinstance(layer, nn.Linear):
-        return lambda module, args, kwargs: _linear_inputs(kwargs.get("input", args[0] if args else None),
-                                                           module.weight, mask["keep"])
+        return lambda module, args, kwargs, keep: _linear_inputs(kwargs.get("input", args[0] if args else None),
+                                                                 module.weight, keep)
     if plan.transposed and type(layer).__name__ == "Conv1D":  # GPT-2's Conv1D: weight [in, out]
-        return lambda module, args, kwargs: _linear_inputs(args[0] if args else kwargs.get("x"), module.weight.t(),
-                                                           mask["keep"])
+        return lambda module, args, kwargs, keep: _linear_inputs(args[0] if args else kwargs.get("x"),
+                                                                 module.weight.t(), keep)
     return None
 
 
-def _observer(layer: nn.Module, plan: LayerPlan, stats: LayerStats, mask: dict):
-    """A forward pre-hook adding one call's input to ``stats``, or None for a layer kind with no such
-    statistic; ``mask["keep"]`` is the current item's non-padding positions ``[batch, length]``, or None.
-    While ``mask["dense"]`` is a dict the hook records the call's rows there (the dense model's pass
-    over the item) instead; the next pass pairs them with its own, call by call, for ``cross``."""
-    if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
-        def lookups(module, args, kwargs):
-            indices = kwargs.get("input", args[0] if args else None)
-            stats.add_lookups(drop_padding(indices, mask["keep"], features=False), plan.shape[0])
-        return lookups
-    rows = _input_rows(layer, plan, mask)
-    if rows is None:
-        return None
+def _observable(layer: nn.Module, plan: LayerPlan) -> bool:
+    """Whether a hook on ``layer`` can record statistics of ``plan``'s weight."""
+    return isinstance(layer, (nn.Embedding, nn.EmbeddingBag)) or _input_rows(layer, plan) is not None
 
-    def observe(module, args, kwargs):
-        x, energy = rows(module, args, kwargs)
-        if mask.get("recording"):
-            mask["dense"].setdefault(plan.name, []).append((x, energy))
-        elif mask.get("dense") is not None:
-            records = mask["dense"].get(plan.name)
+
+class _Recorder:
+    """The forward pre-hooks of :func:`collect_stats` and the state they share over a run: the
+    current item's index and non-padding positions ``keep [batch, length]`` (or None), the plans not
+    yet called on it (``pending``) and, while the dense model runs on the item first (asymmetric),
+    the rows each layer gets there (``dense``), paired call by call with the next pass's for ``cross``."""
+
+    def __init__(self, stats: dict[str, LayerStats], names: set[str], stop_early: bool):
+        self.stats, self.names, self.stop_early = stats, names, stop_early
+        self.item = -1
+        self.keep: Tensor | None = None
+        self.pending: set[str] = set()
+        self.dense: dict[str, list] | None = None
+        self.recording = False
+
+    def hook(self, layer: nn.Module, plan: LayerPlan):
+        """A forward pre-hook adding each call's input to ``plan``'s statistics, or None for a layer kind
+        with no such statistic; it ends the forward (:class:`_Enough`) once every plan has been called,
+        with ``stop_early``."""
+        if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+            def observe(module, args, kwargs):
+                indices = kwargs.get("input", args[0] if args else None)
+                self.stats[plan.name].add_lookups(drop_padding(indices, self.keep, features=False), plan.shape[0])
+        else:
+            rows = _input_rows(layer, plan)
+            if rows is None:
+                return None
+
+            def observe(module, args, kwargs):
+                self._add_inputs(plan.name, *rows(module, args, kwargs, self.keep))
+
+        def hook(module, args, kwargs):
+            observe(module, args, kwargs)
+            self.pending.discard(plan.name)
+            if self.stop_early and not self.pending:
+                raise _Enough
+        return hook
+
+    def _add_inputs(self, name: str, x: Tensor, energy: Tensor) -> None:
+        stats = self.stats[name]
+        if stats.non_finite_item is None and not torch.isfinite(energy.sum()):
+            stats.non_finite_item = self.item
+        if self.recording:
+            self.dense.setdefault(name, []).append((x, energy))
+        elif self.dense is not None:
+            records = self.dense.get(name)
             if records and records[0][0].shape == x.shape:
                 dense, dense_energy = records.pop(0)
                 stats.add_inputs(x, dense_energy, dense)
@@ -141,7 +174,23 @@ def _observer(layer: nn.Module, plan: LayerPlan, stats: LayerStats, mask: dict):
                 stats.add_inputs(x, energy)
         else:
             stats.add_inputs(x, energy)
-    return observe
+
+    def start_item(self, inputs, dense_pass=None) -> None:
+        """Get ready for the next item; ``dense_pass()`` (asymmetric) runs the dense model on it, recording."""
+        self.item += 1
+        self.pending.update(self.names)
+        self.keep = padding_mask(inputs)
+        if dense_pass is not None:
+            self.check_paired()
+            self.dense, self.recording = {}, True
+            dense_pass()
+            self.recording = False
+            self.pending.update(self.names)
+
+    def check_paired(self) -> None:
+        """Mark the statistics of every layer whose dense calls on the last item were not all paired."""
+        for name, records in (self.dense or {}).items():
+            self.stats[name].unpaired |= bool(records)
 
 
 def padding_mask(inputs) -> Tensor | None:
@@ -185,24 +234,66 @@ class _Enough(Exception):
     """Raised by a hook once every layer of interest has seen the current item: the rest of the forward is skipped."""
 
 
+def _describe(inputs) -> str:
+    """A calibration item in a few words, for an error message."""
+    if isinstance(inputs, Tensor):
+        return f"Tensor {list(inputs.shape)}"
+    if isinstance(inputs, (tuple, list, dict)):
+        return f"{type(inputs).__name__} of {len(inputs)}"
+    return type(inputs).__name__
+
+
+def _innermost(model: nn.Module) -> tuple[list[str], list]:
+    """The names of the modules a forward of ``model`` is inside, innermost last, and the hook handles
+    that keep it: a module leaves it when it returns, so after an exception its last name is the
+    module that raised."""
+    inside: list[str] = []
+
+    def leave(module, args, output) -> None:  # reason: a forward hook's return value would replace the output
+        inside.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: inside.append(name)))
+        handles.append(module.register_forward_hook(leave))
+    return inside, handles
+
+
 def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], hooks: list, progress: bool,
-         before_item=lambda inputs: None) -> None:
+         before_item=lambda inputs, forward: None) -> None:
     """Run ``model`` in eval mode without grad on every calibration item, with ``hooks``
     (``(layer, pre-hook)``) attached and the parameters in ``replaced`` swapped in
     (``torch.func.functional_call``), leaving its modes and tensors as they were. A hook may
-    raise :class:`_Enough` to end the item's forward early."""
+    raise :class:`_Enough` to end the item's forward early. ``before_item(inputs, forward)`` runs
+    first on each item; ``forward(replaced)`` runs the model on it. An item the model cannot take
+    raises :class:`RPQConversionError` naming it and, where one raised, the layer."""
+    inside, tracking = _innermost(model)  # reason: first, so a layer is entered before its own hooks can raise
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
     device = _device(model)
     try:
         with training_mode(model, False), torch.no_grad():
-            for inputs in tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2, disable=not progress):
-                before_item(inputs)
-                try:
-                    run_inputs(model, inputs, device, replaced)
-                except _Enough:
-                    pass
+            for index, inputs in enumerate(tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2,
+                                                disable=not progress)):
+                def forward(swapped: dict[str, Tensor]) -> None:
+                    inside.clear()
+                    try:
+                        run_inputs(model, inputs, device, swapped)
+                    except _Enough:
+                        pass
+                    except RPQConversionError:
+                        raise
+                    except Exception as error:
+                        layer = f", in layer '{inside[-1]}' ({type(model.get_submodule(inside[-1])).__name__})" \
+                            if inside and inside[-1] else ""
+                        raise RPQConversionError(
+                            f"convert: calibration item {index} ({_describe(inputs)}) failed in the model's forward"
+                            f"{layer}: {type(error).__name__}: {error}; each item must be what the model takes: "
+                            "a tensor, a tuple of positional inputs or a dict of keyword inputs") from error
+
+                before_item(inputs, forward)
+                forward(replaced)
     finally:
-        for handle in handles:
+        for handle in handles + tracking:
             handle.remove()
 
 
@@ -229,7 +320,7 @@ def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[
         return hook
 
     hooks = [(layer, watcher(plan)) for plan in plans if plan.converted
-             for layer in _layers(model, plan) if _observer(layer, plan, LayerStats(), {}) is not None]
+             for layer in _layers(model, plan) if _observable(layer, plan)]
     _run(model, [inputs], {}, hooks, progress=False)
     return groups, {name for name, calls in seen.items() if calls == 1}
 
@@ -247,47 +338,18 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
     A weight read by several layers sums their statistics; one read by both an embedding lookup
     and a linear layer (a tied ``lm_head``) keeps the linear's, whose output error is the larger concern.
     """
-    stats: dict[str, LayerStats] = {}
-    hooks = []
-    pending: set[str] = set()
-    mask = {"keep": None}
-
-    def watched(plan: LayerPlan, observe):
-        def hook(module, args, kwargs):
-            observe(module, args, kwargs)
-            pending.discard(plan.name)
-            if stop_early and not pending:
-                raise _Enough
-        return hook
-
-    for plan in (p for p in plans if p.converted):
-        for layer in _layers(model, plan):
-            observe = _observer(layer, plan, stats.setdefault(plan.name, LayerStats()), mask)
-            if observe is not None:
-                hooks.append((layer, watched(plan, observe)))
     names = {plan.name for plan in plans if plan.converted}
+    stats = {name: LayerStats() for name in names}
+    recorder = _Recorder(stats, names, stop_early)
+    hooks = [(layer, hook) for plan in plans if plan.converted for layer in _layers(model, plan)
+             if (hook := recorder.hook(layer, plan)) is not None]
+    dense = asymmetric and bool(replaced)
 
-    device = _device(model)
-
-    def check_paired():
-        for name, records in mask.get("dense", {}).items():
-            stats[name].unpaired |= bool(records)  # dense calls left over
-
-    def before_item(inputs):
-        pending.update(names)
-        mask["keep"] = padding_mask(inputs)
-        if asymmetric and replaced:
-            check_paired()
-            mask["dense"], mask["recording"] = {}, True
-            try:
-                run_inputs(model, inputs, device)
-            except _Enough:
-                pass
-            mask["recording"] = False
-            pending.update(names)
+    def before_item(inputs, forward):
+        recorder.start_item(inputs, (lambda: forward({})) if dense else None)
 
     _run(model, calibration, replaced or {}, hooks, progress, before_item=before_item)
-    check_paired()
+    recorder.check_paired()
     for value in stats.values():
         if value.hessian is not None:
             value.row_counts = None
