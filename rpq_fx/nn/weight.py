@@ -6,9 +6,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..ops import expand
+from ..ops import check_codes, expand
 
-__all__ = ["RPQWeight", "code_dtype", "rpq_bytes", "hot_bytes", "rpq_weights"]
+__all__ = ["RPQWeight", "code_dtype", "rpq_bytes", "hot_bytes", "rpq_weights", "check_index"]
 
 
 def code_dtype(num_codes: int) -> torch.dtype:
@@ -30,6 +30,27 @@ def hot_bytes(row_len: int, hot_rows: int, hot_codebook_dim: int, num_codes: int
         return 0
     codes_and_codebook = rpq_bytes(row_len // hot_codebook_dim, hot_codebook_dim, hot_rows, num_codes, True, element_size)
     return codes_and_codebook + 4 * hot_rows
+
+
+def check_index(value: torch.Tensor, stored: torch.dtype, bound: int, where: str) -> None:
+    """Raise unless every value of ``value`` is a whole number in ``[0, bound)`` that a cast to ``stored``
+    keeps exactly: the check for codes (``stored`` uint8 / int16, read unsigned) and hot-row indices
+    that come from outside (a state dict, a checkpoint). ``where`` names the tensor in the message."""
+    if value.is_meta or value.numel() == 0:
+        return
+    if value.dtype == stored and stored in (torch.uint8, torch.int16):
+        check_codes(value, bound, where)
+        return
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{where}: expected integers in [0, {bound}) ({stored}), got a {value.dtype} tensor")
+    if value.is_floating_point() and not torch.equal(value, value.trunc()):
+        bad = value[value != value.trunc()].reshape(-1)[0].item()
+        raise TypeError(f"{where}: {value.dtype} value {bad} is not a whole number; expected integers in "
+                        f"[0, {bound}) ({stored})")
+    low, high = value.min().item(), value.max().item()
+    if low < 0 or high >= bound:
+        raise IndexError(f"{where}: value {low if low < 0 else high} is out of range: must be in [0, {bound}) "
+                         f"(stored as {stored}, a cast would change it)")
 
 
 def rpq_weights(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, "RPQWeight"]]:
@@ -111,6 +132,32 @@ class RPQWeight(nn.Module):
     def indices(self) -> torch.Tensor:
         """Alias of ``codes``, the name the reference RPQ used."""
         return self.codes
+
+    def _index_buffers(self) -> dict[str, int]:
+        """``{buffer name: bound}`` of the buffers that index memory: codes < K, hot-row indices < N."""
+        return {"codes": self.num_codes, **({"hot_index": self.num_vectors} if self.hot is not None else {})}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """torch's, after refusing codes or hot-row indices out of range or changed by the cast to the
+        stored dtype (int64 codes of 1000 would wrap to uint8 232); the error names the key."""
+        for name, bound in self._index_buffers().items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor):
+                check_index(value, self._buffers[name].dtype, bound, prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def __setattr__(self, name: str, value) -> None:
+        """Assigned codes / hot-row indices must have the stored dtype and shape and be in range."""
+        buffers = self.__dict__.get("_buffers", {})
+        if name in buffers and buffers[name] is not None and name in self._index_buffers():
+            old = buffers[name]
+            if not isinstance(value, torch.Tensor) or value.dtype != old.dtype or value.shape != old.shape:
+                got = f"{list(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TypeError(f"RPQWeight.{name}: expected a {list(old.shape)} {old.dtype} tensor, got {got}")
+            check_index(value, old.dtype, self._index_buffers()[name], f"RPQWeight.{name}")
+        super().__setattr__(name, value)
 
     def reset_parameters(self, init: str = "uniform", generator: torch.Generator | None = None,
                          zero_rows: Sequence[int] = ()) -> None:

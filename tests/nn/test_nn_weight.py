@@ -291,3 +291,51 @@ def test_extra_repr():
     text = repr(RPQWeight(2, 4, 8, 16, True))
     assert "num_codebooks=2" in text and "codebook_dim=4" in text and "num_codes=16" in text
     assert "shared_codebooks=True" in text
+
+
+def _holder(weight: RPQWeight) -> torch.nn.Module:
+    holder = torch.nn.Module()
+    holder.fc = weight
+    return holder
+
+
+@pytest.mark.parametrize("K, key, value, message", [
+    (256, "fc.codes", torch.full((4, 300), 1000), r"fc.codes: value 1000 is out of range: must be in \[0, 256\)"),
+    (256, "fc.codes", torch.full((4, 300), -1), r"fc.codes: value -1 is out of range"),
+    (16, "fc.codes", torch.full((4, 300), 16, dtype=torch.uint8), r"fc.codes: code 16 is out of range for 16"),
+    (300, "fc.codes", torch.full((4, 300), 300, dtype=torch.int16), r"fc.codes: code 300 is out of range for 300"),
+    (256, "fc.codes", torch.full((4, 300), 3.5), r"fc.codes: torch.float32 value 3.5 is not a whole number"),
+    (256, "fc.codes", torch.full((4, 300), float("nan")), r"fc.codes: .*nan is not a whole number"),
+    (256, "fc.codes", torch.ones(4, 300, dtype=torch.bool), r"fc.codes: expected integers .*got a torch.bool"),
+    (16, "fc.hot_index", torch.full((5,), 300, dtype=torch.int32), r"fc.hot_index: value 300 is out of range.*\[0, 300\)"),
+    (16, "fc.hot_index", torch.full((5,), -2, dtype=torch.int64), r"fc.hot_index: value -2 is out of range"),
+    (16, "fc.hot.codes", torch.full((4, 5), 20, dtype=torch.uint8), r"fc.hot.codes: code 20 is out of range for 16"),
+])
+def test_load_state_dict_refuses_codes_and_rows_out_of_range_or_wrapping(K, key, value, message):
+    weight = RPQWeight(4, 8, 300, K, hot_rows=5, hot_codebook_dim=8)
+    holder = _holder(weight)
+    state = holder.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    with pytest.raises((IndexError, TypeError), match=message):
+        holder.load_state_dict({**state, key: value})
+    assert all(torch.equal(before[k], v) for k, v in holder.state_dict().items()), "nothing was loaded"
+
+
+@pytest.mark.parametrize("K, value", [(256, 255), (65536, 40000)])
+def test_load_state_dict_accepts_other_dtypes_that_hold_the_codes_exactly(K, value):
+    weight = RPQWeight(2, 4, 300, K)
+    holder = _holder(weight)
+    for codes in (torch.full((2, 300), value, dtype=torch.int64), torch.full((2, 300), float(value))):
+        holder.load_state_dict({**holder.state_dict(), "fc.codes": codes})
+        assert weight.codes.dtype == code_dtype(K)
+        assert int(weight.codes.to(torch.int32).bitwise_and(0xFFFF).max()) == value
+
+
+def test_assigned_codes_must_keep_dtype_shape_and_range():
+    weight = RPQWeight(2, 4, 300, 16)
+    with pytest.raises(TypeError, match=r"RPQWeight.codes: expected a \[2, 300\] torch.uint8 tensor, got \[2, 300\] torch.int64"):
+        weight.codes = torch.zeros(2, 300, dtype=torch.int64)
+    with pytest.raises(IndexError, match="code 16 is out of range for 16"):
+        weight.codes = torch.full((2, 300), 16, dtype=torch.uint8)
+    weight.codes = torch.full((2, 300), 15, dtype=torch.uint8)
+    assert int(weight.codes.max()) == 15
