@@ -7,8 +7,8 @@ kept too, in ``gm.meta["rpq_mode_graphs"]``, over the same modules.
 """
 
 import copy
-import importlib.util
 import inspect
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -25,8 +25,9 @@ __all__ = ["capture", "capture_layer", "capture_call", "capture_export", "RPQTra
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
-    """timm's registry of modules and functions that fx must not trace into (empty without timm)."""
-    if importlib.util.find_spec("timm") is None:
+    """timm's registry of modules and functions that fx must not trace into; empty unless timm is
+    already imported (then no model holds its layers, and importing it costs ~190 MiB)."""
+    if "timm" not in sys.modules:
         return (), ()
     from timm.layers import get_notrace_functions, get_notrace_modules
 

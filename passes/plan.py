@@ -5,6 +5,7 @@ Nothing is changed here. A parameter is keyed by identity, so a shared module or
 """
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -221,10 +222,10 @@ def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Mo
             plan.reason = f"a {param.dim()}-D weight has no rows to quantize"
             continue
         asked = [*use.layers.items(), *([(plan.name, param)] if use.functional else [])]
-        if filter_fn is not None and not all(filter_fn(layer, name) for name, layer in asked):
+        if filter_fn is not None and not all(_accepts(filter_fn, layer, name) for name, layer in asked):
             plan.reason, plan.excluded = "excluded by filter_fn", True
             continue
-        settings = config.settings_for(plan.name, plan.name.rpartition(".")[0], *aliases)
+        settings = config.settings_for(*_config_names(plan))
         if settings is None:
             plan.reason, plan.excluded = "skipped by a config override", True
             continue
@@ -233,9 +234,36 @@ def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Mo
         plan.transposed = use.transposed == {True}
         plan.padding_rows = tuple(sorted(use.padding_rows))
         _decide(plan, settings, use.refusal)
+    _check_overrides(config, plans, model, strict)
     if strict:
         check_strict(plans)
     return plans
+
+
+def _config_names(plan: LayerPlan) -> tuple[str, ...]:
+    """The names ``RPQConfig.overrides`` patterns are tried against: the weight's, its layer's, its aliases."""
+    return plan.name, plan.name.rpartition(".")[0], *plan.aliases
+
+
+def _accepts(filter_fn: Callable, layer: nn.Module | nn.Parameter, name: str) -> bool:
+    answer = filter_fn(layer, name)
+    if not isinstance(answer, bool):
+        raise TypeError(f"convert: filter_fn must return True or False, got {answer!r} ({type(answer).__name__}) "
+                        f"for '{name}'")
+    return answer
+
+
+def _check_overrides(config: RPQConfig, plans: list[LayerPlan], model: nn.Module, strict: bool) -> None:
+    """Warn (raise under ``strict``) about override patterns that match no weight: a typo is not silently ignored."""
+    unmatched = config.unmatched({name for plan in plans for name in _config_names(plan)})
+    if not unmatched:
+        return
+    message = (f"convert: RPQConfig.overrides patterns {unmatched} match no weight or layer of "
+               f"{type(model).__name__} (weights are named like '{plans[0].name if plans else 'layer.weight'}', "
+               "layers like the weight's name without '.weight'); check them for typos")
+    if strict:
+        raise RPQConversionError(message)
+    warnings.warn(message, UserWarning, stacklevel=5)  # the caller of convert
 
 
 def check_strict(plans: list[LayerPlan]) -> None:

@@ -104,6 +104,12 @@ class RPQConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"RPQConfig.overrides must be a dict of fnmatch patterns to settings, got {self.overrides!r}")
+        for pattern in self.overrides:
+            if not isinstance(pattern, str):
+                raise ValueError(f"RPQConfig.overrides: keys must be str fnmatch patterns of weight or layer names, "
+                                 f"got {pattern!r} ({type(pattern).__name__})")
         self.codebook_dtype = _dtype_name(self.codebook_dtype)
         for values in self.overrides.values():
             if isinstance(values, dict) and "codebook_dtype" in values:
@@ -164,6 +170,10 @@ class RPQConfig:
         if values.get("skip"):
             return None
         return LayerSettings(**{f.name: values[f.name] for f in dataclasses.fields(LayerSettings)})
+
+    def unmatched(self, names: set[str]) -> list[str]:
+        """The override patterns that match none of ``names`` (a typo, or a layer the model lacks)."""
+        return [pattern for pattern in self.overrides if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-ready) that :meth:`from_dict` turns back into an equal config."""
