@@ -21,23 +21,27 @@ __all__ = ["rewrite", "new_weights", "empty_shell"]
 
 def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
     """A randomly initialised RPQ weight for every converted plan, by plan name (one generator per
-    device, drawn in plan order, so a seed always gives the same weights)."""
+    device, drawn in plan order, so a seed always gives the same weights; torch's global generator
+    is not touched). Codebooks train only where the dense weight did (``requires_grad``)."""
     converted = [plan for plan in plans if plan.converted]
     generators = {device: torch.Generator(device).manual_seed(seed)
                   for device in {plan.param.device for plan in converted} if device.type != "meta"}
     weights = {}
     for plan in converted:
         device = plan.param.device
+        # reason: RPQWeight's constructor inits itself from the global generator; on the meta device it draws nothing
         weights[plan.name] = weight = RPQWeight(
             plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], plan.num_codes, plan.shared_codebooks,
-            shape=plan.rows_shape, transposed=plan.transposed, device=device, hot_rows=plan.hot_rows,
+            shape=plan.rows_shape, transposed=plan.transposed, device="meta", hot_rows=plan.hot_rows,
             hot_codebook_dim=plan.hot_codebook_dim,
             compute_dtype=plan.dtype if plan.codebook_dtype not in (None, plan.dtype) else None,
             dtype=plan.codebook_dtype or plan.dtype)
         if device.type != "meta":
+            weight.to_empty(device=device)
             embedding = any(op.startswith("embedding") for op in plan.ops)  # torch inits those N(0, 1)
             weight.reset_parameters("normal" if embedding else "uniform", generators[device],
                                     zero_rows=plan.padding_rows)
+        weight.requires_grad_(plan.param.requires_grad)
     return weights
 
 

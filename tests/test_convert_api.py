@@ -4,6 +4,8 @@ import copy
 import gc
 import json
 import math
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -373,6 +375,71 @@ def test_seed_is_deterministic_and_matters():
         assert torch.equal(wa.codes, wb.codes) and torch.equal(wa.codebooks, wb.codebooks)
         assert torch.equal(wa.codes, wd.codes) and torch.equal(wa.codebooks, wd.codebooks)
         assert not torch.equal(wa.codes, wc.codes) and not torch.equal(wa.codebooks, wc.codebooks)
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(300, 16)
+        self.fc = nn.Linear(16, 300)
+        self.conv = nn.Conv2d(4, 300, 3)
+
+    def forward(self, t, img):
+        return self.fc(self.emb(t)), self.conv(img)
+
+
+class DataDependent(nn.Module):
+    """fx cannot trace it (a branch on input values): converted in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(300, 16)
+        self.fc = nn.Linear(16, 300)
+
+    def forward(self, t):
+        h = self.emb(t)
+        return self.fc(h if h.sum() > 0 else -h)
+
+
+SMALL = dict(codebook_dim=4, num_codes=16)
+
+
+@pytest.mark.parametrize("how", ["fx", "in place", "export", "kmeans", "calibrated", "hot rows", "meta"])
+def test_convert_and_load_leave_the_global_generator_alone(how, tmp_path):
+    model = (DataDependent if how == "in place" else Small)()
+    t, img = torch.randint(0, 300, (2, 8)), torch.randn(1, 4, 5, 5)
+    options = {"export": {"example_inputs": (t, img)}, "kmeans": {"init": "kmeans"},
+               "calibrated": {"init": "kmeans", "calibration": [(t, img)]},
+               "hot rows": {"config": RPQConfig(**SMALL, hot_rows=4, hot_codebook_dim=4)}}.get(how, {})
+    if how == "meta":
+        model = model.to("meta")
+    state = torch.random.get_rng_state()
+    gm = rpq_fx.convert(model, **({} if "config" in options else SMALL), **options, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state), "convert drew from torch's global generator"
+    if how in ("fx", "in place", "hot rows"):
+        path, skeleton = rpq_fx.save(gm, tmp_path / "m.safetensors"), type(model)()
+        state = torch.random.get_rng_state()
+        rpq_fx.load(skeleton, path)
+        assert torch.equal(torch.random.get_rng_state(), state), "load drew from torch's global generator"
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans"])
+def test_frozen_dense_weights_give_frozen_codebooks(init):
+    for model in (Small(), DataDependent()):
+        model.fc.weight.requires_grad_(False)
+        gm = rpq_fx.convert(model, config=RPQConfig(**SMALL, init=init, hot_rows=2, hot_codebook_dim=4),
+                            progress=False)
+        assert [p.requires_grad for p in gm.fc.weight.parameters()] == [False, False], type(model).__name__
+        assert all(p.requires_grad for p in gm.emb.weight.parameters())
+        assert model.fc.weight.requires_grad is False and model.emb.weight.requires_grad is True
+
+
+def test_convert_does_not_import_timm():
+    # reason: importing timm costs ~190 MiB of resident memory; a model without timm layers does not need it
+    code = ("import sys, torch, rpq_fx; rpq_fx.convert(torch.nn.Sequential(torch.nn.Linear(512, 512)), "
+            "num_codebooks=8); print('timm' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -143,3 +143,13 @@ def test_the_default_loss_leaves_padding_positions_out():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     assert rpq_fx.distillation_loss(student, teacher, mask) == 0
     assert rpq_fx.distillation_loss(student, teacher) > 0
+
+
+def test_finetune_leaves_the_global_generator_alone():
+    teacher = mlp()
+    student = rpq_fx.convert(teacher, codebook_dim=8, shared_codebooks=True, progress=False).train()
+    g = torch.Generator().manual_seed(1)
+    data, held_out = list(torch.randn(64, 32, generator=g).split(32)), [torch.randn(16, 32, generator=g)]
+    state = torch.random.get_rng_state()
+    rpq_fx.finetune(student, teacher, data, steps=3, validation=held_out, validate_every=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
