@@ -13,11 +13,13 @@ import importlib
 import importlib.util
 import json
 import os
+import re
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["main", "build_model", "SPEC_HELP"]
+__all__ = ["main", "build_model", "SPEC_HELP", "CHECKSUM_HELP"]
 
 CHECKPOINT = "model.safetensors"
 
@@ -29,6 +31,15 @@ SPEC names the model to build (with random weights unless the source has them):
                        config's "architectures" entry, else AutoModel
   MODULE:FACTORY       a Python callable returning an nn.Module, e.g. mypkg.models:build_net or
   FILE.py:FACTORY      path/to/models.py:build_net (the current folder is importable)
+"""
+
+
+CHECKSUM_HELP = """\
+Checksums: a checkpoint's SHA-256 digests (of its metadata and of every tensor) detect accidental
+damage, not edits: anyone who changes a file can recompute them, so they prove integrity, not who
+wrote it. Reading does not trust them: every code, index, shape, offset, dtype and the metadata's
+structure is checked, a crafted file gives one error line, and no code the file names is run (a
+SPEC recorded in the file is only shown; --model builds the one you type).
 """
 
 
@@ -108,8 +119,13 @@ def build_model(spec: str, *, meta: bool = False):
         elif kind == "hf":
             model = _hf_model(rest, meta)
         else:
-            factory = _factory(spec)
-            model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+            try:
+                factory = _factory(spec)
+                model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+            except SystemExit as stop:
+                # reason: sys.exit inside the user's code would end rpq-fx with its status, 0 included,
+                # having written nothing
+                raise CLIError(f"model spec {spec!r} called sys.exit({stop.code!r}) instead of returning a model") from None
     if not isinstance(model, nn.Module):
         raise CLIError(f"model spec {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -140,6 +156,9 @@ def _convert_settings(args) -> dict:
             values = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise CLIError(f"--config {args.config}: {error}") from None
+        if not isinstance(values, dict):
+            raise CLIError(f"--config {args.config}: must hold a JSON object of RPQConfig settings "
+                           f"(RPQConfig.to_dict()), got a JSON {type(values).__name__}")
         try:
             settings["config"] = RPQConfig.from_dict(values)
         except (TypeError, ValueError) as error:
@@ -157,34 +176,71 @@ def _convert_settings(args) -> dict:
     return settings
 
 
+_OUTPUTS = (CHECKPOINT, "report.md", "report.json", "code.py", "graph.txt", "graph.svg", "graph.dot", "index.md")
+_PARTIAL = ".rpq-fx-partial-"
+
+
+def _clean_partial(out: Path) -> None:
+    """Remove the temporary folders that killed runs (their process gone) left in ``out``."""
+    from .io import process_alive
+
+    for folder in out.glob(f"{_PARTIAL}*"):
+        pid = folder.name.removeprefix(_PARTIAL)
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move a finished run's outputs from ``work`` into ``out``: first every output of an earlier run
+    is removed, then the new ones are moved in, the checkpoint last, so a folder never holds a
+    checkpoint beside another run's report (a kill in between leaves no checkpoint)."""
+    new = sorted(p.name for p in work.iterdir())
+    for name in {*_OUTPUTS, *new}:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
+    for name in sorted(new, key=lambda n: n == CHECKPOINT):
+        os.replace(work / name, out / name)
+
+
 def _cmd_convert(args) -> int:
     import rpq_fx
 
     settings = _convert_settings(args)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_partial(out)
+    work = out / f"{_PARTIAL}{os.getpid()}"
     steps = ["build", "convert", "save", "report"] + ([] if args.no_graph else ["graph"])
-    with _progress(len(steps), args.quiet, f"rpq-fx convert {args.spec}") as bar:
-        bar.set_postfix_str("building the model")
-        model = build_model(args.spec)
-        if args.eval:
-            model.eval()
-        bar.update()
-        bar.set_postfix_str("converting")
-        gm = rpq_fx.convert(model, strict=args.strict, **settings)
-        bar.update()
-        bar.set_postfix_str("saving")
-        checkpoint = rpq_fx.save(gm, out / CHECKPOINT, spec=args.spec)
-        bar.update()
-        bar.set_postfix_str("report")
-        rep = rpq_fx.report(gm)
-        (out / "report.md").write_text(rep.to_markdown() + "\n")
-        (out / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
-        bar.update()
-        if not args.no_graph:
-            bar.set_postfix_str("graph")
-            rpq_fx.export_graph(gm, out)
+    try:
+        with _progress(len(steps), args.quiet, f"rpq-fx convert {args.spec}") as bar:
+            bar.set_postfix_str("building the model")
+            model = build_model(args.spec)
+            if args.eval:
+                model.eval()
             bar.update()
-        bar.set_postfix_str("done")
+            bar.set_postfix_str("converting")
+            gm = rpq_fx.convert(model, strict=args.strict, **settings)
+            bar.update()
+            bar.set_postfix_str("saving")
+            rpq_fx.save(gm, work / CHECKPOINT, spec=args.spec)
+            bar.update()
+            bar.set_postfix_str("report")
+            rep = rpq_fx.report(gm)
+            (work / "report.md").write_text(rep.to_markdown() + "\n")
+            (work / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+            bar.update()
+            if not args.no_graph:
+                bar.set_postfix_str("graph")
+                rpq_fx.export_graph(gm, work)
+                bar.update()
+            bar.set_postfix_str("done")
+        _publish(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    checkpoint = out / CHECKPOINT
     if not args.quiet:
         print(rep)
     size = checkpoint.stat().st_size
@@ -220,6 +276,12 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _file_name(text: str) -> str:
+    """``text`` (a key from a checkpoint's metadata) as one harmless file name: no separator, no
+    leading dot, nothing but letters, digits, ``_ . -``, at most 100 characters."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:100].lstrip(".") or "_"
+
+
 def _cmd_inspect(args) -> int:
     import rpq_fx
 
@@ -227,7 +289,7 @@ def _cmd_inspect(args) -> int:
 
     path, out = Path(args.file), Path(args.out)
     info = checkpoint_info(path)
-    spec = args.model or info.get("spec")
+    spec = args.model  # reason: only a spec the user typed is built; the file's is text from a stranger
     out.mkdir(parents=True, exist_ok=True)
     steps = 3 if spec else 1
     with _progress(steps, args.quiet, f"rpq-fx inspect {path.name}") as bar:
@@ -242,7 +304,7 @@ def _cmd_inspect(args) -> int:
             bar.set_postfix_str(f"building {spec} on meta")
             model = build_model(spec, meta=True)
             modes = {key.rpartition(":")[2] for key in info["code"]}
-            model.train("train" in modes and "eval" not in modes)
+            model.train("train" in modes and "eval" not in modes)  # the graph export shows the saved mode
             bar.update()
             bar.set_postfix_str("loading and exporting the graph")
             gm = rpq_fx.load(model, path)
@@ -252,12 +314,19 @@ def _cmd_inspect(args) -> int:
             rep = checkpoint_report(path)
             (out / "report.md").write_text(rep.to_markdown() + "\n")
             (out / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+            names = {mode: "code.py" if len(info["code"]) == 1 else f"code_{_file_name(mode)}.py" for mode in info["code"]}
+            if len(set(names.values())) < len(names):
+                names = {mode: f"code_{i}.py" for i, mode in enumerate(info["code"])}
             for mode, code in info["code"].items():
-                (out / ("code.py" if len(info["code"]) == 1 else f"code_{mode}.py")).write_text(code)
+                (out / names[mode]).write_text(code)
     written = sorted(p.name for p in out.iterdir())
     print(f"{path}: wrote {', '.join(written)} to {out}/")
     if not spec:
-        print("no model spec recorded in the file: pass --model SPEC to rebuild it and draw graph.svg")
+        recorded = info.get("spec")
+        hint = (f"the file says it was built from {recorded!r}: if you trust that code, pass --model {recorded} to "
+                "rebuild it and draw graph.svg" if recorded else
+                "no model spec recorded in the file: pass --model SPEC to rebuild it and draw graph.svg")
+        print(hint)
     return 0
 
 
@@ -322,7 +391,7 @@ def _parser() -> argparse.ArgumentParser:
         "report", formatter_class=formatter, help="print a checkpoint's size report",
         description="Print what a checkpoint written by `rpq-fx convert` or rpq_fx.save holds: versions, "
                     "config, and the per-layer report (C, K, d, bytes before and after, why a layer stayed "
-                    "dense). Reads only the file's metadata; the checksums are checked.")
+                    "dense). Reads only the file's metadata.", epilog=CHECKSUM_HELP)
     report.add_argument("file", metavar="FILE", help="the .safetensors checkpoint")
     fmt = report.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true", help="the table as Markdown")
@@ -334,13 +403,14 @@ def _parser() -> argparse.ArgumentParser:
     insp = sub.add_parser(
         "inspect", formatter_class=formatter, help="write a checkpoint's contents out for reading",
         description="Write to --out: metadata.json (config, conversion record, architecture), tensors.tsv "
-                    "(every stored tensor), report.md / report.json, and the generated code. When the file "
-                    "records the SPEC it was built from (rpq-fx convert does), or --model gives one, the model "
-                    "is rebuilt on the meta device, the checkpoint loaded into it (rpq_fx.load, every check "
-                    "made) and the full graph export written: code.py, graph.txt, graph.svg.")
+                    "(every stored tensor), report.md / report.json, and the generated code. With --model SPEC "
+                    "(the original architecture: rpq-fx convert records it in the file, and inspect prints it, "
+                    "but never builds it: that would run code the file names), the model is built on the meta "
+                    "device, the checkpoint loaded into it (rpq_fx.load, every check made) and the full graph "
+                    "export written: code.py, graph.txt, graph.svg.", epilog=SPEC_HELP + "\n" + CHECKSUM_HELP)
     insp.add_argument("file", metavar="FILE", help="the .safetensors checkpoint")
     insp.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")
-    insp.add_argument("--model", metavar="SPEC", help="the original architecture, if the file does not record it")
+    insp.add_argument("--model", metavar="SPEC", help="the original architecture to build (runs that code): see below")
     insp.add_argument("--quiet", action="store_true", help="no progress bar")
     insp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
                       help="on error, show the full Python traceback")

@@ -16,11 +16,15 @@ like) with the saved config, checks that the result has exactly the saved struct
 verifies every tensor, and only then puts them in: any error leaves nothing half-loaded.
 """
 
+import ast
 import dataclasses
+import glob
 import hashlib
 import json
+import math
 import os
 import re
+import stat
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -34,13 +38,14 @@ from torch import nn
 from .config import RPQConfig
 from .convert import convert
 from .decompress import decompress
+from .errors import RPQConversionError
 from .graph_module import RPQGraphModule
-from .nn.weight import RPQWeight
+from .nn.weight import RPQWeight, check_index
 from .passes import LayerPlan
 from .report import Report, report
 
 __all__ = ["save", "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError",
-           "FORMAT", "FORMAT_VERSION"]
+           "FORMAT", "FORMAT_VERSION", "process_alive"]
 
 FORMAT = "rpq_fx"
 DENSE_FORMAT = "rpq_fx.dense"
@@ -62,10 +67,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _parse_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise RPQCheckpointError(f"unknown dtype {name!r} in checkpoint metadata")
-    return dtype
+    if name not in _DTYPES:
+        raise RPQCheckpointError(f"unknown dtype {_short(name)} in checkpoint metadata")
+    return _DTYPES[name]
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -154,9 +158,26 @@ def _codes(model: nn.Module) -> dict[str, str]:
     return codes
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (the owner of a temporary file or folder)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """safetensors, written to a temporary file first so that a crash never leaves half a checkpoint."""
+    """safetensors, written to a hidden ``.NAME.tmp-PID`` first and renamed into place, so a crash or
+    a kill never leaves half a checkpoint under ``path``; the temporary files of writers that were
+    killed (their process gone) are removed on the next write."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata)
@@ -260,12 +281,90 @@ def _version() -> str:
 # reading and checking the file
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+              "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPES = {_dtype_name(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _refuse(path: Path, where: str, what: str, value: Any) -> None:
+    raise RPQCheckpointError(f"{path}: damaged or crafted file: {where} must be {what}, got {_short(value)}")
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return type(value) is int and value >= low
+
+
+def _is_dims(value: Any, low: int = 0) -> bool:
+    return isinstance(value, list) and len(value) <= 64 and all(_is_int(v, low) for v in value)
+
+
+def _is_strs(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _json(path: Path, text: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        # reason: deep nesting raises RecursionError from the parser; it is a damaged file like any other
+        raise RPQCheckpointError(f"{path}: damaged {what} ({type(error).__name__}: {str(error)[:80]})") from None
+
+
+def _check_entries(path: Path, header: dict[str, Any]) -> int:
+    """Every tensor entry well formed (known dtype, shape, offsets that tile the data with no gap or
+    overlap and match shape x itemsize); returns the data's length."""
+    spans = []
+    for name, entry in header.items():
+        where = f"tensor {_short(name)}"
+        if not isinstance(entry, dict):
+            _refuse(path, where, "an object", entry)
+        if entry.get("dtype") not in _ST_DTYPES:
+            _refuse(path, f"{where} dtype", f"one of {', '.join(_ST_DTYPES)}", entry.get("dtype"))
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not _is_dims(shape):
+            _refuse(path, f"{where} shape", "a list of ints >= 0", shape)
+        if not (_is_dims(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+            _refuse(path, f"{where} data_offsets", "[begin, end] with 0 <= begin <= end", offsets)
+        nbytes = math.prod(shape) * _ST_DTYPES[entry["dtype"]].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            _refuse(path, f"{where} data_offsets", f"{nbytes} bytes apart (its shape x dtype size)", offsets)
+        if math.prod(max(d, 1) for d in shape) > 2**48:
+            _refuse(path, f"{where} shape", "of a plausible size", shape)
+        spans.append(offsets)
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise RPQCheckpointError(f"{path}: damaged or crafted file: tensor data {'overlap' if begin < end else 'has a gap'} "
+                                     f"at byte {min(begin, end)}")
+        end = stop
+    return end
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The safetensors header (tensor entries) and its metadata, after checking the file's length."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
-    size = path.stat().st_size
+    """The safetensors header (tensor entries, each checked) and its metadata, after checking that
+    ``path`` is a regular file of exactly the length the header describes."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such checkpoint file: {path}") from None
+    if stat.S_ISDIR(mode):
+        raise RPQCheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise RPQCheckpointError(f"{path} is not a regular file (a device, pipe or socket): rpq_fx reads checkpoints "
+                                 "from regular files only")
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise RPQCheckpointError(f"{path}: {size} bytes is too short to be a safetensors file")
@@ -273,18 +372,13 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         if length > _MAX_HEADER or 8 + length > size:
             raise RPQCheckpointError(f"{path}: not a safetensors file, or truncated: its header claims {length} "
                                      f"bytes and the file has {size}")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RPQCheckpointError(f"{path}: damaged safetensors header ({error})") from None
+        header = _json(path, f.read(length), "safetensors header")
     if not isinstance(header, dict):
         raise RPQCheckpointError(f"{path}: damaged safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    try:
-        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    except (TypeError, KeyError, IndexError):
-        raise RPQCheckpointError(f"{path}: damaged safetensors header (bad tensor entry)") from None
-    expected = 8 + length + end
+    if not (isinstance(metadata, dict) and _is_str_map(metadata)):
+        _refuse(path, "the safetensors __metadata__", "an object of strings", metadata)
+    expected = 8 + length + _check_entries(path, header)
     if size < expected:
         raise RPQCheckpointError(f"{path}: truncated: {size} bytes, but its header describes {expected}")
     if size > expected:
@@ -293,18 +387,101 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, metadata
 
 
+# The format-1 conversion record: field -> (check, what it must be, default when absent). Fields
+# not listed are ignored; a converted layer (reason None) also needs its split (_SPLIT).
+_OPTIONAL_INT = (lambda v: v is None or _is_int(v, 1), "null or an int >= 1")
+_LAYER_FIELDS = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "aliases": (lambda v: _is_strs(v) and len(v) >= 1, "a non-empty list of strings"),
+    "ops": (_is_strs, "a list of strings"),
+    "shape": (_is_dims, "a list of ints >= 0"),
+    "dtype": (lambda v: v in _DTYPES, "a torch dtype name"),
+    "num_codebooks": _OPTIONAL_INT,
+    "codebook_dim": _OPTIONAL_INT,
+    "num_codes": (lambda v: v is None or (_is_int(v, 2) and v <= 65536), "null or an int in [2, 65536]"),
+    "shared_codebooks": (lambda v: isinstance(v, bool), "true or false"),
+    "reason": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "excluded": (lambda v: isinstance(v, bool), "true or false"),
+    "transposed": (lambda v: isinstance(v, bool), "true or false"),
+    "padding_rows": (_is_dims, "a list of ints >= 0"),
+    "codebook_dtype": (lambda v: v is None or v in _DTYPES, "null or a torch dtype name"),
+    "init": (lambda v: isinstance(v, str), "a string"),
+    "error_feedback": (lambda v: isinstance(v, bool), "true or false"),
+    "asymmetric": (lambda v: isinstance(v, bool), "true or false"),
+    "damp": (lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "fit_error": (lambda v: v is None or type(v) in (int, float), "null or a number"),
+    "hot_rows": (lambda v: _is_int(v), "an int >= 0"),
+    "hot_codebook_dim": _OPTIONAL_INT,
+}
+_REQUIRED = ("name", "aliases", "ops", "shape", "dtype")
+_SPLIT = ("num_codebooks", "codebook_dim", "num_codes")
+
+
+def _check_layer(path: Path, i: int, record: Any) -> None:
+    if not isinstance(record, dict):
+        _refuse(path, f"layers[{i}]", "an object", record)
+    for key in _REQUIRED:
+        if key not in record:
+            _refuse(path, f"layers[{i}]", f"an object with {key!r}", sorted(record))
+    for key, (ok, what) in _LAYER_FIELDS.items():
+        if key in record and not ok(record[key]):
+            _refuse(path, f"layers[{i}].{key}", what, record[key])
+    if record.get("reason") is None:
+        for key in _SPLIT:
+            if record.get(key) is None:
+                _refuse(path, f"layers[{i}].{key} (a converted weight)", "an int", record.get(key))
+        if not _is_dims(record["shape"], 1) or not record["shape"]:
+            _refuse(path, f"layers[{i}].shape (a converted weight)", "a non-empty list of ints >= 1", record["shape"])
+        if record.get("transposed") and len(record["shape"]) != 2:
+            _refuse(path, f"layers[{i}].shape (a transposed weight)", "two dims", record["shape"])
+
+
+def _check_info(path: Path, info: Any) -> None:
+    """The ``rpq_fx`` JSON's schema (format 1): every value later code indexes or sizes with is typed."""
+    if not isinstance(info, dict):
+        _refuse(path, "the rpq_fx metadata", "a JSON object", info)
+    checks = {"config": (lambda v: isinstance(v, dict), "an object"),
+              "layers": (lambda v: isinstance(v, list), "a list"),
+              "architecture": (lambda v: isinstance(v, dict), "an object"),
+              "code": (lambda v: _is_str_map(v), "an object of strings"),
+              "aliases": (lambda v: _is_str_map(v), "an object of strings"),
+              "sha256": (lambda v: _is_str_map(v), "an object of strings"),
+              "spec": (lambda v: v is None or isinstance(v, str), "null or a string"),
+              "path": (lambda v: v is None or isinstance(v, str), "null or a string"),
+              "rpq_fx_version": (lambda v: v is None or isinstance(v, str), "null or a string"),
+              "torch_version": (lambda v: v is None or isinstance(v, str), "null or a string")}
+    for key, (ok, what) in checks.items():
+        if key not in info and key in ("config", "layers", "architecture", "code", "aliases", "sha256"):
+            raise RPQCheckpointError(f"{path}: incomplete rpq_fx metadata (no {key!r})")
+        if key in info and not ok(info[key]):
+            _refuse(path, f"rpq_fx metadata {key!r}", what, info[key])
+    for i, record in enumerate(info["layers"]):
+        _check_layer(path, i, record)
+    arch = info["architecture"]
+    if not isinstance(arch.get("class"), str) or not isinstance(arch.get("fingerprint"), str):
+        _refuse(path, "architecture", "an object with 'class' and 'fingerprint' strings", sorted(arch))
+    tensors = arch.get("tensors")
+    if not isinstance(tensors, list):
+        _refuse(path, "architecture.tensors", "a list", tensors)
+    for i, entry in enumerate(tensors):
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) and _is_dims(entry[1])
+                and entry[2] in _DTYPES and entry[3] in ("param", "buffer")):
+            _refuse(path, f"architecture.tensors[{i}]", "[name, shape, dtype, 'param' or 'buffer']", entry)
+
+
 def _info(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
-    """The checked ``rpq_fx`` JSON of a checkpoint: right format, readable version, intact digest."""
+    """The checked ``rpq_fx`` JSON of a checkpoint: right format, readable version, intact digest, and
+    every field of the expected type (the digest guards against accidents, the checks against edits)."""
     fmt = metadata.get("format")
     if fmt == DENSE_FORMAT:
         raise RPQCheckpointError(f"{path}: a dense checkpoint written by rpq_fx.save_dense, not an RPQ checkpoint; "
                                  "load it into the original model with load_state_dict(safetensors.torch.load_file(path), strict=False)")
     if fmt != FORMAT:
-        raise RPQCheckpointError(f"{path}: not an rpq_fx checkpoint (safetensors metadata format={fmt!r}, "
+        raise RPQCheckpointError(f"{path}: not an rpq_fx checkpoint (safetensors metadata format={_short(fmt)}, "
                                  f"expected {FORMAT!r}); write one with rpq_fx.save")
     version = metadata.get("format_version", "")
-    if not version.isdigit():
-        raise RPQCheckpointError(f"{path}: unreadable format_version {version!r}")
+    if not (version.isascii() and version.isdigit() and len(version) < 6):
+        raise RPQCheckpointError(f"{path}: unreadable format_version {_short(version)}")
     if int(version) != FORMAT_VERSION:
         newer = int(version) > FORMAT_VERSION
         raise RPQCheckpointError(
@@ -314,12 +491,8 @@ def _info(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     if hashlib.sha256(text.encode()).hexdigest() != metadata.get("rpq_fx_sha256"):
         raise RPQCheckpointError(f"{path}: its rpq_fx metadata does not match its checksum: the file was modified "
                                  "or damaged")
-    try:
-        info = json.loads(text)
-        for key in ("config", "layers", "architecture", "code", "aliases", "sha256"):
-            info[key]  # noqa: B018 (presence check)
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise RPQCheckpointError(f"{path}: incomplete rpq_fx metadata ({type(error).__name__}: {error})") from None
+    info = _json(path, text, "rpq_fx metadata")
+    _check_info(path, info)
     return info
 
 
@@ -336,11 +509,6 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
 def checkpoint_report(path: str | os.PathLike) -> Report:
     """The :func:`rpq_fx.report` of a saved model, from the file's metadata alone (no model needed)."""
     info = checkpoint_info(path)
@@ -348,9 +516,7 @@ def checkpoint_report(path: str | os.PathLike) -> Report:
     stub.rpq_layers = [_layer_from_record(r) for r in info["layers"]]
     stub.rpq_path = info.get("path")
     for i, entry in enumerate(info["tensors"].values()):
-        dtype = _ST_DTYPES.get(entry["dtype"], torch.uint8)
-        shape = entry["shape"] if dtype in _ST_DTYPES.values() else [entry["bytes"]]
-        stub.register_buffer(f"t{i}", torch.empty(shape, dtype=dtype, device="meta"))
+        stub.register_buffer(f"t{i}", torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]], device="meta"))
     return report(stub)
 
 
@@ -404,12 +570,69 @@ def _exclusions(layers: list[dict]) -> Any:
     return lambda layer, name: name not in excluded and f"{name}.weight" not in excluded
 
 
-def _first_difference(saved: str, here: str) -> str:
-    a, b = saved.splitlines(), here.splitlines()
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f"line {i + 1}: saved `{x.strip()}`, here `{y.strip()}`"
-    return f"saved code has {len(a)} lines, here {len(b)}"
+def _structure(code: str) -> list[str]:
+    """The forward's operations, independent of how fx prints them: one canonical line per statement
+    (``ast.unparse`` of its value, with each local name replaced by ``%i``, the statement that made it,
+    and the inputs by ``%in<position>``); fx's ``x = None`` frees, comments and layout are dropped."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return [f"unparsable: {code[:80]!r}"]
+    forward = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "forward"), None)
+    if forward is None:
+        return ["no forward"]
+    refs = {a.arg: f"%in{i}" for i, a in enumerate([*forward.args.posonlyargs, *forward.args.args][1:])}
+    refs.update({a.arg: f"%in_{a.arg}" for a in forward.args.kwonlyargs})
+
+    class Refs(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
+            return ast.Name(refs.get(node.id, node.id)) if node.id in refs else node
+
+    lines = []
+    for statement in forward.body:
+        value = getattr(statement, "value", None)
+        targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
+        if isinstance(value, ast.Constant) and value.value is None and isinstance(statement, ast.Assign):
+            continue
+        text = ast.unparse(Refs().visit(value)) if value is not None else ast.unparse(statement)
+        lines.append(f"return {text}" if isinstance(statement, ast.Return) else text)
+        for target in targets:
+            if isinstance(target, ast.Name):
+                refs[target.id] = f"%{len(lines) - 1}"
+    return lines
+
+
+def _by_part_and_mode(codes: dict[str, str]) -> dict[str, str]:
+    """``{"part:mode": code}`` for both modes of every graph part: a part with one graph (the model
+    traces alike in both modes, or was captured in one) runs that graph in either."""
+    parts: dict[str, dict[str, str]] = {}
+    for key, code in codes.items():
+        part, _, mode = key.rpartition(":")
+        parts.setdefault(part, {})[mode] = code
+    return {f"{part}:{mode}": graphs.get(mode, next(iter(graphs.values()))) if len(graphs) == 1 else graphs.get(mode, "")
+            for part, graphs in parts.items() for mode in ("train", "eval")}
+
+
+def _check_forward(path: Path, info: dict, here_codes: dict[str, str]) -> None:
+    """Refuse a model whose converted forward does other operations than the saved one, in either mode."""
+    saved, here = _by_part_and_mode(info["code"]), _by_part_and_mode(here_codes)
+    if saved.keys() != here.keys():
+        parts = sorted({k.rpartition(":")[0] or "(whole model)" for k in saved.keys() ^ here.keys()})
+        raise RPQCheckpointError(f"{path}: this model's converted graphs are not the saved ones: parts "
+                                 f"{_listing(parts)} are in one and not the other")
+    for key in sorted(saved):
+        a, b = _structure(saved[key]), _structure(here[key])
+        if a == b:
+            continue
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        part, _, mode = key.rpartition(":")
+        where = f"{part} in {mode}" if part else mode
+        detail = (f"operation {i + 1}: saved `{a[i]}`, here `{b[i]}`" if i < min(len(a), len(b))
+                  else f"saved forward has {len(a)} operations, here {len(b)}")
+        raise RPQCheckpointError(
+            f"{path}: this model has the saved tensors but computes something else: its converted ({where} mode) "
+            f"forward differs at {detail} (saved with torch {info.get('torch_version')}, this is {torch.__version__}; "
+            "pass check_forward=False to load anyway)")
 
 
 _HOW_FILLED = {"init", "fit_error"}  # how the saved values were found: the loaded ones are read, not fitted
@@ -441,14 +664,8 @@ def _check_converted(path: Path, gm: nn.Module, info: dict, check_forward: bool)
                 f"(this is {_version()})")
     if len(layers) != len(saved_layers):
         raise RPQCheckpointError(f"{path}: the saved record has {len(saved_layers)} weights, this model {len(layers)}")
-    codes, saved_codes = _codes(gm), info["code"]
-    for mode in [m for m in codes if m in saved_codes and check_forward]:
-        if codes[mode] != saved_codes[mode]:
-            where = f"{mode.rpartition(':')[0]} in {mode.rpartition(':')[2]}" if ":" in mode else f"{mode}"
-            raise RPQCheckpointError(
-                f"{path}: this model has the saved tensors but computes something else: its converted ({where} mode) "
-                f"forward differs at {_first_difference(saved_codes[mode], codes[mode])} (saved with torch "
-                f"{info.get('torch_version')}, this is {torch.__version__}; pass check_forward=False to load anyway)")
+    if check_forward:
+        _check_forward(path, info, _codes(gm))
 
 
 def _read_tensors(path: Path, header: dict, info: dict, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -467,6 +684,11 @@ def _read_tensors(path: Path, header: dict, info: dict, expected: dict[str, torc
     if shared:
         raise RPQCheckpointError(f"{path}: tensors shared in this model are stored apart in the file: "
                                  f"{_listing(sorted(shared[0]))}")
+    for name, tensor in expected.items():  # before reading anything: the file's entries must be the model's
+        entry = header[aliases.get(name, name)]
+        if entry["shape"] != list(tensor.shape) or _ST_DTYPES[entry["dtype"]] != tensor.dtype:
+            raise RPQCheckpointError(f"{path}: '{name}' is {entry['shape']} {_dtype_name(_ST_DTYPES[entry['dtype']])} "
+                                     f"in the file, {list(tensor.shape)} {_dtype_name(tensor.dtype)} in this model")
     out = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -480,12 +702,20 @@ def _read_tensors(path: Path, header: dict, info: dict, expected: dict[str, torc
                 out[name] = tensor.clone()
     except SafetensorError as error:
         raise RPQCheckpointError(f"{path}: damaged safetensors file ({error})") from None
-    for name, tensor in expected.items():
-        value = out[aliases.get(name, name)]
-        if value.shape != tensor.shape or value.dtype != tensor.dtype:
-            raise RPQCheckpointError(f"{path}: '{name}' is {list(value.shape)} {_dtype_name(value.dtype)} in the file, "
-                                     f"{list(tensor.shape)} {_dtype_name(tensor.dtype)} in this model")
     return out
+
+
+def _check_indices(path: Path, gm: nn.Module, values: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """Every code below its weight's ``num_codes`` and every hot-row index below its row count: the
+    checksums prove nothing against an edited file, and these index memory."""
+    for name, weight in gm.named_modules(remove_duplicate=False):
+        if isinstance(weight, RPQWeight):
+            for buffer, bound in weight.index_bounds().items():
+                key = f"{name}.{buffer}"
+                try:
+                    check_index(values[aliases.get(key, key)], weight._buffers[buffer].dtype, bound, key)
+                except (IndexError, TypeError) as error:
+                    raise RPQCheckpointError(f"{path}: {error}") from None
 
 
 def _assign(gm: nn.Module, expected: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
@@ -523,7 +753,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     info = _info(path, metadata)
     try:
         config = RPQConfig.from_dict(info["config"])
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
         raise RPQCheckpointError(f"{path}: its config cannot be read by this rpq_fx ({_version()}; saved by "
                                  f"{info.get('rpq_fx_version')}): {error}") from None
     _check_parameters(path, model, info["architecture"])
@@ -534,7 +764,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     elif capture == "torch.export":
         raise RPQCheckpointError(f"{path} was converted from a torch.export capture: pass example_inputs= (inputs of "
                                  "the shapes it was converted with) to load it")
-    gm = convert(model, config=_unfitted(config), filter_fn=_exclusions(info["layers"]), **extra)
+    try:
+        gm = convert(model, config=_unfitted(config), filter_fn=_exclusions(info["layers"]), **extra)
+    except RPQConversionError as error:
+        raise RPQCheckpointError(f"{path}: this model cannot be converted with the saved config: {error}") from None
     _check_converted(path, gm, info, check_forward)
     saved = {r["name"]: r for r in info["layers"]}
     for layer in gm.rpq_layers:
@@ -546,5 +779,6 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
         gm.rpq_config = config
     expected = _tensors(gm)
     values = _read_tensors(path, header, info, expected)
+    _check_indices(path, gm, values, info["aliases"])
     _assign(gm, expected, values, info["aliases"], torch.device(device))
     return gm

@@ -114,7 +114,7 @@ def test_convert_timm_model_then_report_and_inspect(capsys, tmp_path):
     assert "| layer" in stdout
 
     inspected = tmp_path / "inspected"
-    code, stdout, stderr = run(capsys, "inspect", checkpoint, "--out", inspected)
+    code, stdout, stderr = run(capsys, "inspect", checkpoint, "--out", inspected, "--model", "timm:test_vit")
     assert code == 0, stderr
     names = {p.name for p in inspected.iterdir()}
     assert {"metadata.json", "tensors.tsv", "report.md", "report.json", "code.py", "graph.svg"} <= names

@@ -133,7 +133,7 @@ class RPQWeight(nn.Module):
         """Alias of ``codes``, the name the reference RPQ used."""
         return self.codes
 
-    def _index_buffers(self) -> dict[str, int]:
+    def index_bounds(self) -> dict[str, int]:
         """``{buffer name: bound}`` of the buffers that index memory: codes < K, hot-row indices < N."""
         return {"codes": self.num_codes, **({"hot_index": self.num_vectors} if self.hot is not None else {})}
 
@@ -141,7 +141,7 @@ class RPQWeight(nn.Module):
                               error_msgs):
         """torch's, after refusing codes or hot-row indices out of range or changed by the cast to the
         stored dtype (int64 codes of 1000 would wrap to uint8 232); the error names the key."""
-        for name, bound in self._index_buffers().items():
+        for name, bound in self.index_bounds().items():
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor):
                 check_index(value, self._buffers[name].dtype, bound, prefix + name)
@@ -151,12 +151,12 @@ class RPQWeight(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         """Assigned codes / hot-row indices must have the stored dtype and shape and be in range."""
         buffers = self.__dict__.get("_buffers", {})
-        if name in buffers and buffers[name] is not None and name in self._index_buffers():
+        if name in buffers and buffers[name] is not None and name in self.index_bounds():
             old = buffers[name]
             if not isinstance(value, torch.Tensor) or value.dtype != old.dtype or value.shape != old.shape:
                 got = f"{list(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
                 raise TypeError(f"RPQWeight.{name}: expected a {list(old.shape)} {old.dtype} tensor, got {got}")
-            check_index(value, old.dtype, self._index_buffers()[name], f"RPQWeight.{name}")
+            check_index(value, old.dtype, self.index_bounds()[name], f"RPQWeight.{name}")
         super().__setattr__(name, value)
 
     def reset_parameters(self, init: str = "uniform", generator: torch.Generator | None = None,
