@@ -20,20 +20,67 @@ __all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding"
            "PATHS", "check_codes"]
 
 
+_CODE_DTYPES = (torch.uint8, torch.int16)
+
+
+def _require(cond, message) -> None:
+    """``torch._check`` (symbolic shapes under fake tensors too), with a fast path for a plain ``True``."""
+    if cond is not True:  # reason: torch._check costs ~0.7 us a call: a few percent of a batch-1 linear
+        torch._check(cond, message)
+
+
+def _require_type(cond, message) -> None:
+    """:func:`_require` raising ``TypeError``."""
+    if cond is not True:
+        torch._check_type(cond, message)
+
+
 def check_codes(codes: Tensor, num_codes: int, where: str) -> None:
     """Raise ``IndexError`` naming ``where`` unless ``codes`` are uint8 / int16 codes all below ``num_codes``.
 
     int16 codes are read as unsigned bit patterns (codes above 32767). The one check every entry
-    point (ops, ``RPQWeight`` state, checkpoints) shares, so no code can index past a codebook.
+    point (ops, ``RPQWeight`` state, checkpoints) shares, so no code can index past a codebook; the
+    C++ kernels make the same check inline (``check_codes`` in csrc/rpq_kernels.cpp).
     """
-    if codes.dtype not in (torch.uint8, torch.int16):
+    if codes.dtype not in _CODE_DTYPES:
         raise TypeError(f"{where}: codes must be uint8 or int16, got {codes.dtype}")
     capacity = 256 if codes.dtype == torch.uint8 else 65536
     if num_codes >= capacity or codes.numel() == 0 or codes.is_meta:
         return
-    largest = int(codes.max()) if codes.dtype == torch.uint8 else int((codes.to(torch.int32) & 0xFFFF).max())
+    if codes.dtype == torch.uint8:
+        largest = int(codes.max())
+    else:
+        low, high = torch.aminmax(codes)
+        # reason: a negative int16 is a code above 32767; only then is the unsigned view worth its copy
+        largest = int(high) if int(low) >= 0 else int((codes.to(torch.int32) & 0xFFFF).max())
     if largest >= num_codes:
         raise IndexError(f"{where}: code {largest} is out of range for {num_codes} codewords (codes must be < {num_codes})")
+
+
+def _check_code_dtype(codes: Tensor, op: str) -> None:
+    _require_type(codes.dtype in _CODE_DTYPES, lambda: f"{op}: codes must be uint8 or int16, got {codes.dtype}")
+
+
+def _check_expand(codebooks: Tensor, codes: Tensor, op: str = "rpq_fx expand") -> None:
+    """Shapes and dtypes of ``expand(codebooks [G, K, d], codes [C, N])``, G = C or 1 (values: :func:`check_codes`)."""
+    _require(codebooks.dim() == 3, lambda: f"{op}: codebooks must be [G, K, d], got {tuple(codebooks.shape)}")
+    _require(codes.dim() == 2, lambda: f"{op}: codes must be [C, N], got {tuple(codes.shape)}")
+    _check_code_dtype(codes, op)
+    _require(codebooks.shape[0] in (1, codes.shape[0]),
+                 lambda: f"{op}: {codebooks.shape[0]} codebooks for {codes.shape[0]} slices (want {codes.shape[0]} or 1)")
+
+
+def _check_expand_backward(grad: Tensor, codes: Tensor, num_groups: int, num_codes: int) -> None:
+    op = "rpq_fx expand_backward"
+    _require(codes.dim() == 2 and codes.shape[0] >= 1,
+                 lambda: f"{op}: codes must be [C, N] with C >= 1, got {tuple(codes.shape)}")
+    _check_code_dtype(codes, op)
+    _require(grad.dim() == 2 and grad.shape[0] == codes.shape[1] and grad.shape[1] % codes.shape[0] == 0,
+                 lambda: f"{op}: grad must be [N, C*d] = [{codes.shape[1]}, {codes.shape[0]}*d] for codes "
+                         f"{tuple(codes.shape)}, got {tuple(grad.shape)}")
+    _require(num_groups in (1, codes.shape[0]),
+                 lambda: f"{op}: num_groups must be {codes.shape[0]} or 1, got {num_groups}")
+    _require(num_codes >= 1, lambda: f"{op}: num_codes must be positive, got {num_codes}")
 
 
 def _flat_index(codes: Tensor, num_groups: int, num_codes: int) -> Tensor:
@@ -53,9 +100,11 @@ def _flat_index(codes: Tensor, num_groups: int, num_codes: int) -> Tensor:
 @torch.library.custom_op("rpq_fx::expand", mutates_args=())
 def expand(codebooks: Tensor, codes: Tensor) -> Tensor:
     """Expand ``codebooks [G, K, d]`` and ``codes [C, N]`` into the dense weight ``[N, C*d]``."""
+    _check_expand(codebooks, codes)
     if codebooks.device.type == "cpu" and codes.device.type == "cpu" and _kernels.kernels() is not None:
         return _kernels.kernels().expand(codebooks, codes)  # reads the uint8 codes as they are: no index built
     groups, num_codes, dim = codebooks.shape
+    check_codes(codes, num_codes, "rpq_fx expand")  # reason: the flat index would read the next codebook
     num_codebooks, num_vectors = codes.shape
     index = _flat_index(codes, groups, num_codes)
     return codebooks.reshape(groups * num_codes, dim).index_select(0, index).view(num_vectors, num_codebooks * dim)
@@ -63,14 +112,14 @@ def expand(codebooks: Tensor, codes: Tensor) -> Tensor:
 
 @expand.register_fake
 def _(codebooks: Tensor, codes: Tensor) -> Tensor:
-    torch._check(codebooks.dim() == 3, lambda: f"codebooks must be [G, K, d], got {tuple(codebooks.shape)}")
-    torch._check(codes.dim() == 2, lambda: f"codes must be [C, N], got {tuple(codes.shape)}")
+    _check_expand(codebooks, codes)
     return codebooks.new_empty(codes.shape[1], codes.shape[0] * codebooks.shape[2])
 
 
 @torch.library.custom_op("rpq_fx::expand_backward", mutates_args=())
 def expand_backward(grad: Tensor, codes: Tensor, num_groups: int, num_codes: int) -> Tensor:
     """Gradient of :func:`expand` w.r.t. the codebooks: each weight slice's gradient summed into its codeword."""
+    _check_expand_backward(grad, codes, num_groups, num_codes)
     out = grad.new_zeros(num_groups, num_codes, grad.shape[1] // codes.shape[0])
     _add_expand_backward(out, grad, codes)
     return out
@@ -83,6 +132,7 @@ def _add_expand_backward(out: Tensor, grad: Tensor, codes: Tensor) -> None:
             and out.is_contiguous() and _kernels.kernels() is not None):
         _kernels.kernels().expand_backward(grad, codes, num_groups, num_codes, out)
         return
+    check_codes(codes, num_codes, "rpq_fx expand_backward")  # reason: the flat index would write the next codebook
     num_codebooks, num_vectors = codes.shape
     index = _flat_index(codes, num_groups, num_codes)
     out.view(num_groups * num_codes, dim).index_add_(0, index, grad.reshape(num_vectors * num_codebooks, dim))
@@ -90,6 +140,7 @@ def _add_expand_backward(out: Tensor, grad: Tensor, codes: Tensor) -> None:
 
 @expand_backward.register_fake
 def _(grad: Tensor, codes: Tensor, num_groups: int, num_codes: int) -> Tensor:
+    _check_expand_backward(grad, codes, num_groups, num_codes)
     return grad.new_empty(num_groups, num_codes, grad.shape[1] // codes.shape[0])
 
 
@@ -219,6 +270,7 @@ def _compressed_forward(x: Tensor, codebooks: Tensor, codes: Tensor, out: Tensor
     batch = x.shape[0]
     num_codebooks, out_features = codes.shape
     groups, num_codes, dim = codebooks.shape
+    check_codes(codes, num_codes, "rpq_fx linear")  # reason: the flat index would read the next codebook's table
     cb = codebooks.expand(num_codebooks, num_codes, dim) if groups == 1 else codebooks
     table = torch.bmm(cb, x.reshape(batch, num_codebooks, dim).permute(1, 2, 0))  # [C, K, B]
     offsets = torch.arange(num_codebooks, device=codes.device, dtype=torch.int64) * num_codes
@@ -236,6 +288,7 @@ def _compressed_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tens
     batch = x.shape[0]
     num_codebooks, out_features = codes.shape
     groups, num_codes, dim = codebooks.shape
+    check_codes(codes, num_codes, "rpq_fx linear_backward")
     index = _unsigned_index(codes)
     grad_t = grad.t().contiguous()  # [N, B]
     scattered = grad.new_zeros(num_codebooks, num_codes, batch)
@@ -290,16 +343,23 @@ def _expand_backward_2d(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tenso
     return grad_cb
 
 
-def _check_linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None) -> None:
-    torch._check(codebooks.dim() == 3, lambda: f"rpq_fx linear: codebooks must be [G, K, d], got {tuple(codebooks.shape)}")
-    torch._check(codes.dim() == 2, lambda: f"rpq_fx linear: codes must be [C, N], got {tuple(codes.shape)}")
-    torch._check(codebooks.shape[0] in (1, codes.shape[0]),
-                 lambda: f"rpq_fx linear: {codebooks.shape[0]} codebooks for {codes.shape[0]} slices (want C or 1)")
-    torch._check(input.dim() >= 1 and input.shape[-1] == codes.shape[0] * codebooks.shape[2],
-                 lambda: f"rpq_fx linear: input has {input.shape[-1] if input.dim() else 0} features, the weight "
+def _check_linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
+                  op: str = "rpq_fx linear") -> None:
+    _check_expand(codebooks, codes, op)
+    _require(input.dim() >= 1 and input.shape[-1] == codes.shape[0] * codebooks.shape[2],
+                 lambda: f"{op}: input has {input.shape[-1] if input.dim() else 0} features, the weight "
                          f"{codes.shape[0]}x{codebooks.shape[2]} = {codes.shape[0] * codebooks.shape[2]}")
-    torch._check(bias is None or tuple(bias.shape) == (codes.shape[1],),
-                 lambda: f"rpq_fx linear: bias must be [{codes.shape[1]}], got {tuple(bias.shape)}")
+    _require(bias is None or tuple(bias.shape) == (codes.shape[1],),
+                 lambda: f"{op}: bias must be [{codes.shape[1]}], got {tuple(bias.shape)}")
+
+
+def _check_linear_backward(grad: Tensor, input: Tensor, codebooks: Tensor, codes: Tensor) -> None:
+    _check_linear(input, codebooks, codes, None, "rpq_fx linear_backward")
+    _require(grad.shape == (*input.shape[:-1], codes.shape[1]),
+                 lambda: f"rpq_fx linear_backward: grad must be {(*input.shape[:-1], codes.shape[1])} for input "
+                         f"{tuple(input.shape)} and {codes.shape[1]} outputs, got {tuple(grad.shape)}")
+    _require(grad.dtype == input.dtype,
+                 lambda: f"rpq_fx linear_backward: grad is {grad.dtype}, input {input.dtype}: want one dtype")
 
 
 @torch.library.custom_op("rpq_fx::linear", mutates_args=())
@@ -335,6 +395,7 @@ def _(input, codebooks, codes, bias=None, path="auto"):
 def linear_backward(grad: Tensor, input: Tensor, codebooks: Tensor, codes: Tensor, need_input: bool,
                     need_codebooks: bool, path: str = "auto") -> tuple[Tensor, Tensor]:
     """``(grad_input, grad_codebooks)`` of :func:`linear` (bias aside); an output not asked for is empty."""
+    _check_linear_backward(grad, input, codebooks, codes)
     in_features = input.shape[-1]
     g = grad.reshape(-1, codes.shape[1])
     x = input.reshape(-1, in_features)
@@ -352,6 +413,7 @@ def linear_backward(grad: Tensor, input: Tensor, codebooks: Tensor, codes: Tenso
 
 @linear_backward.register_fake
 def _(grad, input, codebooks, codes, need_input, need_codebooks, path="auto"):
+    _check_linear_backward(grad, input, codebooks, codes)
     return (input.new_empty(input.shape) if need_input else input.new_empty(0),
             codebooks.new_empty(codebooks.shape) if need_codebooks else codebooks.new_empty(0))
 
@@ -409,16 +471,26 @@ linear_backward.register_autograd(_linear_double_backward, setup_context=_linear
 # --------------------------------------------------------------------------- embedding: looked-up rows only
 
 def _check_embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, padding_idx: int | None) -> int | None:
-    torch._check(codebooks.dim() == 3, lambda: f"rpq_fx embedding: codebooks must be [G, K, d], got {tuple(codebooks.shape)}")
-    torch._check(codes.dim() == 2, lambda: f"rpq_fx embedding: codes must be [C, N], got {tuple(codes.shape)}")
-    torch._check(not indices.is_floating_point() and not indices.is_complex(),
+    _check_expand(codebooks, codes, "rpq_fx embedding")
+    _require(not indices.is_floating_point() and not indices.is_complex(),
                  lambda: f"rpq_fx embedding: indices must be integers, got {indices.dtype}")
     num_embeddings = codes.shape[1]
     if padding_idx is None:
         return None
-    torch._check(-num_embeddings <= padding_idx < num_embeddings,
+    _require(-num_embeddings <= padding_idx < num_embeddings,
                  lambda: f"rpq_fx embedding: padding_idx must be within num_embeddings={num_embeddings}, got {padding_idx}")
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
+def _check_indices(indices: Tensor, num_embeddings: int) -> None:
+    """Every index in ``[0, num_embeddings)``, as ``F.embedding`` requires (a real tensor's values)."""
+    if indices.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(indices))
+    if low < 0 or high >= num_embeddings:
+        bad = low if low < 0 else high
+        raise IndexError(f"rpq_fx embedding: index {bad} is out of range for {num_embeddings} rows "
+                         f"(indices must be in [0, {num_embeddings}))")
 
 
 @torch.library.custom_op("rpq_fx::embedding", mutates_args=())
@@ -428,7 +500,9 @@ def embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, padding_idx: in
     only the looked-up rows: a lookup of M tokens costs M rows, not the whole table."""
     _check_embedding(indices, codebooks, codes, padding_idx)
     groups, num_codes, dim = codebooks.shape
+    _check_indices(indices, codes.shape[1])
     rows = codes.index_select(1, indices.reshape(-1))  # [C, M], the looked-up rows' codes
+    check_codes(rows, num_codes, "rpq_fx embedding")  # reason: the flat index would read the next codebook
     out = codebooks.new_empty(*indices.shape, codes.shape[0] * dim)
     # reason: gathered through a view into a fresh tensor: an op's output must not be a view
     torch.index_select(codebooks.reshape(groups * num_codes, dim), 0, _flat_index(rows, groups, num_codes),
@@ -471,9 +545,13 @@ def hot_embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, hot_index: 
     ``F.embedding(indices, zeros(num_rows, D).index_add(0, hot_index, expand(codebooks, codes)))``,
     expanding only the looked-up rows that are hot (an ONNX export holds the table of each row's
     hot slot, 4 bytes per row, as a constant)."""
+    _require(hot_index.dim() == 1 and hot_index.numel() == codes.shape[1],
+                 lambda: f"rpq_fx hot_embedding: hot_index must list the {codes.shape[1]} hot rows, got shape "
+                         f"{tuple(hot_index.shape)}")
     slots = torch.full((num_rows,), -1, dtype=torch.int32, device=indices.device)
+    # reason: index_copy and index_select check their indices (negative ones too), where slots[indices] wraps -1
     slots = slots.index_copy(0, hot_index.long(), torch.arange(hot_index.numel(), dtype=torch.int32,
                                                                 device=indices.device))
-    slot = slots[indices]
+    slot = slots.index_select(0, indices.reshape(-1)).view(indices.shape)
     rows = embedding(slot.clamp_min(0), codebooks, codes)
     return rows * (slot >= 0).unsqueeze(-1).to(rows.dtype)

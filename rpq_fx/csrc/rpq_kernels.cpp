@@ -28,6 +28,39 @@ namespace {
 
 using at::Tensor;
 
+// The largest of n codes read as stored (uint8, or int16 as uint16); a vectorised pass over C*N bytes.
+template <typename code_t>
+int64_t largest_code(const code_t* __restrict codes, int64_t n) {
+  code_t largest = 0;
+#pragma omp simd reduction(max : largest)
+  for (int64_t i = 0; i < n; ++i) largest = codes[i] > largest ? codes[i] : largest;
+  return largest;
+}
+
+// Codes (contiguous) must be uint8 / int16 and all below num_codes: no kernel may index past its
+// own codebook (issue 19). Raises IndexError naming `what`, like rpq_fx.ops.check_codes.
+void check_codes(const Tensor& codes, int64_t num_codes, const char* what) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort, what,
+              ": codes must be uint8 or int16, got ", codes.scalar_type());
+  TORCH_CHECK(codes.is_contiguous(), what, ": codes must be contiguous here");
+  const bool wide = codes.scalar_type() == at::kShort;
+  if (num_codes >= (wide ? 65536 : 256) || codes.numel() == 0) return;
+  const int64_t largest = wide ? largest_code(reinterpret_cast<const uint16_t*>(codes.data_ptr()), codes.numel())
+                               : largest_code(codes.data_ptr<uint8_t>(), codes.numel());
+  TORCH_CHECK_INDEX(largest < num_codes, what, ": code ", largest, " is out of range for ", num_codes,
+                    " codewords (codes must be < ", num_codes, ")");
+}
+
+// Every tensor a kernel reads through a raw pointer must be a CPU tensor with storage (not meta).
+void check_cpu(const Tensor& t, const char* name, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, ": the C++ kernels run on the CPU, ", name, " is on ", t.device());
+}
+
+// codebooks [G, K, d] with G == 1 (shared) or G == C: the kernels index codebook c * K for slice c.
+void check_groups(int64_t groups, int64_t C, const char* what) {
+  TORCH_CHECK(groups == 1 || groups == C, what, ": ", groups, " codebooks for ", C, " slices (want ", C, " or 1)");
+}
+
 // A block of a whole number of cache lines; rows of fewer values for small batches.
 template <int BB>
 constexpr int64_t rows_per_tile() { return BB >= 16 ? 64 : 1024 / BB; }
@@ -233,16 +266,17 @@ std::tuple<Tensor, Tensor> backward_bb(const Tensor& grad, const Tensor& x, cons
   }
 }
 
+// Shapes, dtypes and devices of the compressed-domain linear; the codes' range is checked once they are contiguous.
 void check(const Tensor& x, const Tensor& codebooks, const Tensor& codes, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && codebooks.device().is_cpu() && codes.device().is_cpu(),
-              what, ": the C++ kernels run on the CPU");
+  check_cpu(x, "x", what);
+  check_cpu(codebooks, "codebooks", what);
+  check_cpu(codes, "codes", what);
   TORCH_CHECK(x.dim() == 2 && codebooks.dim() == 3 && codes.dim() == 2, what, ": x [B, in], codebooks [G, K, d], codes [C, N]");
   TORCH_CHECK(x.scalar_type() == codebooks.scalar_type(), what, ": x and codebooks must have one dtype");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, what, ": float32 or float64 only");
-  TORCH_CHECK(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort, what, ": codes must be uint8 or int16");
   TORCH_CHECK(x.size(1) == codes.size(0) * codebooks.size(2), what, ": x has ", x.size(1), " features, codes and codebooks make ",
               codes.size(0) * codebooks.size(2));
-  TORCH_CHECK(codebooks.size(0) == 1 || codebooks.size(0) == codes.size(0), what, ": codebooks must be [C, K, d] or [1, K, d]");
+  check_groups(codebooks.size(0), codes.size(0), what);
 }
 
 Tensor expanded_codebooks(const Tensor& codebooks, int64_t C) {
@@ -344,22 +378,26 @@ void expand_backward_rows(const T* __restrict grad, const code_t* __restrict cod
 // grad_codebooks [G, K, d] of expand, from grad_W [N, C*d] (float32 / float64); added into `out` when given.
 Tensor expand_backward(const Tensor& grad_in, const Tensor& codes_in, int64_t groups, int64_t num_codes,
                        const c10::optional<Tensor>& out_in) {
-  TORCH_CHECK(grad_in.device().is_cpu() && codes_in.device().is_cpu(), "rpq_fx expand_backward: the C++ kernels run on the CPU");
-  TORCH_CHECK(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kDouble,
-              "rpq_fx expand_backward: float32 or float64 only");
-  TORCH_CHECK(codes_in.scalar_type() == at::kByte || codes_in.scalar_type() == at::kShort,
-              "rpq_fx expand_backward: codes must be uint8 or int16");
-  TORCH_CHECK(grad_in.dim() == 2 && codes_in.dim() == 2 && grad_in.size(0) == codes_in.size(1) &&
-              grad_in.size(1) % codes_in.size(0) == 0, "rpq_fx expand_backward: grad [N, C*d], codes [C, N]");
+  const char* what = "rpq_fx expand_backward";
+  check_cpu(grad_in, "grad", what);
+  check_cpu(codes_in, "codes", what);
+  TORCH_CHECK(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kDouble, what, ": float32 or float64 only");
+  TORCH_CHECK(grad_in.dim() == 2 && codes_in.dim() == 2 && codes_in.size(0) > 0 && grad_in.size(0) == codes_in.size(1) &&
+              grad_in.size(1) % codes_in.size(0) == 0, what, ": grad [N, C*d] and codes [C, N], got grad ",
+              grad_in.sizes(), " and codes ", codes_in.sizes());
+  check_groups(groups, codes_in.size(0), what);
+  TORCH_CHECK(num_codes > 0, what, ": num_codes must be positive, got ", num_codes);
   at::NoGradGuard no_grad;
   Tensor grad = grad_in.contiguous(), codes = codes_in.contiguous();
+  check_codes(codes, num_codes, what);
   const int64_t C = codes.size(0), N = codes.size(1), d = grad.size(1) / C;
   Tensor out;
   if (out_in.has_value() && out_in->defined()) {
     out = *out_in;
+    check_cpu(out, "out", what);
     TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == groups && out.size(1) == num_codes &&
                 out.size(2) == d && out.scalar_type() == grad.scalar_type(),
-                "rpq_fx expand_backward: out must be a contiguous [G, K, d] tensor of grad's dtype");
+                what, ": out must be a contiguous [G, K, d] tensor of grad's dtype");
   } else {
     out = at::zeros({groups, num_codes, d}, grad.options());
   }
@@ -377,14 +415,15 @@ Tensor expand_backward(const Tensor& grad_in, const Tensor& codes_in, int64_t gr
 
 // W [N, C*d] from codebooks [G, K, d] and codes [C, N] (uint8, or int16 read as uint16), any dtype.
 Tensor expand(const Tensor& codebooks_in, const Tensor& codes_in) {
-  TORCH_CHECK(codebooks_in.device().is_cpu() && codes_in.device().is_cpu(), "rpq_fx expand: the C++ kernels run on the CPU");
-  TORCH_CHECK(codebooks_in.dim() == 3 && codes_in.dim() == 2, "rpq_fx expand: codebooks [G, K, d], codes [C, N]");
-  TORCH_CHECK(codes_in.scalar_type() == at::kByte || codes_in.scalar_type() == at::kShort,
-              "rpq_fx expand: codes must be uint8 or int16");
-  TORCH_CHECK(codebooks_in.size(0) == 1 || codebooks_in.size(0) == codes_in.size(0),
-              "rpq_fx expand: codebooks must be [C, K, d] or [1, K, d]");
+  const char* what = "rpq_fx expand";
+  check_cpu(codebooks_in, "codebooks", what);
+  check_cpu(codes_in, "codes", what);
+  TORCH_CHECK(codebooks_in.dim() == 3 && codes_in.dim() == 2, what, ": codebooks [G, K, d] and codes [C, N], got ",
+              codebooks_in.sizes(), " and ", codes_in.sizes());
+  check_groups(codebooks_in.size(0), codes_in.size(0), what);
   at::NoGradGuard no_grad;
   Tensor cb = codebooks_in.contiguous(), codes = codes_in.contiguous();
+  check_codes(codes, cb.size(1), what);
   Tensor out = at::empty({codes.size(1), codes.size(0) * cb.size(2)}, cb.options());
   if (out.numel() == 0) return out;
   switch (cb.element_size()) {
@@ -414,6 +453,7 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
   check(x_in, codebooks, codes_in, "rpq_fx linear_forward");
   at::NoGradGuard no_grad;  // reason: the callers' autograd formulas differentiate this; its inner ops must not record
   Tensor x = x_in.contiguous(), codes = codes_in.contiguous();
+  check_codes(codes, codebooks.size(1), "rpq_fx linear_forward");
   Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, "rpq_fx linear_forward");
   Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
   const bool wide = codes.scalar_type() == at::kShort;
@@ -432,7 +472,9 @@ std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& 
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == x_in.size(0) && grad_in.size(1) == codes_in.size(1),
               "rpq_fx linear_backward: grad must be [B, N]");
   TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "rpq_fx linear_backward: grad and x must have one dtype");
+  check_cpu(grad_in, "grad", "rpq_fx linear_backward");
   Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), codes = codes_in.contiguous();
+  check_codes(codes, codebooks.size(1), "rpq_fx linear_backward");
   Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
   const int64_t groups = codebooks.size(0);
   Tensor gx = need_x ? result_buffer(grad_x_out, x.size(0), x.size(1), x, "rpq_fx linear_backward") : Tensor();
@@ -483,6 +525,8 @@ void nearest_impl(const Tensor& x, const Tensor& ct, const Tensor& cn, Tensor& i
 }
 
 std::tuple<Tensor, Tensor> nearest(const Tensor& x_in, const Tensor& centroids) {
+  check_cpu(x_in, "x", "rpq_fx nearest");
+  check_cpu(centroids, "centroids", "rpq_fx nearest");
   TORCH_CHECK(x_in.dim() == 3 && centroids.dim() == 3 && x_in.size(0) == centroids.size(0) &&
               x_in.size(2) == centroids.size(2), "rpq_fx nearest: x [B, M, d] and centroids [B, K, d]");
   TORCH_CHECK(x_in.scalar_type() == centroids.scalar_type() &&
