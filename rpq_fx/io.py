@@ -297,6 +297,10 @@ def _refuse(path: Path, where: str, what: str, value: Any) -> None:
     raise RPQCheckpointError(f"{path}: damaged or crafted file: {where} must be {what}, got {_short(value)}")
 
 
+def _is_dtype(value: Any, names: dict) -> bool:
+    return isinstance(value, str) and value in names
+
+
 def _is_int(value: Any, low: int = 0) -> bool:
     return type(value) is int and value >= low
 
@@ -329,7 +333,7 @@ def _check_entries(path: Path, header: dict[str, Any]) -> int:
         where = f"tensor {_short(name)}"
         if not isinstance(entry, dict):
             _refuse(path, where, "an object", entry)
-        if entry.get("dtype") not in _ST_DTYPES:
+        if not _is_dtype(entry.get("dtype"), _ST_DTYPES):
             _refuse(path, f"{where} dtype", f"one of {', '.join(_ST_DTYPES)}", entry.get("dtype"))
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not _is_dims(shape):
@@ -395,7 +399,7 @@ _LAYER_FIELDS = {
     "aliases": (lambda v: _is_strs(v) and len(v) >= 1, "a non-empty list of strings"),
     "ops": (_is_strs, "a list of strings"),
     "shape": (_is_dims, "a list of ints >= 0"),
-    "dtype": (lambda v: v in _DTYPES, "a torch dtype name"),
+    "dtype": (lambda v: _is_dtype(v, _DTYPES), "a torch dtype name"),
     "num_codebooks": _OPTIONAL_INT,
     "codebook_dim": _OPTIONAL_INT,
     "num_codes": (lambda v: v is None or (_is_int(v, 2) and v <= 65536), "null or an int in [2, 65536]"),
@@ -404,7 +408,7 @@ _LAYER_FIELDS = {
     "excluded": (lambda v: isinstance(v, bool), "true or false"),
     "transposed": (lambda v: isinstance(v, bool), "true or false"),
     "padding_rows": (_is_dims, "a list of ints >= 0"),
-    "codebook_dtype": (lambda v: v is None or v in _DTYPES, "null or a torch dtype name"),
+    "codebook_dtype": (lambda v: v is None or _is_dtype(v, _DTYPES), "null or a torch dtype name"),
     "init": (lambda v: isinstance(v, str), "a string"),
     "error_feedback": (lambda v: isinstance(v, bool), "true or false"),
     "asymmetric": (lambda v: isinstance(v, bool), "true or false"),
@@ -465,7 +469,7 @@ def _check_info(path: Path, info: Any) -> None:
         _refuse(path, "architecture.tensors", "a list", tensors)
     for i, entry in enumerate(tensors):
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) and _is_dims(entry[1])
-                and entry[2] in _DTYPES and entry[3] in ("param", "buffer")):
+                and _is_dtype(entry[2], _DTYPES) and entry[3] in ("param", "buffer")):
             _refuse(path, f"architecture.tensors[{i}]", "[name, shape, dtype, 'param' or 'buffer']", entry)
 
 
