@@ -61,8 +61,18 @@ def _check_code_dtype(codes: Tensor, op: str) -> None:
     _require_type(codes.dtype in _CODE_DTYPES, lambda: f"{op}: codes must be uint8 or int16, got {codes.dtype}")
 
 
+def _check_devices(op: str, **tensors: Tensor | None) -> None:
+    """All tensors on one device, as a dense layer requires: a meta weight called on a CPU input must
+    raise, not hand back an uninitialised CPU tensor (issue 19)."""
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+        raise RuntimeError(f"{op}: tensors on different devices ({where}); all must be on one device")
+
+
 def _check_expand(codebooks: Tensor, codes: Tensor, op: str = "rpq_fx expand") -> None:
     """Shapes and dtypes of ``expand(codebooks [G, K, d], codes [C, N])``, G = C or 1 (values: :func:`check_codes`)."""
+    _check_devices(op, codebooks=codebooks, codes=codes)
     _require(codebooks.dim() == 3, lambda: f"{op}: codebooks must be [G, K, d], got {tuple(codebooks.shape)}")
     _require(codes.dim() == 2, lambda: f"{op}: codes must be [C, N], got {tuple(codes.shape)}")
     _check_code_dtype(codes, op)
@@ -72,6 +82,7 @@ def _check_expand(codebooks: Tensor, codes: Tensor, op: str = "rpq_fx expand") -
 
 def _check_expand_backward(grad: Tensor, codes: Tensor, num_groups: int, num_codes: int) -> None:
     op = "rpq_fx expand_backward"
+    _check_devices(op, grad=grad, codes=codes)
     _require(codes.dim() == 2 and codes.shape[0] >= 1,
                  lambda: f"{op}: codes must be [C, N] with C >= 1, got {tuple(codes.shape)}")
     _check_code_dtype(codes, op)
@@ -345,6 +356,7 @@ def _expand_backward_2d(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tenso
 
 def _check_linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
                   op: str = "rpq_fx linear") -> None:
+    _check_devices(op, input=input, codebooks=codebooks, codes=codes, bias=bias)
     _check_expand(codebooks, codes, op)
     _require(input.dim() >= 1 and input.shape[-1] == codes.shape[0] * codebooks.shape[2],
                  lambda: f"{op}: input has {input.shape[-1] if input.dim() else 0} features, the weight "
@@ -354,6 +366,7 @@ def _check_linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor 
 
 
 def _check_linear_backward(grad: Tensor, input: Tensor, codebooks: Tensor, codes: Tensor) -> None:
+    _check_devices("rpq_fx linear_backward", grad=grad, input=input)
     _check_linear(input, codebooks, codes, None, "rpq_fx linear_backward")
     _require(grad.shape == (*input.shape[:-1], codes.shape[1]),
                  lambda: f"rpq_fx linear_backward: grad must be {(*input.shape[:-1], codes.shape[1])} for input "
@@ -471,6 +484,7 @@ linear_backward.register_autograd(_linear_double_backward, setup_context=_linear
 # --------------------------------------------------------------------------- embedding: looked-up rows only
 
 def _check_embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, padding_idx: int | None) -> int | None:
+    _check_devices("rpq_fx embedding", indices=indices, codebooks=codebooks, codes=codes)
     _check_expand(codebooks, codes, "rpq_fx embedding")
     _require(not indices.is_floating_point() and not indices.is_complex(),
                  lambda: f"rpq_fx embedding: indices must be integers, got {indices.dtype}")
@@ -545,6 +559,7 @@ def hot_embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, hot_index: 
     ``F.embedding(indices, zeros(num_rows, D).index_add(0, hot_index, expand(codebooks, codes)))``,
     expanding only the looked-up rows that are hot (an ONNX export holds the table of each row's
     hot slot, 4 bytes per row, as a constant)."""
+    _check_devices("rpq_fx hot_embedding", indices=indices, codebooks=codebooks, codes=codes, hot_index=hot_index)
     _require(hot_index.dim() == 1 and hot_index.numel() == codes.shape[1],
                  lambda: f"rpq_fx hot_embedding: hot_index must list the {codes.shape[1]} hot rows, got shape "
                          f"{tuple(hot_index.shape)}")
