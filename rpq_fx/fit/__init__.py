@@ -16,7 +16,7 @@ from ..nn.weight import RPQWeight
 from ..passes import LayerPlan
 from .calibrate import LayerStats, call_groups, collect_stats, run_inputs
 from .kmeans import kmeans, nearest
-from .quantize import FitResult, fit_rows
+from .quantize import FitResult, fit_rows, row_errors
 
 # reason: the cross-covariance is noisy where inputs are few for their width: the target's ridge is H's mean diagonal
 # (on MiniLM's 2.0-bit allocation, mean cosine with 256 calibration lines: 0.01 of it 0.907, 0.1 0.909, 1 0.926,
@@ -40,20 +40,11 @@ def _asymmetric_target(rows: torch.Tensor, hessian: torch.Tensor, cross: torch.T
     return torch.cholesky_solve(right, factor).t().to(rows.dtype)
 
 
-def _row_errors(delta: torch.Tensor, hessian: torch.Tensor | None, row_weights: torch.Tensor | None) -> torch.Tensor:
-    """Each row's share of the fit's objective: ``Δ_n H Δ_nᵀ``, ``f_n ||Δ_n||²`` or ``||Δ_n||²``."""
-    delta = delta.double()
-    if hessian is not None:
-        return ((delta @ hessian.double()) * delta).sum(1)
-    errors = delta.square().sum(1)
-    return errors if row_weights is None else errors * row_weights.double()
-
-
 def _fit_hot(plan: LayerPlan, weight: RPQWeight, rows: torch.Tensor, keep: torch.Tensor, hessian, row_weights,
              seed: int) -> float:
     """Give the rows whose error weighs most a residual code (``weight.hot``); the fit's relative error after it."""
     delta = rows[keep].double() - weight.expand_rows()[keep].double()
-    errors = _row_errors(delta, hessian, row_weights)
+    errors = row_errors(delta, hessian, row_weights)
     chosen = errors.topk(plan.hot_rows).indices.sort().values
     hot = weight.hot
     result = fit_rows(delta[chosen], hot.num_codebooks, hot.num_codes, True, hessian=hessian,
@@ -62,8 +53,8 @@ def _fit_hot(plan: LayerPlan, weight: RPQWeight, rows: torch.Tensor, keep: torch
     weight.hot_index.copy_(keep.nonzero()[chosen, 0].to(torch.int32))
     hot.codes.copy_(result.codes.to(hot.codes.dtype))
     hot.codebooks.copy_(result.codebooks.to(hot.codebooks.dtype))
-    total = _row_errors(rows[keep], hessian, row_weights).sum()
-    left = _row_errors(rows[keep].double() - weight.expand_rows()[keep].double(), hessian, row_weights).sum()
+    total = row_errors(rows[keep], hessian, row_weights).sum()
+    left = row_errors(rows[keep].double() - weight.expand_rows()[keep].double(), hessian, row_weights).sum()
     return float(left / total) if total > 0 else 0.0
 
 
@@ -107,12 +98,15 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
     elif stats is not None:
         counts = stats.row_counts.to(rows.device)[keep]
         row_weights = counts + counts.sum() / counts.numel()  # reason: rows unseen in calibration still count
+    kept = rows[keep] if plan.padding_rows else rows  # reason: a mask always copies; most weights have no padding
     num_codes = plan.num_codes - bool(plan.padding_rows)
-    result = fit_rows(rows[keep], plan.num_codebooks, num_codes, plan.shared_codebooks, hessian=hessian,
+    result = fit_rows(kept, plan.num_codebooks, num_codes, plan.shared_codebooks, hessian=hessian,
                       row_weights=row_weights, error_feedback=plan.error_feedback, damp=plan.damp, seed=seed)
-    codes = torch.full(weight.codes.shape, plan.num_codes - 1, dtype=torch.long, device=rows.device)
-    codes[:, keep] = result.codes
-    weight.codes.copy_(codes.to(weight.codes.dtype))  # int16 keeps codes >= 32768 as bit patterns
+    if plan.padding_rows:  # int16 keeps codes >= 32768 as bit patterns
+        weight.codes[:, ~keep] = torch.tensor(plan.num_codes - 1).to(weight.codes.dtype)
+        weight.codes[:, keep] = result.codes
+    else:
+        weight.codes.copy_(result.codes)
     weight.codebooks[:, :num_codes] = result.codebooks.to(weight.codebooks.dtype)
     weight.codebooks[:, num_codes:] = 0
     plan.init = "kmeans+calibration" if stats is not None else "kmeans"

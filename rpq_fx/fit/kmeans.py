@@ -5,9 +5,10 @@ from torch import Tensor
 
 from .. import _kernels
 
-__all__ = ["kmeans", "nearest"]
+__all__ = ["kmeans", "lloyd_step", "nearest"]
 
 _CHUNK_ELEMENTS = 2**25  # distance matrices are built in chunks of at most this many values (128 MiB fp32)
+_STEP_ELEMENTS = 2**22  # lloyd_step reads its points in chunks of at most this many values
 _KERNEL_MAX_DIM = 16  # longer codewords: a matmul per chunk beats the kernel's per-point loop
 _SCALAR_SEARCH_POINTS = 1024  # more scalars than this: a binary search beats the kernel's scan (2x at 1536)
 
@@ -58,6 +59,8 @@ def _seed(x: Tensor, weights: Tensor, k: int, generator: torch.Generator | None)
     first = _draw(weights, generator)
     centroids = x.new_empty(batch, k, dim)
     centroids[:, 0] = x[rows, first]
+    # reason: |x|^2 - 2 x.c + |c|^2 reads x once per centroid, where (x - c)^2 writes two copies of it
+    norms = x.square().sum(-1)
     closest = (x - centroids[:, :1]).square().sum(-1)
     for j in range(1, k):
         score = weights * closest
@@ -65,7 +68,10 @@ def _seed(x: Tensor, weights: Tensor, k: int, generator: torch.Generator | None)
         score = torch.where(score.sum(1, keepdim=True) > 0, score, weights)
         pick = _draw(score, generator)
         centroids[:, j] = x[rows, pick]
-        closest = torch.minimum(closest, (x - centroids[:, j:j + 1]).square().sum(-1))
+        c = centroids[:, j:j + 1]  # [B, 1, d]
+        distance = torch.baddbmm(norms.unsqueeze(-1) + c.square().sum(-1, keepdim=True), x, c.transpose(1, 2),
+                                 alpha=-2)
+        closest = torch.minimum(closest, distance.squeeze(-1).clamp_min_(0))
     return centroids
 
 
@@ -93,23 +99,57 @@ def kmeans(x: Tensor, k: int, *, weights: Tensor | None = None, iters: int = 20,
     """
     batch, points, dim = x.shape
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    weights = torch.ones(batch, points, dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
-    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+    if weights is not None:
+        weights = weights.to(x.dtype)
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
     if points <= k and init is None:  # reason: fewer points than codewords: each point is a codeword, the rest repeat
         centroids = x[:, torch.arange(k, device=x.device) % points]
         return centroids, torch.arange(points, device=x.device).expand(batch, points).clone()
-    centroids = _seed(x, weights, k, generator) if init is None else init.to(x.dtype).clone()
+    if init is None:
+        seeding = torch.ones(batch, points, dtype=x.dtype, device=x.device) if weights is None else weights
+        centroids = _seed(x, seeding, k, generator)
+    else:
+        centroids = init.to(x.dtype).clone()
     offsets = (torch.arange(batch, device=x.device) * k).unsqueeze(1)
+    weighted = x if weights is None else x * weights.unsqueeze(-1)
     previous = None
     for _ in range(iters):
         assignment, dist = nearest(x, centroids)
         if previous is not None and torch.equal(assignment, previous):
             break  # the centroids are already the means of this assignment
         flat = (assignment + offsets).reshape(-1)
-        sums = x.new_zeros(batch * k, dim).index_add_(0, flat, (x * weights.unsqueeze(-1)).reshape(-1, dim))
-        counts = x.new_zeros(batch * k).index_add_(0, flat, weights.reshape(-1))
+        sums = x.new_zeros(batch * k, dim).index_add_(0, flat, weighted.reshape(-1, dim))
+        counts = torch.bincount(flat, minlength=batch * k).to(x.dtype) if weights is None \
+            else x.new_zeros(batch * k).index_add_(0, flat, weights.reshape(-1))
         means = sums / counts.clamp_min(1e-30).unsqueeze(1)
         centroids = torch.where((counts > 0).unsqueeze(1), means, centroids.reshape(batch * k, dim)).view(batch, k, dim)
-        _refill_empty(centroids, x, counts.view(batch, k), weights * dist)
+        _refill_empty(centroids, x, counts.view(batch, k), dist if weights is None else weights * dist)
         previous = assignment
     return centroids, previous
+
+
+def lloyd_step(x: Tensor, centroids: Tensor, weights: Tensor | None = None,
+               codes_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor]:
+    """One Lloyd step over ``x [B, M, d]`` (any strides) in chunks of points, nothing of ``x``'s size
+    built but the codes: each point's nearest centroid among ``centroids [B, K, d]`` (``[B, M]``
+    in ``codes_dtype``; int16 keeps indices >= 32768 as bit patterns) and the (``weights [B, M]``
+    weighted) mean of the points each centroid got, as ``[B, K, d]`` (unchanged where it got none)."""
+    batch, points, dim = x.shape
+    k = centroids.shape[1]
+    codes = torch.empty(batch, points, dtype=codes_dtype, device=x.device)
+    sums = torch.zeros(batch * k, dim, dtype=torch.float64, device=x.device)
+    counts = torch.zeros(batch * k, dtype=torch.float64, device=x.device)
+    offsets = (torch.arange(batch, device=x.device) * k).unsqueeze(1)
+    step = max(1, _STEP_ELEMENTS // (batch * dim))
+    for start in range(0, points, step):
+        chunk = x[:, start:start + step].to(centroids.dtype)
+        where, _ = nearest(chunk.contiguous(), centroids)
+        codes[:, start:start + step] = where
+        flat = (where + offsets).reshape(-1)
+        w = None if weights is None else weights[:, start:start + step].double()
+        values = chunk.double() if w is None else chunk.double() * w.unsqueeze(-1)
+        sums.index_add_(0, flat, values.reshape(-1, dim))
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64) if w is None else w.reshape(-1))
+    means = (sums / counts.clamp_min(1e-300).unsqueeze(1)).to(centroids.dtype)
+    kept = torch.where((counts > 0).unsqueeze(1), means, centroids.reshape(batch * k, dim))
+    return kept.view(batch, k, dim), codes

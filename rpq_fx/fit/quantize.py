@@ -27,18 +27,19 @@ from torch import Tensor
 from ..config import DAMP
 from ..nn.weight import code_dtype
 from ..ops import expand, expand_backward
-from .kmeans import kmeans, nearest
+from .kmeans import kmeans, lloyd_step, nearest
 
-__all__ = ["FitResult", "fit_rows"]
+__all__ = ["FitResult", "fit_rows", "row_errors"]
 
 _MAX_POINTS_PER_CODE = 64  # k-means learns codewords on at most this many points each (faiss uses 256)
+_GROUP_ELEMENTS = 2**23  # k-means and the error run on about this many values at a time (32 MiB fp32)
 _REFINE_PASSES = 2  # of coordinate descent on the codes, each followed by a codebook solve
 
 
 @dataclass
 class FitResult:
     codebooks: Tensor  # [G, K, d]
-    codes: Tensor  # [C, N], int64
+    codes: Tensor  # [C, N], code_dtype(K): uint8, or int16 holding codes >= 32768 as bit patterns
     error: float  # the objective at the fit, relative to that of an all-zero weight
 
 
@@ -63,33 +64,69 @@ def _scalar_summary(points: Tensor, weights: Tensor | None, bins: int) -> tuple[
 
 
 def _kmeans(points: Tensor, k: int, weights: Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """k-means on ``points [B, M, d]`` learnt on at most 64 points per codeword, then one Lloyd step
-    over every point (so each codeword is the mean of the points it stands for). Those points are
-    a random sample; for scalars, :func:`_scalar_summary`, which keeps the outliers a sample would
-    miss (a weight of 7.9 among thousands within ±0.5 needs a codeword of its own)."""
+    """k-means on ``points [B, M, d]`` (any strides: never copied whole), a group of problems at a
+    time: ``(centroids [B, k, d], codes [B, M])``, codes as ``code_dtype(k)``. Each is learnt on at
+    most 64 points per codeword, then, where points were left out, one Lloyd step over every point
+    (so each codeword is the mean of the points it stands for). Those points are a random sample;
+    for scalars, :func:`_scalar_summary`, which keeps the outliers a sample would miss (a weight of
+    7.9 among thousands within ±0.5 needs a codeword of its own)."""
+    batch, m, d = points.shape
     most = _MAX_POINTS_PER_CODE * k
-    if points.shape[1] <= most:
-        return kmeans(points, k, weights=weights, generator=generator)
-    if points.shape[2] == 1:
-        summary, summary_weights = _scalar_summary(points, weights, most // 2)
-    else:
-        chosen = torch.randperm(points.shape[1], generator=generator, device=points.device)[:most]
-        summary, summary_weights = points[:, chosen], None if weights is None else weights[:, chosen]
-    centroids, _ = kmeans(summary, k, weights=summary_weights, generator=generator)
-    return kmeans(points, k, weights=weights, init=centroids, iters=1)
+    dtype = code_dtype(k)
+    group = max(1, _GROUP_ELEMENTS // (min(m, most) * d))
+    centroids = torch.empty(batch, k, d, dtype=torch.float32, device=points.device)
+    codes = torch.empty(batch, m, dtype=dtype, device=points.device)
+    for b in range(0, batch, group):
+        part, w = points[b:b + group], None if weights is None else weights[b:b + group]
+        if m <= most:
+            centroids[b:b + group], codes[b:b + group] = kmeans(part.float().contiguous(), k, weights=w,
+                                                                generator=generator)
+            continue
+        if d == 1:
+            summary, summary_weights = _scalar_summary(part, w, most // 2)
+        else:
+            chosen = torch.randperm(m, generator=generator, device=points.device)[:most]
+            summary, summary_weights = part[:, chosen], None if w is None else w[:, chosen]
+        seeds, _ = kmeans(summary.float(), k, weights=summary_weights, generator=generator)
+        centroids[b:b + group], codes[b:b + group] = lloyd_step(part, seeds, w, dtype)
+    return centroids, codes
 
 
 def _plain(slices: Tensor, k: int, shared: bool, weights: Tensor | None,
            generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """k-means per codebook (``[C, N, d]`` problems) or over all slices (one problem); ``weights``
-    (broadcast to ``[C, N]``) weigh each slice."""
+    (broadcast to ``[C, N]``) weigh each slice. Codes ``[C, N]`` as ``code_dtype(k)``."""
     n, c, d = slices.shape
     weights = None if weights is None else weights.expand(c, n)
     if shared:
         centroids, codes = _kmeans(slices.reshape(1, n * c, d), k, None if weights is None
                                    else weights.t().reshape(1, -1), generator)
-        return centroids, codes.view(n, c).t()
+        return centroids, codes.view(n, c).t().contiguous()
     return _kmeans(slices.transpose(0, 1), k, weights, generator)
+
+
+def row_errors(delta: Tensor, hessian: Tensor | None, row_weights: Tensor | None) -> Tensor:
+    """Each row's share of the fit's objective: ``Δ_n H Δ_nᵀ``, ``f_n ||Δ_n||²`` or ``||Δ_n||²``, summed in float64."""
+    if hessian is not None:
+        delta = delta.double()
+        return ((delta @ hessian.double()) * delta).sum(1)
+    errors = delta.square().sum(1, dtype=torch.float64)
+    return errors if row_weights is None else errors * row_weights.double()
+
+
+def _relative_error(rows: Tensor, codebooks: Tensor, codes: Tensor, hessian: Tensor | None,
+                    row_weights: Tensor | None) -> float:
+    """The fit's objective relative to that of an all-zero weight, over chunks of rows."""
+    step = max(1, _GROUP_ELEMENTS // 4 // rows.shape[1])
+    codebooks = codebooks.to(rows.dtype)
+    left = total = 0.0
+    for start in range(0, rows.shape[0], step):
+        part = rows[start:start + step]
+        weights = None if row_weights is None else row_weights[start:start + step]
+        delta = part - expand(codebooks, codes[:, start:start + step].contiguous())
+        left += float(row_errors(delta, hessian, weights).sum())
+        total += float(row_errors(part, hessian, weights).sum())
+    return left / total if total > 0 else 0.0
 
 
 def _damped(hessian: Tensor, damp: float) -> Tensor:
@@ -233,27 +270,18 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     benchmark's layers. Both then take two passes of coordinate descent on the codes (with error
     feedback), each followed by a codebook solve."""
     generator = torch.Generator(rows.device).manual_seed(seed)
+    rows = rows.detach()
     n, width = rows.shape
     d = width // num_codebooks
-    work = rows.detach().double()
-    slices = work.view(n, num_codebooks, d)
-    weights = None if row_weights is None else row_weights.double().view(1, n)
-    point_weights = weights
+    point_weights = None if row_weights is None else row_weights.double().view(1, n)
     if point_weights is None and hessian is not None:  # reason: codewords go where inputs carry energy
         point_weights = hessian.diagonal().double().clamp_min(0).view(num_codebooks, d).sum(1, keepdim=True)
-    codebooks, codes = _plain(slices.float(), num_codes, shared, None if point_weights is None
-                              else point_weights.float(), generator)
+    codebooks, codes = _plain(rows.float().reshape(n, num_codebooks, d), num_codes, shared,
+                              None if point_weights is None else point_weights.float(), generator)
     codebooks = codebooks.double()
-    if weights is not None:
-        metric = lambda r: r * weights.view(n, 1)  # noqa: E731
-    elif hessian is not None:
-        h = hessian.double()
-        metric = lambda r: r @ h  # noqa: E731
-        codebooks, codes = _in_energy_order(work, h, point_weights.view(-1), codebooks if shared else None,
-                                            num_codebooks, num_codes, error_feedback, damp, generator)
-    else:
-        metric = lambda r: r  # noqa: E731
-    delta = work - expand(codebooks, codes.to(code_dtype(num_codes)))
-    total = (metric(work) * work).sum()
-    error = float((metric(delta) * delta).sum() / total) if total > 0 else 0.0
-    return FitResult(codebooks, codes, error)
+    if hessian is not None:
+        codebooks, codes = _in_energy_order(rows.double(), hessian.double(), point_weights.view(-1),
+                                            codebooks if shared else None, num_codebooks, num_codes, error_feedback,
+                                            damp, generator)
+        codes = codes.to(code_dtype(num_codes))
+    return FitResult(codebooks, codes, _relative_error(rows, codebooks, codes, hessian, row_weights))
