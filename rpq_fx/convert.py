@@ -80,13 +80,10 @@ def _finish(gm: RPQGraphModule, plans: list[LayerPlan], weights: dict, config: R
 
 
 def _record(target: nn.Module, plans: list[LayerPlan], config: RPQConfig, path: str) -> None:
-    record = {"rpq_layers": [dataclasses.replace(plan, param=None) for plan in plans], "rpq_config": config,
-              "rpq_path": path}
-    if isinstance(target, RPQGraphModule):
-        target.meta.update(record)
-    else:
-        for name, value in record.items():
-            setattr(target, name, value)
+    # reason: imported here so that this change stays inside _record (convert.py is another engineer's); hoist it
+    from .record import ConversionRecord, attach_record
+
+    attach_record(target, ConversionRecord(config, tuple(dataclasses.replace(plan, param=None) for plan in plans), path))
 
 
 def _convert_graph(model: nn.Module, gm: RPQGraphModule, path: str, config: RPQConfig, filter_fn, strict: bool,

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .nn.weight import rpq_weights
+from .record import conversion_record
 
 __all__ = ["decompress"]
 
@@ -19,7 +20,8 @@ def decompress(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, module in rpq_weights(model, remove_duplicate=False):
         out[name] = dense.setdefault(id(module), module())
-    for layer in getattr(model, "rpq_layers", ()):
+    record = conversion_record(model)
+    for layer in record.layers if record else ():
         present = [alias for alias in layer.aliases if alias in out] if layer.converted else []
         out.update(dict.fromkeys(layer.aliases, out[present[0]]) if present else {})
     return out

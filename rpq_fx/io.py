@@ -39,9 +39,9 @@ from .config import RPQConfig
 from .convert import convert
 from .decompress import decompress
 from .errors import RPQConversionError
-from .graph_module import RPQGraphModule
 from .nn.weight import RPQWeight, check_index
 from .passes import LayerPlan
+from .record import ConversionRecord, attach_record, conversion_record
 from .report import Report, report
 
 __all__ = ["save", "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError",
@@ -111,7 +111,7 @@ def _layer_from_record(record: dict[str, Any]) -> LayerPlan:
     return LayerPlan(**values)
 
 
-def _architecture(model: nn.Module) -> dict[str, Any]:
+def _architecture(model: nn.Module, record: ConversionRecord) -> dict[str, Any]:
     """The original model's tensors as the converted one implies them: name, shape, dtype, kind."""
     rpq = _rpq_paths(model)
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -119,16 +119,12 @@ def _architecture(model: nn.Module) -> dict[str, Any]:
     for name, tensor in _tensors(model).items():
         if name.rpartition(".")[0] not in rpq:
             entries[name] = [list(tensor.shape), _dtype_name(tensor.dtype), "param" if name in params else "buffer"]
-    for layer in model.rpq_layers:
+    for layer in record.layers:
         if layer.converted:
             entries.update(dict.fromkeys(layer.aliases, [list(layer.shape), _dtype_name(layer.dtype), "param"]))
     tensors = [[name, *entries[name]] for name in sorted(entries)]
     fingerprint = hashlib.sha256(json.dumps(tensors, separators=(",", ":")).encode()).hexdigest()
     return {"class": type(model).__name__, "tensors": tensors, "fingerprint": fingerprint}
-
-
-def _is_converted(model: Any) -> bool:
-    return isinstance(model, nn.Module) and getattr(model, "rpq_config", None) is not None
 
 
 def _graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
@@ -222,9 +218,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
     (e.g. ``"timm:resnet18"``) records how to build the original architecture again, for
     ``rpq-fx inspect``. Load it with :func:`load`.
     """
-    if not _is_converted(model):
-        raise TypeError(f"save: expected a model returned by rpq_fx.convert (it carries rpq_layers and "
-                        f"rpq_config), got a {type(model).__name__} without them; for a dense model use "
+    record = conversion_record(model) if isinstance(model, nn.Module) else None
+    if record is None:
+        raise TypeError(f"save: expected a model returned by rpq_fx.convert or rpq_fx.load (it carries a "
+                        f"conversion record), got a {type(model).__name__} without one; for a dense model use "
                         "safetensors directly")
     named = _tensors(model)
     on_meta = [name for name, t in named.items() if t.is_meta]
@@ -235,14 +232,14 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
     info = {
         "rpq_fx_version": _version(),
         "torch_version": torch.__version__,
-        "config": model.rpq_config.to_dict(),
-        "layers": [_layer_record(layer) for layer in model.rpq_layers],
-        "architecture": _architecture(model),
+        "config": record.config.to_dict(),
+        "layers": [_layer_record(layer) for layer in record.layers],
+        "architecture": _architecture(model, record),
         "code": _codes(model),
         "aliases": aliases,
         "sha256": {name: _digest(t) for name, t in tensors.items()},
         "spec": spec,
-        "path": getattr(model, "rpq_path", None),
+        "path": record.path,
     }
     text = json.dumps(info, sort_keys=True, separators=(",", ":"))
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "rpq_fx": text,
@@ -517,8 +514,8 @@ def checkpoint_report(path: str | os.PathLike) -> Report:
     """The :func:`rpq_fx.report` of a saved model, from the file's metadata alone (no model needed)."""
     info = checkpoint_info(path)
     stub = nn.Module()
-    stub.rpq_layers = [_layer_from_record(r) for r in info["layers"]]
-    stub.rpq_path = info.get("path")
+    layers = tuple(_layer_from_record(r) for r in info["layers"])
+    attach_record(stub, ConversionRecord(_config(Path(path), info), layers, info.get("path")))
     for i, entry in enumerate(info["tensors"].values()):
         stub.register_buffer(f"t{i}", torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]], device="meta"))
     return report(stub)
@@ -577,7 +574,8 @@ def _exclusions(layers: list[dict]) -> Any:
 def _structure(code: str) -> list[str]:
     """The forward's operations, independent of how fx prints them: one canonical line per statement
     (``ast.unparse`` of its value, with each local name replaced by ``%i``, the statement that made it,
-    and the inputs by ``%in<position>``); fx's ``x = None`` frees, comments and layout are dropped."""
+    an attribute read by the attribute itself, and the inputs by ``%in<position>``); fx's ``x = None``
+    frees, where it put its attribute reads, comments and layout are dropped."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -599,10 +597,14 @@ def _structure(code: str) -> list[str]:
         if isinstance(value, ast.Constant) and value.value is None and isinstance(statement, ast.Assign):
             continue
         text = ast.unparse(Refs().visit(value)) if value is not None else ast.unparse(statement)
-        lines.append(f"return {text}" if isinstance(statement, ast.Return) else text)
+        if re.fullmatch(r"self(\.\w+)+", text) and not isinstance(statement, ast.Return):
+            ref = text  # an attribute read (fx's get_attr): written where it is used, wherever fx put it
+        else:
+            lines.append(f"return {text}" if isinstance(statement, ast.Return) else text)
+            ref = f"%{len(lines) - 1}"
         for target in targets:
             if isinstance(target, ast.Name):
-                refs[target.id] = f"%{len(lines) - 1}"
+                refs[target.id] = ref
     return lines
 
 
@@ -649,12 +651,12 @@ def _unfitted(config: RPQConfig) -> RPQConfig:
     return dataclasses.replace(config, init="random", overrides=overrides)
 
 
-def _check_converted(path: Path, gm: nn.Module, info: dict, check_forward: bool) -> None:
-    here = _architecture(gm)
+def _check_converted(path: Path, gm: nn.Module, record: ConversionRecord, info: dict, check_forward: bool) -> None:
+    here = _architecture(gm, record)
     if here["fingerprint"] != info["architecture"]["fingerprint"]:
         _architecture_error(path, info["architecture"], {e[0]: e[1:] for e in here["tensors"]}, here["class"], "all")
         raise RPQCheckpointError(f"{path}: architecture fingerprint differs from this model's")
-    saved_layers, layers = info["layers"], [_layer_record(layer) for layer in gm.rpq_layers]
+    saved_layers, layers = info["layers"], [_layer_record(layer) for layer in record.layers]
     saved_by_name = {r["name"]: r for r in saved_layers}
     for record in layers:
         saved = saved_by_name.get(record["name"])
@@ -738,6 +740,14 @@ def _assign(gm: nn.Module, expected: dict[str, torch.Tensor], values: dict[str, 
             owner._buffers[attr] = moved[key]
 
 
+def _config(path: Path, info: dict) -> RPQConfig:
+    try:
+        return RPQConfig.from_dict(info["config"])
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise RPQCheckpointError(f"{path}: its config cannot be read by this rpq_fx ({_version()}; saved by "
+                                 f"{info.get('rpq_fx_version')}): {error}") from None
+
+
 def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.device = "cpu",
          check_forward: bool = True, example_inputs: Any = None) -> nn.Module:
     """Rebuild the converted model saved at ``path`` from ``model``, its original architecture.
@@ -755,11 +765,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     path = Path(path)
     header, metadata = _read_header(path)
     info = _info(path, metadata)
-    try:
-        config = RPQConfig.from_dict(info["config"])
-    except (TypeError, ValueError, KeyError, AttributeError) as error:
-        raise RPQCheckpointError(f"{path}: its config cannot be read by this rpq_fx ({_version()}; saved by "
-                                 f"{info.get('rpq_fx_version')}): {error}") from None
+    config = _config(path, info)
     _check_parameters(path, model, info["architecture"])
     capture = info.get("path")
     extra = {}
@@ -772,15 +778,12 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
         gm = convert(model, config=_unfitted(config), filter_fn=_exclusions(info["layers"]), **extra)
     except RPQConversionError as error:
         raise RPQCheckpointError(f"{path}: this model cannot be converted with the saved config: {error}") from None
-    _check_converted(path, gm, info, check_forward)
+    record = conversion_record(gm)
+    _check_converted(path, gm, record, info, check_forward)
     saved = {r["name"]: r for r in info["layers"]}
-    for layer in gm.rpq_layers:
-        for key in _HOW_FILLED & saved[layer.name].keys():
-            setattr(layer, key, saved[layer.name][key])
-    if isinstance(gm, RPQGraphModule):
-        gm.meta["rpq_config"] = config
-    else:
-        gm.rpq_config = config
+    layers = tuple(dataclasses.replace(layer, **{k: saved[layer.name][k] for k in _HOW_FILLED & saved[layer.name].keys()})
+                   for layer in record.layers)
+    attach_record(gm, ConversionRecord(config, layers, record.path))
     expected = _tensors(gm)
     values = _read_tensors(path, header, info, expected)
     _check_indices(path, gm, values, info["aliases"])

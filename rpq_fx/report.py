@@ -8,6 +8,7 @@ from torch import nn
 
 from .nn.weight import rpq_weights
 from .passes import LayerPlan
+from .record import conversion_record
 
 __all__ = ["model_size", "report", "Report"]
 
@@ -25,9 +26,10 @@ def model_size(model: nn.Module) -> float:
 
 
 def _layers(model: nn.Module) -> list[LayerPlan]:
-    """The conversion record, or one built from the RPQ weights of an eagerly built model."""
-    if hasattr(model, "rpq_layers"):
-        return model.rpq_layers
+    """The conversion record's layers, or layers read off the RPQ weights of an eagerly built model."""
+    record = conversion_record(model)
+    if record is not None:
+        return list(record.layers)
     layers = {}
     for name, w in rpq_weights(model):
         hot = {} if w.hot is None else {"hot_rows": w.hot.num_vectors, "hot_codebook_dim": w.hot.codebook_dim}
@@ -92,5 +94,5 @@ def report(model: nn.Module) -> Report:
     totals = {"layers": len(rows), "converted": len(converted),
               "bytes_before": before, "bytes_after": after, "ratio": before / after if after else 1.0,
               "bits_per_weight": 8 * sum(layer.bytes_after for layer in converted) / values if values else None,
-              "path": getattr(model, "rpq_path", None)}
+              "path": record.path if (record := conversion_record(model)) else None}
     return Report(rows, totals)
