@@ -13,7 +13,9 @@ An RPQ checkpoint is one safetensors file:
 
 ``load(model, path)`` converts ``model`` (the original architecture, on the meta device if you
 like) with the saved config, checks that the result has exactly the saved structure, reads and
-verifies every tensor, and only then puts them in: any error leaves nothing half-loaded.
+verifies every tensor, and only then puts them in: any error leaves nothing half-loaded. Nothing
+from the file is trusted: the digests detect damage, not edits, so every value that indexes
+memory or sizes an allocation is checked on its own (docs/checkpoints.md).
 """
 
 import ast
@@ -615,7 +617,7 @@ def _by_part_and_mode(codes: dict[str, str]) -> dict[str, str]:
     for key, code in codes.items():
         part, _, mode = key.rpartition(":")
         parts.setdefault(part, {})[mode] = code
-    return {f"{part}:{mode}": graphs.get(mode, next(iter(graphs.values()))) if len(graphs) == 1 else graphs.get(mode, "")
+    return {f"{part}:{mode}": graphs.get(mode, next(iter(graphs.values())))
             for part, graphs in parts.items() for mode in ("train", "eval")}
 
 
@@ -756,8 +758,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     converted with the saved config, so nothing dense is allocated, and the saved tensors are read
     onto ``device``. The result's outputs are bit-identical to the saved model's. ``model`` itself
     is not modified. A file from another architecture, a damaged or tampered file or an unknown
-    format version raises :class:`RPQCheckpointError` before anything is loaded. ``check_forward``
-    also compares the converted forward code with the saved one. A model converted with
+    format version raises :class:`RPQCheckpointError` before anything is loaded; every code, index,
+    shape and offset is checked, so a crafted file cannot make a kernel read out of bounds (the
+    checksums catch accidents, not edits). ``check_forward`` also compares the operations of the
+    converted forward, in train and in eval mode, with the saved ones. A model converted with
     ``example_inputs`` (a torch.export capture) needs the same ``example_inputs`` here.
     """
     if not isinstance(model, nn.Module):

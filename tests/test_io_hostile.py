@@ -292,3 +292,17 @@ def test_convert_replaces_the_previous_runs_outputs_together(capsys, tmp_path, m
     assert (out / "report.md").read_text() != "previous run"
     assert not (out / "graph.svg").exists(), "an earlier run's output is removed with the rest"
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md"]
+
+
+def test_hot_row_index_out_of_range_is_refused(tmp_path):
+    def build():
+        return torch.nn.Sequential(torch.nn.Embedding(600, 32))
+
+    config = rpq_fx.RPQConfig(codebook_dim=8, num_codes=16, hot_rows=4, hot_codebook_dim=8)
+    converted = rpq_fx.convert(build(), config=config)
+    source = rpq_fx.save(converted, tmp_path / "hot.safetensors")
+    rpq_fx.load(build(), source)
+    index = torch.tensor([0, 1, 2, 600], dtype=torch.int32)
+    path = craft(tmp_path / "m.safetensors", source=source, tensors={"0.weight.hot_index": index})
+    with pytest.raises(RPQCheckpointError, match=r"0.weight.hot_index: value 600 is out of range: must be in \[0, 600\)"):
+        rpq_fx.load(build(), path)
