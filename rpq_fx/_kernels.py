@@ -51,6 +51,18 @@ def _ninja_on_path() -> None:
                 return
 
 
+# reason: scripts/asan.sh runs the op tests on an AddressSanitizer build (issue 19); a build of its own
+_SANITIZE = {"address": (["-fsanitize=address", "-fno-omit-frame-pointer", "-g"], ["-fsanitize=address"])}
+
+
+def _sanitizer() -> tuple[list[str], list[str]]:
+    """Extra compile and link flags for ``RPQ_FX_SANITIZE`` (only ``address``); none when unset."""
+    name = os.environ.get("RPQ_FX_SANITIZE", "")
+    if name and name not in _SANITIZE:
+        raise ValueError(f"RPQ_FX_SANITIZE must be one of {sorted(_SANITIZE)} or unset, got {name!r}")
+    return _SANITIZE.get(name, ([], []))
+
+
 def _build() -> ModuleType:
     import logging
 
@@ -59,7 +71,8 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import _get_build_directory, load
 
     capability = _capability()
-    flags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, [])]
+    cflags, ldflags = _sanitizer()
+    flags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, []), *cflags]
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"rpq_fx_kernels_{capability.lower()}_{digest}"
     _ninja_on_path()
@@ -68,7 +81,7 @@ def _build() -> ModuleType:
               file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reason: "No CUDA runtime is found" is noise for a CPU-only build
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        return load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp", *ldflags],
                     verbose=False)
 
 
