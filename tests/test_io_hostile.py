@@ -177,6 +177,31 @@ def test_another_forward_is_refused_in_either_mode(skeleton, train):
         rpq_fx.load(skeleton().train(train), FIXTURE)
 
 
+class OneGraph(torch.nn.Module):
+    """Traces alike in train and eval mode: the file holds one graph, saved under the mode it was in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 300)
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+class OneGraphTanh(OneGraph):
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_one_graph_file_is_checked_whatever_the_skeletons_mode(tmp_path, train):
+    path = rpq_fx.save(rpq_fx.convert(OneGraph().eval(), codebook_dim=4), tmp_path / "m.safetensors")
+    assert set(rpq_fx.checkpoint_info(path)["code"]) == {"eval"}
+    rpq_fx.load(OneGraph().train(train), path)
+    with pytest.raises(RPQCheckpointError, match=r"computes something else.*saved `torch.nn.functional.relu\(%0.*here `torch.tanh\(%0\)`"):
+        rpq_fx.load(OneGraphTanh().train(train), path)
+
+
 def test_in_place_parts_are_checked_in_either_mode():
     """Saved in eval mode; each layer's graph is alike in both modes, so a train-mode skeleton loads. (A
     model converted in place keeps its own forward untraced: only its layers' graphs can be compared.)"""
