@@ -9,5 +9,7 @@ from .cleanup import cleanup
 from .fuse import fuse
 from .plan import LayerPlan, check_strict, plan_conversion
 from .rewrite import new_weights, rewrite
+from .weight_ops import register_layer
 
-__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "training_mode", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "fuse", "insert_checkpoints", "cleanup"]
+__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "training_mode", "plan_conversion", "check_strict", "LayerPlan", "new_weights", "rewrite", "fuse", "insert_checkpoints", "cleanup",
+           "register_layer"]

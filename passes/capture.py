@@ -35,14 +35,16 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
 
 
 class RPQTracer(fx.Tracer):
-    """fx's default leaf policy (``torch.nn`` layers are leaves), plus timm's no-trace registry."""
+    """fx's default leaf policy (``torch.nn`` layers are leaves), plus the registered layers
+    (:func:`register_layer`) and timm's no-trace registry."""
 
     def __init__(self):
         self.notrace_modules, notrace_functions = _timm_notrace()
         super().__init__(autowrap_functions=notrace_functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.notrace_modules) or super().is_leaf_module(m, module_qualified_name)
+        return (type(m) in LAYERS or isinstance(m, self.notrace_modules)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 @contextmanager
@@ -102,9 +104,12 @@ def capture(model: nn.Module) -> RPQGraphModule:
 
 
 def capture_layer(layer: nn.Module) -> RPQGraphModule:
-    """A known layer (``nn.Linear``, ``nn.Conv2d``, ...; see ``weight_ops.LAYERS``) as the graph of
-    its functional op, written out rather than traced: their forwards branch on arguments fx would
-    make into proxies (``output_size`` of a transposed conv, which the graph does not take)."""
+    """A registered layer (see ``weight_ops.LAYERS``) as a graph: a built-in one (``nn.Linear``,
+    ``nn.Conv2d``, ...) as its functional op, written out rather than traced (their forwards branch
+    on arguments fx would make into proxies: ``output_size`` of a transposed conv, which the graph
+    does not take); a user's own running its forward untraced (:func:`capture_call`)."""
+    if not LAYERS[type(layer)].builtin:
+        return capture_call(layer)
     graph = fx.Graph()
     signature = inspect.signature(layer.forward).parameters.values()
     arguments = {p.name: graph.placeholder(p.name, default_value=p.default) for p in signature

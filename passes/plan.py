@@ -102,20 +102,40 @@ def _mutates(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and _target_name(node).endswith("_")
 
 
+def _layer_use(module: nn.Module, name: str, node: fx.Node, uses: dict[int, _Uses]) -> None:
+    """Add a call of a registered layer (``weight_ops.LAYERS``) to ``uses``: its weight, read as its spec says."""
+    spec = LAYERS[type(module)]
+    weight = module._parameters.get(spec.weight)
+    if weight is None:
+        raise RPQConversionError(f"'{name}': {type(module).__name__} is registered with weight={spec.weight!r}, "
+                                 f"but has no such parameter (it has {list(module._parameters)})")
+    use = uses.setdefault(id(weight), _Uses())
+    use.ops.append(spec.op)
+    use.layers[name] = module
+    use.transposed.add(spec.transposed)
+    refusal = layer_refusal(module, layer_arguments(module, node)) if spec.builtin else spec.refusal(weight)
+    use.refusal = use.refusal or refusal
+    if spec.padding and module.padding_idx is not None:
+        use.padding_rows.add(module.padding_idx)
+    for other in () if spec.builtin else module.parameters():
+        if other is not weight:
+            _not_a_weight(uses, other, type(module).__name__)
+
+
+def _not_a_weight(uses: dict[int, _Uses], param: nn.Parameter, layer: str) -> None:
+    """A registered layer reads ``param`` other than as its weight: it stays dense, and says why."""
+    use = uses.setdefault(id(param), _Uses())
+    use.others.append(f"read by {layer}, not as its weight")
+    use.refusal = use.refusal or f"read by {layer} other than as its weight"
+
+
 def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> None:
     """Add how ``gm`` (the part of the model at ``prefix``) reads each parameter to ``uses``."""
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            op = LAYERS.get(type(module))
-            if op is not None:
-                use = uses.setdefault(id(module.weight), _Uses())
-                use.ops.append(op)
-                use.layers[prefix + node.target] = module
-                use.transposed.add(False)
-                use.refusal = use.refusal or layer_refusal(module, layer_arguments(module, node))
-                if getattr(module, "padding_idx", None) is not None:
-                    use.padding_rows.add(module.padding_idx)
+            if type(module) in LAYERS:
+                _layer_use(module, prefix + node.target, node, uses)
                 continue
             for param in module.parameters():  # any other leaf: run through torch.func.functional_call
                 if param.dim() >= 2:
@@ -138,9 +158,15 @@ def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> No
                     row = padding_row(user, spec, value.shape[0])
                     use.padding_rows.update(() if row is None else (row,))
                 elif user.target is torch.func.functional_call and node in user.args[1].values():
-                    use.ops.append(type(gm.get_submodule(user.args[0].target)).__name__)  # capture_call's layer
+                    layer = gm.get_submodule(user.args[0].target)  # capture_call's layer
+                    spec = LAYERS.get(type(layer))
+                    if spec is not None and node is not user.args[1].get(spec.weight):
+                        _not_a_weight(uses, value, type(layer).__name__)
+                        continue
+                    use.ops.append(type(layer).__name__ if spec is None else spec.op)
                     use.functional = True
-                    use.transposed.add(False)
+                    use.transposed.add(spec is not None and spec.transposed)
+                    use.refusal = use.refusal or (spec.refusal(value) if spec is not None else None)
                 else:
                     use.others.append(f"used by {_target_name(user)}")
                     if _mutates(user):

@@ -147,10 +147,14 @@ def _rewrite_call(node: fx.Node, module: nn.Module, state: dict[str, nn.Module |
     def read(name: str) -> fx.Node:
         return _read(graph, f"{node.target}.{name}", state[name])
 
+    spec = LAYERS.get(type(module))
     with graph.inserting_before(node):
-        if type(module) in LAYERS:
+        if spec is not None and spec.builtin:
             call = emit_layer_call(graph, module, layer_arguments(module, node), read("weight"),
                                    read("bias") if "bias" in state else None)
+        elif spec is not None and spec.functional is not None:
+            call = graph.call_function(spec.functional, (graph.get_attr(node.target), read(spec.weight), *node.args),
+                                       dict(node.kwargs))
         else:
             call = graph.call_function(torch.func.functional_call, (
                 graph.get_attr(f"{node.target}.module"), {name: read(name) for name in state},
@@ -158,10 +162,34 @@ def _rewrite_call(node: fx.Node, module: nn.Module, state: dict[str, nn.Module |
     _replace_call(node, call)
 
 
+def _hold(gm: fx.GraphModule, path: str, module: nn.Module,
+          planned: dict[int, RPQWeight]) -> dict[str, nn.Module | torch.Tensor]:
+    """Put the RPQ weights of the module at ``path`` in place; returns the tensors its call reads, by name.
+
+    A layer with a functional form keeps its place, its weight swapped for the RPQ weight; any other
+    gives way to a container of its tensors (a built-in layer's parameters; every parameter and
+    buffer of any other module, which is kept there, emptied of them, as ``module``)."""
+    spec = LAYERS.get(type(module))
+    if spec is not None and spec.functional is not None:
+        weight = planned[id(module.get_parameter(spec.weight))]
+        _install(gm, f"{path}.{spec.weight}", weight)
+        return {spec.weight: weight}
+    builtin = spec is not None and spec.builtin
+    tensors = [*module.named_parameters(remove_duplicate=False),
+               *(() if builtin else module.named_buffers(remove_duplicate=False))]
+    state = {name: planned.get(id(t), t) for name, t in tensors}
+    container = _container(state)
+    if not builtin:  # the container holds the tensors; the module, emptied, runs its own forward
+        container.module = empty_shell(module)
+    gm.set_submodule(path, container)
+    return state
+
+
 def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWeight], prefix: str = "") -> None:
     """Rewrite ``gm`` in place (its graph and its modules) to read ``weights`` (by plan name).
 
-    A known layer call becomes its functional op; any other leaf module holding a converted weight
+    A built-in layer call becomes its functional op, a registered layer with a functional form
+    (:func:`~rpq_fx.register_layer`) a call of it; any other leaf module holding a converted weight
     (``nn.MultiheadAttention``, an RNN, timm's no-trace blocks) is called through
     ``torch.func.functional_call`` with the expanded weights, its parameters and buffers moved to
     a container and the module itself kept there, emptied of them, as ``module``. ``prefix`` is
@@ -177,12 +205,5 @@ def rewrite(gm: fx.GraphModule, plans: list[LayerPlan], weights: dict[str, RPQWe
             _rewrite_attribute(gm, node, weight)
             continue
         if node.target not in containers:
-            layer = type(module) in LAYERS
-            tensors = [*module.named_parameters(remove_duplicate=False),
-                       *(() if layer else module.named_buffers(remove_duplicate=False))]
-            containers[node.target] = state = {name: planned.get(id(t), t) for name, t in tensors}
-            container = _container(state)
-            if not layer:  # the container holds the tensors; the module, emptied, runs its own forward
-                container.module = empty_shell(module)
-            gm.set_submodule(node.target, container)
+            containers[node.target] = _hold(gm, node.target, module, planned)
         _rewrite_call(node, module, containers[node.target])

@@ -1,6 +1,8 @@
 """The ops that read a weight: which argument is the weight, and how a layer call becomes functional.
 
-Three spellings of the same ops reach the passes: ``nn`` layer calls (``call_module``), functional
+Layer types are a registry (:data:`LAYERS`): the built-in ``torch.nn`` layers are registered here,
+a user's own through :func:`register_layer`; the passes read nothing else. Three spellings of the
+same ops reach the passes: ``nn`` layer calls (``call_module``), functional
 calls on a Parameter (``F.linear(x, self.w)``) and, in ``torch.export`` graphs, aten ops
 (``aten.linear.default``). Every weight is split into rows along its first dim, except where the op
 reads the parameter transposed (``addmm(bias, x, W)`` in GPT-2's ``Conv1D``): there a row is one
@@ -16,8 +18,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightArg", "FUNCTIONS", "LAYERS", "weight_arg", "refusal", "padding_row", "layer_arguments",
-           "layer_refusal", "emit_layer_call"]
+__all__ = ["WeightArg", "FUNCTIONS", "LayerSpec", "LAYERS", "register_layer", "weight_arg", "refusal", "padding_row",
+           "layer_arguments", "layer_refusal", "emit_layer_call"]
 
 aten = torch.ops.aten
 
@@ -61,15 +63,6 @@ FUNCTIONS: dict[Callable, WeightArg] = {
     aten.embedding_bag.padding_idx: WeightArg("embedding_bag", 0, sparse=5, padding_idx=8),
 }
 
-LAYERS: dict[type[nn.Module], str] = {
-    nn.Linear: "linear", nn.Bilinear: "bilinear",
-    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
-    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
-    nn.ConvTranspose3d: "conv_transpose3d",
-    nn.Embedding: "embedding", nn.EmbeddingBag: "embedding_bag",
-}
-
-
 def _arg(node: fx.Node, index: int, keyword: str | None = None, default=None):
     if len(node.args) > index:
         return node.args[index]
@@ -111,7 +104,7 @@ def layer_arguments(module: nn.Module, node: fx.Node) -> dict[str, object]:
 
 
 def layer_refusal(module: nn.Module, arguments: dict[str, object]) -> str | None:
-    """Why this layer call cannot read an RPQ weight, or None."""
+    """Why this call of a built-in layer cannot read an RPQ weight, or None."""
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return _embedding_refusal(module.max_norm, module.sparse)
     if arguments.get("output_size") is not None:
@@ -119,10 +112,76 @@ def layer_refusal(module: nn.Module, arguments: dict[str, object]) -> str | None
     return None
 
 
+@dataclass(frozen=True)
+class LayerSpec:
+    """How a layer type reads its weight (:func:`register_layer`).
+
+    ``weight``: the name of its weight parameter; ``transposed``: stored ``[in, out]``, its rows
+    its columns; ``functional(module, weight, *args, **kwargs)``: the layer's forward on ``args``
+    with ``weight`` in place of its own (None: its own forward runs, the expanded weight swapped in
+    by ``torch.func.functional_call``). The built-in layers are written out as their torch
+    functional op (``F.linear``, ...), which the later passes know; for embeddings,
+    ``module.padding_idx`` is a row lookups never train.
+    """
+
+    op: str
+    weight: str = "weight"
+    transposed: bool = False
+    functional: Callable | None = None
+    builtin: bool = False
+    padding: bool = False
+
+    def refusal(self, weight: torch.Tensor) -> str | None:
+        """Why ``weight`` cannot be read as this spec says, or None."""
+        if self.transposed and weight.dim() != 2:
+            return f"registered with rows='last', which needs a 2-D weight, not {list(weight.shape)}"
+        return None
+
+
+LAYERS: dict[type[nn.Module], LayerSpec] = {
+    module_type: LayerSpec(op, builtin=True, padding=op.startswith("embedding"))
+    for module_type, op in ((nn.Linear, "linear"), (nn.Bilinear, "bilinear"), (nn.Conv1d, "conv1d"),
+                            (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d"), (nn.ConvTranspose1d, "conv_transpose1d"),
+                            (nn.ConvTranspose2d, "conv_transpose2d"), (nn.ConvTranspose3d, "conv_transpose3d"),
+                            (nn.Embedding, "embedding"), (nn.EmbeddingBag, "embedding_bag"))
+}
+_ROWS = ("first", "last")
+
+
+def register_layer(module_type: type[nn.Module], *, weight: str = "weight", rows: str = "first",
+                   functional: Callable | None = None, op: str | None = None) -> None:
+    """Teach rpq_fx a layer type of your own: ``convert`` then stores the parameter named ``weight``
+    of every such layer as an RPQ weight, and fx treats the layer as a leaf (it does not trace into it).
+
+    ``rows``: ``"first"`` when each slice along the weight's first dim is one row to quantise
+    (``nn.Linear``'s ``[out, in]``, a conv's ``[out, in, *kernel]``), ``"last"`` for a 2-D weight
+    stored ``[in, out]`` (GPT-2's ``Conv1D``). ``functional(module, weight, *args, **kwargs)``, if
+    given, is the layer's forward with ``weight`` in place of its own (it must not read the module's
+    weight attribute): a model captured whole calls it, one node in the graph. Otherwise, and in a
+    model converted in place, the layer's own forward runs with the expanded weight swapped in
+    (``torch.func.functional_call``). ``op`` names the layer in reports (default: the class name).
+    The layer's other parameters stay dense. Registering a type again replaces its entry.
+    """
+    where = f"register_layer({getattr(module_type, '__name__', module_type)})"
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"{where}: module_type must be a torch.nn.Module subclass, got {module_type!r}")
+    if module_type in LAYERS and LAYERS[module_type].builtin:
+        raise ValueError(f"{where}: {module_type.__name__} is a built-in layer of rpq_fx; register a subclass instead")
+    if not isinstance(weight, str) or not weight.isidentifier():
+        raise ValueError(f"{where}: weight must be the name of the layer's weight parameter, got {weight!r}")
+    if rows not in _ROWS:
+        raise ValueError(f"{where}: rows must be one of {list(_ROWS)}, got {rows!r}")
+    if functional is not None and not callable(functional):
+        raise TypeError(f"{where}: functional must be None or callable as functional(module, weight, *args), "
+                        f"got {functional!r}")
+    LAYERS[module_type] = LayerSpec(op or module_type.__name__, weight, rows == "last", functional)
+
+
 def emit_layer_call(graph: fx.Graph, module: nn.Module, arguments: dict, weight: fx.Node,
                     bias: fx.Node | None) -> fx.Node:
-    """Nodes computing ``module(**arguments)`` with ``weight`` in place of the module's weight."""
-    op = LAYERS[type(module)]
+    """Nodes computing a built-in layer's ``module(**arguments)`` with ``weight`` in place of its
+    weight, as its torch functional op."""
+    op = LAYERS[type(module)].op
     if op == "linear":
         return graph.call_function(F.linear, (arguments["input"], weight, bias))
     if op == "bilinear":

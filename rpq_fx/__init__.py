@@ -16,10 +16,11 @@ from .finetune import distillation_loss, finetune, float32_codebooks, param_grou
 from .graph_module import RPQGraphModule
 from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, save, save_dense
 from .onnx_export import export_onnx
+from .passes import register_layer
 from .report import Report, model_size, report
 
 __all__ = ["convert", "RPQ", "allocate", "size_costs", "SizeCosts", "RPQGraphModule", "RPQConfig", "LayerSettings",
            "RPQConversionError", "decompress", "model_size", "report", "Report", "export_graph", "nn", "ops", "save",
            "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError", "export_onnx",
-           "finetune", "param_groups", "float32_codebooks", "distillation_loss"]
+           "finetune", "param_groups", "float32_codebooks", "distillation_loss", "register_layer"]
 __version__ = "0.1.0"
