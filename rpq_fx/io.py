@@ -397,7 +397,7 @@ _LAYER_FIELDS = {
     "name": (lambda v: isinstance(v, str), "a string"),
     "aliases": (lambda v: _is_strs(v) and len(v) >= 1, "a non-empty list of strings"),
     "ops": (_is_strs, "a list of strings"),
-    "shape": (_is_dims, "a list of ints >= 0"),
+    "shape": (lambda v: _is_dims(v, 1) and len(v) >= 1, "a non-empty list of ints >= 1"),
     "dtype": (lambda v: _is_dtype(v, _DTYPES), "a torch dtype name"),
     "num_codebooks": _OPTIONAL_INT,
     "codebook_dim": _OPTIONAL_INT,
@@ -433,10 +433,10 @@ def _check_layer(path: Path, i: int, record: Any) -> None:
         for key in _SPLIT:
             if record.get(key) is None:
                 _refuse(path, f"layers[{i}].{key} (a converted weight)", "an int", record.get(key))
-        if not _is_dims(record["shape"], 1) or not record["shape"]:
-            _refuse(path, f"layers[{i}].shape (a converted weight)", "a non-empty list of ints >= 1", record["shape"])
         if record.get("transposed") and len(record["shape"]) != 2:
             _refuse(path, f"layers[{i}].shape (a transposed weight)", "two dims", record["shape"])
+        if record.get("hot_rows") and record.get("hot_codebook_dim") is None:
+            _refuse(path, f"layers[{i}].hot_codebook_dim (a weight with hot rows)", "an int", None)
 
 
 def _check_info(path: Path, info: Any) -> None:

@@ -37,6 +37,22 @@ json_values = st.recursive(
     | st.sampled_from([-1, 0, 1, 2**31, 2**63, "float32", "U8", "../x", "/../../x", "__class__", "os:abort"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12)
+layer_values = (st.none() | st.booleans() | st.integers(-2, 70_000) | st.sampled_from(["float32", "uint8", "x", ""])
+                | st.lists(st.integers(-1, 70_000), max_size=4) | st.lists(st.text(max_size=3), max_size=3))
+
+
+def _like(value) -> st.SearchStrategy:
+    """Values of the type ``value`` has (a count, a flag, a shape), so the record's type checks pass
+    and its meaning is what gets tested."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, list):
+        return st.lists(st.integers(-1, 300), max_size=4) if all(isinstance(v, int) for v in value) else st.just(value)
+    if isinstance(value, float):
+        return st.floats(allow_nan=False) | st.none()
+    return st.none() | st.integers(-1, 300) | st.sampled_from([65536, 2**40])
+
+
 deep = st.integers(1, 50_000).map(lambda n: json.loads("[" * min(n, 900) + "]" * min(n, 900)) if n < 900 else "deep")
 
 
@@ -95,7 +111,7 @@ class Sample(bytes):
 
 @st.composite
 def checkpoints(draw) -> Sample:
-    kind = draw(st.sampled_from(["bytes", "flip", "json", "header", "tensor", "metadata"]))
+    kind = draw(st.sampled_from(["bytes", "flip", "json", "layer", "config", "header", "tensor", "metadata"]))
     sample = Sample(draw(_contents(kind)))
     sample.how = f"{kind} {draw(st.just(_LAST[0]))}"
     return sample
@@ -120,6 +136,17 @@ def _contents(draw, kind: str) -> bytes:
         value = draw(json_values | deep)
         _LAST[0] = f"{list(path)} = {str(value)[:80]}"
         return _with_info(_replace(INFO, path, value))
+    if kind == "layer":  # fields of one conversion-record entry set to small, plausible-looking values
+        i = draw(st.integers(0, len(INFO["layers"]) - 1))
+        keys = draw(st.lists(st.sampled_from(sorted(INFO["layers"][i])), min_size=1, max_size=3, unique=True))
+        fields = {key: draw(_like(INFO["layers"][i][key]) | layer_values) for key in keys}
+        _LAST[0] = f"layers[{i}] |= {str(fields)[:80]}"
+        return _with_info(_replace(INFO, ("layers", i), {**INFO["layers"][i], **fields}))
+    if kind == "config":  # settings of the saved config set to values of their type: load converts with them
+        keys = draw(st.lists(st.sampled_from(sorted(INFO["config"])), min_size=1, max_size=3, unique=True))
+        fields = {key: draw(_like(INFO["config"][key]) | layer_values) for key in keys}
+        _LAST[0] = f"config |= {str(fields)[:80]}"
+        return _with_info(_replace(INFO, ("config",), {**INFO["config"], **fields}))
     if kind == "header":  # one value anywhere in the safetensors header replaced
         paths = list(_paths(HEADER))[1:]
         path = paths[draw(st.integers(0, len(paths) - 1))]

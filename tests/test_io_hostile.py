@@ -89,7 +89,9 @@ def _edit(key, value):
 @pytest.mark.parametrize("key, value, message", [
     ("layers", "x", r"'layers' must be a list"),
     ("layers.0", "x", r"layers\[0\] must be an object"),
-    ("layers.0.shape", [-3, 3], r"layers\[0\].shape must be a list of ints >= 0, got \[-3, 3\]"),
+    ("layers.0.shape", [-3, 3], r"layers\[0\].shape must be a non-empty list of ints >= 1, got \[-3, 3\]"),
+    ("layers.2.shape", [0, 3], r"layers\[2\].shape must be a non-empty list of ints >= 1, got \[0, 3\]"),
+    ("layers.0.hot_rows", 1, r"layers\[0\].hot_codebook_dim \(a weight with hot rows\) must be an int"),
     ("layers.0.num_codes", 10**9, r"layers\[0\].num_codes must be null or an int in \[2, 65536\]"),
     ("layers.0.num_codebooks", None, r"layers\[0\].num_codebooks \(a converted weight\) must be an int"),
     ("layers.0.dtype", "__class__", r"layers\[0\].dtype must be a torch dtype name"),
