@@ -1,10 +1,12 @@
-"""The optional C++ kernels of the compressed-domain linear (``csrc/rpq_kernels.cpp``).
+"""The optional C++ kernels of rpq_fx (``csrc/rpq_kernels.cpp``): how they are built, found and loaded.
 
-Built on first use with ``torch.utils.cpp_extension.load`` (gcc and ninja; about a minute, once
-per machine: the build is cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), for the CPU it runs on. ``scripts/setup.sh`` builds it ahead of
-time. Where it cannot be built, or with ``RPQ_FX_KERNELS=torch``, rpq_fx computes the same thing
-with stock torch ops (slower): nothing else changes.
+One build per (source, torch version, compiler, flags, CPU capability): the build's name is a hash
+of all of them, so two checkouts or two virtual environments never rebuild each other's kernels.
+Builds go into the virtual environment (``<venv>/var/rpq_fx-kernels``; ``~/.cache/rpq_fx-kernels``
+outside one; ``RPQ_FX_KERNELS_DIR`` overrides). ``scripts/setup.sh`` builds them at set-up; a first
+call that must build says so once on stderr (gcc and ninja: about a minute). Where they cannot be
+built, or with ``RPQ_FX_KERNELS=torch``, rpq_fx computes the same thing with stock torch ops
+(slower); :func:`status` says which, and why.
 
     python -c "import rpq_fx._kernels as k; k.main()"    # build now; say what was built, or why not
 """
@@ -12,6 +14,7 @@ with stock torch ops (slower): nothing else changes.
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -21,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["kernels", "available", "build_error"]
+__all__ = ["kernels", "available", "build_error", "status"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "rpq_kernels.cpp"
 _lock = threading.Lock()
@@ -33,6 +36,8 @@ _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+# reason: scripts/asan.sh runs the op tests on an AddressSanitizer build (issue 19); a build of its own
+_SANITIZE = {"address": (["-fsanitize=address", "-fno-omit-frame-pointer", "-g"], ["-fsanitize=address"])}
 
 
 def _capability() -> str:
@@ -40,6 +45,22 @@ def _capability() -> str:
         return torch.backends.cpu.get_cpu_capability()
     except Exception:  # reason: older torch or a platform without the query: build for the baseline
         return "DEFAULT"
+
+
+def _sanitizer() -> tuple[list[str], list[str]]:
+    """Extra compile and link flags for ``RPQ_FX_SANITIZE`` (only ``address``); none when unset."""
+    name = os.environ.get("RPQ_FX_SANITIZE", "")
+    if name and name not in _SANITIZE:
+        raise ValueError(f"RPQ_FX_SANITIZE must be one of {sorted(_SANITIZE)} or unset, got {name!r}")
+    return _SANITIZE.get(name, ([], []))
+
+
+def _compiler() -> str:
+    """The first line of ``$CXX --version`` (torch builds with ``$CXX``, default ``c++``); raises if there is none."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (install g++, or set CXX)")
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.partition("\n")[0]
 
 
 def _ninja_on_path() -> None:
@@ -51,16 +72,25 @@ def _ninja_on_path() -> None:
                 return
 
 
-# reason: scripts/asan.sh runs the op tests on an AddressSanitizer build (issue 19); a build of its own
-_SANITIZE = {"address": (["-fsanitize=address", "-fno-omit-frame-pointer", "-g"], ["-fsanitize=address"])}
+def _build_root() -> Path:
+    """Where builds go: ``RPQ_FX_KERNELS_DIR``, else inside the virtual environment, else the user's cache."""
+    if os.environ.get("RPQ_FX_KERNELS_DIR"):
+        return Path(os.environ["RPQ_FX_KERNELS_DIR"])
+    if sys.prefix != sys.base_prefix:
+        return Path(sys.prefix) / "var" / "rpq_fx-kernels"
+    return Path.home() / ".cache" / "rpq_fx-kernels"
 
 
-def _sanitizer() -> tuple[list[str], list[str]]:
-    """Extra compile and link flags for ``RPQ_FX_SANITIZE`` (only ``address``); none when unset."""
-    name = os.environ.get("RPQ_FX_SANITIZE", "")
-    if name and name not in _SANITIZE:
-        raise ValueError(f"RPQ_FX_SANITIZE must be one of {sorted(_SANITIZE)} or unset, got {name!r}")
-    return _SANITIZE.get(name, ([], []))
+def _build_spec() -> tuple[str, list[str], list[str]]:
+    """``(name, cflags, ldflags)``: the name hashes everything the binary depends on."""
+    capability = _capability()
+    cflags, ldflags = _sanitizer()
+    cflags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, []), *cflags]
+    ldflags = ["-fopenmp", *ldflags]
+    key = "\0".join([torch.__version__, str(torch.version.git_version), sys.implementation.cache_tag,
+                     _compiler(), *cflags, *ldflags]).encode()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + key).hexdigest()[:12]
+    return f"rpq_fx_kernels_{capability.lower()}_{digest}", cflags, ldflags
 
 
 def _build() -> ModuleType:
@@ -68,21 +98,19 @@ def _build() -> ModuleType:
 
     # reason: importing cpp_extension logs "No CUDA runtime is found" on a CPU-only machine: noise here
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
-    capability = _capability()
-    cflags, ldflags = _sanitizer()
-    flags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, []), *cflags]
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
-    name = f"rpq_fx_kernels_{capability.lower()}_{digest}"
+    name, cflags, ldflags = _build_spec()
+    folder = _build_root() / name
+    folder.mkdir(parents=True, exist_ok=True)
     _ninja_on_path()
-    if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-        print(f"rpq_fx: building the C++ kernels for {capability} (once per machine, about a minute)",
-              file=sys.stderr, flush=True)
+    if not (folder / f"{name}.so").exists():
+        print(f"rpq_fx: building the C++ kernels for {_capability()} into {folder} (once per torch version and "
+              "source, about a minute)", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reason: "No CUDA runtime is found" is noise for a CPU-only build
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp", *ldflags],
-                    verbose=False)
+        return load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                    build_directory=str(folder), verbose=False)
 
 
 def kernels() -> ModuleType | None:
@@ -97,9 +125,8 @@ def kernels() -> ModuleType | None:
                 _state["module"] = _build()
             except Exception as error:  # reason: any build failure means: use the stock-op path
                 _state["module"], _state["error"] = None, f"{type(error).__name__}: {error}"
-                warnings.warn("rpq_fx: the C++ kernels could not be built; the compressed-domain linear runs on "
-                              f"stock torch ops (slower). Cause: {str(error).splitlines()[0][:300]}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn("rpq_fx: the C++ kernels could not be built; rpq_fx runs on stock torch ops "
+                              f"(slower). Cause: {str(error).splitlines()[0][:300]}", RuntimeWarning, stacklevel=2)
     return _state["module"]
 
 
@@ -108,14 +135,23 @@ def available() -> bool:
 
 
 def build_error() -> str | None:
+    """Why the kernels could not be built (None if they were, or were turned off)."""
     kernels()
     return _state.get("error")
 
 
+def status() -> str:
+    """One line for a report: which kernels compute, and where they came from or why not."""
+    module = kernels()
+    if module is not None:
+        return f"C++ kernels for {_capability()} ({module.__file__})"
+    reason = build_error() or "turned off by RPQ_FX_KERNELS=torch"
+    return f"stock torch ops (C++ kernels not available: {reason.splitlines()[0][:300]})"
+
+
 def main() -> None:
     """Build the kernels now (``scripts/setup.sh`` does); exit status 1 if they cannot be built."""
-    module = kernels()
-    if module is None:
-        print(f"rpq_fx C++ kernels: not available ({build_error() or 'RPQ_FX_KERNELS=torch'}); stock torch ops are used")
+    line = status()
+    print(f"rpq_fx: {line}")
+    if kernels() is None:
         sys.exit(1)
-    print(f"rpq_fx C++ kernels: built for {_capability()} ({module.__file__})")

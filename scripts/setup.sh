@@ -12,10 +12,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
 fi
-# The C++ kernels of the compressed-domain linear: built once per machine (about a minute) and cached;
-# where they cannot be built rpq_fx runs on stock torch ops. Rebuilt when their source changes.
+# The C++ kernels: built into .venv (about a minute), keyed by their source, torch version, compiler and
+# flags (rpq_fx/_kernels.py); where they cannot be built rpq_fx runs on stock torch ops. Built again
+# when the source or torch changes.
 kstamp=.venv/.rpq_fx-kernels
-kwant=$(cat rpq_fx/csrc/*.cpp rpq_fx/_kernels.py | sha256sum | cut -d' ' -f1)
+kwant=$(cat rpq_fx/csrc/*.cpp rpq_fx/_kernels.py .venv/lib/python*/site-packages/torch/version.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$kstamp" 2>/dev/null)" != "$kwant" ]; then
   if .venv/bin/python -c "import rpq_fx._kernels as k; k.main()"; then echo "$kwant" > "$kstamp"; else
     echo "setup: the C++ kernels did not build; rpq_fx uses stock torch ops (slower compressed-domain linear)"; fi

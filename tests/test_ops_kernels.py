@@ -1,0 +1,90 @@
+"""How the C++ kernels are built and found (issue 19 item 8, issue 20 item 4).
+
+A build is keyed by everything its binary depends on, so two checkouts or virtual environments
+never rebuild each other's; it goes into the virtual environment; a build says so once; a machine
+without a compiler runs on stock ops and says why.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from rpq_fx import _kernels
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A kernels state of its own (restored afterwards), building into ``tmp_path``."""
+    monkeypatch.setattr(_kernels, "_state", {})
+    monkeypatch.setenv("RPQ_FX_KERNELS_DIR", str(tmp_path))
+    monkeypatch.delenv("RPQ_FX_KERNELS", raising=False)
+    return tmp_path
+
+
+def test_the_build_name_keys_source_torch_compiler_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setattr(_kernels, "_compiler", lambda: "g++ (Debian 12.2.0-14) 12.2.0")
+    base = _kernels._build_spec()[0]
+    assert base == _kernels._build_spec()[0]  # deterministic
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    assert _kernels._build_spec()[0] != base
+    monkeypatch.undo()
+    monkeypatch.setattr(_kernels, "_compiler", lambda: "clang version 19.0.0")
+    assert _kernels._build_spec()[0] != base
+    monkeypatch.setattr(_kernels, "_compiler", lambda: "g++ (Debian 12.2.0-14) 12.2.0")
+    monkeypatch.setenv("RPQ_FX_SANITIZE", "address")
+    name, cflags, ldflags = _kernels._build_spec()
+    assert name != base and "-fsanitize=address" in cflags and "-fsanitize=address" in ldflags
+    monkeypatch.delenv("RPQ_FX_SANITIZE")
+    other = tmp_path / "other.cpp"
+    other.write_bytes(_kernels._SOURCE.read_bytes() + b"\n// another checkout\n")
+    monkeypatch.setattr(_kernels, "_SOURCE", other)
+    assert _kernels._build_spec()[0] != base
+
+
+def test_builds_go_into_the_virtual_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("RPQ_FX_KERNELS_DIR", raising=False)
+    if sys.prefix != sys.base_prefix:
+        assert _kernels._build_root().is_relative_to(sys.prefix)
+    monkeypatch.setenv("RPQ_FX_KERNELS_DIR", str(tmp_path))
+    assert _kernels._build_root() == tmp_path
+
+
+def test_a_bad_sanitizer_name_is_refused(monkeypatch):
+    monkeypatch.setenv("RPQ_FX_SANITIZE", "adress")
+    with pytest.raises(ValueError, match="RPQ_FX_SANITIZE must be one of \\['address'\\]"):
+        _kernels._sanitizer()
+
+
+def test_without_a_compiler_stock_ops_run_and_status_says_why(fresh, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-rpq")
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert _kernels.kernels() is None
+    assert "no C++ compiler: 'no-such-compiler-rpq' is not on PATH" in _kernels.build_error()
+    assert _kernels.status().startswith("stock torch ops (C++ kernels not available: RuntimeError: no C++ compiler")
+    assert not list(fresh.iterdir())  # nothing was attempted
+
+
+def test_turned_off_says_so(fresh, monkeypatch):
+    monkeypatch.setenv("RPQ_FX_KERNELS", "torch")
+    assert _kernels.kernels() is None and _kernels.build_error() is None
+    assert _kernels.status() == "stock torch ops (C++ kernels not available: turned off by RPQ_FX_KERNELS=torch)"
+
+
+def test_a_build_says_so_once(fresh, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    built = []
+
+    def fake_load(name, build_directory, **kwargs):
+        built.append(build_directory)
+        return types.SimpleNamespace(__file__=f"{build_directory}/{name}.so")
+
+    monkeypatch.setattr(_kernels, "_compiler", lambda: "g++ test")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    first = _kernels.kernels()
+    assert _kernels.kernels() is first and len(built) == 1
+    err = capsys.readouterr().err
+    assert err.count("rpq_fx: building the C++ kernels") == 1 and str(fresh) in err
+    assert _kernels.status().startswith("C++ kernels for ")
