@@ -9,16 +9,15 @@ kept too, in ``gm.meta["rpq_mode_graphs"]``, over the same modules.
 import copy
 import inspect
 import sys
-from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from rpq_fx._model import as_args, empty_shell, training_mode
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import RPQGraphModule
 
-from .rewrite import empty_shell
 from .weight_ops import LAYERS, emit_layer_call
 
 __all__ = ["capture", "capture_layer", "capture_call", "capture_export", "RPQTracer"]
@@ -45,18 +44,6 @@ class RPQTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (type(m) in LAYERS or isinstance(m, self.notrace_modules)
                 or super().is_leaf_module(m, module_qualified_name))
-
-
-@contextmanager
-def training_mode(model: nn.Module, training: bool):
-    """``model`` in train or eval mode for the duration, every module's own flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _trace(model: nn.Module) -> fx.Graph:
@@ -133,14 +120,6 @@ def capture_call(module: nn.Module) -> RPQGraphModule:
     return RPQGraphModule({**state, "module": shell}, graph, type(module).__name__)
 
 
-def _as_args(example_inputs) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
 def _dynamic_batch_and_sequence(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """``Dim.AUTO`` on the first two dims of every tensor input: dynamic where the model allows."""
     def dims(value):
@@ -154,7 +133,7 @@ def capture_export(model: nn.Module, example_inputs) -> RPQGraphModule:
     """Capture ``model`` with ``torch.export`` on ``example_inputs`` (a tensor, a tuple of positional
     inputs or a dict of keyword inputs): an aten-level graph, dynamic in batch and sequence where the
     model allows. The graph is fixed to the model's current train/eval mode."""
-    args, kwargs = _as_args(example_inputs)
+    args, kwargs = as_args(example_inputs)
     try:
         try:
             program = torch.export.export(model, args, kwargs,

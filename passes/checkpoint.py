@@ -11,11 +11,9 @@ from torch import nn
 
 from rpq_fx.graph_module import graphs_of
 
-__all__ = ["insert_checkpoints", "is_expansion"]
+from .rewrite import is_expansion
 
-
-def is_expansion(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops.rpq_fx.expand.default
+__all__ = ["insert_checkpoints"]
 
 
 def _chain(expand: fx.Node) -> list[fx.Node]:

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.ops import hot_embedding
 
+from .rewrite import is_expansion
+
 __all__ = ["fuse"]
 
 aten = torch.ops.aten
-_EXPAND = torch.ops.rpq_fx.expand.default
 _LINEAR = torch.ops.rpq_fx.linear.default
 _EMBEDDING = torch.ops.rpq_fx.embedding.default
 
@@ -154,7 +155,7 @@ def fuse(gm: fx.GraphModule) -> int:
     returns how many were fused."""
     fused = 0
     for graph in graphs_of(gm):
-        for expansion in [n for n in graph.nodes if n.op == "call_function" and n.target is _EXPAND]:
+        for expansion in [n for n in graph.nodes if is_expansion(n)]:
             hot = _hot_part(expansion)
             call = _fusable(gm, expansion, hot)
             if call is None:

@@ -10,13 +10,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from rpq_fx._model import empty_shell
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import RPQWeight
 
 from .plan import LayerPlan, parameter_at
 from .weight_ops import LAYERS, emit_layer_call, layer_arguments
 
-__all__ = ["rewrite", "new_weights", "empty_shell"]
+__all__ = ["rewrite", "new_weights", "is_expansion"]
 
 
 def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
@@ -43,6 +44,11 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
                                     zero_rows=plan.padding_rows)
         weight.requires_grad_(plan.param.requires_grad)
     return weights
+
+
+def is_expansion(node: fx.Node) -> bool:
+    """Whether ``node`` expands an RPQ weight (``rpq_fx::expand``, as :func:`rewrite` writes it)."""
+    return node.op == "call_function" and node.target is torch.ops.rpq_fx.expand.default
 
 
 def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
@@ -115,15 +121,6 @@ def _container(state: dict[str, nn.Module | torch.Tensor]) -> nn.Module:
         else:
             owner.register_buffer(leaf, value)
     return container
-
-
-def empty_shell(module: nn.Module) -> nn.Module:
-    """``module`` with every parameter and buffer set to None, for ``functional_call`` to fill: it
-    keeps its code, hyper-parameters and train/eval flag, and holds no tensor of its own."""
-    for owner in module.modules():
-        owner._parameters.update(dict.fromkeys(owner._parameters))
-        owner._buffers.update(dict.fromkeys(owner._buffers))
-    return module
 
 
 def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor) -> fx.Node:

@@ -12,9 +12,10 @@ from .convert import RPQ, convert
 from .decompress import decompress
 from .errors import RPQConversionError
 from .export import export_graph
-from .finetune import distillation_loss, finetune, float32_codebooks, param_groups
+from .finetune import finetune, float32_codebooks, param_groups
 from .graph_module import RPQGraphModule
 from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, save, save_dense
+from .loss import distillation_loss
 from .onnx_export import export_onnx
 from .passes import register_layer
 from .report import Report, model_size, report

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._model import model_device, run_inputs, training_mode
 from .config import SIZE_SETTINGS, SPLITS, RPQConfig
 from .convert import FilterFn, convert
 from .decompress import decompress
-from .finetune import default_loss, mean_loss
-from .fit.calibrate import run_inputs
-from .passes import training_mode
+from .loss import default_loss, mean_loss
 from .report import report
 
 __all__ = ["allocate", "size_costs", "SizeCosts", "SizeOption", "DEFAULT_SIZES"]
@@ -121,7 +120,7 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
         raise ValueError("allocate: validation is empty; the costs are measured on it")
     base = config or RPQConfig(codebook_dim=4, shared_codebooks=True, init="kmeans")
     candidates = [RPQConfig(**RPQConfig._apply(base.to_dict(), size)) for size in sizes]
-    device = next((p.device for p in model.parameters()), None)
+    device = model_device(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     options: dict[str, list[SizeOption]] = {}
     values: dict[str, int] = {}

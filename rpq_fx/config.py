@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RPQConfig", "LayerSettings", "DAMP"]
+__all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM"]
 
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
 # what sets a weight's stored size
@@ -15,6 +15,7 @@ SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "ho
 _OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "damp", "asymmetric", "skip")
 INITS = ("random", "kmeans")
 DAMP = 0.01  # GPTQ's default damping of a calibrated fit's H (RPQConfig.damp)
+RPQ_MAX_CODEBOOK_DIM = 64  # rpq_fx.RPQ's (and the CLI's) default split: codewords of at most 64 values
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import RPQConfig
+from .config import RPQ_MAX_CODEBOOK_DIM, RPQConfig
 from .errors import RPQConversionError
 from .fit import fit_weights
 from .graph_module import RPQGraphModule
@@ -203,7 +203,8 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
 
 
 def RPQ(model: nn.Module, **kwargs) -> nn.Module:
-    """``net = RPQ(net)``: :func:`convert` with RPQ defaults (codewords of at most 64 values)."""
+    """``net = RPQ(net)``: :func:`convert` with RPQ defaults (codewords of at most
+    ``RPQ_MAX_CODEBOOK_DIM`` = 64 values)."""
     if not {"num_codebooks", "codebook_dim", "max_codebook_dim", "config"} & kwargs.keys():
-        kwargs["max_codebook_dim"] = 64
+        kwargs["max_codebook_dim"] = RPQ_MAX_CODEBOOK_DIM
     return convert(model, **kwargs)

@@ -13,12 +13,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._model import model_device, run_inputs, training_mode
 from .config import check_int
-from .fit.calibrate import drop_padding, padding_mask, run_inputs
+from .fit.calibrate import padding_mask
+from .loss import default_loss, distillation_loss, mean_loss, model_output
 from .nn.weight import RPQWeight
-from .passes import training_mode
 
-__all__ = ["param_groups", "float32_codebooks", "finetune", "distillation_loss"]
+__all__ = ["param_groups", "float32_codebooks", "finetune"]
 
 
 def _uses_per_codeword(weight: RPQWeight) -> float:
@@ -73,31 +74,6 @@ def float32_codebooks(model: nn.Module):
             codebooks.grad = None
 
 
-def _output(value) -> Tensor:
-    """The tensor to match in a model's output: itself, a ModelOutput's logits or last hidden state,
-    or the first tensor of a tuple."""
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, dict):  # transformers' ModelOutput is a dict
-        for key in ("logits", "last_hidden_state"):
-            if value.get(key) is not None:
-                return value[key]
-        value = list(value.values())
-    if isinstance(value, (tuple, list)) and value:
-        return _output(value[0])
-    raise TypeError(f"finetune: cannot find a tensor to distil in an output of type {type(value).__name__}; "
-                    "pass loss= a function of the two outputs")
-
-
-def distillation_loss(student, teacher, mask: Tensor | None = None) -> Tensor:
-    """Mean squared error of the student's output tensor, relative to the teacher's mean square;
-    ``mask [batch, length]`` (an attention mask) leaves the padding positions out."""
-    s, t = _output(student), _output(teacher)
-    keep = None if mask is None else mask.bool()
-    s, t = drop_padding(s, keep), drop_padding(t, keep)
-    return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
-
-
 class _Outputs:
     """Forward hooks keeping the outputs of the named submodules of a model, in call order; removed
     when the ``with`` block that holds them ends."""
@@ -111,7 +87,7 @@ class _Outputs:
             except AttributeError:
                 raise ValueError(f"finetune: the {which} has no submodule '{name}' (layers=)") from None
             self.handles.append(module.register_forward_hook(
-                lambda m, args, out, name=name: self.values.__setitem__(name, _output(out))))
+                lambda m, args, out, name=name: self.values.__setitem__(name, model_output(out))))
 
     def take(self, names: Sequence[str], which: str) -> list[Tensor]:
         missing = [name for name in names if name not in self.values]
@@ -144,18 +120,6 @@ class _Best:
         with torch.no_grad():
             for p, value in zip(self.params, self.values or ()):
                 p.copy_(value)
-
-
-def mean_loss(model: nn.Module, items: Sequence, targets: list, loss: Callable, device,
-              replaced: dict[str, Tensor] | None = None) -> float:
-    """``loss(output, target, item)`` over ``items``, without grad; ``replaced`` parameters swapped in."""
-    with torch.no_grad():
-        return sum(float(loss(run_inputs(model, x, device, replaced), t, x)) for x, t in zip(items, targets)) / len(items)
-
-
-def default_loss(student, teacher, item) -> Tensor:
-    """:func:`distillation_loss` with an item's padding positions (its ``attention_mask``) left out."""
-    return distillation_loss(student, teacher, padding_mask(item))
 
 
 def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int = 100, lr: float = 1e-4,
@@ -195,7 +159,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
           _Outputs(model, layers, "converted model") as student_layers,
           _Outputs(teacher, layers, "teacher") as teacher_layers):
         optimizer = optimizer or torch.optim.AdamW(param_groups(model, lr, train_dense=train_dense))
-        device = next((p.device for p in model.parameters()), None)
+        device = model_device(model)
         targets: dict[int, tuple] = {}
         losses = []
         best = _Best([p for group in optimizer.param_groups for p in group["params"]])
