@@ -333,3 +333,63 @@ def test_hot_row_index_out_of_range_is_refused(tmp_path):
     path = craft(tmp_path / "m.safetensors", source=source, tensors={"0.weight.hot_index": index})
     with pytest.raises(RPQCheckpointError, match=r"0.weight.hot_index: value 600 is out of range: must be in \[0, 600\)"):
         rpq_fx.load(build(), path)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import rpq_fx, rpq_fx.io
+from test_io_format1 import FIXTURE, Format1Net
+
+def killed(tensors, path, metadata):  # half a file written, then the process is killed
+    open(path, "wb").write(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+model = rpq_fx.load(Format1Net(), FIXTURE)
+rpq_fx.io.save_file = killed
+rpq_fx.save(model, {path!r})
+"""
+
+KILLED_CONVERT = """
+import os, signal, sys
+import rpq_fx
+from rpq_fx import cli
+
+def killed(*args, **kwargs):  # the checkpoint is saved, the report not yet
+    os.kill(os.getpid(), signal.SIGKILL)
+
+rpq_fx.report = killed
+sys.path.insert(0, {folder!r})
+cli.main(["convert", "tiny:build", "--codebook-dim", "4", "--no-graph", "--quiet", "--out", {out!r}])
+"""
+
+
+def _killed(script: str) -> None:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_loadable_and_the_next_save_cleans_up(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _killed(KILLED_WRITER.format(tests=str(Path(__file__).parent), path=str(path)))
+    assert not path.exists(), "a killed save leaves nothing under the checkpoint's name"
+    assert len(list(tmp_path.glob(".m.safetensors.tmp-*"))) == 1
+    rpq_fx.save(rpq_fx.load(Format1Net(), FIXTURE), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_convert_killed_after_saving_keeps_the_previous_runs_outputs_together(capsys, tmp_path, monkeypatch):
+    (tmp_path / "tiny.py").write_text("from torch import nn\ndef build():\n    return nn.Sequential(nn.Linear(16, 300))\n")
+    out = tmp_path / "out"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("tiny", None)
+    assert run(capsys, "convert", "tiny:build", "--codebook-dim", "8", "--no-graph", "--quiet", "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _killed(KILLED_CONVERT.format(folder=str(tmp_path), out=str(out)))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
+    assert len(list(out.glob(".rpq-fx-partial-*"))) == 1, "the killed run's work stays hidden"
+    assert run(capsys, "convert", "tiny:build", "--codebook-dim", "4", "--no-graph", "--quiet", "--out", out)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md"]
+    assert rpq_fx.checkpoint_info(out / "model.safetensors")["config"]["codebook_dim"] == 4
