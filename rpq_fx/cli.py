@@ -125,7 +125,8 @@ def build_model(spec: str, *, meta: bool = False):
             except SystemExit as stop:
                 # reason: sys.exit inside the user's code would end rpq-fx with its status, 0 included,
                 # having written nothing
-                raise CLIError(f"model spec {spec!r} called sys.exit({stop.code!r}) instead of returning a model") from None
+                raise CLIError(f"model spec {spec!r} called sys.exit({stop.code!r}) instead of returning "
+                               "a model") from None
     if not isinstance(model, nn.Module):
         raise CLIError(f"model spec {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -314,7 +315,8 @@ def _cmd_inspect(args) -> int:
             rep = checkpoint_report(path)
             (out / "report.md").write_text(rep.to_markdown() + "\n")
             (out / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
-            names = {mode: "code.py" if len(info["code"]) == 1 else f"code_{_file_name(mode)}.py" for mode in info["code"]}
+            names = {mode: "code.py" if len(info["code"]) == 1 else f"code_{_file_name(mode)}.py"
+                     for mode in info["code"]}
             if len(set(names.values())) < len(names):
                 names = {mode: f"code_{i}.py" for i, mode in enumerate(info["code"])}
             for mode, code in info["code"].items():

@@ -348,8 +348,8 @@ def _check_entries(path: Path, header: dict[str, Any]) -> int:
     end = 0
     for begin, stop in sorted(spans):
         if begin != end:
-            raise RPQCheckpointError(f"{path}: damaged or crafted file: tensor data {'overlap' if begin < end else 'has a gap'} "
-                                     f"at byte {min(begin, end)}")
+            problem = "overlap" if begin < end else "has a gap"
+            raise RPQCheckpointError(f"{path}: damaged or crafted file: tensor data {problem} at byte {min(begin, end)}")
         end = stop
     return end
 
@@ -785,7 +785,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     record = conversion_record(gm)
     _check_converted(path, gm, record, info, check_forward)
     saved = {r["name"]: r for r in info["layers"]}
-    layers = tuple(dataclasses.replace(layer, **{k: saved[layer.name][k] for k in _HOW_FILLED & saved[layer.name].keys()})
+    layers = tuple(dataclasses.replace(layer, **{k: v for k, v in saved[layer.name].items() if k in _HOW_FILLED})
                    for layer in record.layers)
     attach_record(gm, ConversionRecord(config, layers, record.path))
     expected = _tensors(gm)
