@@ -85,7 +85,8 @@ class RPQConfig:
     ``hot_codebook_dim`` values per codeword. ``overrides`` maps fnmatch patterns, tried
     against a weight's name (``"blocks.0.mlp.fc1.weight"``) and its layer's name
     (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the layers they match
-    (later patterns win); ``{"skip": True}`` leaves a layer dense.
+    (later patterns win); ``{"skip": True}`` leaves a layer dense. ``convert`` warns about a pattern
+    that matches no weight or layer name (a typo), and raises under ``strict=True``.
     """
 
     num_codebooks: int | None = None

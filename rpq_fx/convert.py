@@ -153,8 +153,8 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
 
     Exactly one of ``num_codebooks``, ``codebook_dim`` or ``max_codebook_dim`` sets how each weight
     row is split (or ``config`` does, with per-layer overrides). ``filter_fn(layer_or_weight, name)``
-    picks layers: it is asked about every layer that reads a weight (each, for a tied weight), and
-    the weight is converted only if it accepts them all. Layers that cannot be converted stay dense
+    picks layers: it is asked about every layer that reads a weight (each, for a tied weight) and
+    must answer True or False; the weight is converted only if it accepts them all. Layers that cannot be converted stay dense
     and are listed by :func:`report`; ``strict=True`` raises instead. ``checkpoint=True`` recomputes
     each expanded weight in backward.
 
@@ -178,7 +178,9 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
 
     The input model is left untouched unless ``inplace=True``, which moves its modules into the
     result and deletes its converted weights (the input is then consumed). Converting a model
-    that already holds RPQ weights is an error.
+    that already holds RPQ weights is an error. Random draws come from generators seeded by
+    ``seed``, never from torch's global generator; a weight with ``requires_grad=False`` gets
+    frozen codebooks. Layer types of your own: :func:`register_layer`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
