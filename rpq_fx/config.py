@@ -107,7 +107,8 @@ class RPQConfig:
 
     def __post_init__(self):
         if not isinstance(self.overrides, dict):
-            raise ValueError(f"RPQConfig.overrides must be a dict of fnmatch patterns to settings, got {self.overrides!r}")
+            raise ValueError(f"RPQConfig.overrides must be a dict of fnmatch patterns to settings, "
+                             f"got {self.overrides!r}")
         for pattern in self.overrides:
             if not isinstance(pattern, str):
                 raise ValueError(f"RPQConfig.overrides: keys must be str fnmatch patterns of weight or layer names, "

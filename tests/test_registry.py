@@ -145,4 +145,5 @@ class Deep(Dense):
 def test_rows_last_on_a_weight_that_is_not_2d_stays_dense_and_says_why():
     rpq_fx.register_layer(Deep, weight="kernel", rows="last")
     plan = rpq_fx.convert(nn.Sequential(Deep()), **SETTINGS, progress=False).rpq_layers[0]
-    assert not plan.converted and plan.reason == "registered with rows='last', which needs a 2-D weight, not [300, 4, 4]"
+    assert not plan.converted
+    assert plan.reason == "registered with rows='last', which needs a 2-D weight, not [300, 4, 4]"
