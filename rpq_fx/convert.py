@@ -155,8 +155,8 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     row is split (or ``config`` does, with per-layer overrides). ``filter_fn(layer_or_weight, name)``
     picks layers: it is asked about every layer that reads a weight (each, for a tied weight) and
     must answer True or False; the weight is converted only if it accepts them all. Layers that
-    cannot be converted stay dense and are listed by :func:`report`; ``strict=True`` raises instead. ``checkpoint=True`` recomputes
-    each expanded weight in backward.
+    cannot be converted stay dense and are listed by :func:`report`; ``strict=True`` raises instead.
+    ``checkpoint=True`` recomputes each expanded weight in backward.
 
     ``init="random"`` (the RPQ default) draws codes and codebooks for training from scratch;
     ``init="kmeans"`` fits them to the model's trained weights (product quantization, k-means per
