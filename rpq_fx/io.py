@@ -316,12 +316,31 @@ def _is_str_map(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
 
 
+_MAX_DEPTH = 16  # the format nests 5 deep (config -> overrides -> pattern -> values); readers recurse on it
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` (parsed JSON) nests, found without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def _json(path: Path, text: str | bytes, what: str) -> Any:
+    """``text`` parsed, at most ``_MAX_DEPTH`` deep: json.dumps, deepcopy and the report recurse on it."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         # reason: deep nesting raises RecursionError from the parser; it is a damaged file like any other
         raise RPQCheckpointError(f"{path}: damaged {what} ({type(error).__name__}: {str(error)[:80]})") from None
+    if _depth(value) > _MAX_DEPTH:
+        raise RPQCheckpointError(f"{path}: damaged or crafted file: its {what} nests {_depth(value)} deep "
+                                 f"(at most {_MAX_DEPTH} accepted)")
+    return value
 
 
 def _check_entries(path: Path, header: dict[str, Any]) -> int:

@@ -111,7 +111,7 @@ class Sample(bytes):
 
 @st.composite
 def checkpoints(draw) -> Sample:
-    kind = draw(st.sampled_from(["bytes", "flip", "json", "layer", "config", "header", "tensor", "metadata"]))
+    kind = draw(st.sampled_from(["bytes", "flip", "json", "layer", "config", "free", "header", "tensor", "metadata"]))
     sample = Sample(draw(_contents(kind)))
     sample.how = f"{kind} {draw(st.just(_LAST[0]))}"
     return sample
@@ -147,6 +147,12 @@ def _contents(draw, kind: str) -> bytes:
         fields = {key: draw(_like(INFO["config"][key]) | layer_values) for key in keys}
         _LAST[0] = f"config |= {str(fields)[:80]}"
         return _with_info(_replace(INFO, ("config",), {**INFO["config"], **fields}))
+    if kind == "free":  # nested or odd values where the format holds free-form JSON: readers must not choke
+        where = draw(st.sampled_from([("config", "overrides", "x"), ("extra",), ("layers", 0, "extra"),
+                                      ("architecture", "extra")]))
+        value = draw(json_values | deep | st.integers(1, 990).map(lambda n: json.loads("[" * n + "]" * n)))
+        _LAST[0] = f"{list(where)} = {str(value)[:80]}"
+        return _with_info(_replace(INFO, where, value))
     if kind == "header":  # one value anywhere in the safetensors header replaced
         paths = list(_paths(HEADER))[1:]
         path = paths[draw(st.integers(0, len(paths) - 1))]

@@ -120,6 +120,19 @@ def test_deeply_nested_json_is_a_checkpoint_error(tmp_path):
         rpq_fx.checkpoint_info(path)
 
 
+@pytest.mark.parametrize("depth", [20, 500, 990])
+def test_nesting_below_the_parsers_limit_is_refused_before_a_reader_recurses_on_it(capsys, tmp_path, depth):
+    def edit(info):
+        info["config"]["overrides"] = {"x": json.loads("[" * depth + "]" * depth)}
+
+    path = craft(tmp_path / "m.safetensors", edit=edit)
+    refused = r"rpq_fx metadata (nests \d+ deep \(at most 16 accepted\)|\(RecursionError)"  # by us or the parser
+    with pytest.raises(RPQCheckpointError, match=refused):
+        rpq_fx.checkpoint_info(path)
+    code, _, stderr = run(capsys, "inspect", path, "--out", tmp_path / "out", "--quiet")
+    assert code == 1 and re.search(refused, stderr)
+
+
 @pytest.mark.parametrize("header, message", [
     ({"__metadata__": "x"}, r"__metadata__ must be an object of strings"),
     ({"__metadata__": {"format": 3}}, r"__metadata__ must be an object of strings"),
