@@ -120,7 +120,7 @@ def test_deeply_nested_json_is_a_checkpoint_error(tmp_path):
         rpq_fx.checkpoint_info(path)
 
 
-@pytest.mark.parametrize("depth", [20, 500, 990])
+@pytest.mark.parametrize("depth", [20, 500, 800])
 def test_nesting_below_the_parsers_limit_is_refused_before_a_reader_recurses_on_it(capsys, tmp_path, depth):
     def edit(info):
         info["config"]["overrides"] = {"x": json.loads("[" * depth + "]" * depth)}
