@@ -270,3 +270,11 @@ def test_python_m_and_console_script(tmp_path):
 def test_built_models_are_on_meta_when_asked(models):
     assert cli.build_model("cli_models:net", meta=True).fc1.weight.is_meta
     assert isinstance(cli.build_model("timm:test_vit"), torch.nn.Module)
+
+
+@pytest.mark.parametrize("command", ["report", "inspect"])
+def test_help_says_what_the_checksums_guarantee(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "they prove integrity, not who wrote it" in text and "no code the file names is run" in text

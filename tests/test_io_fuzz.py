@@ -203,6 +203,7 @@ def peak_memory():
     assert grown_mib < 1024, f"the fuzz raised the process's peak memory by {grown_mib:.0f} MiB"
 
 
+@pytest.mark.filterwarnings("ignore:convert. RPQConfig.overrides patterns")  # crafted configs name no layer
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(raw=checkpoints())
 def test_any_file_is_read_or_refused_with_a_checkpoint_error(peak_memory, raw):
