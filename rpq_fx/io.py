@@ -217,8 +217,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
     The file holds each parameter and buffer once (codebooks, uint8/int16 codes, dense leftovers),
     so it is ``model_size(model)`` MiB plus a few KiB of JSON metadata: the config, the conversion
     record, the architecture fingerprint, the generated code and a SHA-256 per tensor. ``spec``
-    (e.g. ``"timm:resnet18"``) records how to build the original architecture again, for
-    ``rpq-fx inspect``. Load it with :func:`load`.
+    (e.g. ``"timm:resnet18"``) records how to build the original architecture again, for people:
+    ``rpq-fx inspect`` shows it and never builds it. Load the file with :func:`load`.
     """
     record = conversion_record(model) if isinstance(model, nn.Module) else None
     if record is None:
