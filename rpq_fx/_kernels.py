@@ -1,12 +1,16 @@
 """The optional C++ kernels of rpq_fx (``csrc/rpq_kernels.cpp``): how they are built, found and loaded.
 
+The kernels register themselves with the dispatcher as the CPU implementations of the ``rpq_fx``
+ops (``TORCH_LIBRARY_IMPL``), so loading them is all it takes: ``torch.ops.rpq_fx.*`` then reaches
+them for CPU tensors. :mod:`rpq_fx.ops` loads them when it is imported.
+
 One build per (source, torch version, compiler, flags, CPU capability): the build's name is a hash
 of all of them, so two checkouts or two virtual environments never rebuild each other's kernels.
 Builds go into the virtual environment (``<venv>/var/rpq_fx-kernels``; ``~/.cache/rpq_fx-kernels``
-outside one; ``RPQ_FX_KERNELS_DIR`` overrides). ``scripts/setup.sh`` builds them at set-up; a first
-call that must build says so once on stderr (gcc and ninja: about a minute). Where they cannot be
-built, or with ``RPQ_FX_KERNELS=torch``, rpq_fx computes the same thing with stock torch ops
-(slower); :func:`status` says which, and why.
+outside one; ``RPQ_FX_KERNELS_DIR`` overrides). ``scripts/setup.sh`` builds them at set-up; a load
+that must build says so once on stderr (gcc and ninja: about a minute). Where they cannot be
+built, or with ``RPQ_FX_KERNELS=torch`` at import, rpq_fx computes the same thing with stock torch
+ops (slower); :func:`status` says which, and why.
 
     python -c "import rpq_fx._kernels as k; k.main()"    # build now; say what was built, or why not
 """
@@ -20,11 +24,12 @@ import sysconfig
 import threading
 import warnings
 from pathlib import Path
-from types import ModuleType
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 
-__all__ = ["kernels", "available", "build_error", "status"]
+__all__ = ["load", "available", "serving", "suspended", "kernels", "build_error", "status"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "rpq_kernels.cpp"
 _lock = threading.Lock()
@@ -93,12 +98,13 @@ def _build_spec() -> tuple[str, list[str], list[str]]:
     return f"rpq_fx_kernels_{capability.lower()}_{digest}", cflags, ldflags
 
 
-def _build() -> ModuleType:
+def _build() -> str:
+    """Build (if needed) and load the kernels into the dispatcher; the shared library's path."""
     import logging
 
     # reason: importing cpp_extension logs "No CUDA runtime is found" on a CPU-only machine: noise here
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load as build_and_load
 
     name, cflags, ldflags = _build_spec()
     folder = _build_root() / name
@@ -109,49 +115,78 @@ def _build() -> ModuleType:
               "source, about a minute)", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reason: "No CUDA runtime is found" is noise for a CPU-only build
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-                    build_directory=str(folder), verbose=False)
+        return build_and_load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                              build_directory=str(folder), is_python_module=False, verbose=False)
 
 
-def kernels() -> ModuleType | None:
-    """The built extension, building it on first call; None where it cannot be built or is turned off."""
-    if os.environ.get("RPQ_FX_KERNELS", "").lower() == "torch":
-        return None
-    if "module" in _state:
-        return _state["module"]
+def _turned_off() -> bool:
+    return os.environ.get("RPQ_FX_KERNELS", "").lower() == "torch"
+
+
+def load() -> str | None:
+    """Load the kernels (building them first if needed), once; their path, or None where they cannot be
+    built or ``RPQ_FX_KERNELS=torch`` turns them off."""
+    if "path" in _state:
+        return _state["path"]
     with _lock:
-        if "module" not in _state:
+        if "path" not in _state:
+            if _turned_off():
+                _state["path"] = None
+                return None
             try:
-                _state["module"] = _build()
+                _state["path"] = _build()
             except Exception as error:  # reason: any build failure means: use the stock-op path
-                _state["module"], _state["error"] = None, f"{type(error).__name__}: {error}"
+                _state["path"], _state["error"] = None, f"{type(error).__name__}: {error}"
                 warnings.warn("rpq_fx: the C++ kernels could not be built; rpq_fx runs on stock torch ops "
                               f"(slower). Cause: {str(error).splitlines()[0][:300]}", RuntimeWarning, stacklevel=2)
-    return _state["module"]
+    return _state["path"]
 
 
 def available() -> bool:
-    return kernels() is not None
+    """Whether the kernels are loaded (they stay registered for the life of the process)."""
+    return _state.get("path") is not None
+
+
+def serving() -> bool:
+    """Whether CPU calls reach the C++ kernels now: loaded, and not :func:`suspended`."""
+    return _state.get("path") is not None and not _state.get("suspended", 0)
+
+
+@contextmanager
+def suspended():
+    """Marks the kernels as not serving (``rpq_fx.ops.stock_ops`` registers stock kernels over them)."""
+    _state["suspended"] = _state.get("suspended", 0) + 1
+    try:
+        yield
+    finally:
+        _state["suspended"] -= 1
+
+
+def kernels() -> SimpleNamespace | None:
+    """The kernels that have no op of their own in :mod:`rpq_fx.ops` (``nearest``, the k-means assignment),
+    or None where the kernels are not loaded or ``RPQ_FX_KERNELS=torch`` is set now."""
+    if _turned_off() or load() is None:
+        return None
+    return SimpleNamespace(nearest=torch.ops.rpq_fx._nearest.default, __file__=_state["path"])
 
 
 def build_error() -> str | None:
     """Why the kernels could not be built (None if they were, or were turned off)."""
-    kernels()
+    load()
     return _state.get("error")
 
 
 def status() -> str:
     """One line for a report: which kernels compute, and where they came from or why not."""
-    module = kernels()
-    if module is not None:
-        return f"C++ kernels for {_capability()} ({module.__file__})"
+    path = load()
+    if path is not None:
+        return f"C++ kernels for {_capability()} ({path})"
     reason = build_error() or "turned off by RPQ_FX_KERNELS=torch"
     return f"stock torch ops (C++ kernels not available: {reason.splitlines()[0][:300]})"
 
 
 def main() -> None:
     """Build the kernels now (``scripts/setup.sh`` does); exit status 1 if they cannot be built."""
-    line = status()
-    print(f"rpq_fx: {line}")
-    if kernels() is None:
+    print(f"rpq_fx: {status()}")
+    if not available():
         sys.exit(1)

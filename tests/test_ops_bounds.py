@@ -5,6 +5,8 @@ number of codewords (uint8 with K < 256, int16 read as unsigned), codes of anoth
 that do not fit together and indices out of range, with an error that names the op and the value.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,16 +16,19 @@ import rpq_fx.ops as ops
 from rpq_fx import _kernels
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True,
-                # reason: the backend fixture only sets an environment variable, the same for every example
+                # reason: the backend fixture only picks the kernels, the same for every example
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
     not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}"))]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("RPQ_FX_KERNELS", request.param)
-    return request.param
+def backend(request):
+    if request.param == "cpp":
+        yield request.param
+        return
+    with ops.stock_ops():
+        yield request.param
 
 
 def _stored(value: int, num_codes: int) -> int:
@@ -111,7 +116,7 @@ def test_every_op_rejects_codes_of_another_dtype(backend, dtype):
     codebooks = torch.randn(2, 16, 3)
     codes = torch.ones(2, 5, dtype=dtype)
     for name, call in _calls(codebooks, codes, 0).items():
-        with pytest.raises(TypeError, match=rf"codes must be uint8 or int16, got {dtype}"):
+        with pytest.raises(TypeError, match=rf"rpq_fx \w+: codes must be uint8 or int16, got (torch\.)?\w+"):
             call()
 
 
@@ -186,23 +191,24 @@ def test_hot_embedding_rejects_a_hot_index_of_another_length():
         ops.hot_embedding(torch.tensor([1]), codebooks, codes, torch.tensor([0, 3, 4], dtype=torch.int32), 5)
 
 
-@pytest.mark.skipif(not _kernels.available(), reason="C++ kernels not built")
-def test_the_kernels_check_what_they_read_directly():
-    """The compiled functions, called without the Python op around them, refuse bad input too."""
-    fast = _kernels.kernels()
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_the_kernel_ops_check_what_they_read(backend_name):
+    """The kernel-level ops, called without the op around them (C++ on the CPU, or stock), refuse bad input too."""
     codebooks, codes = torch.randn(3, 16, 4), torch.full((3, 5), 16, dtype=torch.uint8)
     x = torch.randn(2, 12)
-    with pytest.raises(IndexError, match="rpq_fx expand: code 16"):
-        fast.expand(codebooks, codes)
-    with pytest.raises(IndexError, match="rpq_fx expand_backward: code 16"):
-        fast.expand_backward(torch.randn(5, 12), codes, 3, 16)
-    with pytest.raises(IndexError, match="rpq_fx linear_forward: code 16"):
-        fast.linear_forward(x, codebooks, codes)
-    with pytest.raises(IndexError, match="rpq_fx linear_backward: code 16"):
-        fast.linear_backward(torch.randn(2, 5), x, codebooks, codes, True, True)
-    with pytest.raises(RuntimeError, match="2 codebooks for 3 slices"):
-        fast.expand_backward(torch.randn(5, 12), codes.clamp_max(3), 2, 16)
-    with pytest.raises(RuntimeError, match="grad \\[N, C\\*d\\]"):
-        fast.expand_backward(torch.randn(5, 12), codes[:0], 1, 16)
-    with pytest.raises(RuntimeError, match="run on the CPU, x is on meta"):
-        fast.nearest(torch.empty(2, 3, 4, device="meta"), torch.empty(2, 5, 4, device="meta"))
+    with (ops.stock_ops() if backend_name == "torch" else contextlib.nullcontext()):
+        with pytest.raises(IndexError, match="rpq_fx expand: code 16"):
+            torch.ops.rpq_fx.expand(codebooks, codes)
+        with pytest.raises(IndexError, match="rpq_fx expand_backward: code 16"):
+            torch.ops.rpq_fx._expand_backward_add(torch.zeros(3, 16, 4), torch.randn(5, 12), codes)
+        with pytest.raises(IndexError, match="rpq_fx linear\\w*: code 16"):
+            torch.ops.rpq_fx._linear_compressed(x, codebooks, codes)
+        with pytest.raises(IndexError, match="rpq_fx linear_backward: code 16"):
+            torch.ops.rpq_fx._linear_compressed_backward(torch.randn(2, 5), x, codebooks, codes, True, True)
+    if backend_name == "cpp":
+        with pytest.raises(RuntimeError, match="2 codebooks for 3 slices"):
+            torch.ops.rpq_fx._expand_backward_add(torch.zeros(2, 16, 4), torch.randn(5, 12), codes.clamp_max(3))
+        with pytest.raises(RuntimeError, match="grad \\[N, C\\*d\\]"):
+            torch.ops.rpq_fx._expand_backward_add(torch.zeros(1, 16, 4), torch.randn(5, 12), codes[:0])
+        with pytest.raises(RuntimeError, match="_nearest: attempted to run this operator with Meta tensors"):
+            _kernels.kernels().nearest(torch.empty(2, 3, 4, device="meta"), torch.empty(2, 5, 4, device="meta"))

@@ -3,7 +3,7 @@
 The reference builds the dense weight with its own indexing (unsigned int64 codes kept by the test)
 and calls ``F.linear`` / ``F.embedding``. Both ways of computing a linear layer (``path="compressed"``,
 which never builds the weight, and ``path="expand"``) and both implementations of the compressed one
-(the C++ kernels and the stock-op fallback, ``RPQ_FX_KERNELS=torch``) are checked.
+(the C++ kernels and the stock-op fallback, :func:`rpq_fx.ops.stock_ops`) are checked.
 """
 
 import pytest
@@ -15,20 +15,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import rpq_fx.ops as ops
+from rpq_fx.ops import library, policy
 from rpq_fx import _kernels
 from rpq_fx.ops import choose_path, embedding, linear, linear_backward
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True,
-                # reason: the backend fixture only sets an environment variable, the same for every example
+                # reason: the backend fixture only picks the kernels, the same for every example
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
     not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}"))]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("RPQ_FX_KERNELS", request.param)
-    return request.param
+def backend(request):
+    if request.param == "cpp":
+        yield request.param
+        return
+    with ops.stock_ops():
+        yield request.param
 
 
 # --------------------------------------------------------------------------- reference helpers
@@ -156,10 +160,10 @@ def test_paths_agree_on_a_realistic_layer(backend):
 @pytest.mark.parametrize("shared,bias", [(False, True), (True, False)])
 def test_expand_path_in_row_blocks_matches_reference(backend, monkeypatch, shared, bias):
     """The expand path builds the weight a block of rows at a time; force many small blocks."""
-    monkeypatch.setattr(ops, "_EXPAND_BLOCK_BYTES", 64)  # 64-row blocks
+    monkeypatch.setattr(library, "_EXPAND_BLOCK_BYTES", 64)  # 64-row blocks
     C, K, d, N = 3, 20, 4, 200
     codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float64, 9)
-    assert len(ops._row_blocks(N, C * d, 8)) == 4
+    assert len(library._row_blocks(N, C * d, 8)) == 4
     x = torch.randn(2, 5, C * d, dtype=torch.float64)
     b = torch.randn(N, dtype=torch.float64) if bias else None
     grad_out = torch.randn(2, 5, N, dtype=torch.float64)
@@ -251,24 +255,24 @@ def test_backward_keeps_no_dense_weight(backend, path):
 
 # --------------------------------------------------------------------------- the per-call choice
 
-def test_path_argument_and_environment_force_the_choice(monkeypatch):
+def test_path_argument_and_compute_path_force_the_choice():
     codebooks, _, codes = make_case(16, 256, 256, 4096, False, torch.float32, 0)
     x = torch.randn(8, 4096)
     assert choose_path(x, codebooks, codes, "expand") == "expand"
     assert choose_path(x, codebooks, codes, "compressed") == "compressed"
-    monkeypatch.setenv("RPQ_FX_PATH", "expand")
-    assert choose_path(x, codebooks, codes) == "expand"
-    assert choose_path(x, codebooks, codes, "compressed") == "compressed"  # an explicit argument wins
-    monkeypatch.setenv("RPQ_FX_PATH", "bogus")
+    with ops.compute_path("expand"):
+        assert choose_path(x, codebooks, codes) == "expand"
+        assert choose_path(x, codebooks, codes, "compressed") == "compressed"  # an explicit argument wins
     with pytest.raises(ValueError, match="bogus"):
-        choose_path(x, codebooks, codes)
+        with ops.compute_path("bogus"):
+            choose_path(x, codebooks, codes)
     with pytest.raises(ValueError, match="path must be one of"):
         linear(x[:1, :8], codebooks[:1, :4, :8], codes[:1, :5], None, "fastest")
 
 
 @pytest.mark.parametrize("kernels", ["cpp", "torch"])
 def test_auto_prefers_compressed_for_rpq_and_expand_for_large_pq_batches(monkeypatch, kernels):
-    monkeypatch.setattr(ops, "_fast_kernels_apply", lambda x, cb: kernels == "cpp")
+    monkeypatch.setattr(policy, "_fast_kernels_apply", lambda x, cb: kernels == "cpp")
     rpq = make_case(16, 256, 256, 4096, False, torch.float32, 0)[::2]  # RPQ: d = 256
     pq = make_case(512, 256, 8, 4096, True, torch.float32, 0)[::2]  # PQ: d = 8, one shared codebook
     for batch in (1, 8, 64, 512):

@@ -6,7 +6,6 @@ without a compiler runs on stock ops and says why.
 """
 
 import sys
-import types
 
 import pytest
 import torch
@@ -60,7 +59,8 @@ def test_a_bad_sanitizer_name_is_refused(monkeypatch):
 def test_without_a_compiler_stock_ops_run_and_status_says_why(fresh, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-rpq")
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        assert _kernels.kernels() is None
+        assert _kernels.load() is None
+    assert not _kernels.available() and _kernels.kernels() is None
     assert "no C++ compiler: 'no-such-compiler-rpq' is not on PATH" in _kernels.build_error()
     assert _kernels.status().startswith("stock torch ops (C++ kernels not available: RuntimeError: no C++ compiler")
     assert not list(fresh.iterdir())  # nothing was attempted
@@ -68,7 +68,7 @@ def test_without_a_compiler_stock_ops_run_and_status_says_why(fresh, monkeypatch
 
 def test_turned_off_says_so(fresh, monkeypatch):
     monkeypatch.setenv("RPQ_FX_KERNELS", "torch")
-    assert _kernels.kernels() is None and _kernels.build_error() is None
+    assert _kernels.load() is None and _kernels.kernels() is None and _kernels.build_error() is None
     assert _kernels.status() == "stock torch ops (C++ kernels not available: turned off by RPQ_FX_KERNELS=torch)"
 
 
@@ -77,14 +77,17 @@ def test_a_build_says_so_once(fresh, monkeypatch, capsys):
 
     built = []
 
-    def fake_load(name, build_directory, **kwargs):
+    def fake_load(name, build_directory, is_python_module, **kwargs):
+        assert not is_python_module  # the kernels register with the dispatcher; no Python module
         built.append(build_directory)
-        return types.SimpleNamespace(__file__=f"{build_directory}/{name}.so")
+        return f"{build_directory}/{name}.so"
 
     monkeypatch.setattr(_kernels, "_compiler", lambda: "g++ test")
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    first = _kernels.kernels()
-    assert _kernels.kernels() is first and len(built) == 1
+    first = _kernels.load()
+    assert _kernels.load() == first and len(built) == 1 and _kernels.serving()
+    with _kernels.suspended():
+        assert _kernels.available() and not _kernels.serving()
     err = capsys.readouterr().err
     assert err.count("rpq_fx: building the C++ kernels") == 1 and str(fresh) in err
     assert _kernels.status().startswith("C++ kernels for ")

@@ -13,14 +13,19 @@
 // adds is BB contiguous values (one or two vector registers). Codes are read as they are stored
 // (uint8, or int16 read as uint16): no index tensor is built.
 //
-// Built on first use by rpq_fx/_kernels.py (torch.utils.cpp_extension.load); without it rpq_fx
-// runs the same arithmetic with stock torch ops.
+// These are the CPU kernels of the rpq_fx ops, registered with the dispatcher (TORCH_LIBRARY_IMPL at
+// the end): rpq_fx/ops/library.py defines the schemas, and torch.ops.rpq_fx.* reaches these for CPU
+// tensors without Python in between. rpq_fx/_kernels.py builds and loads them; without them the ops
+// run the same arithmetic with stock torch ops (rpq_fx/ops/stock.py).
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -40,8 +45,8 @@ int64_t largest_code(const code_t* __restrict codes, int64_t n) {
 // Codes (contiguous) must be uint8 / int16 and all below num_codes: no kernel may index past its
 // own codebook (issue 19). Raises IndexError naming `what`, like rpq_fx.ops.check_codes.
 void check_codes(const Tensor& codes, int64_t num_codes, const char* what) {
-  TORCH_CHECK(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort, what,
-              ": codes must be uint8 or int16, got ", codes.scalar_type());
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort, what,
+                   ": codes must be uint8 or int16, got ", codes.scalar_type());
   TORCH_CHECK(codes.is_contiguous(), what, ": codes must be contiguous here");
   const bool wide = codes.scalar_type() == at::kShort;
   if (num_codes >= (wide ? 65536 : 256) || codes.numel() == 0) return;
@@ -272,11 +277,18 @@ void check(const Tensor& x, const Tensor& codebooks, const Tensor& codes, const 
   check_cpu(codebooks, "codebooks", what);
   check_cpu(codes, "codes", what);
   TORCH_CHECK(x.dim() == 2 && codebooks.dim() == 3 && codes.dim() == 2, what, ": x [B, in], codebooks [G, K, d], codes [C, N]");
-  TORCH_CHECK(x.scalar_type() == codebooks.scalar_type(), what, ": x and codebooks must have one dtype");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, what, ": float32 or float64 only");
   TORCH_CHECK(x.size(1) == codes.size(0) * codebooks.size(2), what, ": x has ", x.size(1), " features, codes and codebooks make ",
               codes.size(0) * codebooks.size(2));
   check_groups(codebooks.size(0), codes.size(0), what);
+}
+
+// The dtypes the hand-written loops take (x, codebooks and grad alike); others go through stock ATen ops.
+bool fast_dtypes(std::initializer_list<at::ScalarType> types) {
+  const at::ScalarType first = *types.begin();
+  if (first != at::kFloat && first != at::kDouble) return false;
+  for (at::ScalarType t : types)
+    if (t != first) return false;
+  return true;
 }
 
 Tensor expanded_codebooks(const Tensor& codebooks, int64_t C) {
@@ -373,15 +385,57 @@ void expand_backward_rows(const T* __restrict grad, const code_t* __restrict cod
     for (int64_t i = 0; i < K * d; ++i) out[i] += part[i];
 }
 
-}  // namespace
+// ------------------------------------------------------------------ stock ATen paths for the other dtypes
+// The same ops, in the same order, as rpq_fx/ops/stock.py: results equal to the bit.
 
-// grad_codebooks [G, K, d] of expand, from grad_W [N, C*d] (float32 / float64); added into `out` when given.
+// Row of codebooks.view(G*K, d) for every (n, c), laid out [N, C] (int32, as index_select / index_add_ take).
+Tensor flat_index(const Tensor& codes, int64_t groups, int64_t num_codes) {
+  Tensor index = codes.t().to(at::kInt);
+  if (codes.scalar_type() == at::kShort) index = index.bitwise_and(0xFFFF);
+  if (groups > 1) index = index + at::arange(codes.size(0), codes.options().dtype(at::kInt)) * num_codes;
+  return index.reshape(-1);
+}
+
+// Codes as int64 row numbers, int16 read as unsigned.
+Tensor unsigned_index(const Tensor& codes) {
+  Tensor index = codes.to(at::kLong);
+  return codes.scalar_type() == at::kShort ? index.bitwise_and(0xFFFF) : index;
+}
+
+void linear_forward_aten(const Tensor& x, const Tensor& codebooks, const Tensor& codes, Tensor& out) {
+  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1);
+  const int64_t G = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
+  Tensor cb = G == 1 ? codebooks.expand({C, K, d}) : codebooks;
+  Tensor table = at::bmm(cb, x.reshape({B, C, d}).permute({1, 2, 0}));  // [C, K, B]
+  Tensor offsets = at::arange(C, codes.options().dtype(at::kLong)) * K;
+  Tensor index = (unsigned_index(codes) + offsets.unsqueeze(1)).t().reshape(-1);  // bag n picks row c*K + codes[c, n]
+  Tensor bags = at::arange(0, N * C, C, index.options());
+  out.copy_(std::get<0>(at::embedding_bag(table.reshape({C * K, B}), index, bags, false, 0)).t());
+}
+
+Tensor linear_backward_aten(const Tensor& grad, const Tensor& x, const Tensor& codebooks, const Tensor& codes,
+                            bool need_x, bool need_cb, Tensor& grad_x) {
+  const int64_t B = x.size(0), C = codes.size(0);
+  const int64_t G = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
+  Tensor index = unsigned_index(codes);
+  Tensor grad_t = grad.t().contiguous();  // [N, B]
+  Tensor scattered = at::zeros({C, K, B}, grad.options());
+  for (int64_t c = 0; c < C; ++c) scattered[c].index_add_(0, index[c], grad_t);
+  if (need_x) {
+    Tensor cb = G == 1 ? codebooks.expand({C, K, d}) : codebooks;
+    grad_x.view({B, C, d}).copy_(at::bmm(scattered.transpose(1, 2), cb).transpose(0, 1));
+  }
+  if (!need_cb) return Tensor();
+  Tensor grad_cb = at::bmm(scattered, x.reshape({B, C, d}).transpose(0, 1));
+  return G == 1 ? grad_cb.sum(0, true) : grad_cb;
+}
+
+// grad_codebooks [G, K, d] of expand, from grad_W [N, C*d]; added into `out` when given.
 Tensor expand_backward(const Tensor& grad_in, const Tensor& codes_in, int64_t groups, int64_t num_codes,
                        const c10::optional<Tensor>& out_in) {
   const char* what = "rpq_fx expand_backward";
   check_cpu(grad_in, "grad", what);
   check_cpu(codes_in, "codes", what);
-  TORCH_CHECK(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kDouble, what, ": float32 or float64 only");
   TORCH_CHECK(grad_in.dim() == 2 && codes_in.dim() == 2 && codes_in.size(0) > 0 && grad_in.size(0) == codes_in.size(1) &&
               grad_in.size(1) % codes_in.size(0) == 0, what, ": grad [N, C*d] and codes [C, N], got grad ",
               grad_in.sizes(), " and codes ", codes_in.sizes());
@@ -402,6 +456,10 @@ Tensor expand_backward(const Tensor& grad_in, const Tensor& codes_in, int64_t gr
     out = at::zeros({groups, num_codes, d}, grad.options());
   }
   if (grad.numel() == 0) return out;
+  if (!fast_dtypes({grad.scalar_type()})) {
+    out.view({groups * num_codes, d}).index_add_(0, flat_index(codes, groups, num_codes), grad.reshape({N * C, d}));
+    return out;
+  }
   const bool wide = codes.scalar_type() == at::kShort;
   if (grad.scalar_type() == at::kFloat) {
     if (wide) expand_backward_rows<float, uint16_t>(grad.data_ptr<float>(), reinterpret_cast<const uint16_t*>(codes.data_ptr()), out.data_ptr<float>(), C, N, num_codes, d, groups);
@@ -418,7 +476,7 @@ Tensor expand(const Tensor& codebooks_in, const Tensor& codes_in) {
   const char* what = "rpq_fx expand";
   check_cpu(codebooks_in, "codebooks", what);
   check_cpu(codes_in, "codes", what);
-  TORCH_CHECK(codebooks_in.dim() == 3 && codes_in.dim() == 2, what, ": codebooks [G, K, d] and codes [C, N], got ",
+  TORCH_CHECK(codebooks_in.dim() == 3 && codes_in.dim() == 2, what, ": codebooks must be [G, K, d] and codes must be [C, N], got ",
               codebooks_in.sizes(), " and ", codes_in.sizes());
   check_groups(codebooks_in.size(0), codes_in.size(0), what);
   at::NoGradGuard no_grad;
@@ -431,7 +489,10 @@ Tensor expand(const Tensor& codebooks_in, const Tensor& codes_in) {
     case 2: expand_typed<uint16_t>(cb, codes, out); break;
     case 4: expand_typed<uint32_t>(cb, codes, out); break;
     case 8: expand_typed<uint64_t>(cb, codes, out); break;
-    default: TORCH_CHECK(false, "rpq_fx expand: unsupported element size ", cb.element_size());
+    default:  // reason: no loop for 16-byte values (complex128): the stock gather
+      return cb.reshape({cb.size(0) * cb.size(1), cb.size(2)})
+          .index_select(0, flat_index(codes, cb.size(0), cb.size(1)))
+          .view({codes.size(1), codes.size(0) * cb.size(2)});
   }
   return out;
 }
@@ -455,6 +516,10 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
   Tensor x = x_in.contiguous(), codes = codes_in.contiguous();
   check_codes(codes, codebooks.size(1), "rpq_fx linear_forward");
   Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, "rpq_fx linear_forward");
+  if (!fast_dtypes({x.scalar_type(), codebooks.scalar_type()})) {
+    linear_forward_aten(x, codebooks, codes, out);
+    return out;
+  }
   Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
   const bool wide = codes.scalar_type() == at::kShort;
   if (x.scalar_type() == at::kFloat)
@@ -471,13 +536,14 @@ std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& 
   at::NoGradGuard no_grad;
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == x_in.size(0) && grad_in.size(1) == codes_in.size(1),
               "rpq_fx linear_backward: grad must be [B, N]");
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "rpq_fx linear_backward: grad and x must have one dtype");
   check_cpu(grad_in, "grad", "rpq_fx linear_backward");
   Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), codes = codes_in.contiguous();
   check_codes(codes, codebooks.size(1), "rpq_fx linear_backward");
-  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
   const int64_t groups = codebooks.size(0);
   Tensor gx = need_x ? result_buffer(grad_x_out, x.size(0), x.size(1), x, "rpq_fx linear_backward") : Tensor();
+  if (!fast_dtypes({grad.scalar_type(), x.scalar_type(), codebooks.scalar_type()}))
+    return {gx, linear_backward_aten(grad, x, codebooks, codes, need_x, need_cb, gx)};
+  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
   const bool wide = codes.scalar_type() == at::kShort;
   if (grad.scalar_type() == at::kFloat)
     return wide ? backward_bb<float, uint16_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx)
@@ -543,15 +609,49 @@ std::tuple<Tensor, Tensor> nearest(const Tensor& x_in, const Tensor& centroids) 
   return {index, dist};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nearest", &nearest, "k-means assignment: nearest centroid and squared distance of every point",
-        py::arg("x"), py::arg("centroids"));
-  m.def("expand", &expand, "W from codebooks and codes", py::arg("codebooks"), py::arg("codes"));
-  m.def("expand_backward", &expand_backward, "grad_codebooks of expand (added into out when given)",
-        py::arg("grad"), py::arg("codes"), py::arg("groups"), py::arg("num_codes"), py::arg("out") = py::none());
-  m.def("linear_forward", &linear_forward, "y = x W^T from codebooks and codes, W never built",
-        py::arg("x"), py::arg("codebooks"), py::arg("codes"), py::arg("out") = py::none());
-  m.def("linear_backward", &linear_backward, "(grad_x, grad_codebooks) of linear_forward", py::arg("grad"),
-        py::arg("x"), py::arg("codebooks"), py::arg("codes"), py::arg("need_x"), py::arg("need_codebooks"),
-        py::arg("grad_x_out") = py::none());
+}  // namespace
+
+// ------------------------------------------------------------------ the ops' CPU kernels (dispatcher entry points)
+// rpq_fx/ops/library.py defines every schema; these are their CPU implementations.
+
+// rpq_fx::_expand_backward_add(Tensor(a!) out, Tensor grad, Tensor codes): out [G, K, d] += the expansion's
+// transpose applied to grad [N, C*d].
+void expand_backward_add_op(at::Tensor& out, const Tensor& grad, const Tensor& codes) {
+  TORCH_CHECK(out.dim() == 3, "rpq_fx expand_backward: out must be [G, K, d], got ", out.sizes());
+  expand_backward(grad, codes, out.size(0), out.size(1), out);
+}
+
+// rpq_fx::_linear_compressed(Tensor x, Tensor codebooks, Tensor codes) -> Tensor: x [..., in] -> y [..., N].
+Tensor linear_compressed_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes) {
+  TORCH_CHECK(x.dim() >= 1 && codes.dim() == 2, "rpq_fx linear: x [..., in] and codes [C, N]");
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = codes.size(1);
+  Tensor out = at::empty(shape, x.options());
+  Tensor out_2d = out.view({-1, codes.size(1)});
+  if (out_2d.size(0) > 0) linear_forward(x.reshape({-1, x.size(-1)}), codebooks, codes, out_2d);
+  return out;
+}
+
+// rpq_fx::_linear_compressed_backward(grad, x, codebooks, codes, need_input, need_codebooks) -> (grad_x, grad_cb):
+// grad_x shaped like x, grad_cb like codebooks; one not asked for is empty.
+std::tuple<Tensor, Tensor> linear_compressed_backward_op(const Tensor& grad, const Tensor& x, const Tensor& codebooks,
+                                                         const Tensor& codes, bool need_x, bool need_cb) {
+  TORCH_CHECK(x.dim() >= 1 && codes.dim() == 2, "rpq_fx linear_backward: x [..., in] and codes [C, N]");
+  Tensor grad_x = at::empty(need_x ? x.sizes() : at::IntArrayRef{0}, x.options());
+  Tensor x_2d = x.reshape({-1, x.size(-1)});
+  auto result = linear_backward(grad.reshape({-1, codes.size(1)}), x_2d, codebooks, codes, need_x, need_cb,
+                                need_x ? std::optional<Tensor>(grad_x.view(x_2d.sizes())) : std::nullopt);
+  return {grad_x, need_cb ? std::get<1>(result) : at::empty({0}, codebooks.options())};
+}
+
+TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
+  m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
+}
+
+TORCH_LIBRARY_IMPL(rpq_fx, CPU, m) {
+  m.impl("expand", &expand);
+  m.impl("_expand_backward_add", &expand_backward_add_op);
+  m.impl("_linear_compressed", &linear_compressed_op);
+  m.impl("_linear_compressed_backward", &linear_compressed_backward_op);
+  m.impl("_nearest", &nearest);
 }

@@ -1,0 +1,17 @@
+"""The ops of rpq_fx: ``rpq_fx::expand(codebooks, codes) -> W`` and the compressed-domain
+``rpq_fx::linear`` and ``rpq_fx::embedding`` that compute without building ``W``.
+
+- :mod:`.library`: the op definitions (schemas, fake kernels, autograd) and the loading of the C++
+  CPU kernels, which the dispatcher reaches by device;
+- :mod:`.stock`: the same kernels in stock torch ops (any device and dtype; the fallback);
+- :mod:`.policy`: which way ``rpq_fx::linear`` computes each call (a CPU cost model), and
+  :func:`compute_path` to force it for a block of code;
+- :mod:`.checks`: the validation every op shares (:func:`check_codes`).
+"""
+
+from .checks import check_codes
+from .library import embedding, expand, expand_backward, hot_embedding, linear, linear_backward, stock_ops
+from .policy import PATHS, choose_path, compute_path
+
+__all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding", "hot_embedding", "choose_path",
+           "compute_path", "PATHS", "check_codes", "stock_ops"]

@@ -1,0 +1,109 @@
+"""The path policy of ``rpq_fx::linear``: compute in the compressed domain or expand the weight, per call.
+
+A rough CPU cost model (:func:`choose_path`) picks the cheaper path for each call; ``RPQ_FX_PATH``
+(read once, when rpq_fx is imported) or :func:`compute_path` (a block of code) force one.
+"""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .. import _kernels
+
+__all__ = ["PATHS", "choose_path", "compute_path", "forced_path"]
+
+PATHS = ("auto", "compressed", "expand")
+_PATH_ENV = "RPQ_FX_PATH"
+
+
+def _valid(path: str, where: str) -> str:
+    if path not in PATHS:
+        raise ValueError(f"rpq_fx linear: {where} must be one of {PATHS}, got {path!r}")
+    return path
+
+
+_override = [_valid(os.environ.get(_PATH_ENV) or "auto", _PATH_ENV)]  # reason: read once, not per call
+
+
+@contextmanager
+def compute_path(path: str) -> Iterator[None]:
+    """Within the block, every ``rpq_fx::linear`` call left to choose (``path="auto"``) uses ``path``
+    (``"compressed"``, ``"expand"``, or ``"auto"`` for the cost model), its backward too. Process-wide:
+    the autograd engine may run a backward on another thread."""
+    _override.append(_valid(path, "compute_path"))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def forced_path(path: str) -> str:
+    """``path``, or for ``"auto"`` the path :func:`compute_path` / ``RPQ_FX_PATH`` force now."""
+    return _override[-1] if path == "auto" else _valid(path, "path")
+
+
+def _padded_batch(batch: int) -> int:
+    """The batch the C++ kernels compute for: blocks of 1, 2, 4, 8, 16 or 32 columns."""
+    if batch <= 16:
+        return 1 << max(0, (batch - 1).bit_length())
+    return -(-batch // 32) * 32
+
+
+def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_codebooks: int, num_codes: int,
+             codebook_dim: int, itemsize: int, device: torch.device, fast_kernels: bool, backward: bool) -> float:
+    """A rough time model (nanoseconds), fitted to 2-core AVX-512 CPU measurements (benchmarks/linear.py).
+
+    Only the ratio of the two paths matters. The dense weight is ``out * in`` values; the compressed
+    path's backward scratch is ``C * K * B`` values, and above glibc's largest mmap threshold (32 MiB)
+    a fresh buffer costs page faults.
+    """
+    B, N, C, K, d = batch, out_features, num_codebooks, num_codes, codebook_dim
+    weight = N * in_features
+    if device.type == "cuda":
+        # reason: untimed here (no GPU in CI); bandwidth and tensor-core rates of a recent data-centre GPU
+        mac, move, add = 1 / 50e3, 1 / 500.0, 1 / 300.0
+        launch = 4 * 5e3
+        compressed = launch + mac * B * K * in_features + add * B * C * N + move * C * K * d
+        expand = launch + move * 2 * weight + mac * B * weight
+        return (2 * compressed if backward else compressed) if path == "compressed" else (
+            (2 * expand + move * 2 * weight) if backward else expand)
+    expansion = 1.0 * weight  # the weight built in cache-sized blocks, and read once by a GEMM
+    gemm = 0.013 * itemsize / 4 * B * weight
+    mac = 0.007 * itemsize / 4
+    row_add = (0.27 if fast_kernels else 0.6) * itemsize / 4
+    padded = _padded_batch(B) if fast_kernels else max(B, 1)
+    table = mac * max(B, 8) * K * in_features + 0.15 * C * K * d
+    if not backward:
+        if path == "compressed":
+            return table + row_add * padded * C * N + 2e3
+        return expansion + gemm + 2e3
+    if path == "compressed":
+        scratch = C * K * padded
+        scratch_fresh = 2.0 if scratch * itemsize > 32 * 2**20 else 0.3
+        return scratch_fresh * scratch + 2 * row_add * padded * C * N + 2 * table + 4e3
+    # the weight rebuilt, two GEMMs, the dense weight gradient (block by block) and its sum into the codebooks
+    return expansion + 2 * gemm + 0.5 * weight + 0.5 * weight + 10 * C * N + 4e3
+
+
+def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "auto", backward: bool = False) -> str:
+    """``"compressed"`` or ``"expand"`` for one linear call (``path`` forces it; :func:`compute_path` and
+    ``RPQ_FX_PATH`` override ``"auto"``)."""
+    path = forced_path(path)
+    if path != "auto":
+        return path
+    num_codebooks, out_features = codes.shape
+    in_features = input.shape[-1]
+    batch = input.numel() // in_features if in_features else 0
+    fast = _fast_kernels_apply(input, codebooks)
+    args = (batch, in_features, out_features, num_codebooks, codebooks.shape[1], codebooks.shape[2],
+            input.element_size(), input.device, fast, backward)
+    return "compressed" if _cost_ns("compressed", *args) <= _cost_ns("expand", *args) else "expand"
+
+
+def _fast_kernels_apply(x: Tensor, codebooks: Tensor) -> bool:
+    """Whether the C++ loops compute this call (CPU, float32 / float64, one dtype), not stock ops."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and codebooks.dtype == x.dtype
+            and _kernels.serving())
