@@ -18,10 +18,12 @@ from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, sa
 from .loss import distillation_loss
 from .onnx_export import export_onnx
 from .passes import register_layer
+from .record import ConversionRecord, conversion_record
 from .report import Report, model_size, report
 
 __all__ = ["convert", "RPQ", "allocate", "size_costs", "SizeCosts", "RPQGraphModule", "RPQConfig", "LayerSettings",
            "RPQConversionError", "decompress", "model_size", "report", "Report", "export_graph", "nn", "ops", "save",
            "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError", "export_onnx",
-           "finetune", "param_groups", "float32_codebooks", "distillation_loss", "register_layer"]
+           "finetune", "param_groups", "float32_codebooks", "distillation_loss", "register_layer",
+           "conversion_record", "ConversionRecord"]
 __version__ = "0.1.0"

@@ -19,6 +19,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._optional import require
+from .config import RPQ_MAX_CODEBOOK_DIM
+
 __all__ = ["main", "build_model", "SPEC_HELP", "CHECKSUM_HELP"]
 
 CHECKPOINT = "model.safetensors"
@@ -79,9 +82,9 @@ def _factory(spec: str):
 
 def _hf_model(path_text: str, meta: bool):
     try:
-        import transformers
-    except ImportError:
-        raise CLIError("hf: models need transformers: pip install 'rpq_fx[hf]'") from None
+        transformers = require("transformers", "hf", "hf: models")
+    except ImportError as error:
+        raise CLIError(str(error)) from None
     path = Path(path_text)
     if not path.exists():
         raise CLIError(f"hf:{path_text}: no such folder or file")
@@ -108,8 +111,10 @@ def build_model(spec: str, *, meta: bool = False):
     with torch.device("meta") if meta else _nothing():
         kind, _, rest = spec.partition(":")
         if kind == "timm":
-            import timm
-
+            try:
+                timm = require("timm", "timm", "timm: models")
+            except ImportError as error:
+                raise CLIError(str(error)) from None
             if not rest:
                 raise CLIError("timm: needs a model name, e.g. timm:resnet18")
             try:
@@ -171,7 +176,7 @@ def _convert_settings(args) -> dict:
         return settings
     split = {"num_codebooks": args.num_codebooks, "codebook_dim": args.codebook_dim,
              "max_codebook_dim": args.max_codebook_dim}
-    split = {k: v for k, v in split.items() if v is not None} or {"max_codebook_dim": 64}
+    split = {k: v for k, v in split.items() if v is not None} or {"max_codebook_dim": RPQ_MAX_CODEBOOK_DIM}
     settings.update(split, num_codes=args.num_codes, shared_codebooks=args.shared_codebooks, init=args.init,
                     codebook_dtype=args.codebook_dtype, checkpoint=args.checkpoint, seed=args.seed)
     return settings
@@ -359,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
                     f"{CHECKPOINT} (rpq_fx.save), report.md / report.json, and the graph export "
                     "(code.py, graph.txt, graph.svg or graph.dot).",
         epilog=SPEC_HELP + "\nThe split: at most one of --num-codebooks, --codebook-dim, --max-codebook-dim "
-                           "(default: --max-codebook-dim 64, as rpq_fx.RPQ).\n\nexample:\n"
+                           f"(default: --max-codebook-dim {RPQ_MAX_CODEBOOK_DIM}, as rpq_fx.RPQ).\n\nexample:\n"
                            "  rpq-fx convert timm:resnet18 --num-codebooks 8 --out out/resnet18")
     convert.add_argument("spec", metavar="SPEC", help="the model: timm:NAME, hf:PATH or MODULE:FACTORY (below)")
     convert.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")

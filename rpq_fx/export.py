@@ -7,8 +7,8 @@ codebooks + codes -> a compressed-domain ``rpq_fx::linear`` / ``rpq_fx::embeddin
 ``report.md`` / ``report.json``. Where no Graphviz renderer is found, ``graph.dot`` is written
 instead and a warning says so, once per process.
 
-The renderer is, in this order: the program named by ``$RPQ_FX_DOT``; ``graphviz-pure`` (the pip
-package rpq_fx depends on, a self-contained port of Graphviz's ``dot``); Graphviz's own ``dot``.
+The renderer is, in this order: the program named by ``$RPQ_FX_DOT``; ``graphviz-pure`` (a
+self-contained port of Graphviz's ``dot``, installed by the ``graph`` extra); Graphviz's own ``dot``.
 
 For a model with converted parts (``model.backbone = rpq_fx.convert(model.backbone, ...)``), each
 converted GraphModule gets its own folder with the files above, and ``index.md`` links them.
@@ -28,7 +28,9 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
+from ._optional import require
 from .nn.weight import RPQWeight, rpq_weights
+from .passes import is_expansion
 from .report import report
 
 __all__ = ["export_graph", "draw_graph", "find_renderer", "node_table", "GraphvizMissingWarning"]
@@ -69,10 +71,6 @@ def find_renderer() -> str | None:
     return None
 
 
-def _is_expansion(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops.rpq_fx.expand.default
-
-
 def _is_rpq_op(node: fx.Node) -> bool:
     """An ``rpq_fx`` op: the expansion, or a compressed-domain op reading codebooks and codes."""
     return node.op == "call_function" and getattr(node.target, "namespace", None) == "rpq_fx"
@@ -107,10 +105,10 @@ def _regions(gm: fx.GraphModule) -> list[tuple[str, list[fx.Node]]]:
         if _is_rpq_op(node):
             inputs = _codebook_inputs(node)
             members = inputs + [node]
-            members += [u for u in node.users if u.op == "call_method" and u.target == "view"] if _is_expansion(
+            members += [u for u in node.users if u.op == "call_method" and u.target == "view"] if is_expansion(
                 node) else []
             path = next((a.target.rpartition(".")[0] for a in inputs if a.target.endswith(".codebooks")), None)
-            kind = "" if _is_expansion(node) else f" ({node.target.name().removeprefix('rpq_fx::')}, compressed)"
+            kind = "" if is_expansion(node) else f" ({node.target.name().removeprefix('rpq_fx::')}, compressed)"
             label = f"RPQ {path}{kind}" if path else f"RPQ {node.target.name()}"
             try:
                 weight = gm.get_submodule(path) if path else None
@@ -133,7 +131,7 @@ def _quote(name: str) -> str:
 
 def _dot_graph(gm: fx.GraphModule, name: str):
     """``gm``'s graph as a ``pydot.Dot`` (FxGraphDrawer), each RPQ expansion boxed in orange."""
-    import pydot
+    pydot = require("pydot", "graph", "export_graph")
     from torch.fx.passes.graph_drawer import FxGraphDrawer
 
     dot = FxGraphDrawer(gm, name).get_main_dot_graph()

@@ -27,16 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._optional import require
+
 __all__ = ["export_onnx", "onnx_translation_table", "keep_expansions"]
 
 
 def _require():
-    try:
-        import onnx_ir
-        import onnxscript
-    except ImportError as error:
-        raise ImportError(f"ONNX export needs onnx and onnxscript ({error}): pip install 'rpq_fx[onnx]'") from None
-    return onnxscript, onnx_ir
+    return require("onnxscript", "onnx", "export_onnx"), require("onnx_ir", "onnx", "export_onnx")
 
 
 def _table_and_index(codebooks, codes):
