@@ -425,7 +425,7 @@ def check_conversion(built: Built, settings: dict, example_inputs=None, *, refer
     changed = [k for k, v in before.items() if k not in after or not torch.equal(after[k], v)]
     if changed or after.keys() != before.keys():
         raise AssertionError(f"convert changed its input model: {(changed or sorted(set(after) ^ set(before)))[:3]}")
-    layers = getattr(converted, "rpq_layers", [])
+    layers = rpq_fx.conversion_record(converted).layers
     listed = {alias for layer in layers for alias in layer.aliases}
     unlisted = sorted(_weight_names(model) - listed)
     row = {"path": totals["path"], "converted": totals["converted"], "layers": totals["layers"],

@@ -80,7 +80,7 @@ def analytic_bytes(original: nn.Module, converted: nn.Module) -> int:
 
 
 def converted_layers(model: nn.Module):
-    return getattr(model, "rpq_layers", None) or model.meta["rpq_layers"]
+    return rpq_fx.conversion_record(model).layers
 
 
 def size_row(label, make, dtype, reference_dense, reference_rpq, **settings):
