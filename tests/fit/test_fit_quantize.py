@@ -86,7 +86,7 @@ def test_codebooks_solved_for_fixed_codes_are_the_least_squares_optimum():
     lhs, rhs = a.t() @ metric @ a, a.t() @ metric @ weight.reshape(-1)
     expected = torch.linalg.lstsq(lhs, rhs.unsqueeze(1)).solution.view(num_codebooks, k, dim)
     start = torch.zeros(num_codebooks, k, dim, dtype=torch.float64)
-    solved = _solve_codebooks(weight, start, codes, lambda r: r @ hessian, iters=200, tolerance=0.0)
+    solved = _solve_codebooks(weight, start, codes, hessian, iters=200, tolerance=0.0)
     used = torch.zeros(num_codebooks, k, dtype=torch.bool)
     for c in range(num_codebooks):
         used[c, codes[c]] = True
