@@ -232,3 +232,55 @@ def zoo():
         LeNet=LeNet, SharedModule=SharedModule, TiedLM=TiedLM, Functional=Functional, ConvVariants=ConvVariants,
         conv_inputs=conv_inputs, functional_inputs=functional_inputs,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Op references: codes, expansions and codebook gradients computed without rpq_fx.ops
+
+
+def store_codes(ucodes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Unsigned int64 codes -> the stored dtype: uint8 up to 256 codes, else int16 bit patterns."""
+    assert int(ucodes.min()) >= 0 and int(ucodes.max()) < num_codes
+    if num_codes <= 256:
+        return ucodes.to(torch.uint8)
+    # two's complement by hand, independent of any cast the library might use
+    return torch.where(ucodes >= 32768, ucodes - 65536, ucodes).to(torch.int16)
+
+
+def unsigned_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Stored (or already unsigned) codes as int64 row numbers, int16 bit patterns read as unsigned."""
+    return codes.to(torch.int64) & 0xFFFF if codes.dtype == torch.int16 else codes.to(torch.int64)
+
+
+def reference_expand(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]]``, one codebook at a time."""
+    u = unsigned_codes(codes)
+    groups = codebooks.shape[0]
+    return torch.cat([codebooks[0 if groups == 1 else c, u[c]] for c in range(u.shape[0])], dim=1)
+
+
+def codebook_gradient(dense_grad: torch.Tensor, codes: torch.Tensor, num_groups: int, num_codes: int) -> torch.Tensor:
+    """The codebooks' gradient ``[G, K, d]`` from the dense weight's ``[N, C*d]``: each slice's rows summed
+    into the codeword its code names (over all slices when one codebook is shared)."""
+    u = unsigned_codes(codes)
+    num_codebooks, num_vectors = u.shape
+    rows = dense_grad.reshape(num_vectors, num_codebooks, -1)
+    out = dense_grad.new_zeros(num_codebooks, num_codes, rows.shape[-1])
+    for c in range(num_codebooks):
+        out[c].index_add_(0, u[c], rows[:, c])
+    return out.sum(0, keepdim=True) if num_groups == 1 else out
+
+
+def make_case(C, K, d, N, shared, dtype, seed, device="cpu"):
+    """``(codebooks, unsigned int64 codes, stored codes)`` of a random layer."""
+    gen = torch.Generator().manual_seed(seed)
+    codebooks = torch.randn(1 if shared else C, K, d, generator=gen, dtype=dtype)
+    ucodes = torch.randint(0, K, (C, N), generator=gen)
+    return codebooks.to(device), ucodes.to(device), store_codes(ucodes, K).to(device)
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """The op references: ``ref.expand(codebooks, codes)``, ``ref.make_case(...)`` and friends."""
+    return SimpleNamespace(store_codes=store_codes, unsigned=unsigned_codes, expand=reference_expand,
+                           codebook_gradient=codebook_gradient, make_case=make_case)

@@ -17,21 +17,6 @@ FAST = settings(max_examples=60, deadline=None, derandomize=True)
 
 # --------------------------------------------------------------------------- reference helpers
 
-def store_codes(ucodes: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """Unsigned int64 codes -> the stored dtype: uint8 up to 256 codes, else int16 bit patterns."""
-    assert int(ucodes.min()) >= 0 and int(ucodes.max()) < num_codes
-    if num_codes <= 256:
-        return ucodes.to(torch.uint8)
-    # two's complement by hand, independent of any cast the library might use
-    return torch.where(ucodes >= 32768, ucodes - 65536, ucodes).to(torch.int16)
-
-
-def reference_expand(codebooks: torch.Tensor, ucodes: torch.Tensor) -> torch.Tensor:
-    """``W[n, c*d:(c+1)*d] = codebooks[g(c), ucodes[c, n]]``, one codebook at a time."""
-    groups = codebooks.shape[0]
-    return torch.cat([codebooks[0 if groups == 1 else c, ucodes[c]] for c in range(ucodes.shape[0])], dim=1)
-
-
 def loop_expand(codebooks: torch.Tensor, ucodes: torch.Tensor) -> torch.Tensor:
     """The formula written out element by element (only for tiny sizes)."""
     groups, _, dim = codebooks.shape
@@ -45,20 +30,13 @@ def loop_expand(codebooks: torch.Tensor, ucodes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def make_case(C, K, d, N, shared, dtype, seed, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    codebooks = torch.randn(1 if shared else C, K, d, generator=gen, dtype=dtype)
-    ucodes = torch.randint(0, K, (C, N), generator=gen)
-    return codebooks.to(device), ucodes.to(device), store_codes(ucodes, K).to(device)
-
-
 # --------------------------------------------------------------------------- forward values
 
-def test_reference_matches_elementwise_formula():
-    codebooks, ucodes, _ = make_case(3, 5, 2, 4, False, torch.float64, 0)
-    torch.testing.assert_close(reference_expand(codebooks, ucodes), loop_expand(codebooks, ucodes), rtol=0, atol=0)
-    shared_cb, ucodes, _ = make_case(3, 5, 2, 4, True, torch.float64, 1)
-    torch.testing.assert_close(reference_expand(shared_cb, ucodes), loop_expand(shared_cb, ucodes), rtol=0, atol=0)
+def test_reference_matches_elementwise_formula(ref):
+    codebooks, ucodes, _ = ref.make_case(3, 5, 2, 4, False, torch.float64, 0)
+    torch.testing.assert_close(ref.expand(codebooks, ucodes), loop_expand(codebooks, ucodes), rtol=0, atol=0)
+    shared_cb, ucodes, _ = ref.make_case(3, 5, 2, 4, True, torch.float64, 1)
+    torch.testing.assert_close(ref.expand(shared_cb, ucodes), loop_expand(shared_cb, ucodes), rtol=0, atol=0)
 
 
 def test_small_exact_example():
@@ -77,40 +55,40 @@ def test_small_exact_example():
 @given(C=st.integers(1, 8), K=st.integers(2, 300), d=st.integers(1, 16), N=st.integers(1, 64),
        shared=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
        seed=st.integers(0, 2**31 - 1))
-def test_expand_matches_reference(C, K, d, N, shared, dtype, seed):
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, dtype, seed)
+def test_expand_matches_reference(ref, C, K, d, N, shared, dtype, seed):
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, dtype, seed)
     assert codes.dtype == (torch.uint8 if K <= 256 else torch.int16)
     out = expand(codebooks, codes)
     assert out.shape == (N, C * d)
     assert out.dtype == dtype
     # a gather: the values are copied bit for bit
-    torch.testing.assert_close(out, reference_expand(codebooks, ucodes), rtol=0, atol=0)
+    torch.testing.assert_close(out, ref.expand(codebooks, ucodes), rtol=0, atol=0)
 
 
 @FAST
 @given(C=st.integers(1, 6), K=st.integers(2, 300), d=st.integers(1, 8), N=st.integers(1, 32),
        shared=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_expand_noncontiguous_inputs(C, K, d, N, shared, seed):
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float32, seed)
+def test_expand_noncontiguous_inputs(ref, C, K, d, N, shared, seed):
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, torch.float32, seed)
     # same values, strided storage
     cb_nc = codebooks.transpose(1, 2).contiguous().transpose(1, 2)
     codes_nc = codes.t().contiguous().t()
     assert not cb_nc.is_contiguous() or d == 1 or K == 1
     assert not codes_nc.is_contiguous() or C == 1 or N == 1
-    torch.testing.assert_close(expand(cb_nc, codes_nc), reference_expand(codebooks, ucodes), rtol=0, atol=0)
+    torch.testing.assert_close(expand(cb_nc, codes_nc), ref.expand(codebooks, ucodes), rtol=0, atol=0)
 
 
 @FAST
 @given(C=st.integers(1, 8), K=st.integers(2, 300), d=st.integers(1, 16), N=st.integers(1, 64),
        shared=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
        seed=st.integers(0, 2**31 - 1))
-def test_expand_grad_matches_reference_autograd(C, K, d, N, shared, dtype, seed):
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, dtype, seed)
+def test_expand_grad_matches_reference_autograd(ref, C, K, d, N, shared, dtype, seed):
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, dtype, seed)
     grad_out = torch.randn(N, C * d, dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
     cb = codebooks.clone().requires_grad_()
     (grad,) = torch.autograd.grad(expand(cb, codes), cb, grad_out)
     cb_ref = codebooks.clone().requires_grad_()
-    (grad_ref,) = torch.autograd.grad(reference_expand(cb_ref, ucodes), cb_ref, grad_out)
+    (grad_ref,) = torch.autograd.grad(ref.expand(cb_ref, ucodes), cb_ref, grad_out)
     assert grad.shape == codebooks.shape
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(grad, grad_ref, rtol=tol, atol=tol)
@@ -118,24 +96,24 @@ def test_expand_grad_matches_reference_autograd(C, K, d, N, shared, dtype, seed)
 
 @pytest.mark.parametrize("K", [32769, 40000, 65535, 65536])
 @pytest.mark.parametrize("shared", [False, True])
-def test_int16_codes_are_read_unsigned(K, shared):
+def test_int16_codes_are_read_unsigned(ref, K, shared):
     C, d, N = 3, 2, 50
     gen = torch.Generator().manual_seed(K)
     codebooks = torch.randn(1 if shared else C, K, d, generator=gen, dtype=torch.float64)
     ucodes = torch.randint(0, K, (C, N), generator=gen)
     # force the extremes: the top code, the first code that is negative as int16, and 0
     ucodes[0, :3] = torch.tensor([K - 1, 32768, 0])
-    codes = store_codes(ucodes, K)
+    codes = ref.store_codes(ucodes, K)
     assert codes.dtype == torch.int16
     assert bool((codes < 0).any()), "the case must contain negative int16 bit patterns"
     out = expand(codebooks, codes)
-    torch.testing.assert_close(out, reference_expand(codebooks, ucodes), rtol=0, atol=0)
+    torch.testing.assert_close(out, ref.expand(codebooks, ucodes), rtol=0, atol=0)
     # and the backward scatters into the same (unsigned) rows
     grad_out = torch.randn(N, C * d, dtype=torch.float64, generator=gen)
     cb = codebooks.clone().requires_grad_()
     (grad,) = torch.autograd.grad(expand(cb, codes), cb, grad_out)
     cb_ref = codebooks.clone().requires_grad_()
-    (grad_ref,) = torch.autograd.grad(reference_expand(cb_ref, ucodes), cb_ref, grad_out)
+    (grad_ref,) = torch.autograd.grad(ref.expand(cb_ref, ucodes), cb_ref, grad_out)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)
     assert grad[0, K - 1].abs().sum() > 0
 
@@ -144,27 +122,27 @@ def test_int16_codes_are_read_unsigned(K, shared):
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("K", [5, 300])
-def test_gradcheck_and_gradgradcheck(shared, K):
+def test_gradcheck_and_gradgradcheck(ref, shared, K):
     C, d, N = 3, 2, 7
-    codebooks, _, codes = make_case(C, K, d, N, shared, torch.float64, 123)
+    codebooks, _, codes = ref.make_case(C, K, d, N, shared, torch.float64, 123)
     codebooks.requires_grad_()
     fn = lambda cb: expand(cb, codes)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (codebooks,), eps=1e-6, atol=1e-8)
     assert torch.autograd.gradgradcheck(fn, (codebooks,), eps=1e-6, atol=1e-8)
 
 
-def test_gradcheck_backward_op():
+def test_gradcheck_backward_op(ref):
     C, K, d, N = 3, 4, 2, 6
-    _, _, codes = make_case(C, K, d, N, False, torch.float64, 7)
+    _, _, codes = ref.make_case(C, K, d, N, False, torch.float64, 7)
     grad = torch.randn(N, C * d, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda g: expand_backward(g, codes, C, K), (grad,))
 
 
-def test_gradient_counts_code_usage():
+def test_gradient_counts_code_usage(ref):
     """d(sum W)/d codebooks[g, k] = number of times codeword k of group g is used."""
     C, K, d, N = 4, 6, 3, 40
     for shared in (False, True):
-        codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float64, 11)
+        codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, torch.float64, 11)
         codebooks.requires_grad_()
         expand(codebooks, codes).sum().backward()
         if shared:
@@ -175,8 +153,8 @@ def test_gradient_counts_code_usage():
         torch.testing.assert_close(codebooks.grad, expected, rtol=0, atol=0)
 
 
-def test_codes_get_no_gradient():
-    codebooks, _, codes = make_case(2, 4, 2, 5, False, torch.float32, 3)
+def test_codes_get_no_gradient(ref):
+    codebooks, _, codes = ref.make_case(2, 4, 2, 5, False, torch.float32, 3)
     codebooks.requires_grad_()
     out = expand(codebooks, codes)
     assert out.requires_grad
@@ -225,27 +203,27 @@ def test_fake_kernel_checks_ranks():
         expand(torch.empty(4, 256, 8, device="meta"), torch.empty(40, dtype=torch.uint8, device="meta"))
 
 
-def _opcheck_samples():
+def _opcheck_samples(ref):
     samples = []
     for C, K, d, N, shared, dtype in [(3, 5, 4, 7, False, torch.float64),
                                        (4, 16, 2, 9, True, torch.float32),
                                        (2, 40000, 3, 5, False, torch.float64)]:
-        codebooks, _, codes = make_case(C, K, d, N, shared, dtype, C * K)
+        codebooks, _, codes = ref.make_case(C, K, d, N, shared, dtype, C * K)
         samples.append((codebooks.requires_grad_(), codes))
     return samples
 
 
 @pytest.mark.parametrize("sample", range(3))
-def test_opcheck_expand(sample):
-    codebooks, codes = _opcheck_samples()[sample]
+def test_opcheck_expand(ref, sample):
+    codebooks, codes = _opcheck_samples(ref)[sample]
     result = torch.library.opcheck(torch.ops.rpq_fx.expand.default, (codebooks, codes))
     assert set(result) >= {"test_schema", "test_autograd_registration", "test_faketensor",
                            "test_aot_dispatch_dynamic"}
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-def test_opcheck_expand_backward():
-    _, _, codes = make_case(3, 5, 4, 7, False, torch.float64, 5)
+def test_opcheck_expand_backward(ref):
+    _, _, codes = ref.make_case(3, 5, 4, 7, False, torch.float64, 5)
     grad = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
     result = torch.library.opcheck(torch.ops.rpq_fx.expand_backward.default, (grad, codes, 3, 5))
     assert all(v == "SUCCESS" for v in result.values()), result
@@ -253,9 +231,9 @@ def test_opcheck_expand_backward():
 
 # --------------------------------------------------------------------------- torch.compile
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(ref):
     torch._dynamo.reset()
-    codebooks, _, codes = make_case(4, 16, 3, 10, False, torch.float32, 21)
+    codebooks, _, codes = ref.make_case(4, 16, 3, 10, False, torch.float32, 21)
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
 
     def f(cb, codes, x):
@@ -276,9 +254,9 @@ def test_compile_fullgraph_matches_eager():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("K,shared", [(256, False), (300, True), (65536, False)])
-def test_cuda_matches_cpu(K, shared):
+def test_cuda_matches_cpu(ref, K, shared):
     C, d, N = 4, 8, 33
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float32, K)
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, torch.float32, K)
     grad_out = torch.randn(N, C * d, generator=torch.Generator().manual_seed(1))
     cb_cpu = codebooks.clone().requires_grad_()
     out_cpu = expand(cb_cpu, codes)
@@ -289,4 +267,15 @@ def test_cuda_matches_cpu(K, shared):
     out_gpu.backward(grad_out.cuda())
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=0, atol=0)
     torch.testing.assert_close(cb_gpu.grad.cpu(), cb_cpu.grad)
-    torch.testing.assert_close(out_cpu, reference_expand(codebooks, ucodes), rtol=0, atol=0)
+    torch.testing.assert_close(out_cpu, ref.expand(codebooks, ucodes), rtol=0, atol=0)
+
+
+def test_reference_codebook_gradient_matches_autograd(ref):
+    """conftest's codebook_gradient (for the layer and pass tests) is the expansion's transpose."""
+    for shared, K in [(False, 5), (True, 300)]:
+        codebooks, ucodes, codes = ref.make_case(3, K, 2, 40, shared, torch.float64, K)
+        dense_grad = torch.randn(40, 6, dtype=torch.float64)
+        cb = codebooks.clone().requires_grad_()
+        (want,) = torch.autograd.grad(ref.expand(cb, ucodes), cb, dense_grad)
+        torch.testing.assert_close(ref.codebook_gradient(dense_grad, codes, cb.shape[0], K), want, rtol=1e-12,
+                                   atol=1e-12)

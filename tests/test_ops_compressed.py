@@ -37,28 +37,9 @@ def backend(request):
 
 # --------------------------------------------------------------------------- reference helpers
 
-def store_codes(ucodes: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """Unsigned int64 codes -> the stored dtype: uint8 up to 256 codes, else int16 bit patterns."""
-    if num_codes <= 256:
-        return ucodes.to(torch.uint8)
-    return torch.where(ucodes >= 32768, ucodes - 65536, ucodes).to(torch.int16)
-
-
-def reference_weight(codebooks: torch.Tensor, ucodes: torch.Tensor) -> torch.Tensor:
-    groups = codebooks.shape[0]
-    return torch.cat([codebooks[0 if groups == 1 else c, ucodes[c]] for c in range(ucodes.shape[0])], dim=1)
-
-
-def make_case(C, K, d, N, shared, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    codebooks = torch.randn(1 if shared else C, K, d, generator=gen, dtype=dtype)
-    ucodes = torch.randint(0, K, (C, N), generator=gen)
-    return codebooks, ucodes, store_codes(ucodes, K)
-
-
 def tolerances(dtype, reference: torch.Tensor) -> dict:
     """Summation order differs from a dense matmul: float32 agrees to ~1e-6 relative."""
-    scale = max(reference.abs().max().item(), 1e-12)
+    scale = max(reference.abs().max().item(), 1e-12) if reference.numel() else 1.0
     return dict(rtol=1e-10, atol=1e-10 * scale) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5 * scale)
 
 
@@ -76,8 +57,8 @@ def grads(fn, *tensors, grad_out):
        batch=st.sampled_from([(), (0,), (1,), (3,), (2, 5), (8,), (17,), (40,), (130,)]),
        shared=st.booleans(), bias=st.booleans(), path=st.sampled_from(["compressed", "expand"]),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
-def test_linear_matches_reference(backend, C, K, d, N, batch, shared, bias, path, dtype, seed):
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, dtype, seed)
+def test_linear_matches_reference(ref, backend, C, K, d, N, batch, shared, bias, path, dtype, seed):
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*batch, C * d, generator=gen, dtype=dtype)
     b = torch.randn(N, generator=gen, dtype=dtype) if bias else None
@@ -88,40 +69,40 @@ def test_linear_matches_reference(backend, C, K, d, N, batch, shared, bias, path
         return linear(x, cb, codes, b, path)
 
     def reference(x, cb, b=None):
-        return F.linear(x, reference_weight(cb, ucodes), b)
+        return F.linear(x, ref.expand(cb, ucodes), b)
 
     out, got = grads(ours, *tensors, grad_out=grad_out)
-    ref, want = grads(reference, *tensors, grad_out=grad_out)
+    expected, want = grads(reference, *tensors, grad_out=grad_out)
     assert out.shape == (*batch, N) and out.dtype == dtype
-    if ref.numel():
-        torch.testing.assert_close(out, ref, **tolerances(dtype, ref))
+    if expected.numel():
+        torch.testing.assert_close(out, expected, **tolerances(dtype, expected))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tolerances(dtype, w))
 
 
 @pytest.mark.parametrize("path", ["compressed", "expand"])
 @pytest.mark.parametrize("K", [256, 40000])
-def test_int16_codes_are_read_unsigned(backend, path, K):
+def test_int16_codes_are_read_unsigned(ref, backend, path, K):
     C, d, N = 3, 2, 20
-    codebooks, ucodes, _ = make_case(C, K, d, N, False, torch.float64, K)
+    codebooks, ucodes, _ = ref.make_case(C, K, d, N, False, torch.float64, K)
     ucodes[0, :3] = torch.tensor([K - 1, min(32768, K - 2), 0])
-    codes = store_codes(ucodes, K)
+    codes = ref.store_codes(ucodes, K)
     assert codes.dtype == (torch.uint8 if K <= 256 else torch.int16)
     assert K <= 256 or bool((codes < 0).any())
     x = torch.randn(33, C * d, dtype=torch.float64)
     grad_out = torch.randn(33, N, dtype=torch.float64)
     out, (gx, gcb) = grads(lambda x, cb: linear(x, cb, codes, None, path), x, codebooks, grad_out=grad_out)
-    ref, (rx, rcb) = grads(lambda x, cb: F.linear(x, reference_weight(cb, ucodes)), x, codebooks, grad_out=grad_out)
-    torch.testing.assert_close(out, ref)
+    expected, (rx, rcb) = grads(lambda x, cb: F.linear(x, ref.expand(cb, ucodes)), x, codebooks, grad_out=grad_out)
+    torch.testing.assert_close(out, expected)
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gcb, rcb)
 
 
 @pytest.mark.parametrize("path", ["compressed", "expand"])
 @pytest.mark.parametrize("shared,K", [(False, 5), (True, 5), (False, 300)])
-def test_gradcheck_and_gradgradcheck(backend, path, shared, K):
+def test_gradcheck_and_gradgradcheck(ref, backend, path, shared, K):
     C, d, N = 3, 2, 4
-    codebooks, _, codes = make_case(C, K, d, N, shared, torch.float64, 7)
+    codebooks, _, codes = ref.make_case(C, K, d, N, shared, torch.float64, 7)
     x = torch.randn(2, 3, C * d, dtype=torch.float64, requires_grad=True)
     b = torch.randn(N, dtype=torch.float64, requires_grad=True)
     codebooks.requires_grad_()
@@ -134,9 +115,9 @@ def test_gradcheck_and_gradgradcheck(backend, path, shared, K):
     assert torch.autograd.gradgradcheck(fn, (x, codebooks, b), fast_mode=fast)
 
 
-def test_backward_op_gradcheck(backend):
+def test_backward_op_gradcheck(ref, backend):
     C, K, d, N = 2, 4, 3, 5
-    codebooks, _, codes = make_case(C, K, d, N, False, torch.float64, 3)
+    codebooks, _, codes = ref.make_case(C, K, d, N, False, torch.float64, 3)
     grad = torch.randn(4, N, dtype=torch.float64, requires_grad=True)
     x = torch.randn(4, C * d, dtype=torch.float64, requires_grad=True)
     codebooks.requires_grad_()
@@ -145,9 +126,9 @@ def test_backward_op_gradcheck(backend):
             lambda g, x, cb: linear_backward(g, x, cb, codes, True, True, path), (grad, x, codebooks))
 
 
-def test_paths_agree_on_a_realistic_layer(backend):
+def test_paths_agree_on_a_realistic_layer(ref, backend):
     """A ViT-B-sized layer in float32: the two paths give the same output and gradients."""
-    codebooks, _, codes = make_case(12, 256, 64, 768, False, torch.float32, 0)
+    codebooks, _, codes = ref.make_case(12, 256, 64, 768, False, torch.float32, 0)
     x = torch.randn(70, 768)
     grad_out = torch.randn(70, 768)
     out_c, grads_c = grads(lambda x, cb: linear(x, cb, codes, None, "compressed"), x, codebooks, grad_out=grad_out)
@@ -158,19 +139,19 @@ def test_paths_agree_on_a_realistic_layer(backend):
 
 
 @pytest.mark.parametrize("shared,bias", [(False, True), (True, False)])
-def test_expand_path_in_row_blocks_matches_reference(backend, monkeypatch, shared, bias):
+def test_expand_path_in_row_blocks_matches_reference(ref, backend, monkeypatch, shared, bias):
     """The expand path builds the weight a block of rows at a time; force many small blocks."""
     monkeypatch.setattr(library, "_EXPAND_BLOCK_BYTES", 64)  # 64-row blocks
     C, K, d, N = 3, 20, 4, 200
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float64, 9)
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, torch.float64, 9)
     assert len(library._row_blocks(N, C * d, 8)) == 4
     x = torch.randn(2, 5, C * d, dtype=torch.float64)
     b = torch.randn(N, dtype=torch.float64) if bias else None
     grad_out = torch.randn(2, 5, N, dtype=torch.float64)
     tensors = (x, codebooks) + ((b,) if bias else ())
     out, got = grads(lambda x, cb, b=None: linear(x, cb, codes, b, "expand"), *tensors, grad_out=grad_out)
-    ref, want = grads(lambda x, cb, b=None: F.linear(x, reference_weight(cb, ucodes), b), *tensors, grad_out=grad_out)
-    torch.testing.assert_close(out, ref)
+    expected, want = grads(lambda x, cb, b=None: F.linear(x, ref.expand(cb, ucodes), b), *tensors, grad_out=grad_out)
+    torch.testing.assert_close(out, expected)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
     fn = lambda x, cb: linear(x, cb, codes, None, "expand")  # noqa: E731
@@ -179,8 +160,8 @@ def test_expand_path_in_row_blocks_matches_reference(backend, monkeypatch, share
 
 
 @pytest.mark.parametrize("path", ["compressed", "expand"])
-def test_output_is_not_a_view_and_can_be_modified_in_place(backend, path):
-    codebooks, _, codes = make_case(2, 8, 4, 6, False, torch.float32, 1)
+def test_output_is_not_a_view_and_can_be_modified_in_place(ref, backend, path):
+    codebooks, _, codes = ref.make_case(2, 8, 4, 6, False, torch.float32, 1)
     codebooks.requires_grad_()
     for shape in [(5, 8), (2, 3, 8), (8,)]:
         y = linear(torch.randn(shape), codebooks, codes, torch.randn(6), path)
@@ -190,8 +171,8 @@ def test_output_is_not_a_view_and_can_be_modified_in_place(backend, path):
     assert codebooks.grad.abs().sum() > 0
 
 
-def test_codes_get_no_gradient_and_inputs_without_grad_are_skipped(backend):
-    codebooks, _, codes = make_case(2, 8, 4, 6, False, torch.float64, 2)
+def test_codes_get_no_gradient_and_inputs_without_grad_are_skipped(ref, backend):
+    codebooks, _, codes = ref.make_case(2, 8, 4, 6, False, torch.float64, 2)
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     for path in ("compressed", "expand"):
         out = linear(x, codebooks, codes, None, path)  # codebooks frozen
@@ -229,9 +210,9 @@ def _largest_operand(fn) -> int:
     return max(sizes)
 
 
-def test_compressed_path_never_builds_the_weight(backend):
+def test_compressed_path_never_builds_the_weight(ref, backend):
     N, C, d = 2048, 8, 64  # W would be 2048 x 512 = 1M values
-    codebooks, _, codes = make_case(C, 256, d, N, False, torch.float32, 0)
+    codebooks, _, codes = ref.make_case(C, 256, d, N, False, torch.float32, 0)
     codebooks.requires_grad_()
     x = torch.randn(4, C * d, requires_grad=True)
     largest = _largest_operand(lambda: linear(x, codebooks, codes, None, "compressed").sum().backward())
@@ -241,10 +222,10 @@ def test_compressed_path_never_builds_the_weight(backend):
 
 
 @pytest.mark.parametrize("path", ["compressed", "expand"])
-def test_backward_keeps_no_dense_weight(backend, path):
+def test_backward_keeps_no_dense_weight(ref, backend, path):
     """Saved for backward: the input, the codebooks and the codes, never the weight (checkpointing is free)."""
     N, C, d = 1024, 4, 32
-    codebooks, _, codes = make_case(C, 256, d, N, False, torch.float32, 0)
+    codebooks, _, codes = ref.make_case(C, 256, d, N, False, torch.float32, 0)
     codebooks.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
@@ -255,8 +236,8 @@ def test_backward_keeps_no_dense_weight(backend, path):
 
 # --------------------------------------------------------------------------- the per-call choice
 
-def test_path_argument_and_compute_path_force_the_choice():
-    codebooks, _, codes = make_case(16, 256, 256, 4096, False, torch.float32, 0)
+def test_path_argument_and_compute_path_force_the_choice(ref):
+    codebooks, _, codes = ref.make_case(16, 256, 256, 4096, False, torch.float32, 0)
     x = torch.randn(8, 4096)
     assert choose_path(x, codebooks, codes, "expand") == "expand"
     assert choose_path(x, codebooks, codes, "compressed") == "compressed"
@@ -271,10 +252,10 @@ def test_path_argument_and_compute_path_force_the_choice():
 
 
 @pytest.mark.parametrize("kernels", ["cpp", "torch"])
-def test_auto_prefers_compressed_for_rpq_and_expand_for_large_pq_batches(monkeypatch, kernels):
+def test_auto_prefers_compressed_for_rpq_and_expand_for_large_pq_batches(ref, monkeypatch, kernels):
     monkeypatch.setattr(policy, "_fast_kernels_apply", lambda x, cb: kernels == "cpp")
-    rpq = make_case(16, 256, 256, 4096, False, torch.float32, 0)[::2]  # RPQ: d = 256
-    pq = make_case(512, 256, 8, 4096, True, torch.float32, 0)[::2]  # PQ: d = 8, one shared codebook
+    rpq = ref.make_case(16, 256, 256, 4096, False, torch.float32, 0)[::2]  # RPQ: d = 256
+    pq = ref.make_case(512, 256, 8, 4096, True, torch.float32, 0)[::2]  # PQ: d = 8, one shared codebook
     for batch in (1, 8, 64, 512):
         x = torch.empty(batch, 4096)
         assert choose_path(x, *rpq) == "compressed"
@@ -314,8 +295,8 @@ def test_fake_kernels_check_shapes():
 
 
 @pytest.mark.parametrize("path", ["compressed", "expand"])
-def test_opcheck(backend, path):
-    codebooks, _, codes = make_case(3, 5, 4, 7, False, torch.float64, 5)
+def test_opcheck(ref, backend, path):
+    codebooks, _, codes = ref.make_case(3, 5, 4, 7, False, torch.float64, 5)
     x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     for args in [(x, codebooks.requires_grad_(), codes, bias, path), (x, codebooks, codes, None, path)]:
@@ -327,17 +308,17 @@ def test_opcheck(backend, path):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-def test_opcheck_embedding():
-    codebooks, _, codes = make_case(3, 300, 4, 9, False, torch.float64, 5)
+def test_opcheck_embedding(ref):
+    codebooks, _, codes = ref.make_case(3, 300, 4, 9, False, torch.float64, 5)
     indices = torch.randint(0, 9, (2, 5))
     for args in [(indices, codebooks.requires_grad_(), codes, None, False), (indices, codebooks, codes, -2, True)]:
         result = torch.library.opcheck(torch.ops.rpq_fx.embedding.default, args)
         assert all(v == "SUCCESS" for v in result.values()), result
 
 
-def test_compile_fullgraph_matches_eager(backend):
+def test_compile_fullgraph_matches_eager(ref, backend):
     torch._dynamo.reset()
-    codebooks, _, codes = make_case(4, 16, 3, 10, False, torch.float32, 21)
+    codebooks, _, codes = ref.make_case(4, 16, 3, 10, False, torch.float32, 21)
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(0, 10, (2, 3))
 
@@ -360,24 +341,24 @@ def test_compile_fullgraph_matches_eager(backend):
        shape=st.sampled_from([(0,), (1,), (7,), (3, 4), (2, 1, 5)]), shared=st.booleans(),
        padding=st.one_of(st.none(), st.integers(-50, 49)), scale=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
-def test_embedding_matches_reference(C, K, d, N, shape, shared, padding, scale, dtype, seed):
+def test_embedding_matches_reference(ref, C, K, d, N, shape, shared, padding, scale, dtype, seed):
     if padding is not None and not -N <= padding < N:
         padding = None
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, dtype, seed)
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     indices = torch.randint(0, N, shape, generator=gen)
     if padding is not None and indices.numel():
         indices.view(-1)[::2] = padding % N
     grad_out = torch.randn(*shape, C * d, generator=gen, dtype=dtype)
     out, (g,) = grads(lambda cb: embedding(indices, cb, codes, padding, scale), codebooks, grad_out=grad_out)
-    ref, (r,) = grads(lambda cb: F.embedding(indices, reference_weight(cb, ucodes), padding, scale_grad_by_freq=scale),
+    expected, (r,) = grads(lambda cb: F.embedding(indices, ref.expand(cb, ucodes), padding, scale_grad_by_freq=scale),
                       codebooks, grad_out=grad_out)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # a gather: bit for bit
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # a gather: bit for bit
     torch.testing.assert_close(g, r, **tolerances(dtype, r))
 
 
-def test_embedding_expands_only_the_looked_up_rows():
-    codebooks, _, codes = make_case(8, 256, 16, 50000, False, torch.float32, 0)
+def test_embedding_expands_only_the_looked_up_rows(ref):
+    codebooks, _, codes = ref.make_case(8, 256, 16, 50000, False, torch.float32, 0)
     codebooks.requires_grad_()
     tokens = torch.randint(0, 50000, (2, 6))
     with _LargestTensor() as mode:
@@ -391,16 +372,16 @@ def test_embedding_expands_only_the_looked_up_rows():
     out.detach().add_(1)
 
 
-def test_embedding_gradcheck():
-    codebooks, _, codes = make_case(3, 5, 2, 7, True, torch.float64, 1)
+def test_embedding_gradcheck(ref):
+    codebooks, _, codes = ref.make_case(3, 5, 2, 7, True, torch.float64, 1)
     codebooks.requires_grad_()
     indices = torch.tensor([[0, 6, 6], [2, 3, 0]])
     assert torch.autograd.gradcheck(lambda cb: embedding(indices, cb, codes), (codebooks,))
     assert torch.autograd.gradgradcheck(lambda cb: embedding(indices, cb, codes, 6, True), (codebooks,))
 
 
-def test_embedding_index_out_of_range_raises():
-    codebooks, _, codes = make_case(2, 4, 2, 5, False, torch.float32, 0)
+def test_embedding_index_out_of_range_raises(ref):
+    codebooks, _, codes = ref.make_case(2, 4, 2, 5, False, torch.float32, 0)
     with pytest.raises((IndexError, RuntimeError)):
         embedding(torch.tensor([5]), codebooks, codes)
 
@@ -410,15 +391,15 @@ def test_embedding_index_out_of_range_raises():
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 8, 16, 64])
 @pytest.mark.parametrize("K,shared", [(256, False), (256, True), (40000, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_expand_backends_match_reference(backend, d, K, shared, dtype):
+def test_expand_backends_match_reference(ref, backend, d, K, shared, dtype):
     C, N = 5, 130
-    codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float64, d * K)
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, torch.float64, d * K)
     codebooks = codebooks.to(dtype)
     out = ops.expand(codebooks, codes)
     assert out.shape == (N, C * d) and out.dtype == dtype and not out.is_meta
-    torch.testing.assert_close(out, reference_weight(codebooks, ucodes), rtol=0, atol=0)
+    torch.testing.assert_close(out, ref.expand(codebooks, ucodes), rtol=0, atol=0)
     grad_w = torch.randn(N, C * d, dtype=torch.float64).to(dtype)
     (got,) = torch.autograd.grad(ops.expand(codebooks.requires_grad_(), codes), codebooks, grad_w)
-    (want,) = torch.autograd.grad(reference_weight(codebooks, ucodes), codebooks, grad_w)
+    (want,) = torch.autograd.grad(ref.expand(codebooks, ucodes), codebooks, grad_w)
     torch.testing.assert_close(got, want, **tolerances(torch.float64, want)) if dtype == torch.float64 else \
         torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
