@@ -1,0 +1,94 @@
+"""The path policy's overrides (issue 20 item 3): ``RPQ_FX_PATH`` read once at import, ``compute_path``
+for a block of code (the backward of a forward run inside it too), and the kernels reached by device."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rpq_fx.ops as ops
+from rpq_fx import _kernels
+from rpq_fx.ops import policy
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def _case():
+    codebooks = torch.randn(16, 256, 256)
+    codes = torch.randint(0, 256, (16, 4096), dtype=torch.uint8)
+    return torch.randn(1, 4096), codebooks, codes
+
+
+def test_rpq_fx_path_is_read_once_at_import():
+    code = ("import os, torch, rpq_fx.ops as ops\n"
+            "x, cb, codes = torch.randn(1, 4096), torch.randn(16, 256, 256), torch.zeros(16, 4096, dtype=torch.uint8)\n"
+            "first = ops.choose_path(x, cb, codes)\n"
+            "os.environ['RPQ_FX_PATH'] = 'compressed'\n"
+            "print(first, ops.choose_path(x, cb, codes))\n")
+    done = _run(code, RPQ_FX_PATH="expand")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["expand", "expand"]  # set at import; a change later is not read per call
+    bad = _run("import rpq_fx.ops", RPQ_FX_PATH="fastest")
+    assert bad.returncode != 0 and "RPQ_FX_PATH must be one of ('auto', 'compressed', 'expand'), got 'fastest'" in bad.stderr
+
+
+def test_compute_path_forces_auto_calls_in_its_block_and_nests():
+    x, codebooks, codes = _case()
+    assert ops.choose_path(x, codebooks, codes) == "compressed"  # the cost model's pick for an RPQ layer
+    with ops.compute_path("expand"):
+        assert ops.choose_path(x, codebooks, codes) == "expand"
+        with ops.compute_path("auto"):
+            assert ops.choose_path(x, codebooks, codes) == "compressed"
+        assert ops.choose_path(x, codebooks, codes) == "expand"
+        assert ops.choose_path(x, codebooks, codes, "compressed") == "compressed"
+    assert ops.choose_path(x, codebooks, codes) == "compressed"
+    with pytest.raises(ValueError, match="compute_path must be one of"):
+        with ops.compute_path("fast"):
+            pass
+    assert ops.choose_path(x, codebooks, codes) == "compressed"
+
+
+def test_a_backward_follows_the_path_its_forward_was_forced_to(monkeypatch):
+    chosen = []
+    real = policy.choose_path
+
+    def spy(input, codebooks, codes, path="auto", backward=False):
+        chosen.append((backward, real(input, codebooks, codes, path, backward)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr("rpq_fx.ops.library.choose_path", spy)
+    x, codebooks, codes = _case()
+    codebooks.requires_grad_()
+    with ops.compute_path("expand"):
+        out = ops.linear(x, codebooks, codes)
+    out.sum().backward()  # outside the block
+    assert chosen == [(False, "expand"), (True, "expand")]
+
+
+@pytest.mark.skipif(not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}")
+def test_cpu_calls_reach_the_cpp_kernels_through_the_dispatcher():
+    def cpu_kernel(name):
+        table = torch._C._dispatch_dump_table(f"rpq_fx::{name}")
+        return next(line for line in table.splitlines() if line.startswith("CPU:"))
+
+    names = ["expand", "_expand_backward_add", "_linear_compressed", "_linear_compressed_backward", "_nearest"]
+    assert all("rpq_kernels.cpp" in cpu_kernel(name) for name in names)
+    with ops.stock_ops():
+        assert not _kernels.serving()
+        assert all("library.py" in cpu_kernel(name) for name in names[:4])
+    assert _kernels.serving() and all("rpq_kernels.cpp" in cpu_kernel(name) for name in names)
+
+
+def test_turned_off_at_import_runs_stock_ops():
+    code = ("import torch, rpq_fx.ops as ops\nfrom rpq_fx import _kernels\n"
+            "t = torch._C._dispatch_dump_table('rpq_fx::expand')\n"
+            "print(_kernels.available(), 'rpq_kernels.cpp' in t)\n"
+            "print(ops.expand(torch.arange(8.).view(1, 2, 4), torch.tensor([[1, 0]], dtype=torch.uint8)).tolist())")
+    done = _run(code, RPQ_FX_KERNELS="torch")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False False", "[[4.0, 5.0, 6.0, 7.0], [0.0, 1.0, 2.0, 3.0]]"]
