@@ -45,7 +45,8 @@ def check_codes(codes: Tensor, num_codes: int, where: str) -> None:
         # reason: a negative int16 is a code above 32767; only then is the unsigned view worth its copy
         largest = int(high) if int(low) >= 0 else int((codes.to(torch.int32) & 0xFFFF).max())
     if largest >= num_codes:
-        raise IndexError(f"{where}: code {largest} is out of range for {num_codes} codewords (codes must be < {num_codes})")
+        raise IndexError(f"{where}: code {largest} is out of range for {num_codes} codewords "
+                         f"(codes must be < {num_codes})")
 
 
 def _check_code_dtype(codes: Tensor, op: str) -> None:

@@ -172,7 +172,8 @@ def linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None 
         if bias is not None:
             out.add_(bias)
         return out
-    # reason: written through a 2-D view into a fresh tensor: an op's output must not be a view (callers modify it in place)
+    # reason: written through a 2-D view into a fresh tensor: an op's output must not be a view (callers
+    # modify it in place)
     out = input.new_empty(*input.shape[:-1], out_features)
     if x.shape[0] > 0:
         _expand_forward(x, codebooks, codes, bias, out.view(-1, out_features))
