@@ -16,7 +16,8 @@ fi
 # flags (rpq_fx/_kernels.py); where they cannot be built rpq_fx runs on stock torch ops. Built again
 # when the source or torch changes.
 kstamp=.venv/.rpq_fx-kernels
-kwant=$(cat rpq_fx/csrc/*.cpp rpq_fx/_kernels.py .venv/lib/python*/site-packages/torch/version.py | sha256sum | cut -d' ' -f1)
+kwant=$({ cat rpq_fx/csrc/*.cpp rpq_fx/_kernels.py; cat .venv/lib*/python*/site-packages/torch/version.py 2>/dev/null || true; } \
+  | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$kstamp" 2>/dev/null)" != "$kwant" ]; then
   if .venv/bin/python -c "import rpq_fx._kernels as k; k.main()"; then echo "$kwant" > "$kstamp"; else
     echo "setup: the C++ kernels did not build; rpq_fx uses stock torch ops (slower compressed-domain linear)"; fi
