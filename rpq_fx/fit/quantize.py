@@ -13,9 +13,11 @@ Three objectives, one representation (``codebooks [G, K, d]``, ``codes [C, N]``)
   quantised slice pushed onto the slices not yet quantised (GPTQ's update, for vectors as in
   GPTVQ); a codebook of its own is fitted right before its slices are, in that metric, and a
   shared one starts from k-means over all slices, each weighed by its inputs' energy (``H``'s
-  diagonal). The codebooks are then solved exactly for the chosen codes (conjugate gradients on
-  the quadratic in the codebooks); last, coordinate descent on the codes under the whole ``H``
-  (each slice's codes the best for the others as they are), each pass followed by a solve.
+  diagonal). The codebooks are then solved for the chosen codes (conjugate gradients on the
+  quadratic in the codebooks, to within 1e-6 of the objective); last, coordinate descent on the
+  codes under the whole ``H`` (each slice's codes the best for the others as they are), each pass
+  followed by a solve. The sequential passes work in blocks of columns (GPTQ's lazy batch
+  updates) and in float32, so a layer costs a few products of its size by ``H``.
 """
 
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ from .kmeans import kmeans, lloyd_step, nearest
 __all__ = ["FitResult", "fit_rows", "row_errors"]
 
 _MAX_POINTS_PER_CODE = 64  # k-means learns codewords on at most this many points each (faiss uses 256)
-_GROUP_ELEMENTS = 2**23  # k-means and the error run on about this many values at a time (32 MiB fp32)
+_GROUP_ELEMENTS = 2**23  # k-means runs on about this many point values at a time (32 MiB fp32)
+_ERROR_ELEMENTS = 2**21  # the fit error is summed over row chunks of about this many values
 _BLOCK_COLUMNS = 128  # columns per block of the sequential passes (GPTQ's block size)
 _REFINE_PASSES = 2  # of coordinate descent on the codes, each followed by a codebook solve
 
@@ -117,11 +120,11 @@ def row_errors(delta: Tensor, hessian: Tensor | None, row_weights: Tensor | None
 def _relative_error(rows: Tensor, codebooks: Tensor, codes: Tensor, hessian: Tensor | None,
                     row_weights: Tensor | None) -> float:
     """The fit's objective relative to that of an all-zero weight, over chunks of rows."""
-    step = max(1, _GROUP_ELEMENTS // 4 // rows.shape[1])
-    codebooks = codebooks.to(rows.dtype)
+    step = max(1, _ERROR_ELEMENTS // rows.shape[1])
+    codebooks = codebooks.float()
     left = total = 0.0
     for start in range(0, rows.shape[0], step):
-        part = rows[start:start + step]
+        part = rows[start:start + step].float()
         weights = None if row_weights is None else row_weights[start:start + step]
         delta = part - expand(codebooks, codes[:, start:start + step].contiguous())
         left += float(row_errors(delta, hessian, weights).sum())
@@ -211,7 +214,7 @@ def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, hessian: Te
     else:
         precondition = counts.view(num_codebooks, k, 1, 1) * blocks.unsqueeze(1)
     used = counts.sum(0, keepdim=True).gt(0) if groups == 1 else counts.gt(0)  # [G, K]
-    factor, info = torch.linalg.cholesky_ex(precondition + (~used).view(groups, k, 1, 1) * torch.eye(d))
+    factor, info = torch.linalg.cholesky_ex(precondition + (~used).view(groups, k, 1, 1) * torch.eye(d, dtype=hessian.dtype, device=hessian.device))
     solve = (lambda v: torch.cholesky_solve(v.unsqueeze(-1), factor).squeeze(-1) * used.unsqueeze(-1)) \
         if not info.any() else (lambda v: v * used.unsqueeze(-1))  # reason: a singular block: no preconditioning
     x = codebooks.clone()
