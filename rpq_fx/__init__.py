@@ -17,6 +17,7 @@ from .graph_module import RPQGraphModule
 from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, save, save_dense
 from .loss import distillation_loss
 from .onnx_export import export_onnx
+from .ops import compute_path
 from .passes import register_layer
 from .record import ConversionRecord, conversion_record
 from .report import Report, model_size, report
@@ -25,5 +26,5 @@ __all__ = ["convert", "RPQ", "allocate", "size_costs", "SizeCosts", "RPQGraphMod
            "RPQConversionError", "decompress", "model_size", "report", "Report", "export_graph", "nn", "ops", "save",
            "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError", "export_onnx",
            "finetune", "param_groups", "float32_codebooks", "distillation_loss", "register_layer",
-           "conversion_record", "ConversionRecord"]
+           "conversion_record", "ConversionRecord", "compute_path"]
 __version__ = "0.1.0"
