@@ -71,10 +71,11 @@ def analytic_bytes(original: nn.Module, converted: nn.Module) -> int:
         if layer is None or not layer.converted:
             total += param.numel() * param.element_size()
             continue
-        groups = 1 if layer.shared_codebooks else layer.num_codebooks
+        settings = layer.settings
+        groups = 1 if settings.shared_codebooks else layer.num_codebooks
         rows = param.numel() // (layer.num_codebooks * layer.codebook_dim)
-        total += groups * layer.num_codes * layer.codebook_dim * param.element_size()
-        total += layer.num_codebooks * rows * torch.empty(0, dtype=code_dtype(layer.num_codes)).element_size()
+        total += groups * settings.num_codes * layer.codebook_dim * param.element_size()
+        total += layer.num_codebooks * rows * torch.empty(0, dtype=code_dtype(settings.num_codes)).element_size()
     total += sum(b.numel() * b.element_size() for b in original.buffers())
     return total
 

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from rpq_fx.config import DAMP, LayerSettings, RPQConfig
+from rpq_fx.config import LayerSettings, RPQConfig
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import hot_bytes, rpq_bytes
@@ -25,29 +25,21 @@ __all__ = ["LayerPlan", "plan_conversion", "check_strict", "parameter_at"]
 
 @dataclass
 class LayerPlan:
-    """One weight: converted (``reason is None``) or left dense, and why."""
+    """One weight: converted (``reason is None``) with ``settings`` and the split they give its rows,
+    or left dense, and why."""
 
     name: str
     aliases: tuple[str, ...]
     ops: tuple[str, ...]
     shape: tuple[int, ...]
     dtype: torch.dtype
-    num_codebooks: int | None = None
+    settings: LayerSettings | None = None  # the resolved settings of a converted weight; None if left dense
+    num_codebooks: int | None = None  # the split of each row: num_codebooks slices of codebook_dim values
     codebook_dim: int | None = None
-    num_codes: int | None = None
-    shared_codebooks: bool = False
     reason: str | None = None
     excluded: bool = False  # left dense on purpose (filter_fn or a config override), not for want of support
     transposed: bool = False  # read as W.T (GPT-2's Conv1D): RPQ rows are the parameter's columns
     padding_rows: tuple[int, ...] = ()  # embedding rows lookups never train (padding_idx): kept at zero
-    codebook_dtype: torch.dtype | None = None  # None: the weight's own dtype
-    init: str = "random"  # how the RPQ weight was filled: "random", "kmeans", "kmeans+calibration"
-    error_feedback: bool = True  # a calibrated fit pushes each slice's error onto the slices after it
-    asymmetric: bool = True  # a calibrated fit matches the dense model's output, not its own weight's, on its inputs
-    damp: float = DAMP  # a calibrated fit adds this fraction of its Gram matrix's mean diagonal to the diagonal
-    fit_error: float | None = None  # after a fit: the objective (weight or output error) relative to the weight's
-    hot_rows: int = 0  # rows with a second, residual code (RPQWeight.hot)
-    hot_codebook_dim: int | None = None
     param: nn.Parameter | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -60,6 +52,19 @@ class LayerPlan:
         return self.reason is None
 
     @property
+    def hot_rows(self) -> int:
+        """How many rows get a residual code: the setting's, at most the rows that are not padding."""
+        if self.settings is None or not self.settings.hot_rows:
+            return 0
+        return min(self.settings.hot_rows, self.rows_shape[0] - len(self.padding_rows))
+
+    @property
+    def codebook_dtype(self) -> torch.dtype:
+        """The dtype the codebooks are stored in: the setting's, or the weight's own."""
+        name = self.settings.codebook_dtype if self.settings is not None else None
+        return self.dtype if name is None else getattr(torch, name)
+
+    @property
     def bytes_before(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
@@ -67,11 +72,11 @@ class LayerPlan:
     def bytes_after(self) -> int:
         if not self.converted:
             return self.bytes_before
-        element_size = (self.codebook_dtype or self.dtype).itemsize
-        return (rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], self.num_codes,
-                          self.shared_codebooks, element_size)
-                + hot_bytes(self.num_codebooks * self.codebook_dim, self.hot_rows, self.hot_codebook_dim,
-                            self.num_codes, element_size))
+        settings, element_size = self.settings, self.codebook_dtype.itemsize
+        return (rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], settings.num_codes,
+                          settings.shared_codebooks, element_size)
+                + hot_bytes(self.num_codebooks * self.codebook_dim, self.hot_rows, settings.hot_codebook_dim,
+                            settings.num_codes, element_size))
 
     @property
     def bits_per_weight(self) -> float:
@@ -182,35 +187,30 @@ def parameter_at(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
 
 
 def _decide(plan: LayerPlan, settings: LayerSettings, refusal: str | None) -> None:
-    row_len = math.prod(plan.rows_shape[1:])
-    if refusal is not None:
-        plan.reason = refusal
+    """Give ``plan`` its ``settings`` and split, or the reason it stays dense."""
+    plan.reason = refusal if refusal is not None else _refusal(plan, settings)
+    if plan.reason is not None:
         return
-    if not plan.dtype.is_floating_point:
-        plan.reason = f"dtype {plan.dtype} is not floating point"
-        return
-    split = settings.split(row_len)
-    if isinstance(split, str):
-        plan.reason = split
-        return
-    plan.num_codebooks, plan.codebook_dim = split
-    plan.num_codes, plan.shared_codebooks = settings.num_codes, settings.shared_codebooks
-    plan.init, plan.error_feedback, plan.damp = settings.init, settings.error_feedback, settings.damp
-    plan.asymmetric = settings.asymmetric
-    if settings.codebook_dtype is not None:
-        plan.codebook_dtype = getattr(torch, settings.codebook_dtype)
-    if settings.hot_rows:
-        if row_len % settings.hot_codebook_dim:
-            plan.reason = f"row length {row_len} is not divisible by hot_codebook_dim={settings.hot_codebook_dim}"
-            return
-        plan.hot_rows = min(settings.hot_rows, plan.rows_shape[0] - len(plan.padding_rows))
-        plan.hot_codebook_dim = settings.hot_codebook_dim
+    plan.settings = settings
+    plan.num_codebooks, plan.codebook_dim = settings.split(math.prod(plan.rows_shape[1:]))
     dense, rpq = plan.bytes_before, plan.bytes_after
     if rpq >= dense:
         plan.reason = (f"would grow from {dense} to {rpq} bytes: {settings.num_codes} codewords per codebook "
                        f"cost more than {plan.rows_shape[0]} rows save")
-        plan.num_codebooks = plan.codebook_dim = plan.num_codes = plan.codebook_dtype = plan.hot_codebook_dim = None
-        plan.init, plan.hot_rows = "random", 0
+        plan.settings = plan.num_codebooks = plan.codebook_dim = None
+
+
+def _refusal(plan: LayerPlan, settings: LayerSettings) -> str | None:
+    """Why ``settings`` cannot convert ``plan``'s weight at all, or None."""
+    row_len = math.prod(plan.rows_shape[1:])
+    if not plan.dtype.is_floating_point:
+        return f"dtype {plan.dtype} is not floating point"
+    split = settings.split(row_len)
+    if isinstance(split, str):
+        return split
+    if settings.hot_rows and row_len % settings.hot_codebook_dim:
+        return f"row length {row_len} is not divisible by hot_codebook_dim={settings.hot_codebook_dim}"
+    return None
 
 
 def plan_conversion(gm: fx.GraphModule | dict[str, fx.GraphModule], model: nn.Module, config: RPQConfig,

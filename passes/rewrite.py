@@ -31,12 +31,12 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
     for plan in converted:
         device = plan.param.device
         # reason: RPQWeight's constructor inits itself from the global generator; on the meta device it draws nothing
+        settings = plan.settings
         weights[plan.name] = weight = RPQWeight(
-            plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], plan.num_codes, plan.shared_codebooks,
+            plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], settings.num_codes, settings.shared_codebooks,
             shape=plan.rows_shape, transposed=plan.transposed, device="meta", hot_rows=plan.hot_rows,
-            hot_codebook_dim=plan.hot_codebook_dim,
-            compute_dtype=plan.dtype if plan.codebook_dtype not in (None, plan.dtype) else None,
-            dtype=plan.codebook_dtype or plan.dtype)
+            hot_codebook_dim=settings.hot_codebook_dim if settings.hot_rows else None,
+            compute_dtype=plan.dtype if plan.codebook_dtype != plan.dtype else None, dtype=plan.codebook_dtype)
         if device.type != "meta":
             weight.to_empty(device=device)
             embedding = any(op.startswith("embedding") for op in plan.ops)  # torch inits those N(0, 1)

@@ -10,9 +10,6 @@ import torch
 __all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM"]
 
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
-# what sets a weight's stored size
-SIZE_SETTINGS = (*SPLITS, "num_codes", "shared_codebooks", "codebook_dtype", "hot_rows", "hot_codebook_dim")
-_OVERRIDABLE = (*SIZE_SETTINGS, "init", "error_feedback", "damp", "asymmetric", "skip")
 INITS = ("random", "kmeans")
 DAMP = 0.01  # GPTQ's default damping of a calibrated fit's H (RPQConfig.damp)
 RPQ_MAX_CODEBOOK_DIM = 64  # rpq_fx.RPQ's (and the CLI's) default split: codewords of at most 64 values
@@ -30,22 +27,59 @@ def _dtype_name(value: Any) -> Any:
     return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
 
 
+def _size(default: Any) -> Any:
+    """A setting that changes a weight's stored size (``allocate`` varies only those)."""
+    return field(default=default, metadata={"size": True})
+
+
 @dataclass(frozen=True)
 class LayerSettings:
-    """The resolved settings of one layer: exactly one way to split its rows."""
+    """Every per-layer setting, declared here once: ``RPQConfig`` inherits them as its defaults, its
+    overrides may set any of them per layer, and a conversion resolves one per layer (``LayerPlan.settings``).
+    What each means: :class:`RPQConfig`. Exactly one of the three splits is set."""
 
-    num_codebooks: int | None
-    codebook_dim: int | None
-    max_codebook_dim: int | None
-    num_codes: int
-    shared_codebooks: bool
+    num_codebooks: int | None = _size(None)
+    codebook_dim: int | None = _size(None)
+    max_codebook_dim: int | None = _size(None)
+    num_codes: int = _size(256)
+    shared_codebooks: bool = _size(False)
     init: str = "random"
-    codebook_dtype: str | None = None
+    codebook_dtype: str | None = _size(None)
     error_feedback: bool = True
     damp: float = DAMP
     asymmetric: bool = True
-    hot_rows: int = 0
-    hot_codebook_dim: int | None = None
+    hot_rows: int = _size(0)
+    hot_codebook_dim: int | None = _size(None)
+
+    def __post_init__(self):
+        object.__setattr__(self, "codebook_dtype", _dtype_name(self.codebook_dtype))  # reason: the class is frozen
+        self._check(dataclasses.asdict(self), type(self).__name__)
+
+    @staticmethod
+    def _check(values: dict[str, Any], where: str) -> None:
+        """Raise a ValueError naming ``where``, the setting and its value if ``values`` holds a wrong setting."""
+        splits = [name for name in SPLITS if values.get(name) is not None]
+        if len(splits) != 1:
+            raise ValueError(f"{where}: set exactly one of {', '.join(SPLITS)}; got "
+                             f"{', '.join(f'{n}={values[n]}' for n in splits) if splits else 'none'}")
+        check_int(where, splits[0], values[splits[0]], 1)
+        check_int(where, "num_codes", values["num_codes"], 2, 65536)
+        if not isinstance(values["shared_codebooks"], bool):
+            raise ValueError(f"{where}: shared_codebooks must be a bool, got {values['shared_codebooks']!r}")
+        if values["init"] not in INITS:
+            raise ValueError(f"{where}: init must be one of {list(INITS)}, got {values['init']!r}")
+        if values["codebook_dtype"] is not None and values["codebook_dtype"] not in CODEBOOK_DTYPES:
+            raise ValueError(f"{where}: codebook_dtype must be None or one of {list(CODEBOOK_DTYPES)}, "
+                             f"got {values['codebook_dtype']!r}")
+        for name in ("error_feedback", "asymmetric"):
+            if not isinstance(values[name], bool):
+                raise ValueError(f"{where}: {name} must be a bool, got {values[name]!r}")
+        damp = values["damp"]
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
+            raise ValueError(f"{where}: damp must be a number > 0, got {damp!r}")
+        check_int(where, "hot_rows", values["hot_rows"], 0)
+        if values["hot_rows"] or values["hot_codebook_dim"] is not None:
+            check_int(where, "hot_codebook_dim (hot_rows > 0 needs one)", values["hot_codebook_dim"], 1)
 
     def split(self, row_len: int) -> tuple[int, int] | str:
         """``(num_codebooks, codebook_dim)`` for a row of ``row_len`` values, or why it can't be split."""
@@ -61,9 +95,15 @@ class LayerSettings:
         return row_len // dim, dim
 
 
-@dataclass
-class RPQConfig:
-    """How to convert a model.
+LAYER_SETTINGS = tuple(f.name for f in dataclasses.fields(LayerSettings))
+SIZE_SETTINGS = tuple(f.name for f in dataclasses.fields(LayerSettings) if f.metadata.get("size"))
+_OVERRIDABLE = (*LAYER_SETTINGS, "skip")
+
+
+@dataclass(frozen=True)
+class RPQConfig(LayerSettings):
+    """How to convert a model: the per-layer settings of :class:`LayerSettings` (the defaults of every
+    layer), the model-wide ``checkpoint`` and ``seed``, and per-layer ``overrides``.
 
     Exactly one of ``num_codebooks`` (C per row), ``codebook_dim`` (d, so C = row / d) or
     ``max_codebook_dim`` (per layer the largest d <= this that divides the row) sets the split.
@@ -87,20 +127,9 @@ class RPQConfig:
     (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the layers they match
     (later patterns win); ``{"skip": True}`` leaves a layer dense. ``convert`` warns about a pattern
     that matches no weight or layer name (a typo), and raises under ``strict=True``.
+    A config is immutable: ``dataclasses.replace`` gives a changed (and checked) copy.
     """
 
-    num_codebooks: int | None = None
-    codebook_dim: int | None = None
-    max_codebook_dim: int | None = None
-    num_codes: int = 256
-    shared_codebooks: bool = False
-    init: str = "random"
-    codebook_dtype: str | None = None
-    error_feedback: bool = True
-    damp: float = DAMP
-    asymmetric: bool = True
-    hot_rows: int = 0
-    hot_codebook_dim: int | None = None
     checkpoint: bool = False
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -113,7 +142,7 @@ class RPQConfig:
             if not isinstance(pattern, str):
                 raise ValueError(f"RPQConfig.overrides: keys must be str fnmatch patterns of weight or layer names, "
                                  f"got {pattern!r} ({type(pattern).__name__})")
-        self.codebook_dtype = _dtype_name(self.codebook_dtype)
+        object.__setattr__(self, "codebook_dtype", _dtype_name(self.codebook_dtype))  # reason: the class is frozen
         for values in self.overrides.values():
             if isinstance(values, dict) and "codebook_dtype" in values:
                 values["codebook_dtype"] = _dtype_name(values["codebook_dtype"])
@@ -129,28 +158,7 @@ class RPQConfig:
 
     @staticmethod
     def _check(values: dict[str, Any], where: str) -> None:
-        splits = [name for name in SPLITS if values.get(name) is not None]
-        if len(splits) != 1:
-            raise ValueError(f"{where}: set exactly one of {', '.join(SPLITS)}; got "
-                             f"{', '.join(f'{n}={values[n]}' for n in splits) if splits else 'none'}")
-        check_int(where, splits[0], values[splits[0]], 1)
-        check_int(where, "num_codes", values["num_codes"], 2, 65536)
-        if not isinstance(values["shared_codebooks"], bool):
-            raise ValueError(f"{where}: shared_codebooks must be a bool, got {values['shared_codebooks']!r}")
-        if values["init"] not in INITS:
-            raise ValueError(f"{where}: init must be one of {list(INITS)}, got {values['init']!r}")
-        if values["codebook_dtype"] is not None and values["codebook_dtype"] not in CODEBOOK_DTYPES:
-            raise ValueError(f"{where}: codebook_dtype must be None or one of {list(CODEBOOK_DTYPES)}, "
-                             f"got {values['codebook_dtype']!r}")
-        for name in ("error_feedback", "asymmetric"):
-            if not isinstance(values[name], bool):
-                raise ValueError(f"{where}: {name} must be a bool, got {values[name]!r}")
-        damp = values["damp"]
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
-            raise ValueError(f"{where}: damp must be a number > 0, got {damp!r}")
-        check_int(where, "hot_rows", values["hot_rows"], 0)
-        if values["hot_rows"] or values["hot_codebook_dim"] is not None:
-            check_int(where, "hot_codebook_dim (hot_rows > 0 needs one)", values["hot_codebook_dim"], 1)
+        LayerSettings._check(values, where)
         if not isinstance(values["checkpoint"], bool):
             raise ValueError(f"{where}: checkpoint must be a bool, got {values['checkpoint']!r}")
         check_int(where, "seed", values["seed"], 0)
@@ -172,7 +180,7 @@ class RPQConfig:
                 values = self._apply(values, override)
         if values.get("skip"):
             return None
-        return LayerSettings(**{f.name: values[f.name] for f in dataclasses.fields(LayerSettings)})
+        return LayerSettings(**{name: values[name] for name in LAYER_SETTINGS})
 
     def unmatched(self, names: set[str]) -> list[str]:
         """The override patterns that match none of ``names`` (a typo, or a layer the model lacks)."""

@@ -16,6 +16,7 @@ from .nn.weight import RPQWeight
 from .passes import (LayerPlan, capture, capture_call, capture_export, capture_layer, cleanup, fuse,
                      insert_checkpoints, new_weights, plan_conversion, rewrite)
 from .passes.weight_ops import LAYERS
+from .record import ConversionRecord, FitOutcome, attach_record
 
 __all__ = ["convert", "RPQ"]
 
@@ -62,12 +63,14 @@ def _free_converted(model: nn.Module, plans: list[LayerPlan]) -> None:
                 delattr(owner, name)
 
 
-def _weights(model: nn.Module, plans: list[LayerPlan], config: RPQConfig, calibration, progress: bool) -> dict:
-    """The RPQ weights of ``plans``: drawn at random, then fitted where a plan's init is ``"kmeans"``,
-    to the statistics of ``model`` (still dense) on the calibration inputs, if given."""
+def _weights(model: nn.Module, plans: list[LayerPlan], config: RPQConfig, calibration,
+             progress: bool) -> tuple[dict[str, RPQWeight], dict[str, FitOutcome]]:
+    """The RPQ weights of ``plans`` and how each was filled: drawn at random, then fitted where a
+    plan's init is ``"kmeans"``, to the statistics of ``model`` (still dense) on the calibration
+    inputs, if given."""
     weights = new_weights(plans, config.seed)
-    fit_weights(model, plans, weights, calibration, seed=config.seed, progress=progress)
-    return weights
+    fits = fit_weights(model, plans, weights, calibration, seed=config.seed, progress=progress)
+    return weights, {plan.name: fits.get(plan.name, FitOutcome("random")) for plan in plans if plan.converted}
 
 
 def _finish(gm: RPQGraphModule, plans: list[LayerPlan], weights: dict, config: RPQConfig, prefix: str = "") -> None:
@@ -79,24 +82,23 @@ def _finish(gm: RPQGraphModule, plans: list[LayerPlan], weights: dict, config: R
     cleanup(gm)
 
 
-def _record(target: nn.Module, plans: list[LayerPlan], config: RPQConfig, path: str) -> None:
-    # reason: imported here so that this change stays inside _record (convert.py is another engineer's); hoist it
-    from .record import ConversionRecord, attach_record
-
-    attach_record(target, ConversionRecord(config, tuple(dataclasses.replace(plan, param=None) for plan in plans), path))
+def _record(target: nn.Module, plans: list[LayerPlan], fits: dict[str, FitOutcome], config: RPQConfig,
+            path: str) -> None:
+    layers = tuple(dataclasses.replace(plan, param=None) for plan in plans)
+    attach_record(target, ConversionRecord(config, layers, path, fits))
 
 
 def _convert_graph(model: nn.Module, gm: RPQGraphModule, path: str, config: RPQConfig, filter_fn, strict: bool,
                    inplace: bool, calibration, progress: bool) -> RPQGraphModule:
     """The whole model as one graph (fx or torch.export)."""
     plans = plan_conversion(gm, model, config, filter_fn, strict)
-    weights = _weights(model, plans, config, calibration, progress)
+    weights, fits = _weights(model, plans, config, calibration, progress)
     if not inplace:
         gm = _copy(gm, _placeholders(plans))
     _finish(gm, plans, weights, config)
     if inplace:
         _free_converted(model, plans)
-    _record(gm, plans, config, path)
+    _record(gm, plans, fits, config, path)
     gm.training = model.training
     return gm
 
@@ -125,7 +127,7 @@ def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConf
     parts = {name: _capture_part(module) for name, module in model.named_modules()
              if name and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
     plans = plan_conversion(parts, model, config, filter_fn, strict)
-    weights = _weights(model, plans, config, calibration, progress)
+    weights, fits = _weights(model, plans, config, calibration, progress)
     memo = {} if inplace else _placeholders(plans)
     work = model if inplace else copy.deepcopy(model, memo)
     for name, part in parts.items():
@@ -140,7 +142,7 @@ def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConf
             work.set_submodule(name, part)
     if inplace:
         _free_converted(model, plans)
-    _record(work, plans, config, f"in place ({why.__cause__.__class__.__name__} when tracing the whole model)")
+    _record(work, plans, fits, config, f"in place ({why.__cause__.__class__.__name__} when tracing the whole model)")
     return work
 
 

@@ -6,7 +6,8 @@ An RPQ checkpoint is one safetensors file:
   name (codebooks in their dtype, codes as uint8 / int16, dense leftovers: biases, norms, layers
   left dense); the other names of a shared tensor (a tied weight) are listed as aliases;
 - metadata: ``format = "rpq_fx"``, ``format_version``, and ``rpq_fx``: one JSON document with the
-  ``RPQConfig``, the conversion record (one entry per weight: converted or why not), the
+  ``RPQConfig``, the conversion record (format 2: one entry per weight, its plan, its settings and
+  how it was filled, apart: ``_layer_record``; format-1 files still load), the
   architecture (every original tensor name, shape and dtype, and their fingerprint), the generated
   forward code, the aliases, a SHA-256 per tensor, the versions that wrote it and optionally the
   ``spec`` the model was built from; ``rpq_fx_sha256`` is the digest of that JSON.
@@ -37,13 +38,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import RPQConfig
+from .config import LAYER_SETTINGS, LayerSettings, RPQConfig
 from .convert import convert
 from .decompress import decompress
 from .errors import RPQConversionError
 from .nn.weight import RPQWeight, check_index
 from .passes import LayerPlan
-from .record import ConversionRecord, attach_record, conversion_record
+from .record import FILLS, ConversionRecord, FitOutcome, attach_record, conversion_record
 from .report import Report, report
 
 __all__ = ["save", "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError",
@@ -51,7 +52,8 @@ __all__ = ["save", "load", "save_dense", "checkpoint_info", "checkpoint_report",
 
 FORMAT = "rpq_fx"
 DENSE_FORMAT = "rpq_fx.dense"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer record holds its settings and how it was filled apart (_layer_record)
+_READABLE = (1, 2)  # format 1: every setting flat beside the split, ``init`` saying how the weight was filled
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _FX_CONSTANT = re.compile(r"_tensor_constant\d+")  # tensors torch.fx adds for constants in forward
 
@@ -88,29 +90,82 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
 
 
-def _layer_record(layer: LayerPlan) -> dict[str, Any]:
-    record = {}
-    for f in dataclasses.fields(layer):
-        if f.name == "param":
-            continue
-        value = getattr(layer, f.name)
-        if isinstance(value, torch.dtype):
-            value = _dtype_name(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        record[f.name] = value
+# The format-2 layer record: these keys of the plan (its decision), "settings" (every LayerSettings
+# field, or null for a weight left dense), "filled" and "fit_error" (its FitOutcome, or null).
+_PLAN_KEYS = ("name", "aliases", "ops", "shape", "dtype", "transposed", "padding_rows", "reason", "excluded",
+              "num_codebooks", "codebook_dim")
+
+
+def _plain(value: Any) -> Any:
+    """A plan's value as JSON holds it: a dtype by name, a tuple as a list."""
+    if isinstance(value, torch.dtype):
+        return _dtype_name(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _layer_record(layer: LayerPlan, fit: FitOutcome | None) -> dict[str, Any]:
+    """The format-2 record of one weight: its plan, its settings and how it was filled."""
+    record = {key: _plain(getattr(layer, key)) for key in _PLAN_KEYS}
+    record["settings"] = None if layer.settings is None else dataclasses.asdict(layer.settings)
+    record["filled"], record["fit_error"] = (fit.filled, fit.error) if fit is not None else (None, None)
     return record
 
 
-def _layer_from_record(record: dict[str, Any]) -> LayerPlan:
-    known = {f.name for f in dataclasses.fields(LayerPlan)} - {"param"}
-    values = {k: v for k, v in record.items() if k in known}
-    values["dtype"] = _parse_dtype(values["dtype"])
-    if values.get("codebook_dtype") is not None:
-        values["codebook_dtype"] = _parse_dtype(values["codebook_dtype"])
-    for key in ("aliases", "ops", "shape"):
-        values[key] = tuple(values[key])
-    return LayerPlan(**values)
+def _v1_record(layer: LayerPlan) -> dict[str, Any]:
+    """What a format-1 file recorded of ``layer`` (to compare with one), how it was filled aside; of
+    a weight left dense only its plan (format 1 kept stale settings there)."""
+    record = {key: _plain(getattr(layer, key)) for key in _PLAN_KEYS}
+    if layer.converted:
+        s = layer.settings
+        record.update(num_codes=s.num_codes, shared_codebooks=s.shared_codebooks, codebook_dtype=s.codebook_dtype,
+                      error_feedback=s.error_feedback, asymmetric=s.asymmetric, damp=s.damp, hot_rows=layer.hot_rows,
+                      hot_codebook_dim=s.hot_codebook_dim if s.hot_rows else None)
+    else:
+        del record["num_codebooks"], record["codebook_dim"]
+    return record
+
+
+def _asked(fit: FitOutcome) -> str:
+    """The ``init`` setting that fills a weight as ``fit`` says it was filled."""
+    return "random" if fit.filled == "random" else "kmeans"
+
+
+def _settings(path: Path, where: str, values: dict[str, Any]) -> LayerSettings:
+    """A record's settings, checked as a config's are; a setting the record lacks (added to rpq_fx after
+    the file was written) reads as its default."""
+    unknown = sorted(set(values) - set(LAYER_SETTINGS))
+    if unknown:
+        _refuse(path, where, f"an object of the settings {', '.join(LAYER_SETTINGS)}", unknown)
+    try:
+        return LayerSettings(**values)
+    except ValueError as error:
+        raise RPQCheckpointError(f"{path}: damaged or crafted file: {where}: {error}") from None
+
+
+def _layer_from_record(path: Path, i: int, record: dict[str, Any],
+                       version: int) -> tuple[LayerPlan, FitOutcome | None]:
+    """The plan and fit outcome a (checked) layer record of format ``version`` stands for."""
+    converted, settings = record.get("reason") is None, None
+    if version == 1:
+        fit = FitOutcome(record.get("init", "random"), record.get("fit_error")) if converted else None
+        if converted:  # the split as it came out, and the init that fills the weight as it was
+            values = {k: record[k] for k in LAYER_SETTINGS if k in _LAYER_FIELDS and k in record}
+            values.update(codebook_dim=None, init=_asked(fit))
+            settings = _settings(path, f"layers[{i}]", values)
+    else:
+        fit = FitOutcome(record["filled"], record["fit_error"]) if converted else None
+        settings = _settings(path, f"layers[{i}].settings", record["settings"]) if converted else None
+    plan = LayerPlan(record["name"], tuple(record["aliases"]), tuple(record["ops"]), tuple(record["shape"]),
+                     _parse_dtype(record["dtype"]), settings, record.get("num_codebooks") if converted else None,
+                     record.get("codebook_dim") if converted else None, record.get("reason"),
+                     record.get("excluded", False), record.get("transposed", False),
+                     tuple(record.get("padding_rows", ())))
+    return plan, fit
+
+
+def _saved_layers(path: Path, info: dict) -> list[tuple[LayerPlan, FitOutcome | None]]:
+    """Every layer record of a checked file as a plan and how its weight was filled."""
+    return [_layer_from_record(path, i, r, info["format_version"]) for i, r in enumerate(info["layers"])]
 
 
 def _architecture(model: nn.Module, record: ConversionRecord) -> dict[str, Any]:
@@ -235,7 +290,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
         "rpq_fx_version": _version(),
         "torch_version": torch.__version__,
         "config": record.config.to_dict(),
-        "layers": [_layer_record(layer) for layer in record.layers],
+        "layers": [_layer_record(layer, record.fits.get(layer.name)) for layer in record.layers],
         "architecture": _architecture(model, record),
         "code": _codes(model),
         "aliases": aliases,
@@ -427,7 +482,7 @@ _LAYER_FIELDS = {
     "transposed": (lambda v: isinstance(v, bool), "true or false"),
     "padding_rows": (_is_dims, "a list of ints >= 0"),
     "codebook_dtype": (lambda v: v is None or _is_dtype(v, _DTYPES), "null or a torch dtype name"),
-    "init": (lambda v: isinstance(v, str), "a string"),
+    "init": (lambda v: v in FILLS, f"one of {', '.join(FILLS)}"),
     "error_feedback": (lambda v: isinstance(v, bool), "true or false"),
     "asymmetric": (lambda v: isinstance(v, bool), "true or false"),
     "damp": (lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
@@ -437,6 +492,30 @@ _LAYER_FIELDS = {
 }
 _REQUIRED = ("name", "aliases", "ops", "shape", "dtype")
 _SPLIT = ("num_codebooks", "codebook_dim", "num_codes")
+# The format-2 record (_layer_record): every key required, none other accepted.
+_V2_FIELDS = {**{key: _LAYER_FIELDS[key] for key in _PLAN_KEYS},
+              "settings": (lambda v: v is None or isinstance(v, dict), "null or an object"),
+              "filled": (lambda v: v is None or v in FILLS, f"null or one of {', '.join(FILLS)}"),
+              "fit_error": _LAYER_FIELDS["fit_error"]}
+
+
+def _check_layer_v2(path: Path, i: int, record: Any) -> None:
+    if not isinstance(record, dict):
+        _refuse(path, f"layers[{i}]", "an object", record)
+    if set(record) != set(_V2_FIELDS):
+        _refuse(path, f"layers[{i}]", f"an object of exactly {', '.join(_V2_FIELDS)}", sorted(record))
+    for key, (ok, what) in _V2_FIELDS.items():
+        if not ok(record[key]):
+            _refuse(path, f"layers[{i}].{key}", what, record[key])
+    converted = record["reason"] is None
+    for key in ("num_codebooks", "codebook_dim", "settings", "filled"):
+        if (record[key] is None) == converted:
+            _refuse(path, f"layers[{i}].{key} (a {'converted' if converted else 'dense'} weight)",
+                    "set" if converted else "null", record[key])
+    if converted and record["transposed"] and len(record["shape"]) != 2:
+        _refuse(path, f"layers[{i}].shape (a transposed weight)", "two dims", record["shape"])
+    if converted:
+        _settings(path, f"layers[{i}].settings", record["settings"])
 
 
 def _check_layer(path: Path, i: int, record: Any) -> None:
@@ -458,8 +537,8 @@ def _check_layer(path: Path, i: int, record: Any) -> None:
             _refuse(path, f"layers[{i}].hot_codebook_dim (a weight with hot rows)", "an int", None)
 
 
-def _check_info(path: Path, info: Any) -> None:
-    """The ``rpq_fx`` JSON's schema (format 1): every value later code indexes or sizes with is typed."""
+def _check_info(path: Path, info: Any, version: int) -> None:
+    """The ``rpq_fx`` JSON's schema (format 1 or 2): every value later code indexes or sizes with is typed."""
     if not isinstance(info, dict):
         _refuse(path, "the rpq_fx metadata", "a JSON object", info)
     checks = {"config": (lambda v: isinstance(v, dict), "an object"),
@@ -478,7 +557,7 @@ def _check_info(path: Path, info: Any) -> None:
         if key in info and not ok(info[key]):
             _refuse(path, f"rpq_fx metadata {key!r}", what, info[key])
     for i, record in enumerate(info["layers"]):
-        _check_layer(path, i, record)
+        (_check_layer if version == 1 else _check_layer_v2)(path, i, record)
     arch = info["architecture"]
     if not isinstance(arch.get("class"), str) or not isinstance(arch.get("fingerprint"), str):
         _refuse(path, "architecture", "an object with 'class' and 'fingerprint' strings", sorted(arch))
@@ -504,17 +583,19 @@ def _info(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     version = metadata.get("format_version", "")
     if not (version.isascii() and version.isdigit() and len(version) < 6):
         raise RPQCheckpointError(f"{path}: unreadable format_version {_short(version)}")
-    if int(version) != FORMAT_VERSION:
+    if int(version) not in _READABLE:
         newer = int(version) > FORMAT_VERSION
         raise RPQCheckpointError(
-            f"{path}: rpq_fx checkpoint format version {version}, but this rpq_fx ({_version()}) reads version "
-            f"{FORMAT_VERSION}" + ("; upgrade rpq_fx to load it" if newer else "; convert and save the model again"))
+            f"{path}: rpq_fx checkpoint format version {version}, but this rpq_fx ({_version()}) reads versions "
+            f"{', '.join(map(str, _READABLE))}" + ("; upgrade rpq_fx to load it" if newer
+                                                   else "; convert and save the model again"))
     text = metadata.get("rpq_fx", "")
     if hashlib.sha256(text.encode()).hexdigest() != metadata.get("rpq_fx_sha256"):
         raise RPQCheckpointError(f"{path}: its rpq_fx metadata does not match its checksum: the file was modified "
                                  "or damaged")
     info = _json(path, text, "rpq_fx metadata")
-    _check_info(path, info)
+    _check_info(path, info, int(version))
+    info["format_version"] = int(version)
     return info
 
 
@@ -524,7 +605,6 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     header, metadata = _read_header(path)
     info = _info(path, metadata)
-    info["format_version"] = int(metadata["format_version"])
     info["file_bytes"] = path.stat().st_size
     info["tensors"] = {name: {"dtype": e["dtype"], "shape": e["shape"], "bytes": e["data_offsets"][1] - e["data_offsets"][0]}
                        for name, e in sorted(header.items())}
@@ -535,8 +615,10 @@ def checkpoint_report(path: str | os.PathLike) -> Report:
     """The :func:`rpq_fx.report` of a saved model, from the file's metadata alone (no model needed)."""
     info = checkpoint_info(path)
     stub = nn.Module()
-    layers = tuple(_layer_from_record(r) for r in info["layers"])
-    attach_record(stub, ConversionRecord(_config(Path(path), info), layers, info.get("path")))
+    saved = _saved_layers(Path(path), info)
+    fits = {plan.name: fit for plan, fit in saved if fit is not None}
+    attach_record(stub, ConversionRecord(_config(Path(path), info), tuple(plan for plan, _ in saved), info.get("path"),
+                                         fits))
     for i, entry in enumerate(info["tensors"].values()):
         stub.register_buffer(f"t{i}", torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]], device="meta"))
     return report(stub)
@@ -662,7 +744,22 @@ def _check_forward(path: Path, info: dict, here_codes: dict[str, str]) -> None:
             "pass check_forward=False to load anyway)")
 
 
-_HOW_FILLED = {"init", "fit_error"}  # how the saved values were found: the loaded ones are read, not fitted
+# how the saved values were found (format 1's init, format 2's outcome and init setting): load reads them, never fits
+_HOW_FILLED = {"init", "fit_error", "filled", "settings.init"}
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """A layer record flat (its settings as ``settings.<name>``), without how the weight was filled."""
+    flat = {key: value for key, value in record.items() if key != "settings"}
+    flat.update({f"settings.{key}": value for key, value in (record.get("settings") or {}).items()})
+    return {key: value for key, value in flat.items() if key not in _HOW_FILLED}
+
+
+def _filled_as_saved(layer: LayerPlan, fits: dict[str, FitOutcome]) -> LayerPlan:
+    """``layer`` (converted with every init random) with the init that filled the saved weight."""
+    if not layer.converted:
+        return layer
+    return dataclasses.replace(layer, settings=dataclasses.replace(layer.settings, init=_asked(fits[layer.name])))
 
 
 def _unfitted(config: RPQConfig) -> RPQConfig:
@@ -677,11 +774,13 @@ def _check_converted(path: Path, gm: nn.Module, record: ConversionRecord, info: 
     if here["fingerprint"] != info["architecture"]["fingerprint"]:
         _architecture_error(path, info["architecture"], {e[0]: e[1:] for e in here["tensors"]}, here["class"], "all")
         raise RPQCheckpointError(f"{path}: architecture fingerprint differs from this model's")
-    saved_layers, layers = info["layers"], [_layer_record(layer) for layer in record.layers]
-    saved_by_name = {r["name"]: r for r in saved_layers}
+    saved_layers = info["layers"]
+    layers = [_comparable(_v1_record(layer) if info["format_version"] == 1 else _layer_record(layer, None))
+              for layer in record.layers]
+    saved_by_name = {r["name"]: _comparable(r) for r in saved_layers}
     for record in layers:
         saved = saved_by_name.get(record["name"])
-        common = set(record) & set(saved or {}) - _HOW_FILLED
+        common = set(record) & set(saved or {})  # reason: a setting added since the file was written is not in it
         if saved is None or any(saved[k] != record[k] for k in common):
             keys = sorted(k for k in common if saved[k] != record[k]) if saved else []
             detail = "; ".join(f"{k}: saved {saved[k]!r}, here {record[k]!r}" for k in keys) or "not in the saved record"
@@ -803,10 +902,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
         raise RPQCheckpointError(f"{path}: this model cannot be converted with the saved config: {error}") from None
     record = conversion_record(gm)
     _check_converted(path, gm, record, info, check_forward)
-    saved = {r["name"]: r for r in info["layers"]}
-    layers = tuple(dataclasses.replace(layer, **{k: v for k, v in saved[layer.name].items() if k in _HOW_FILLED})
-                   for layer in record.layers)
-    attach_record(gm, ConversionRecord(config, layers, record.path))
+    fits = {plan.name: fit for plan, fit in _saved_layers(path, info) if fit is not None}
+    attach_record(gm, ConversionRecord(config, tuple(_filled_as_saved(layer, fits) for layer in record.layers),
+                                       record.path, fits))
     expected = _tensors(gm)
     values = _read_tensors(path, header, info, expected)
     _check_indices(path, gm, values, info["aliases"])

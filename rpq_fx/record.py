@@ -9,7 +9,7 @@ nothing else of its own), in the ``__dict__`` of a model converted in place. Eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch.fx as fx
@@ -20,21 +20,34 @@ from .config import RPQConfig
 if TYPE_CHECKING:
     from .passes import LayerPlan
 
-__all__ = ["ConversionRecord", "conversion_record", "attach_record"]
+__all__ = ["ConversionRecord", "FitOutcome", "conversion_record", "attach_record"]
 
 _KEY = "rpq_record"
 _LEGACY = {"rpq_layers": "layers", "rpq_config": "config", "rpq_path": "path"}
 
 
+FILLS = ("random", "kmeans", "kmeans+calibration")
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """How a converted weight was filled: ``"random"``, ``"kmeans"`` or ``"kmeans+calibration"``, and
+    for a fit its relative error (the objective, weight or output error, against the weight's own)."""
+
+    filled: str
+    error: float | None = None
+
+
 @dataclass(frozen=True)
 class ConversionRecord:
     """The config a model was converted with, one ``LayerPlan`` per weight (converted with which
-    split, or why it stayed dense) and how the model was captured: ``"torch.fx"``,
-    ``"torch.export"`` or ``"in place (...)"``."""
+    settings and split, or why it stayed dense), how each converted weight was filled (``fits``, by
+    layer name) and how the model was captured: ``"torch.fx"``, ``"torch.export"`` or ``"in place (...)"``."""
 
     config: RPQConfig
     layers: tuple[LayerPlan, ...]
     path: str | None
+    fits: dict[str, FitOutcome] = field(default_factory=dict)
 
 
 def conversion_record(model: nn.Module) -> ConversionRecord | None:

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from tabulate import tabulate
 from torch import nn
 
+from .config import LayerSettings
 from .nn.weight import rpq_weights
 from .passes import LayerPlan
-from .record import conversion_record
+from .record import FitOutcome, conversion_record
 
 __all__ = ["model_size", "report", "Report"]
 
@@ -25,21 +26,23 @@ def model_size(model: nn.Module) -> float:
     return _bytes(model) / _MIB
 
 
-def _layers(model: nn.Module) -> list[LayerPlan]:
-    """The conversion record's layers, or layers read off the RPQ weights of an eagerly built model."""
+def _layers(model: nn.Module) -> tuple[list[LayerPlan], dict[str, FitOutcome]]:
+    """The conversion record's layers and fits, or layers read off the RPQ weights of an eagerly built
+    model (filled at random, as RPQ layers are built)."""
     record = conversion_record(model)
     if record is not None:
-        return list(record.layers)
+        return list(record.layers), record.fits
     layers = {}
     for name, w in rpq_weights(model):
         hot = {} if w.hot is None else {"hot_rows": w.hot.num_vectors, "hot_codebook_dim": w.hot.codebook_dim}
-        layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.dtype, w.num_codebooks, w.codebook_dim,
-                                  w.num_codes, w.shared_codebooks, codebook_dtype=w.codebooks.dtype, **hot)
-    return list(layers.values())
+        settings = LayerSettings(num_codebooks=w.num_codebooks, num_codes=w.num_codes,
+                                 shared_codebooks=w.shared_codebooks, codebook_dtype=w.codebooks.dtype, **hot)
+        layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.dtype, settings, w.num_codebooks, w.codebook_dim)
+    return list(layers.values()), {layer.name: FitOutcome("random") for layer in layers.values()}
 
 
 def _note(layer: LayerPlan) -> str:
-    notes = [f"hot: {layer.hot_rows} rows, d={layer.hot_codebook_dim}"] if layer.hot_rows else []
+    notes = [f"hot: {layer.hot_rows} rows, d={layer.settings.hot_codebook_dim}"] if layer.hot_rows else []
     notes += [f"tied: {', '.join(layer.aliases)}"] if len(layer.aliases) > 1 else []
     return "; ".join(notes)
 
@@ -75,16 +78,18 @@ def report(model: nn.Module) -> Report:
     stored bits per weight, how it was filled (and the fit's relative error), or why it stayed dense.
     Totals: bytes before and after, the ratio, and the stored bits per converted weight."""
     rows = []
-    layers = _layers(model)
+    layers, fits = _layers(model)
     for layer in layers:
         ratio = layer.bytes_before / layer.bytes_after
+        fit = fits.get(layer.name) if layer.converted else None
         rows.append({
             "layer": layer.name, "op": ",".join(layer.ops), "shape": "x".join(map(str, layer.shape)),
-            "C": layer.num_codebooks, "K": layer.num_codes, "d": layer.codebook_dim,
-            "codebooks": str(layer.codebook_dtype or layer.dtype).removeprefix("torch.") if layer.converted else None,
+            "C": layer.num_codebooks, "K": layer.settings.num_codes if layer.converted else None,
+            "d": layer.codebook_dim,
+            "codebooks": str(layer.codebook_dtype).removeprefix("torch.") if layer.converted else None,
             "bytes before": layer.bytes_before, "bytes after": layer.bytes_after, "ratio": ratio,
-            "bits/w": layer.bits_per_weight, "init": layer.init if layer.converted else None,
-            "fit err": layer.fit_error,
+            "bits/w": layer.bits_per_weight, "init": fit.filled if fit else None,
+            "fit err": fit.error if fit else None,
             "note": layer.reason or _note(layer),
         })
     after = _bytes(model)

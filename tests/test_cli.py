@@ -121,7 +121,7 @@ def test_convert_timm_model_then_report_and_inspect(capsys, tmp_path):
     assert (inspected / "code.py").read_text() == (out / "code.py").read_text()
     assert "3/3" in stderr
     metadata = json.loads((inspected / "metadata.json").read_text())
-    assert metadata["spec"] == "timm:test_vit" and metadata["format_version"] == 1
+    assert metadata["spec"] == "timm:test_vit" and metadata["format_version"] == 2
     assert "blocks.0.mlp.fc1.weight.codes\tU8\t" in (inspected / "tensors.tsv").read_text()
 
 
@@ -172,7 +172,7 @@ def test_init_kmeans_and_codebook_dtype_reach_the_checkpoint(capsys, models, tmp
     info = rpq_fx.checkpoint_info(out / "model.safetensors")
     assert info["config"]["init"] == "kmeans" and info["config"]["codebook_dtype"] == "float16"
     fc1 = {r["name"]: r for r in info["layers"]}["fc1.weight"]
-    assert fc1["init"] == "kmeans" and 0 < fc1["fit_error"] < 1 and fc1["codebook_dtype"] == "float16"
+    assert fc1["filled"] == "kmeans" and 0 < fc1["fit_error"] < 1 and fc1["settings"]["codebook_dtype"] == "float16"
 
 
 def test_damaged_checkpoint_is_one_line(capsys, models, tmp_path):

@@ -1,11 +1,18 @@
 """RPQConfig and filter_fn: wrong values are refused up front, naming the value and the layer."""
 
+import dataclasses
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import rpq_fx
-from rpq_fx import RPQConfig, RPQConversionError
+import rpq_fx.config
+from rpq_fx import LayerSettings, RPQConfig, RPQConversionError
+from rpq_fx.config import SPLITS
 
 
 def _mlp() -> nn.Module:
@@ -44,3 +51,81 @@ def test_filter_fn_must_return_a_bool(answer):
     with pytest.raises(TypeError, match=r"filter_fn must return True or False, got .* for '0'"):
         rpq_fx.convert(model, num_codebooks=4, filter_fn=lambda layer, name: answer, progress=False)
     assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-layer settings are declared once, in LayerSettings (issue 20 item 1)
+
+# a valid value other than the default for every setting (with what it needs beside it)
+OTHER_VALUES = {"num_codebooks": ({"num_codebooks": 8}, {}), "codebook_dim": ({"codebook_dim": 4}, {}),
+                "max_codebook_dim": ({"max_codebook_dim": 16}, {}), "num_codes": ({"num_codes": 16}, {}),
+                "shared_codebooks": ({"shared_codebooks": True}, {}), "init": ({"init": "kmeans"}, {}),
+                "codebook_dtype": ({"codebook_dtype": "float16"}, {}),
+                "error_feedback": ({"error_feedback": False}, {}), "damp": ({"damp": 0.5}, {}),
+                "asymmetric": ({"asymmetric": False}, {}), "hot_rows": ({"hot_rows": 4}, {"hot_codebook_dim": 4}),
+                "hot_codebook_dim": ({"hot_codebook_dim": 8}, {})}
+SETTINGS = [f.name for f in dataclasses.fields(LayerSettings)]
+
+
+def test_every_layer_setting_is_a_config_field_with_its_default():
+    config_fields = {f.name: f for f in dataclasses.fields(RPQConfig)}
+    assert [f.name for f in dataclasses.fields(RPQConfig)] == [*SETTINGS, "checkpoint", "seed", "overrides"]
+    for f in dataclasses.fields(LayerSettings):
+        assert (config_fields[f.name].default, config_fields[f.name].type) == (f.default, f.type), f.name
+    assert set(OTHER_VALUES) == set(SETTINGS), "give the new setting a value in OTHER_VALUES"
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_every_layer_setting_is_overridable_per_layer(name):
+    value, needs = OTHER_VALUES[name]
+    split = {"codebook_dim": 2} if name == "num_codebooks" else {"num_codebooks": 4}
+    config = RPQConfig(**split, overrides={"fc*": {**value, **needs}})
+    layer, default = config.settings_for("fc1.weight", "fc1"), config.settings_for("out.weight", "out")
+    assert getattr(layer, name) == value[name] != getattr(default, name)
+    assert RPQConfig.from_dict(config.to_dict()) == config
+    everywhere = RPQConfig(**({} if name in SPLITS else split), **value, **needs)
+    assert getattr(everywhere.settings_for("out.weight", "out"), name) == value[name]
+
+
+def test_a_setting_added_to_layer_settings_needs_no_other_edit(monkeypatch):
+    # config.py with one line added to LayerSettings: RPQConfig takes it, its overrides accept it, and
+    # settings_for and to_dict / from_dict carry it
+    source = Path(rpq_fx.config.__file__).read_text()
+    anchor = "    hot_codebook_dim: int | None = _size(None)\n"
+    assert anchor in source
+    module = types.ModuleType("rpq_fx_config_plus")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(source.replace(anchor, anchor + "    knob: int = 3\n"), "config_plus.py", "exec"), vars(module))
+    config = module.RPQConfig(codebook_dim=4, overrides={"fc1": {"knob": 5}})
+    assert config.knob == 3
+    assert config.settings_for("fc1.weight", "fc1").knob == 5 and config.settings_for("fc2.weight", "fc2").knob == 3
+    assert module.RPQConfig.from_dict(config.to_dict()) == config and config.to_dict()["knob"] == 3
+    assert "knob" in module.LAYER_SETTINGS and "knob" not in module.SIZE_SETTINGS
+
+
+def test_layer_settings_check_themselves_and_are_immutable():
+    with pytest.raises(ValueError, match="LayerSettings: set exactly one of"):
+        LayerSettings()
+    with pytest.raises(ValueError, match=r"LayerSettings: damp must be a number > 0, got 0"):
+        LayerSettings(codebook_dim=4, damp=0)
+    settings = LayerSettings(codebook_dim=4, codebook_dtype=torch.float16)
+    assert settings.codebook_dtype == "float16"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.num_codes = 16
+    config = RPQConfig(codebook_dim=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.num_codes = 1  # would skip the checks: a config is changed by dataclasses.replace, which checks
+    with pytest.raises(ValueError, match="num_codes must be an int in"):
+        dataclasses.replace(config, num_codes=1)
+
+
+def test_a_plan_holds_the_resolved_settings():
+    config = RPQConfig(num_codebooks=4, overrides={"2": {"codebook_dim": 8, "init": "kmeans", "hot_rows": 600,
+                                                         "hot_codebook_dim": 4}})
+    converted = rpq_fx.convert(_mlp(), config=config, progress=False)
+    plans = {plan.name: plan for plan in converted.rpq_layers}
+    assert plans["0.weight"].settings == config.settings_for("0.weight", "0")
+    second = plans["2.weight"]
+    assert second.settings == config.settings_for("2.weight", "2") and second.settings.init == "kmeans"
+    assert (second.num_codebooks, second.codebook_dim, second.hot_rows) == (64, 8, 512)  # hot rows: at most all
+    assert not hasattr(second, "init") and not hasattr(second, "fit_error")

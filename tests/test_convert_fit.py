@@ -60,9 +60,10 @@ def test_kmeans_fits_the_trained_weights_and_computes_what_its_weights_say(class
     x = inputs(1)
     assert_outputs_close(fitted(x), dense_reference(classifier, fitted)(x))
     assert relative_error(fitted, classifier, x) < 0.1 * relative_error(random, classifier, x)
-    layers = {layer.name: layer for layer in fitted.rpq_layers}
-    assert layers["fc1.weight"].init == "kmeans" and 0 < layers["fc1.weight"].fit_error < 0.2
-    assert {layer.init for layer in fitted.rpq_layers if layer.converted} == {"kmeans"}
+    fits = rpq_fx.conversion_record(fitted).fits
+    assert fits["fc1.weight"].filled == "kmeans" and 0 < fits["fc1.weight"].error < 0.2
+    assert {fit.filled for fit in fits.values()} == {"kmeans"}
+    assert {layer.settings.init for layer in fitted.rpq_layers if layer.converted} == {"kmeans"}
 
 
 def test_calibration_lowers_the_held_out_output_error(classifier):
@@ -73,7 +74,7 @@ def test_calibration_lowers_the_held_out_output_error(classifier):
     held_out = inputs(99, 64)
     assert_outputs_close(aware(held_out), dense_reference(classifier, aware)(held_out))
     assert relative_error(aware, classifier, held_out) < 0.7 * relative_error(plain, classifier, held_out)
-    assert {layer.init for layer in aware.rpq_layers if layer.converted} == {"kmeans+calibration"}
+    assert {fit.filled for fit in rpq_fx.conversion_record(aware).fits.values()} == {"kmeans+calibration"}
 
 
 def test_the_input_model_is_untouched_by_a_calibrated_conversion():
@@ -105,7 +106,7 @@ def test_half_precision_codebooks_are_stored_counted_and_expanded_in_the_layer_d
     # model_size is the analytic size: codebooks at 2 bytes, codes at 1, dense leftovers as they are
     converted = [layer for layer in rpq.rpq_layers if layer.converted]
     rpq_bytes = sum(layer.bytes_after for layer in converted)
-    expected = sum(layer.num_codebooks * layer.num_codes * layer.codebook_dim * 2
+    expected = sum(layer.num_codebooks * layer.settings.num_codes * layer.codebook_dim * 2
                    + layer.num_codebooks * layer.rows_shape[0] for layer in converted)
     assert rpq_bytes == expected
     dense_leftovers = sum(t.numel() * t.element_size() for n, t in rpq.state_dict().items()
@@ -161,7 +162,7 @@ def test_hugging_face_in_place_path_takes_keyword_calibration():
     model = transformers.BertModel(config).eval()
     batches = [{"input_ids": torch.randint(0, 500, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}]
     rpq = rpq_fx.convert(model, codebook_dim=4, init="kmeans", calibration=batches, progress=False)
-    assert any(layer.init == "kmeans+calibration" for layer in rpq.rpq_layers)
+    assert any(fit.filled == "kmeans+calibration" for fit in rpq_fx.conversion_record(rpq).fits.values())
     with torch.no_grad():
         out = rpq(**batches[0]).last_hidden_state
         ref = dense_reference(model, rpq)(**batches[0]).last_hidden_state
@@ -190,7 +191,7 @@ def test_a_fitted_half_precision_model_saves_and_loads_bit_identical(classifier,
     x = inputs(3)
     assert torch.equal(loaded(x), rpq(x))
     assert loaded.fc1.weight.codebooks.dtype == torch.float16
-    assert {layer.name: layer.init for layer in loaded.rpq_layers} == {layer.name: layer.init for layer in rpq.rpq_layers}
+    assert rpq_fx.conversion_record(loaded) == rpq_fx.conversion_record(rpq)
 
 
 def test_error_feedback_is_a_per_layer_setting(classifier):
@@ -200,7 +201,7 @@ def test_error_feedback_is_a_per_layer_setting(classifier):
     off = rpq_fx.convert(classifier, config=config, calibration=calibration, progress=False)
     on = rpq_fx.convert(classifier, codebook_dim=8, shared_codebooks=True, init="kmeans", calibration=calibration,
                         progress=False)
-    flags = {layer.name: layer.error_feedback for layer in off.rpq_layers if layer.converted}
+    flags = {layer.name: layer.settings.error_feedback for layer in off.rpq_layers if layer.converted}
     assert flags == {"fc1.weight": False, "fc2.weight": True}
     assert not torch.equal(off.fc1.weight.codes, on.fc1.weight.codes)
     with pytest.raises(ValueError, match="error_feedback must be a bool"):
@@ -213,7 +214,7 @@ def test_damp_is_a_per_layer_setting_checked_up_front(classifier):
     damped = rpq_fx.convert(classifier, config=config, calibration=calibration, progress=False)
     default = rpq_fx.convert(classifier, codebook_dim=8, shared_codebooks=True, init="kmeans", calibration=calibration,
                              progress=False)
-    assert {layer.name: layer.damp for layer in damped.rpq_layers if layer.converted} == {"fc1.weight": 10.0,
+    assert {layer.name: layer.settings.damp for layer in damped.rpq_layers if layer.converted} == {"fc1.weight": 10.0,
                                                                                          "fc2.weight": 0.01}
     assert not torch.equal(damped.fc1.weight.codes, default.fc1.weight.codes)
     assert_outputs_close(damped(inputs(3)), dense_reference(classifier, damped)(inputs(3)))
@@ -249,7 +250,8 @@ def test_asymmetric_calibration_corrects_the_error_the_layers_before_pass_on():
     assert torch.equal(matched.fc1.weight.codes, plain.fc1.weight.codes), "fc1 sees the dense inputs: one fit"
     assert_outputs_close(matched(held_out), dense_reference(net, matched)(held_out))
     assert relative_error(matched, net, held_out) < 0.7 * relative_error(plain, net, held_out)
-    assert {layer.name: layer.asymmetric for layer in plain.rpq_layers} == {"fc1.weight": False, "fc2.weight": False}
+    assert {layer.name: layer.settings.asymmetric for layer in plain.rpq_layers} == {"fc1.weight": False,
+                                                                                     "fc2.weight": False}
     with pytest.raises(ValueError, match="asymmetric must be a bool"):
         rpq_fx.RPQConfig(codebook_dim=8, asymmetric=1)
 

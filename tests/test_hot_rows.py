@@ -92,7 +92,8 @@ def test_hot_rows_go_to_the_most_looked_up_tokens_and_lower_the_error(lm):
     hot_rows = weight.hot_index.long()
     left = (lm.embed.weight - rpq_fx.decompress(hot)["embed.weight"])[hot_rows].double().square().sum(1)
     assert (left * weighted[hot_rows] / errors[hot_rows]).sum() < 0.1 * weighted[hot_rows].sum()
-    assert layer.fit_error < plain_layer.fit_error
+    fit, plain_fit = (rpq_fx.conversion_record(m).fits["embed.weight"] for m in (hot, plain))
+    assert fit.error < plain_fit.error
     assert output_error(hot, lm, held_out) < 0.8 * output_error(plain, lm, held_out)
     stored = [weight.codebooks, weight.codes, weight.hot.codebooks, weight.hot.codes, weight.hot_index]
     assert layer.bytes_after == sum(t.numel() * t.element_size() for t in stored)

@@ -69,7 +69,7 @@ def test_file_is_plain_safetensors_with_readable_metadata(zoo, tmp_path):
         metadata = f.metadata()
         keys = set(f.keys())
         assert f.get_tensor("fc1.weight.codes").dtype == torch.uint8
-    assert metadata["format"] == "rpq_fx" and metadata["format_version"] == "1"
+    assert metadata["format"] == "rpq_fx" and metadata["format_version"] == "2"
     info = json.loads(metadata["rpq_fx"])
     assert info["config"] == gm.rpq_config.to_dict()
     assert info["spec"] == "module:factory"
@@ -293,7 +293,7 @@ def _damage(path, how: str) -> None:
     elif how == "empty":
         path.write_bytes(b"")
     elif how == "newer version":
-        _rewrite(path, format_version="2")
+        _rewrite(path, format_version="3")
     elif how == "not rpq":
         _rewrite(path, format="something-else")
 
@@ -305,7 +305,7 @@ def _damage(path, how: str) -> None:
     ("metadata", "metadata does not match its checksum"),
     ("header", "damaged safetensors header"),
     ("empty", "too short"),
-    ("newer version", "format version 2.*upgrade rpq_fx"),
+    ("newer version", "format version 3.*upgrade rpq_fx"),
     ("not rpq", "not an rpq_fx checkpoint"),
 ])
 def test_damaged_or_foreign_file_is_refused_and_nothing_is_loaded(zoo, tmp_path, check, how, message):

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
 from ..passes import LayerPlan
+from ..record import FitOutcome
 from .calibrate import LayerStats, call_groups, collect_stats, run_inputs
 from .kmeans import kmeans, nearest
 from .quantize import FitResult, fit_rows, row_errors
@@ -51,7 +52,7 @@ def _fit_hot(plan: LayerPlan, weight: RPQWeight, rows: torch.Tensor, keep: torch
     hot = weight.hot
     result = fit_rows(delta[chosen], hot.num_codebooks, hot.num_codes, True, hessian=hessian,
                       row_weights=None if row_weights is None else row_weights[chosen],
-                      error_feedback=plan.error_feedback, damp=plan.damp, seed=seed)
+                      error_feedback=plan.settings.error_feedback, damp=plan.settings.damp, seed=seed)
     weight.hot_index.copy_(keep.nonzero()[chosen, 0].to(torch.int32))
     hot.codes.copy_(result.codes.to(hot.codes.dtype))
     hot.codebooks.copy_(result.codebooks.to(hot.codebooks.dtype))
@@ -75,10 +76,10 @@ def _refuse_non_finite(name: str, tensor: Tensor, what: str, hint: str) -> None:
 
 
 @torch.no_grad()
-def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int) -> None:
-    """Fit ``weight`` to ``plan.param``; padding rows (``padding_idx``) keep their reserved zero codeword.
-    The Gram matrices of ``stats`` are taken (set to None) as they are read."""
-    param = plan.param
+def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int) -> FitOutcome:
+    """Fit ``weight`` to ``plan.param`` and say how it was filled; padding rows (``padding_idx``) keep their
+    reserved zero codeword. The Gram matrices of ``stats`` are taken (set to None) as they are read."""
+    param, settings = plan.param, plan.settings
     if param.is_meta:
         raise RPQConversionError(f"convert: init='kmeans' fits '{plan.name}' to its trained values, but it is on the "
                                  "meta device; build the model with its weights, or use init='random'")
@@ -97,7 +98,7 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
     if stats is not None and stats.hessian is not None:
         # reason: the fit computes in float32; letting the float64 sums go as they are read saves 2x the Gram matrix
         hessian, stats.hessian = stats.hessian.to(rows.device, torch.float32), None
-        if plan.asymmetric and stats.cross is not None:
+        if settings.asymmetric and stats.cross is not None:
             cross, stats.cross = stats.cross, None
             rows = _asymmetric_target(rows, hessian, cross.to(rows.device))
             del cross
@@ -105,35 +106,34 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
         counts = stats.row_counts.to(rows.device)[keep]
         row_weights = counts + counts.sum() / counts.numel()  # reason: rows unseen in calibration still count
     kept = rows[keep] if plan.padding_rows else rows  # reason: a mask always copies; most weights have no padding
-    num_codes = plan.num_codes - bool(plan.padding_rows)
-    result = fit_rows(kept, plan.num_codebooks, num_codes, plan.shared_codebooks, hessian=hessian,
-                      row_weights=row_weights, error_feedback=plan.error_feedback, damp=plan.damp, seed=seed)
+    num_codes = settings.num_codes - bool(plan.padding_rows)
+    result = fit_rows(kept, plan.num_codebooks, num_codes, settings.shared_codebooks, hessian=hessian,
+                      row_weights=row_weights, error_feedback=settings.error_feedback, damp=settings.damp, seed=seed)
     if plan.padding_rows:  # int16 keeps codes >= 32768 as bit patterns
-        weight.codes[:, ~keep] = torch.tensor(plan.num_codes - 1).to(weight.codes.dtype)
+        weight.codes[:, ~keep] = torch.tensor(settings.num_codes - 1).to(weight.codes.dtype)
         weight.codes[:, keep] = result.codes
     else:
         weight.codes.copy_(result.codes)
     weight.codebooks[:, :num_codes] = result.codebooks.to(weight.codebooks.dtype)
     weight.codebooks[:, num_codes:] = 0
-    plan.init = "kmeans+calibration" if stats is not None else "kmeans"
-    plan.fit_error = result.error
-    if weight.hot is not None:
-        plan.fit_error = _fit_hot(plan, weight, rows, keep, hessian, row_weights, seed)
+    error = result.error if weight.hot is None else _fit_hot(plan, weight, rows, keep, hessian, row_weights, seed)
+    return FitOutcome("kmeans+calibration" if stats is not None else "kmeans", error)
 
 
 def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQWeight], calibration=None, *,
-                seed: int = 0, progress: bool = True) -> None:
+                seed: int = 0, progress: bool = True) -> dict[str, FitOutcome]:
     """Fit every converted plan whose init is ``"kmeans"`` (its ``RPQWeight`` in ``weights`` by plan
-    name) to ``model``'s trained weights; a progress bar shows when it takes a while.
+    name) to ``model``'s trained weights, and say how each was fitted (by plan name); a progress bar
+    shows when it takes a while.
 
     With ``calibration`` the fit is data-aware and sequential, as GPTQ's: layers are fitted in the
     order the model calls them, each on the inputs it receives when every layer before it already
-    computes with its fitted weight, and (``plan.asymmetric``) to the dense model's output there,
+    computes with its fitted weight, and (``settings.asymmetric``) to the dense model's output there,
     so each fit corrects the error that reaches it. Layers reading the same input (a block's query,
     key and value) share one pass. Layers no hook can observe
     (functional calls, attention modules) get plain k-means.
     """
-    todo = [plan for plan in plans if plan.converted and plan.init == "kmeans"]
+    todo = [plan for plan in plans if plan.converted and plan.settings.init == "kmeans"]
     order = {plan.name: i for i, plan in enumerate(todo)}
     items = None if calibration is None else calibration if isinstance(calibration, Sequence) else list(calibration)
     if items is not None and not items:
@@ -145,18 +145,20 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
     observed = {plan.name for group in groups for plan in group}
     groups += [[plan] for plan in todo if plan.name not in observed]
     replaced: dict[str, torch.Tensor] = {}
+    fits: dict[str, FitOutcome] = {}
     with tqdm(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, disable=not progress) as bar:
         for group in groups:
             calibrated = group[0].name in observed
             # reason: a forward can end at the group's last layer, unless one of them is called again later
             early = all(plan.name in once for plan in group)
-            asymmetric = any(plan.asymmetric for plan in group)
+            asymmetric = any(plan.settings.asymmetric for plan in group)
             stats = collect_stats(model, group, items, replaced=replaced, stop_early=early, asymmetric=asymmetric,
                                   progress=False) if calibrated else {}
             for plan in group:
                 bar.set_postfix_str(plan.name, refresh=False)
-                _fit(plan, weights[plan.name], stats.pop(plan.name, None), seed + order[plan.name])
+                fits[plan.name] = _fit(plan, weights[plan.name], stats.pop(plan.name, None), seed + order[plan.name])
                 if calibrated:
                     with torch.no_grad():
                         replaced.update(dict.fromkeys(plan.aliases, weights[plan.name]()))
                 bar.update()
+    return fits

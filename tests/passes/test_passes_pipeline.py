@@ -163,7 +163,7 @@ def test_plan_decides_every_weight_with_a_reason():
 
     big = by_name["big.weight"]
     assert big.converted and big.reason is None
-    assert (big.num_codebooks, big.codebook_dim, big.num_codes) == (4, 16, 256)
+    assert (big.num_codebooks, big.codebook_dim, big.settings.num_codes) == (4, 16, 256)
     assert big.ops == ("linear",) and big.shape == (1024, 64) and big.param is model.big.weight
 
     def reason(name):
