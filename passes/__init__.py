@@ -3,8 +3,6 @@
 Installed as ``rpq_fx.passes``.
 """
 
-from rpq_fx._model import training_mode  # reason: fit/calibrate.py imports it from here until it imports rpq_fx._model
-
 from .capture import capture, capture_call, capture_export, capture_layer
 from .checkpoint import insert_checkpoints
 from .cleanup import cleanup
@@ -13,6 +11,6 @@ from .plan import LayerPlan, check_strict, plan_conversion
 from .rewrite import is_expansion, new_weights, rewrite
 from .weight_ops import register_layer
 
-__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "training_mode", "plan_conversion",
+__all__ = ["capture", "capture_call", "capture_export", "capture_layer", "plan_conversion",
            "check_strict", "LayerPlan", "new_weights", "rewrite", "is_expansion", "fuse", "insert_checkpoints",
            "cleanup", "register_layer"]

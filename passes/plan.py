@@ -16,72 +16,11 @@ from torch import nn
 from rpq_fx.config import LayerSettings, RPQConfig
 from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import graphs_of
-from rpq_fx.nn.weight import hot_bytes, rpq_bytes
+from rpq_fx.record import LayerPlan
 
 from .weight_ops import LAYERS, layer_arguments, layer_refusal, padding_row, refusal, weight_arg
 
 __all__ = ["LayerPlan", "plan_conversion", "check_strict", "parameter_at"]
-
-
-@dataclass
-class LayerPlan:
-    """One weight: converted (``reason is None``) with ``settings`` and the split they give its rows,
-    or left dense, and why."""
-
-    name: str
-    aliases: tuple[str, ...]
-    ops: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    settings: LayerSettings | None = None  # the resolved settings of a converted weight; None if left dense
-    num_codebooks: int | None = None  # the split of each row: num_codebooks slices of codebook_dim values
-    codebook_dim: int | None = None
-    reason: str | None = None
-    excluded: bool = False  # left dense on purpose (filter_fn or a config override), not for want of support
-    transposed: bool = False  # read as W.T (GPT-2's Conv1D): RPQ rows are the parameter's columns
-    padding_rows: tuple[int, ...] = ()  # embedding rows lookups never train (padding_idx): kept at zero
-    param: nn.Parameter | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def rows_shape(self) -> tuple[int, ...]:
-        """The weight as RPQ rows: ``[rows, ...]``, each row split into codebook slices."""
-        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
-
-    @property
-    def converted(self) -> bool:
-        return self.reason is None
-
-    @property
-    def hot_rows(self) -> int:
-        """How many rows get a residual code: the setting's, at most the rows that are not padding."""
-        if self.settings is None or not self.settings.hot_rows:
-            return 0
-        return min(self.settings.hot_rows, self.rows_shape[0] - len(self.padding_rows))
-
-    @property
-    def codebook_dtype(self) -> torch.dtype:
-        """The dtype the codebooks are stored in: the setting's, or the weight's own."""
-        name = self.settings.codebook_dtype if self.settings is not None else None
-        return self.dtype if name is None else getattr(torch, name)
-
-    @property
-    def bytes_before(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @property
-    def bytes_after(self) -> int:
-        if not self.converted:
-            return self.bytes_before
-        settings, element_size = self.settings, self.codebook_dtype.itemsize
-        return (rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], settings.num_codes,
-                          settings.shared_codebooks, element_size)
-                + hot_bytes(self.num_codebooks * self.codebook_dim, self.hot_rows, settings.hot_codebook_dim,
-                            settings.num_codes, element_size))
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per dense value: codebooks and codes (one byte each, two above 256 codewords)."""
-        return 8 * self.bytes_after / math.prod(self.shape)
 
 
 @dataclass

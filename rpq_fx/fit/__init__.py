@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
-from ..passes import LayerPlan
-from ..record import FitOutcome
+from ..record import FitOutcome, LayerPlan
 from .calibrate import LayerStats, call_groups, collect_stats, run_inputs
 from .kmeans import kmeans, nearest
 from .quantize import FitResult, fit_rows, row_errors

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._model import training_mode
 from ..errors import RPQConversionError
-from ..passes import LayerPlan, training_mode
+from ..record import LayerPlan
 
 __all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask", "run_inputs"]
 
