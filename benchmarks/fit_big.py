@@ -8,7 +8,7 @@ peak RSS (``/proc/self/clear_refs``) and converts the big layer; "peak extra" is
 during that conversion minus the RSS before it (the dense model and calibration inputs are
 already there). The weight is structured as trained weights are (low rank plus noise); the
 calibration inputs (``--tokens`` rows, in items of 512) are correlated, as activations are.
-Quality: the fit error (``RPQLayer.fit_error``: the objective relative to an all-zero weight) and
+Quality: the fit error (``FitOutcome.error`` in the conversion record: the objective relative to an all-zero weight) and
 the relative output error on 1024 held-out inputs. The load average is read before and after
 each case (two cores shared with other work make times noisy). Writes ``results/fit_big.md``.
 """
@@ -78,9 +78,10 @@ def run_case(name: str, size: int, tokens: int) -> dict:
     with torch.no_grad():
         reference = model(held_out)
         output_error = float((rpq(held_out) - reference).square().sum() / reference.square().sum())
-    layer = rpq.rpq_layers[0]
-    return dict(seconds=seconds, extra_mib=extra, layer_mib=size * size * 4 / 2**20, fit_error=layer.fit_error,
-                output_error=output_error, init=layer.init, split=f"C={layer.num_codebooks}, d={layer.codebook_dim}")
+    record = rpq_fx.conversion_record(rpq)
+    layer, fit = record.layers[0], record.fits[record.layers[0].name]
+    return dict(seconds=seconds, extra_mib=extra, layer_mib=size * size * 4 / 2**20, fit_error=fit.error,
+                output_error=output_error, init=fit.filled, split=f"C={layer.num_codebooks}, d={layer.codebook_dim}")
 
 
 def main() -> None:
@@ -123,7 +124,7 @@ def main() -> None:
             "with `init=\"kmeans\"`, each case in its own process. Peak extra: peak RSS during the conversion "
             "minus RSS before it. Fit error: the fit's objective relative to an all-zero weight (data-aware: "
             "the output error on the calibration inputs). Targets (issue 19 item 7): k-means < 30 s, "
-            "data-aware < 90 s, peak extra <= 2x the layer.\n\n" + table(rows, headers))
+            "data-aware < 90 s, peak extra <= 2x the layer.\n\n" + table(rows, headers, disable_numparse=True))
     write("fit_big", "The fit on one big layer: time and memory", body, started)
 
 

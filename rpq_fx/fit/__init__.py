@@ -62,11 +62,12 @@ def _fit_hot(plan: LayerPlan, weight: RPQWeight, rows: torch.Tensor, keep: torch
 
 def _refuse_non_finite(name: str, tensor: Tensor, what: str, hint: str) -> None:
     """Raise naming layer ``name`` if ``tensor`` holds a NaN or an infinity (one reduction when it does not)."""
-    if torch.isfinite(tensor.sum(dtype=torch.float64)):
+    # reason: sum(dtype=torch.float64) builds a float64 copy of the tensor first (2x a float32 layer)
+    if torch.isfinite(tensor.sum()):
         return
     bad = ~torch.isfinite(tensor)
     count = int(bad.sum())
-    if count == 0:  # reason: finite float64 values can still sum past the largest float64
+    if count == 0:  # reason: finite values can still sum past their dtype's largest value
         return
     first = bad.nonzero()[0].tolist()
     raise RPQConversionError(f"convert: init='kmeans' cannot fit '{name}': {what} holds {count} non-finite "
