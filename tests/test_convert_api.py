@@ -694,3 +694,14 @@ def test_filter_fn_excluding_any_layer_of_a_tied_weight_keeps_it_dense(zoo, excl
     tied = next(layer for layer in gm.rpq_layers if "lm_head.weight" in layer.aliases)
     assert not tied.converted and tied.reason == "excluded by filter_fn"
     assert not rpq_fx.decompress(gm)
+
+
+def test_report_says_which_kernels_compute(monkeypatch):
+    """The report names the compute path: the C++ kernels, or stock ops with the reason (issue 20 item 4)."""
+    from rpq_fx import _kernels
+
+    gm = rpq_fx.convert(nn.Sequential(nn.Linear(64, 512)), num_codebooks=8)
+    monkeypatch.setattr(_kernels, "status", lambda: "stock torch ops (C++ kernels not available: no C++ compiler)")
+    rep = rpq_fx.report(gm)
+    assert rep.totals["kernels"] == "stock torch ops (C++ kernels not available: no C++ compiler)"
+    assert str(rep).splitlines()[-1] == "compute: stock torch ops (C++ kernels not available: no C++ compiler)"
