@@ -83,3 +83,29 @@ def test_cpp_assignment_matches_the_torch_one(monkeypatch):
         slow = nearest(x, c)
         monkeypatch.delenv("RPQ_FX_KERNELS")
         assert torch.equal(fast[0], slow[0]) and torch.allclose(fast[1], slow[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_lloyd_step_is_one_lloyd_step(monkeypatch, weighted):
+    import sys
+
+    from rpq_fx.fit.kmeans import lloyd_step
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3000, 3, generator=g)
+    weights = torch.rand(2, 3000, generator=g) if weighted else None
+    centroids = torch.randn(2, 40, 3, generator=g)
+    centroids[1, 7] = 1e3  # a centroid no point is nearest to keeps its place
+    monkeypatch.setattr(sys.modules["rpq_fx.fit.kmeans"], "_STEP_ELEMENTS", 2 * 3 * 250)  # 12 chunks
+    means, codes = lloyd_step(x.transpose(0, 1).contiguous().transpose(0, 1), centroids, weights, torch.uint8)
+    expected_codes, _ = nearest(x, centroids)
+    assert codes.dtype == torch.uint8 and torch.equal(codes.long(), expected_codes)
+    w = torch.ones(2, 3000) if weights is None else weights
+    for b in range(2):
+        for k in range(40):
+            chosen = expected_codes[b] == k
+            if chosen.any():
+                expected = (x[b, chosen] * w[b, chosen, None]).sum(0) / w[b, chosen].sum()
+                assert torch.allclose(means[b, k], expected, atol=1e-5)
+            else:
+                assert torch.equal(means[b, k], centroids[b, k])

@@ -205,3 +205,20 @@ def test_data_aware_scalar_sharing_beats_per_row_int8_on_weights_with_outliers()
     int8 = (weight / scale).round() * scale
     int8_error = float((x @ (weight - int8).t()).square().sum() / (x @ weight.t()).square().sum())
     assert output_error(x, weight, fit.codebooks, fit.codes) < int8_error
+
+
+def test_column_blocks_change_no_code(monkeypatch):
+    # GPTQ's lazy batch updates: blocks of many slices compute what one slice at a time does
+    import sys
+
+    quantize = sys.modules["rpq_fx.fit.quantize"]
+    weight = torch.randn(300, 96, generator=torch.Generator().manual_seed(11)) * 0.05
+    x = correlated_inputs(1024, 96, seed=12)
+    hessian = (x.t() @ x).double()
+    monkeypatch.setattr(quantize, "_BLOCK_COLUMNS", 16)  # 6 blocks of 4 slices
+    blocked = fit_rows(weight, 24, 32, True, hessian=hessian)
+    monkeypatch.setattr(quantize, "_BLOCK_COLUMNS", 4)  # one slice per block: every update applied at once
+    one_by_one = fit_rows(weight, 24, 32, True, hessian=hessian)
+    assert torch.equal(blocked.codes, one_by_one.codes)
+    torch.testing.assert_close(blocked.codebooks, one_by_one.codebooks, rtol=1e-4, atol=1e-6)
+    assert blocked.error == pytest.approx(one_by_one.error, rel=1e-4)
