@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
 from ..record import FitOutcome, LayerPlan
-from .calibrate import LayerStats, call_groups, collect_stats, run_inputs
+from .calibrate import LayerStats, call_groups, collect_stats
 from .kmeans import kmeans, nearest
 from .quantize import FitResult, fit_rows, row_errors
 
@@ -24,7 +24,7 @@ from .quantize import FitResult, fit_rows, row_errors
 # number of inputs, 4 or 10 x row length / inputs, 0.921 with 256 lines)
 _TARGET_RIDGE = 1.0
 
-__all__ = ["collect_stats", "fit_weights", "fit_rows", "kmeans", "nearest", "LayerStats", "FitResult", "run_inputs"]
+__all__ = ["collect_stats", "fit_weights", "fit_rows", "kmeans", "nearest", "LayerStats", "FitResult"]
 
 
 def _asymmetric_target(rows: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:

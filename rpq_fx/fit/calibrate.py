@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._model import training_mode
+from .._model import model_device, run_inputs, training_mode
 from ..errors import RPQConversionError
 from ..record import LayerPlan
 
-__all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask", "run_inputs"]
+__all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MIN_ENERGY = 0.01  # of the median: an input row weighs at most 100x a typical one (robust to massive rows)
@@ -200,35 +200,12 @@ def padding_mask(inputs) -> Tensor | None:
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-def _arguments(inputs, device) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of one calibration item (a tensor, a tuple of positional inputs or a dict
-    of keywords), its tensors moved to ``device``."""
-    move = (lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t)
-    if isinstance(inputs, dict):
-        return (), {k: move(v) for k, v in inputs.items()}
-    return tuple(map(move, inputs if isinstance(inputs, (tuple, list)) else (inputs,))), {}
-
-
-def run_inputs(model: nn.Module, inputs, device: torch.device | None = None, replaced: dict[str, Tensor] | None = None):
-    """Call ``model`` on one calibration item: a tensor, a tuple of positional inputs or a dict of
-    keywords; with the parameters named in ``replaced`` swapped in (``torch.func.functional_call``)."""
-    args, kwargs = _arguments(inputs, device)
-    if replaced:
-        return torch.func.functional_call(model, replaced, args, kwargs, strict=False)
-    return model(*args, **kwargs)
-
-
 def _layers(model: nn.Module, plan: LayerPlan):
     """The layers of ``model`` that read ``plan``'s weight as their own ``weight``."""
     for alias in plan.aliases:
         owner, _, attribute = alias.rpartition(".")
         if attribute == "weight":
             yield model.get_submodule(owner)
-
-
-def _device(model: nn.Module) -> torch.device | None:
-    """Where ``model``'s parameters are (calibration inputs go there), or None for a model without any."""
-    return next((p.device for p in model.parameters()), None)
 
 
 class _Enough(Exception):
@@ -270,7 +247,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
     raises :class:`RPQConversionError` naming it and, where one raised, the layer."""
     inside, tracking = _innermost(model)  # reason: first, so a layer is entered before its own hooks can raise
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
-    device = _device(model)
+    device = model_device(model)
     try:
         with training_mode(model, False), torch.no_grad():
             for index, inputs in enumerate(tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2,
