@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rpq_fx
+import rpq_fx.ops as ops
+from rpq_fx import _kernels
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # reason: two xdist workers with two OpenMP threads each on two cores spin against each other;
@@ -284,3 +286,17 @@ def ref():
     """The op references: ``ref.expand(codebooks, codes)``, ``ref.make_case(...)`` and friends."""
     return SimpleNamespace(store_codes=store_codes, unsigned=unsigned_codes, expand=reference_expand,
                            codebook_gradient=codebook_gradient, make_case=make_case)
+
+
+BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
+    not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each op test once on stock torch ops and once on the C++ kernels (where built)."""
+    if request.param == "cpp":
+        yield request.param
+        return
+    with ops.stock_ops():
+        yield request.param

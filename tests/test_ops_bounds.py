@@ -13,22 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rpq_fx.ops as ops
+from conftest import BACKENDS
 from rpq_fx import _kernels
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True,
                 # reason: the backend fixture only picks the kernels, the same for every example
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
-    not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}"))]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cpp":
-        yield request.param
-        return
-    with ops.stock_ops():
-        yield request.param
 
 
 def _stored(value: int, num_codes: int) -> int:

@@ -16,23 +16,11 @@ from torch.utils._pytree import tree_leaves
 
 import rpq_fx.ops as ops
 from rpq_fx.ops import library, policy
-from rpq_fx import _kernels
 from rpq_fx.ops import choose_path, embedding, linear, linear_backward
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True,
                 # reason: the backend fixture only picks the kernels, the same for every example
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
-    not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}"))]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cpp":
-        yield request.param
-        return
-    with ops.stock_ops():
-        yield request.param
 
 
 # --------------------------------------------------------------------------- reference helpers
