@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM"]
+__all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM", "dtype_name"]
 
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
 INITS = ("random", "kmeans")
@@ -22,7 +22,7 @@ def check_int(where: str, name: str, value: Any, low: int, high: int | None = No
         raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}")
 
 
-def _dtype_name(value: Any) -> Any:
+def dtype_name(value: Any) -> Any:
     """``torch.float16`` -> ``"float16"`` (configs hold names, so they stay JSON); anything else as given."""
     return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
 
@@ -52,7 +52,7 @@ class LayerSettings:
     hot_codebook_dim: int | None = _size(None)
 
     def __post_init__(self):
-        object.__setattr__(self, "codebook_dtype", _dtype_name(self.codebook_dtype))  # reason: the class is frozen
+        object.__setattr__(self, "codebook_dtype", dtype_name(self.codebook_dtype))  # reason: the class is frozen
         self._check(dataclasses.asdict(self), type(self).__name__)
 
     @staticmethod
@@ -142,10 +142,10 @@ class RPQConfig(LayerSettings):
             if not isinstance(pattern, str):
                 raise ValueError(f"RPQConfig.overrides: keys must be str fnmatch patterns of weight or layer names, "
                                  f"got {pattern!r} ({type(pattern).__name__})")
-        object.__setattr__(self, "codebook_dtype", _dtype_name(self.codebook_dtype))  # reason: the class is frozen
+        object.__setattr__(self, "codebook_dtype", dtype_name(self.codebook_dtype))  # reason: the class is frozen
         for values in self.overrides.values():
             if isinstance(values, dict) and "codebook_dtype" in values:
-                values["codebook_dtype"] = _dtype_name(values["codebook_dtype"])
+                values["codebook_dtype"] = dtype_name(values["codebook_dtype"])
         self._check(dataclasses.asdict(self), "RPQConfig")
         for pattern, values in self.overrides.items():
             if not isinstance(values, dict):

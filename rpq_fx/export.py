@@ -29,6 +29,7 @@ from tabulate import tabulate
 from torch import nn
 
 from ._optional import require
+from .graph_module import graph_parts
 from .nn.weight import RPQWeight, rpq_weights
 from .passes import is_expansion
 from .report import report
@@ -205,17 +206,6 @@ def _export_one(gm: fx.GraphModule, out: Path, name: str, picture: bool) -> None
         draw_graph(gm, out, name)
 
 
-def _converted_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """The outermost GraphModules inside ``model`` that hold RPQ weights."""
-    parts: list[tuple[str, fx.GraphModule]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, fx.GraphModule) or any(name.startswith(f"{p}.") for p, _ in parts):
-            continue
-        if any(isinstance(m, RPQWeight) for m in module.modules()):
-            parts.append((name, module))
-    return parts
-
-
 def export_graph(model: nn.Module, out_dir: str | Path, *, picture: bool = True) -> Path:
     """Write the converted ``model`` out for reading: ``code.py``, ``graph.txt``, ``graph.svg`` (or
     ``graph.dot`` without Graphviz), ``report.md`` and ``report.json``; returns ``out_dir``.
@@ -232,7 +222,7 @@ def export_graph(model: nn.Module, out_dir: str | Path, *, picture: bool = True)
     if isinstance(model, fx.GraphModule):
         _export_one(model, out, type(model).__name__, picture)
         return out
-    parts = _converted_parts(model)
+    parts = [(name, gm) for name, gm in graph_parts(model) if any(isinstance(m, RPQWeight) for m in gm.modules())]
     if not parts:
         raise TypeError(f"export_graph: {type(model).__name__} is not a converted model and holds no converted "
                         "part (a GraphModule returned by rpq_fx.convert)")

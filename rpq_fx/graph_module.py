@@ -13,7 +13,7 @@ from torch import nn
 from .errors import RPQConversionError
 from .record import conversion_record
 
-__all__ = ["RPQGraphModule", "graphs_of"]
+__all__ = ["RPQGraphModule", "graphs_of", "graph_parts"]
 
 _MODE_GRAPHS = "rpq_mode_graphs"
 
@@ -21,6 +21,18 @@ _MODE_GRAPHS = "rpq_mode_graphs"
 def graphs_of(gm: fx.GraphModule) -> list[fx.Graph]:
     """Every graph of ``gm``: the current one first, then the other mode's, if it has one."""
     return list(dict.fromkeys([gm.graph, *gm.meta.get(_MODE_GRAPHS, {}).values()]))
+
+
+def graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """``[("", model)]`` for a GraphModule; else the outermost GraphModules inside ``model`` (the
+    rewritten layers of a model converted in place), with their names."""
+    if isinstance(model, fx.GraphModule):
+        return [("", model)]
+    parts: list[tuple[str, fx.GraphModule]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, fx.GraphModule) and not any(name.startswith(f"{p}.") for p, _ in parts):
+            parts.append((name, module))
+    return parts
 
 
 def _rebuild(reduce, body: dict, rest: tuple, meta: dict, codes: dict[bool, str], class_name: str) -> "RPQGraphModule":

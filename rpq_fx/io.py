@@ -38,10 +38,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LAYER_SETTINGS, LayerSettings, RPQConfig
+from .config import LAYER_SETTINGS, LayerSettings, RPQConfig, dtype_name
 from .convert import convert
 from .decompress import decompress
 from .errors import RPQConversionError
+from .graph_module import graph_parts
 from .nn.weight import RPQWeight, check_index
 from .passes import LayerPlan
 from .record import FILLS, ConversionRecord, FitOutcome, attach_record, conversion_record
@@ -64,10 +65,6 @@ class RPQCheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------
 # helpers shared by save and load
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _parse_dtype(name: str) -> torch.dtype:
@@ -99,7 +96,7 @@ _PLAN_KEYS = ("name", "aliases", "ops", "shape", "dtype", "transposed", "padding
 def _plain(value: Any) -> Any:
     """A plan's value as JSON holds it: a dtype by name, a tuple as a list."""
     if isinstance(value, torch.dtype):
-        return _dtype_name(value)
+        return dtype_name(value)
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -175,25 +172,13 @@ def _architecture(model: nn.Module, record: ConversionRecord) -> dict[str, Any]:
     entries: dict[str, list] = {}
     for name, tensor in _tensors(model).items():
         if name.rpartition(".")[0] not in rpq:
-            entries[name] = [list(tensor.shape), _dtype_name(tensor.dtype), "param" if name in params else "buffer"]
+            entries[name] = [list(tensor.shape), dtype_name(tensor.dtype), "param" if name in params else "buffer"]
     for layer in record.layers:
         if layer.converted:
-            entries.update(dict.fromkeys(layer.aliases, [list(layer.shape), _dtype_name(layer.dtype), "param"]))
+            entries.update(dict.fromkeys(layer.aliases, [list(layer.shape), dtype_name(layer.dtype), "param"]))
     tensors = [[name, *entries[name]] for name in sorted(entries)]
     fingerprint = hashlib.sha256(json.dumps(tensors, separators=(",", ":")).encode()).hexdigest()
     return {"class": type(model).__name__, "tensors": tensors, "fingerprint": fingerprint}
-
-
-def _graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """``[("", model)]`` for a converted GraphModule; else the outermost GraphModules inside it (a
-    model converted in place)."""
-    if isinstance(model, fx.GraphModule):
-        return [("", model)]
-    parts: list[tuple[str, fx.GraphModule]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, fx.GraphModule) and not any(name.startswith(f"{p}.") for p, _ in parts):
-            parts.append((name, module))
-    return parts
 
 
 def _mode_name(training: bool) -> str:
@@ -204,7 +189,7 @@ def _codes(model: nn.Module) -> dict[str, str]:
     """The generated forward of each graph and each mode it has a graph for: ``{"train": code}``,
     ``{"train": ..., "eval": ...}``, or for a model converted in place ``{"<part>:train": ...}``."""
     codes = {}
-    for name, gm in _graph_parts(model):
+    for name, gm in graph_parts(model):
         graphs = gm.meta.get("rpq_mode_graphs") or {gm.training: gm.graph}
         for mode, graph in graphs.items():
             codes[f"{name}:{_mode_name(mode)}" if name else _mode_name(mode)] = graph.python_code("self").src
@@ -339,7 +324,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32,
               "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
               "U8": torch.uint8, "BOOL": torch.bool}
-_DTYPES = {_dtype_name(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DTYPES = {dtype_name(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
 def _short(value: Any) -> str:
@@ -660,7 +645,7 @@ def _architecture_error(path: Path, saved: dict, here: dict[str, list], here_cla
 
 def _check_parameters(path: Path, model: nn.Module, saved: dict) -> None:
     """Before converting: every saved parameter exists in ``model`` with the same shape and dtype."""
-    here = {name: [list(p.shape), _dtype_name(p.dtype), "param"]
+    here = {name: [list(p.shape), dtype_name(p.dtype), "param"]
             for name, p in model.named_parameters(remove_duplicate=False)}
     _architecture_error(path, saved, here, type(model).__name__, "params")
 
@@ -813,8 +798,8 @@ def _read_tensors(path: Path, header: dict, info: dict, expected: dict[str, torc
     for name, tensor in expected.items():  # before reading anything: the file's entries must be the model's
         entry = header[aliases.get(name, name)]
         if entry["shape"] != list(tensor.shape) or _ST_DTYPES[entry["dtype"]] != tensor.dtype:
-            raise RPQCheckpointError(f"{path}: '{name}' is {entry['shape']} {_dtype_name(_ST_DTYPES[entry['dtype']])} "
-                                     f"in the file, {list(tensor.shape)} {_dtype_name(tensor.dtype)} in this model")
+            raise RPQCheckpointError(f"{path}: '{name}' is {entry['shape']} {dtype_name(_ST_DTYPES[entry['dtype']])} "
+                                     f"in the file, {list(tensor.shape)} {dtype_name(tensor.dtype)} in this model")
     out = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import rpq_fx
 import rpq_fx.ops as ops
@@ -300,3 +302,19 @@ def backend(request):
         return
     with ops.stock_ops():
         yield request.param
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the numel of the largest non-meta tensor any op seen from Python returns (a custom
+    op's insides are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from conftest import LargestTensor
 import rpq_fx.ops as ops
 from rpq_fx.ops import library, policy
 from rpq_fx.ops import choose_path, embedding, linear, linear_backward
@@ -173,21 +172,6 @@ def test_codes_get_no_gradient_and_inputs_without_grad_are_skipped(ref, backend)
 
 
 # --------------------------------------------------------------------------- no dense weight on the compressed path
-
-class _LargestTensor(TorchDispatchMode):
-    """The largest tensor any op returns (ops seen from Python: a custom op's insides are not)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
 
 def _largest_operand(fn) -> int:
     """The largest tensor read by any aten op while ``fn`` runs, inside custom ops and C++ kernels too."""
@@ -349,7 +333,7 @@ def test_embedding_expands_only_the_looked_up_rows(ref):
     codebooks, _, codes = ref.make_case(8, 256, 16, 50000, False, torch.float32, 0)
     codebooks.requires_grad_()
     tokens = torch.randint(0, 50000, (2, 6))
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = embedding(tokens, codebooks, codes)
         out.sum().backward()
     assert out.shape == (2, 6, 128)

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from conftest import LargestTensor
 from rpq_fx.nn import RPQConv1d, RPQConv2d, RPQConv3d, RPQEmbedding, RPQLinear, RPQWeight
 
 
@@ -224,21 +223,6 @@ def test_conv_on_meta_allocates_nothing():
     assert lin.weight.codes.is_meta and lin(torch.empty(2, 10**5, device="meta")).shape == (2, 10**5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest non-meta tensor any aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("make,dense_numel", [
     (lambda: RPQConv1d(64, 64, 9, num_codebooks=8, num_codes=16), 64 * 64 * 9),
     (lambda: RPQConv2d(64, 64, 3, num_codebooks=8, num_codes=16), 64 * 64 * 9),
@@ -247,7 +231,7 @@ class _LargestTensor(TorchDispatchMode):
     (lambda: RPQEmbedding(512, 256, 8, num_codes=16), 512 * 256),
 ])
 def test_construction_never_allocates_the_dense_weight(make, dense_numel):
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         layer = make()
     assert not layer.weight.codebooks.is_meta and not layer.weight.codes.is_meta
     assert 0 < mode.largest < dense_numel / 2
