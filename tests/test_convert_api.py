@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from conftest import codebook_gradient
 import rpq_fx
 from rpq_fx import RPQConfig, RPQConversionError
 from rpq_fx.nn import RPQLinear, RPQWeight
@@ -186,12 +187,8 @@ def test_embedding_padding_idx_and_bias_free_linear(check):
     reference.emb.weight.requires_grad_()
     reference(tokens).sum().backward()
     # the codebook gradient is the dense gradient summed per codeword (the padding row contributes none)
-    codes = gm.emb.weight.codes.long()  # [C, N]
-    c, n = codes.shape
-    dense_grad = reference.emb.weight.grad.view(n, c, -1)
-    expected = torch.zeros_like(gm.emb.weight.codebooks)
-    for i in range(c):
-        expected[i].index_add_(0, codes[i], dense_grad[:, i])
+    weight = gm.emb.weight
+    expected = codebook_gradient(reference.emb.weight.grad, weight.codes, weight.codebooks.shape[0], weight.num_codes)
     torch.testing.assert_close(gm.emb.weight.codebooks.grad, expected)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import codebook_gradient
 import rpq_fx
 
 timm = pytest.importorskip("timm")
@@ -85,10 +86,7 @@ def test_timm_checkpointed_backward_matches_dense_reference(images, check):
     checked = 0
     for name in check.converted_names(gm):
         rpq = gm.get_submodule(name)
-        dense_grad = reference.get_parameter(name).grad.reshape(rpq.num_vectors, rpq.num_codebooks, -1)
-        expected = torch.zeros_like(rpq.codebooks)
-        for c in range(rpq.num_codebooks):
-            expected[c].index_add_(0, rpq.codes[c].long(), dense_grad[:, c])
+        expected = codebook_gradient(reference.get_parameter(name).grad, rpq.codes, rpq.codebooks.shape[0], rpq.num_codes)
         grad_scale = expected.abs().max().item()
         torch.testing.assert_close(rpq.codebooks.grad, expected, rtol=1e-4, atol=1e-5 * grad_scale, msg=name)
         checked += 1

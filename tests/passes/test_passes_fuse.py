@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from conftest import codebook_gradient
 import rpq_fx
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn import RPQWeight
@@ -104,10 +105,7 @@ def test_fused_gradients_equal_the_dense_reference(check, path):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
     for name in check.converted_names(gm):
         rpq = gm.get_submodule(name)
-        dense_grad = reference.get_parameter(name).grad.reshape(rpq.num_vectors, rpq.num_codebooks, -1)
-        expected = torch.zeros_like(rpq.codebooks)
-        for c in range(rpq.num_codebooks):
-            expected[c].index_add_(0, rpq.codes[c].long(), dense_grad[:, c])
+        expected = codebook_gradient(reference.get_parameter(name).grad, rpq.codes, rpq.codebooks.shape[0], rpq.num_codes)
         torch.testing.assert_close(rpq.codebooks.grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
     torch.testing.assert_close(gm.fc1.bias.grad, reference.fc1.bias.grad)
 
@@ -147,9 +145,7 @@ def test_embedding_padding_idx_and_scale_grad_by_freq_are_kept(check, path):
     rpq = gm.get_submodule("0.weight")
     dense_grad = reference[0].weight.grad.reshape(600, rpq.num_codebooks, -1)
     assert dense_grad[3].abs().sum() == 0
-    expected = torch.zeros_like(rpq.codebooks)
-    for c in range(rpq.num_codebooks):
-        expected[c].index_add_(0, rpq.codes[c].long(), dense_grad[:, c])
+    expected = codebook_gradient(dense_grad, rpq.codes, rpq.codebooks.shape[0], rpq.num_codes)
     torch.testing.assert_close(rpq.codebooks.grad, expected)
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import codebook_gradient
 import rpq_fx
 
 SETTINGS = dict(codebook_dim=4, num_codes=8)
@@ -90,10 +91,8 @@ def test_layer_module_call_matches_dense_reference_and_trains(check, name, path)
     rpq_weight = converted.layer.weight
     assert rpq_weight.codebooks.grad is not None and rpq_weight.codebooks.grad.abs().sum() > 0
     # the codebook gradient is the dense weight gradient summed into each codeword
-    expected = torch.zeros_like(rpq_weight.codebooks)
-    rows = reference.layer.weight.grad.reshape(rpq_weight.num_vectors, rpq_weight.num_codebooks, -1)
-    for c in range(rpq_weight.num_codebooks):
-        expected[c].index_add_(0, rpq_weight.codes[c].long(), rows[:, c])
+    expected = codebook_gradient(reference.layer.weight.grad, rpq_weight.codes, rpq_weight.codebooks.shape[0],
+                                 rpq_weight.num_codes)
     torch.testing.assert_close(rpq_weight.codebooks.grad, expected, rtol=1e-4, atol=1e-5)
 
 
