@@ -86,7 +86,8 @@ def test_timm_checkpointed_backward_matches_dense_reference(images, check):
     checked = 0
     for name in check.converted_names(gm):
         rpq = gm.get_submodule(name)
-        expected = codebook_gradient(reference.get_parameter(name).grad, rpq.codes, rpq.codebooks.shape[0], rpq.num_codes)
+        expected = codebook_gradient(reference.get_parameter(name).grad, rpq.codes, rpq.codebooks.shape[0],
+                                     rpq.num_codes)
         grad_scale = expected.abs().max().item()
         torch.testing.assert_close(rpq.codebooks.grad, expected, rtol=1e-4, atol=1e-5 * grad_scale, msg=name)
         checked += 1

@@ -105,7 +105,8 @@ def test_fused_gradients_equal_the_dense_reference(check, path):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
     for name in check.converted_names(gm):
         rpq = gm.get_submodule(name)
-        expected = codebook_gradient(reference.get_parameter(name).grad, rpq.codes, rpq.codebooks.shape[0], rpq.num_codes)
+        expected = codebook_gradient(reference.get_parameter(name).grad, rpq.codes, rpq.codebooks.shape[0],
+                                     rpq.num_codes)
         torch.testing.assert_close(rpq.codebooks.grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
     torch.testing.assert_close(gm.fc1.bias.grad, reference.fc1.bias.grad)
 
