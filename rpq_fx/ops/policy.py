@@ -1,7 +1,8 @@
 """The path policy of ``rpq_fx::linear``: compute in the compressed domain or expand the weight, per call.
 
-A rough CPU cost model (:func:`choose_path`) picks the cheaper path for each call; ``RPQ_FX_PATH``
-(read once, when rpq_fx is imported) or :func:`compute_path` (a block of code) force one.
+A rough CPU cost model (:func:`choose_path`) picks the cheaper path for each call (on CUDA with the Triton
+kernels, a batch-size rule that no GPU has timed yet); ``RPQ_FX_PATH`` (read once, when rpq_fx is
+imported) or :func:`compute_path` (a block of code) force one.
 """
 
 import os
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .. import _kernels
+from .. import _kernels, _triton
 
 __all__ = ["PATHS", "choose_path", "compute_path", "forced_path"]
 
@@ -63,7 +64,8 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
     B, N, C, K, d = batch, out_features, num_codebooks, num_codes, codebook_dim
     weight = N * in_features
     if device.type == "cuda":
-        # reason: untimed here (no GPU in CI); bandwidth and tensor-core rates of a recent data-centre GPU
+        # reason: stock ops on CUDA (no Triton), untimed (no GPU in CI); bandwidth and tensor-core rates of a
+        # recent data-centre GPU
         mac, move, add = 1 / 50e3, 1 / 500.0, 1 / 300.0
         launch = 4 * 5e3
         compressed = launch + mac * B * K * in_features + add * B * C * N + move * C * K * d
@@ -97,10 +99,30 @@ def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "au
     num_codebooks, out_features = codes.shape
     in_features = input.shape[-1]
     batch = input.numel() // in_features if in_features else 0
+    if _triton_applies(input, codebooks):
+        return _cuda_path(batch)
     fast = _fast_kernels_apply(input, codebooks)
     args = (batch, in_features, out_features, num_codebooks, codebooks.shape[1], codebooks.shape[2],
             input.element_size(), input.device, fast, backward)
     return "compressed" if _cost_ns("compressed", *args) <= _cost_ns("expand", *args) else "expand"
+
+
+# reason: no GPU has run rpq_fx yet, so no GPU figures exist: a simple rule that benchmarks/gpu.py's table will
+# confirm or replace. Up to this many rows the Triton compressed path (lookup tables up to 16 rows, tiles of W
+# expanded in shared memory above) reads only the codes and L2-resident codebooks; above it, one write and read
+# of the dense weight is small beside the cuBLAS GEMM it feeds.
+_CUDA_COMPRESSED_MAX_BATCH = 256
+
+
+def _cuda_path(batch: int) -> str:
+    """The path on CUDA where the Triton kernels compute (forward and backward alike; untimed, see above)."""
+    return "compressed" if batch <= _CUDA_COMPRESSED_MAX_BATCH else "expand"
+
+
+def _triton_applies(x: Tensor, codebooks: Tensor) -> bool:
+    """Whether the Triton kernels compute this call (CUDA, float16 / bfloat16 / float32, one dtype), not stock ops."""
+    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and codebooks.dtype == x.dtype and _triton.serving())
 
 
 def _fast_kernels_apply(x: Tensor, codebooks: Tensor) -> bool:
