@@ -6,12 +6,14 @@
 - :mod:`.stock`: the same kernels in stock torch ops (any device and dtype; the fallback);
 - :mod:`.policy`: which way ``rpq_fx::linear`` computes each call (a CPU cost model), and
   :func:`compute_path` to force it for a block of code;
-- :mod:`.checks`: the validation every op shares (:func:`check_codes`).
+- :mod:`.checks`: the validation every op shares (:func:`check_codes`);
+- :mod:`.autocast`: how each op casts under ``torch.autocast``.
 """
 
 from .checks import check_codes
 from .library import embedding, expand, expand_backward, hot_embedding, linear, linear_backward, stock_ops
 from .policy import PATHS, choose_path, compute_path
+from . import autocast as _autocast  # noqa: F401  (registers the autocast rules of the ops)
 
 __all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding", "hot_embedding", "choose_path",
            "compute_path", "PATHS", "check_codes", "stock_ops"]
