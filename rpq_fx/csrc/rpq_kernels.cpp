@@ -70,11 +70,11 @@ void check_groups(int64_t groups, int64_t C, const char* what) {
 template <int BB>
 constexpr int64_t rows_per_tile() { return BB >= 16 ? 64 : 1024 / BB; }
 
-// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw.
+// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw, summed in T and stored as O.
 // table: [C, K, BB] contiguous; out: row j at out + j * ldo.
-template <typename T, typename code_t, int BB>
+template <typename T, typename O, typename code_t, int BB>
 void gather_block(const T* __restrict table, const code_t* __restrict codes, int64_t C, int64_t K, int64_t N,
-                  int64_t n_begin, int64_t n_end, T* __restrict out, int64_t ldo, int64_t bw) {
+                  int64_t n_begin, int64_t n_end, O* __restrict out, int64_t ldo, int64_t bw) {
   constexpr int64_t NB = rows_per_tile<BB>();
   alignas(64) T acc[NB][BB];
   for (int64_t s = n_begin; s < n_end; s += NB) {
@@ -90,16 +90,16 @@ void gather_block(const T* __restrict table, const code_t* __restrict codes, int
       }
     }
     for (int64_t j = 0; j < bw; ++j) {
-      T* __restrict o = out + j * ldo + s;
-      for (int64_t i = 0; i < nn; ++i) o[i] = acc[i][j];
+      O* __restrict o = out + j * ldo + s;
+      for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(acc[i][j]);
     }
   }
 }
 
-// S[c, codes[c, n], j] += grad[j, n] for every n, c in [c_begin, c_end), j < bw.
+// S[c, codes[c, n], j] += grad[j, n] for every n, c in [c_begin, c_end), j < bw (grad stored as G, summed in T).
 // grad: row j at grad + j * ldg; S: row (c, k) at S + (c * K + k) * lds, BB values.
-template <typename T, typename code_t, int BB>
-void scatter_block(const T* __restrict grad, int64_t ldg, int64_t bw, const code_t* __restrict codes, int64_t N,
+template <typename T, typename G, typename code_t, int BB>
+void scatter_block(const G* __restrict grad, int64_t ldg, int64_t bw, const code_t* __restrict codes, int64_t N,
                    int64_t K, int64_t c_begin, int64_t c_end, T* __restrict S, int64_t lds) {
   constexpr int64_t NB = rows_per_tile<BB>();
   alignas(64) T tile[NB][BB];
@@ -107,8 +107,8 @@ void scatter_block(const T* __restrict grad, int64_t ldg, int64_t bw, const code
     const int64_t nn = std::min(NB, N - s);
     for (int64_t j = 0; j < BB; ++j) {
       if (j < bw) {
-        const T* __restrict g = grad + j * ldg + s;
-        for (int64_t i = 0; i < nn; ++i) tile[i][j] = g[i];
+        const G* __restrict g = grad + j * ldg + s;
+        for (int64_t i = 0; i < nn; ++i) tile[i][j] = static_cast<T>(g[i]);
       } else {
         for (int64_t i = 0; i < nn; ++i) tile[i][j] = T(0);
       }
@@ -144,13 +144,14 @@ void block_table(Tensor& table, const Tensor& cbe, const Tensor& x, int64_t b0, 
   at::bmm_out(table, cbe, x_block_cdb(x, b0, bw, BB, C, d));
 }
 
-template <typename T, typename code_t, int BB>
+// x and cbe in the compute type T; out stored as O (T, or bfloat16 / float16 for the reduced dtypes).
+template <typename T, typename O, typename code_t, int BB>
 Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Tensor out) {
   const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
   const int64_t nbb = (B + BB - 1) / BB;
   const int64_t threads = at::get_num_threads();
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
-  T* out_p = out.data_ptr<T>();
+  O* out_p = out.data_ptr<O>();
   if (nbb >= 2 * threads) {
     // Many batch blocks: each thread builds one block's table and consumes it while it is in cache.
     at::parallel_for(0, nbb, 1, [&](int64_t begin, int64_t end) {
@@ -159,7 +160,7 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Ten
       for (int64_t bb = begin; bb < end; ++bb) {
         const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
         block_table(table, cbe, x, b0, bw, BB, C, d);
-        gather_block<T, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
+        gather_block<T, O, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
       }
     });
     return out;
@@ -179,14 +180,15 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Ten
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bb = t / chunks, n0 = (t % chunks) * chunk;
       const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-      gather_block<T, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
+      gather_block<T, O, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
                                   out_p + b0 * N, N, bw);
     }
   });
   return out;
 }
 
-template <typename T, typename code_t, int BB>
+// x and cbe in the compute type T (the scratch S and grad_codebooks too); grad stored as G.
+template <typename T, typename G, typename code_t, int BB>
 std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, const Tensor& cbe, const Tensor& codes,
                                          int64_t groups, bool need_x, bool need_cb, Tensor grad_x) {
   const int64_t B = grad.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
@@ -195,9 +197,9 @@ std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, co
   // S as [C, K, ld], ld >= B padded so that rows never sit a large power of two apart (cache sets)
   int64_t ld = nbb * BB;
   if (ld >= 64 && (ld * static_cast<int64_t>(sizeof(T))) % 512 == 0) ld += 16;
-  Tensor S = at::zeros({C, K, ld}, grad.options());
+  Tensor S = at::zeros({C, K, ld}, x.options());
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
-  const T* grad_p = grad.data_ptr<T>();
+  const G* grad_p = grad.data_ptr<G>();
   T* S_p = S.data_ptr<T>();
   const int64_t c_chunks = std::min<int64_t>(C, std::max<int64_t>(1, (2 * threads + nbb - 1) / nbb));
   const int64_t c_step = (C + c_chunks - 1) / c_chunks;
@@ -206,7 +208,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, co
       const int64_t bb = t / c_chunks, c0 = (t % c_chunks) * c_step;
       const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
       if (c0 < C)
-        scatter_block<T, code_t, BB>(grad_p + b0 * N, N, bw, codes_p, N, K, c0, std::min(C, c0 + c_step),
+        scatter_block<T, G, code_t, BB>(grad_p + b0 * N, N, bw, codes_p, N, K, c0, std::min(C, c0 + c_step),
                                      S_p + b0, ld);
     }
   });
@@ -216,7 +218,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, co
   const int64_t parts = std::min<int64_t>(C, threads);
   const int64_t step = (C + parts - 1) / parts;
   Tensor full_cb;
-  if (need_cb) full_cb = at::empty({C, K, d}, grad.options());
+  if (need_cb) full_cb = at::empty({C, K, d}, x.options());
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
     for (int64_t p = begin; p < end; ++p) {
@@ -246,28 +248,28 @@ int64_t block_width(int64_t B) {
   return 32;
 }
 
-template <typename T, typename code_t>
+template <typename T, typename O, typename code_t>
 Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codes, const Tensor& out) {
   switch (block_width(x.size(0))) {
-    case 1: return forward_impl<T, code_t, 1>(x, cbe, codes, out);
-    case 2: return forward_impl<T, code_t, 2>(x, cbe, codes, out);
-    case 4: return forward_impl<T, code_t, 4>(x, cbe, codes, out);
-    case 8: return forward_impl<T, code_t, 8>(x, cbe, codes, out);
-    case 16: return forward_impl<T, code_t, 16>(x, cbe, codes, out);
-    default: return forward_impl<T, code_t, 32>(x, cbe, codes, out);
+    case 1: return forward_impl<T, O, code_t, 1>(x, cbe, codes, out);
+    case 2: return forward_impl<T, O, code_t, 2>(x, cbe, codes, out);
+    case 4: return forward_impl<T, O, code_t, 4>(x, cbe, codes, out);
+    case 8: return forward_impl<T, O, code_t, 8>(x, cbe, codes, out);
+    case 16: return forward_impl<T, O, code_t, 16>(x, cbe, codes, out);
+    default: return forward_impl<T, O, code_t, 32>(x, cbe, codes, out);
   }
 }
 
-template <typename T, typename code_t>
+template <typename T, typename G, typename code_t>
 std::tuple<Tensor, Tensor> backward_bb(const Tensor& grad, const Tensor& x, const Tensor& cbe, const Tensor& codes,
                                        int64_t groups, bool need_x, bool need_cb, const Tensor& gx) {
   switch (block_width(grad.size(0))) {
-    case 1: return backward_impl<T, code_t, 1>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
-    case 2: return backward_impl<T, code_t, 2>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
-    case 4: return backward_impl<T, code_t, 4>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
-    case 8: return backward_impl<T, code_t, 8>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
-    case 16: return backward_impl<T, code_t, 16>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
-    default: return backward_impl<T, code_t, 32>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 1: return backward_impl<T, G, code_t, 1>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 2: return backward_impl<T, G, code_t, 2>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 4: return backward_impl<T, G, code_t, 4>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 8: return backward_impl<T, G, code_t, 8>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    case 16: return backward_impl<T, G, code_t, 16>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+    default: return backward_impl<T, G, code_t, 32>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
   }
 }
 
@@ -282,13 +284,33 @@ void check(const Tensor& x, const Tensor& codebooks, const Tensor& codes, const 
   check_groups(codebooks.size(0), codes.size(0), what);
 }
 
-// The dtypes the hand-written loops take (x, codebooks and grad alike); others go through stock ATen ops.
+// The dtypes the hand-written loops take (x, codebooks and grad alike, one dtype): float32 and float64,
+// and bfloat16 / float16 stored, summed in float32 (read once into float32, rounded once at the end).
+// Others go through stock ATen ops.
 bool fast_dtypes(std::initializer_list<at::ScalarType> types) {
   const at::ScalarType first = *types.begin();
-  if (first != at::kFloat && first != at::kDouble) return false;
+  if (first != at::kFloat && first != at::kDouble && first != at::kBFloat16 && first != at::kHalf) return false;
   for (at::ScalarType t : types)
     if (t != first) return false;
   return true;
+}
+
+// The type the loops compute in for a fast dtype: float32 for the 16-bit floats.
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// f(T{}, S{}, code_t{}) with T the compute type, S the stored type of `stored`, code_t the codes' type.
+template <typename F>
+decltype(auto) dispatch_types(at::ScalarType stored, const Tensor& codes, F&& f) {
+  auto with_codes = [&](auto t, auto s) -> decltype(auto) {
+    if (codes.scalar_type() == at::kShort) return f(t, s, uint16_t{});
+    return f(t, s, uint8_t{});
+  };
+  switch (stored) {
+    case at::kDouble: return with_codes(double{}, double{});
+    case at::kBFloat16: return with_codes(float{}, at::BFloat16{});
+    case at::kHalf: return with_codes(float{}, at::Half{});
+    default: return with_codes(float{}, float{});
+  }
 }
 
 Tensor expanded_codebooks(const Tensor& codebooks, int64_t C) {
@@ -354,9 +376,9 @@ void expand_typed(const Tensor& cb, const Tensor& codes, Tensor& out) {
 
 // grad_codebooks[g(c), codes[c, n]] += grad_W[n, c*d:(c+1)*d]: the transpose of expand_rows.
 // Each task owns a band of codebooks and reads its contiguous band of every row of grad_W; with one
-// shared codebook each task sums into its own [K, d] copy, added up at the end.
-template <typename T, typename code_t>
-void expand_backward_rows(const T* __restrict grad, const code_t* __restrict codes, T* __restrict out, int64_t C,
+// shared codebook each task sums into its own [K, d] copy, added up at the end. grad stored as G, summed in T.
+template <typename T, typename G, typename code_t>
+void expand_backward_rows(const G* __restrict grad, const code_t* __restrict codes, T* __restrict out, int64_t C,
                           int64_t N, int64_t K, int64_t d, int64_t groups) {
   const int64_t threads = at::get_num_threads();
   const int64_t parts = std::min<int64_t>(C, threads);
@@ -371,12 +393,12 @@ void expand_backward_rows(const T* __restrict grad, const code_t* __restrict cod
         acc = partial[p].data();
       }
       for (int64_t n = 0; n < N; ++n) {
-        const T* __restrict row = grad + n * C * d;
+        const G* __restrict row = grad + n * C * d;
         for (int64_t c = c0; c < c1; ++c) {
           T* __restrict dst = acc + ((groups == 1 ? 0 : c * K) + static_cast<int64_t>(codes[c * N + n])) * d;
-          const T* __restrict src = row + c * d;
+          const G* __restrict src = row + c * d;
 #pragma omp simd
-          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+          for (int64_t j = 0; j < d; ++j) dst[j] += static_cast<T>(src[j]);
         }
       }
     }
@@ -460,14 +482,17 @@ Tensor expand_backward(const Tensor& grad_in, const Tensor& codes_in, int64_t gr
     out.view({groups * num_codes, d}).index_add_(0, flat_index(codes, groups, num_codes), grad.reshape({N * C, d}));
     return out;
   }
-  const bool wide = codes.scalar_type() == at::kShort;
-  if (grad.scalar_type() == at::kFloat) {
-    if (wide) expand_backward_rows<float, uint16_t>(grad.data_ptr<float>(), reinterpret_cast<const uint16_t*>(codes.data_ptr()), out.data_ptr<float>(), C, N, num_codes, d, groups);
-    else expand_backward_rows<float, uint8_t>(grad.data_ptr<float>(), codes.data_ptr<uint8_t>(), out.data_ptr<float>(), C, N, num_codes, d, groups);
-  } else {
-    if (wide) expand_backward_rows<double, uint16_t>(grad.data_ptr<double>(), reinterpret_cast<const uint16_t*>(codes.data_ptr()), out.data_ptr<double>(), C, N, num_codes, d, groups);
-    else expand_backward_rows<double, uint8_t>(grad.data_ptr<double>(), codes.data_ptr<uint8_t>(), out.data_ptr<double>(), C, N, num_codes, d, groups);
-  }
+  // a 16-bit out is summed into a float32 copy and rounded once
+  Tensor acc = out.scalar_type() == compute_type(out.scalar_type()) ? out : out.to(compute_type(out.scalar_type()));
+  dispatch_types(grad.scalar_type(), codes, [&](auto t, auto g, auto c) {
+    using T = decltype(t);
+    using G = decltype(g);
+    using code_t = decltype(c);
+    expand_backward_rows<T, G, code_t>(reinterpret_cast<const G*>(grad.data_ptr()),
+                                       reinterpret_cast<const code_t*>(codes.data_ptr()), acc.data_ptr<T>(), C, N,
+                                       num_codes, d, groups);
+  });
+  if (!acc.is_same(out)) out.copy_(acc);
   return out;
 }
 
@@ -520,11 +545,11 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
     linear_forward_aten(x, codebooks, codes, out);
     return out;
   }
-  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
-  const bool wide = codes.scalar_type() == at::kShort;
-  if (x.scalar_type() == at::kFloat)
-    return wide ? forward_bb<float, uint16_t>(x, cbe, codes, out) : forward_bb<float, uint8_t>(x, cbe, codes, out);
-  return wide ? forward_bb<double, uint16_t>(x, cbe, codes, out) : forward_bb<double, uint8_t>(x, cbe, codes, out);
+  const at::ScalarType compute = compute_type(x.scalar_type());
+  Tensor xc = x.to(compute), cbe = expanded_codebooks(codebooks.to(compute), codes.size(0));
+  return dispatch_types(x.scalar_type(), codes, [&](auto t, auto o, auto c) {
+    return forward_bb<decltype(t), decltype(o), decltype(c)>(xc, cbe, codes, out);
+  });
 }
 
 // (grad_x [B, in] or undefined, grad_codebooks [G, K, d] or undefined) of linear_forward; grad_x is
@@ -543,13 +568,14 @@ std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& 
   Tensor gx = need_x ? result_buffer(grad_x_out, x.size(0), x.size(1), x, "rpq_fx linear_backward") : Tensor();
   if (!fast_dtypes({grad.scalar_type(), x.scalar_type(), codebooks.scalar_type()}))
     return {gx, linear_backward_aten(grad, x, codebooks, codes, need_x, need_cb, gx)};
-  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
-  const bool wide = codes.scalar_type() == at::kShort;
-  if (grad.scalar_type() == at::kFloat)
-    return wide ? backward_bb<float, uint16_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx)
-                : backward_bb<float, uint8_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
-  return wide ? backward_bb<double, uint16_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx)
-              : backward_bb<double, uint8_t>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+  const at::ScalarType compute = compute_type(x.scalar_type());
+  Tensor xc = x.to(compute), cbe = expanded_codebooks(codebooks.to(compute), codes.size(0));
+  auto result = dispatch_types(grad.scalar_type(), codes, [&](auto t, auto g, auto c) {
+    return backward_bb<decltype(t), decltype(g), decltype(c)>(grad, xc, cbe, codes, groups, need_x, need_cb, gx);
+  });
+  Tensor& grad_cb = std::get<1>(result);
+  if (grad_cb.defined()) grad_cb = grad_cb.to(codebooks.scalar_type());  // rounded once, from float32 sums
+  return result;
 }
 
 // k-means assignment: for x [B, M, d] and centroids [B, K, d], each point's nearest centroid and its

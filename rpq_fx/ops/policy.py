@@ -125,7 +125,9 @@ def _triton_applies(x: Tensor, codebooks: Tensor) -> bool:
             and codebooks.dtype == x.dtype and _triton.serving())
 
 
+_FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # 16-bit floats summed in float32
+
+
 def _fast_kernels_apply(x: Tensor, codebooks: Tensor) -> bool:
-    """Whether the C++ loops compute this call (CPU, float32 / float64, one dtype), not stock ops."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and codebooks.dtype == x.dtype
-            and _kernels.serving())
+    """Whether the C++ loops compute this call (CPU, one dtype of ``_FAST_DTYPES``), not stock ops."""
+    return x.device.type == "cpu" and x.dtype in _FAST_DTYPES and codebooks.dtype == x.dtype and _kernels.serving()
