@@ -14,6 +14,7 @@ from .checks import check_codes
 from .library import embedding, expand, expand_backward, hot_embedding, linear, linear_backward, stock_ops
 from .policy import PATHS, choose_path, compute_path
 from . import autocast as _autocast  # noqa: F401  (registers the autocast rules of the ops)
+from . import triton as _triton_kernels  # noqa: F401  (registers the Triton kernels for CUDA)
 
 __all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding", "hot_embedding", "choose_path",
            "compute_path", "PATHS", "check_codes", "stock_ops"]

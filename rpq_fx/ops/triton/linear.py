@@ -1,0 +1,266 @@
+"""Triton kernels of the compressed-domain linear layer: ``y = x W^T`` and its backward, never writing W.
+
+Two methods (design notes, section 1):
+
+- ``"lut"`` (decode, a few rows): a table per codebook ``T[c, k, b] = codebooks[g(c), k] . x[b, slice c]``
+  (one batched GEMM), then ``y[b, n] = sum_c T[c, codes[c, n], b]`` (:func:`_lut_gather_kernel`); the
+  backward scatters the output gradient by code (:func:`_lut_scatter_kernel`) and multiplies the
+  result by the codebooks and the input (two small batched GEMMs).
+- ``"fused"`` (more rows): a GEMM whose weight tile is gathered from the codebooks into registers
+  / shared memory each step and fed to ``tl.dot``; its backward is the same GEMM for ``grad_x`` and
+  ``grad^T x`` tiles added into the codewords for the codebooks' gradient. W and its gradient never
+  reach global memory.
+
+Accumulation is float32; float32 inputs multiply at full precision unless
+``torch.backends.cuda.matmul.allow_tf32`` allows TF32, as for ``F.linear``. Shapes, dtypes and code
+values are the caller's to check; the launchers take CUDA tensors, or CPU tensors under Triton's
+interpreter.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .expand import _tile
+
+__all__ = ["linear", "linear_backward", "lut_applies", "METHODS"]
+
+METHODS = ("lut", "fused")
+_LUT_MAX_BATCH = 16
+# reason: untuned (no GPU here): tiles that tl.dot takes for every dtype (each side >= 16)
+_BLOCK_B, _BLOCK_N, _BLOCK_COL = 32, 64, 32
+_LUT_BLOCK_N = 128
+
+
+def lut_applies(batch: int, codebook_dim: int) -> bool:
+    """Whether the lookup-table method computes a batch: it gathers ``B*C*N`` table entries where the
+    fused GEMM gathers ``N*C*d`` codebook values once per tile of rows, so it wins while ``B < d``
+    (and the table stays small). Untimed on a GPU: benchmarks/gpu.py will confirm or replace it."""
+    return batch <= min(_LUT_MAX_BATCH, codebook_dim)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allow_tf32 or dtype != torch.float32 else "ieee"
+
+
+def _upcast(x: Tensor) -> bool:
+    # reason: Triton 3.8's interpreter computes tl.dot on bfloat16 wrongly (measured: errors of 1e10);
+    # bfloat16 tiles are multiplied as float32 there, and as bfloat16 on a GPU
+    return x.dtype == torch.bfloat16 and not x.is_cuda
+
+
+# --------------------------------------------------------------------------- lookup tables
+
+@triton.jit
+def _lut_gather_kernel(table_ptr, codes_ptr, out_ptr, B, N, C, K, stride_cc, stride_cn,
+                       BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``out[b, n] = sum_c table[c, codes[c, n], b]``; table ``[C, K, B]`` float32."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (n < N)[:, None] & (b < B)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for c in range(C):
+        code = tl.load(codes_ptr + c * stride_cc + n.to(tl.int64) * stride_cn, mask=n < N, other=0)
+        code = code.to(tl.int32) & 0xFFFF  # reason: int16 codes above 32767 are stored as negative bit patterns
+        row = (c * K + code).to(tl.int64) * B
+        valid = mask & (code < K)[:, None]
+        acc += tl.load(table_ptr + row[:, None] + b[None, :], mask=valid, other=0.0)
+    tl.store(out_ptr + b[None, :].to(tl.int64) * N + n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lut_scatter_kernel(grad_ptr, codes_ptr, out_ptr, B, N, K, stride_cc, stride_cn,
+                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``out[c, codes[c, n], b] += grad[b, n]``; out ``[C, K, B]`` float32; one program per (tile of n, c)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1)
+    code = tl.load(codes_ptr + c * stride_cc + n.to(tl.int64) * stride_cn, mask=n < N, other=0)
+    code = code.to(tl.int32) & 0xFFFF  # reason: int16 codes above 32767 are stored as negative bit patterns
+    row = (c * K + code).to(tl.int64) * B
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        mask = (n < N)[:, None] & (b < B)[None, :]
+        grad = tl.load(grad_ptr + b[None, :].to(tl.int64) * N + n[:, None], mask=mask, other=0)
+        tl.atomic_add(out_ptr + row[:, None] + b[None, :], grad.to(tl.float32), mask=mask & (code < K)[:, None])
+
+
+def _lut_block_b(batch: int) -> int:
+    return min(triton.next_power_of_2(max(batch, 1)), _LUT_MAX_BATCH)
+
+
+def _per_slice(codebooks: Tensor, num_codebooks: int) -> Tensor:
+    groups, num_codes, dim = codebooks.shape
+    return codebooks.expand(num_codebooks, num_codes, dim) if groups == 1 else codebooks
+
+
+def _lut_forward(x: Tensor, codebooks: Tensor, codes: Tensor, out: Tensor) -> None:
+    num_codebooks, out_features = codes.shape
+    batch, dim = x.shape[0], codebooks.shape[2]
+    table = torch.bmm(_per_slice(codebooks, num_codebooks), x.view(batch, num_codebooks, dim).permute(1, 2, 0))
+    table = table.float().contiguous()  # [C, K, B]
+    block_b = _lut_block_b(batch)
+    grid = (triton.cdiv(out_features, _LUT_BLOCK_N), triton.cdiv(batch, block_b))
+    _lut_gather_kernel[grid](table, codes, out, batch, out_features, num_codebooks, codebooks.shape[1],
+                             codes.stride(0), codes.stride(1), BLOCK_N=_LUT_BLOCK_N, BLOCK_B=block_b)
+
+
+def _lut_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, grad_x: Tensor | None,
+                  need_codebooks: bool) -> Tensor | None:
+    num_codebooks, out_features = codes.shape
+    groups, num_codes, dim = codebooks.shape
+    batch = x.shape[0]
+    scattered = torch.zeros(num_codebooks, num_codes, batch, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(out_features, _LUT_BLOCK_N), num_codebooks)
+    _lut_scatter_kernel[grid](grad, codes, scattered, batch, out_features, num_codes, codes.stride(0),
+                              codes.stride(1), BLOCK_N=_LUT_BLOCK_N, BLOCK_B=_lut_block_b(batch))
+    if grad_x is not None:  # grad_x[b, c, :] = sum_k S[c, k, b] codebooks[g(c), k, :]
+        cb = _per_slice(codebooks.float(), num_codebooks)
+        grad_x.view(batch, num_codebooks, dim).copy_(torch.bmm(scattered.transpose(1, 2), cb).transpose(0, 1))
+    if not need_codebooks:
+        return None
+    grad_cb = torch.bmm(scattered, x.float().view(batch, num_codebooks, dim).transpose(0, 1))  # [C, K, d]
+    return (grad_cb.sum(0, keepdim=True) if groups == 1 else grad_cb).to(codebooks.dtype)
+
+
+# --------------------------------------------------------------------------- fused: W tiles gathered, then tl.dot
+
+@triton.jit
+def _fused_forward_kernel(x_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
+                          SHARED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """``out[b, n] = sum_col x[b, col] W[n, col]``, W's tile gathered each step."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for col0 in range(0, row_len, BLOCK_COL):
+        col = col0 + tl.arange(0, BLOCK_COL)
+        offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col, N, row_len, d, K, stride_cc, stride_cn,
+                                      SHARED, False)
+        w = tl.load(cb_ptr + offset, mask=valid, other=0)  # [BLOCK_N, BLOCK_COL]
+        xs = tl.load(x_ptr + b.to(tl.int64)[:, None] * row_len + col[None, :],
+                     mask=(b < B)[:, None] & (col < row_len)[None, :], other=0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            xs = xs.to(tl.float32)
+        acc += tl.dot(xs, tl.trans(w), input_precision=PRECISION)
+    mask = (b < B)[:, None] & (n < N)[None, :]
+    tl.store(out_ptr + b.to(tl.int64)[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_grad_input_kernel(grad_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
+                             SHARED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """``out[b, col] = sum_n grad[b, n] W[n, col]``, W's tile gathered each step."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    col = tl.program_id(1) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    acc = tl.zeros((BLOCK_B, BLOCK_COL), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col, N, row_len, d, K, stride_cc, stride_cn,
+                                      SHARED, False)
+        w = tl.load(cb_ptr + offset, mask=valid, other=0)  # [BLOCK_N, BLOCK_COL]
+        g = tl.load(grad_ptr + b.to(tl.int64)[:, None] * N + n[None, :], mask=(b < B)[:, None] & (n < N)[None, :],
+                    other=0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            g = g.to(tl.float32)
+        acc += tl.dot(g, w, input_precision=PRECISION)
+    mask = (b < B)[:, None] & (col < row_len)[None, :]
+    tl.store(out_ptr + b.to(tl.int64)[:, None] * row_len + col[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _fused_grad_codebooks_kernel(grad_ptr, x_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
+                                 SHARED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_COL]`` tile of ``grad^T x`` (the dense weight's gradient), added into the codewords
+    it came from (out ``[G, K, d]`` float32); the tile never leaves the program."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col = tl.program_id(1) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    acc = tl.zeros((BLOCK_N, BLOCK_COL), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        g = tl.load(grad_ptr + b.to(tl.int64)[None, :] * N + n[:, None], mask=(n < N)[:, None] & (b < B)[None, :],
+                    other=0)  # [BLOCK_N, BLOCK_B]
+        xs = tl.load(x_ptr + b.to(tl.int64)[:, None] * row_len + col[None, :],
+                     mask=(b < B)[:, None] & (col < row_len)[None, :], other=0)  # [BLOCK_B, BLOCK_COL]
+        if UPCAST:
+            g = g.to(tl.float32)
+            xs = xs.to(tl.float32)
+        acc += tl.dot(g, xs, input_precision=PRECISION)
+    offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col, N, row_len, d, K, stride_cc, stride_cn,
+                                  SHARED, False)
+    tl.atomic_add(out_ptr + offset, acc, mask=valid)
+
+
+def _fused_args(codebooks: Tensor, codes: Tensor, x: Tensor) -> tuple[tuple, dict]:
+    groups, num_codes, dim = codebooks.shape
+    args = (codes.shape[1], codes.shape[0] * dim, dim, num_codes, codes.stride(0), codes.stride(1))
+    meta = dict(SHARED=groups == 1, UPCAST=_upcast(x), PRECISION=_precision(x.dtype), BLOCK_B=_BLOCK_B,
+                BLOCK_N=_BLOCK_N, BLOCK_COL=_BLOCK_COL)
+    return args, meta
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _method(method: str | None, batch: int, codebook_dim: int) -> str:
+    if method is None:
+        return "lut" if lut_applies(batch, codebook_dim) else "fused"
+    if method not in METHODS:
+        raise ValueError(f"rpq_fx triton linear: method must be one of {METHODS} or None, got {method!r}")
+    return method
+
+
+def linear(x: Tensor, codebooks: Tensor, codes: Tensor, method: str | None = None) -> Tensor:
+    """``x [..., in] @ W^T`` ``[..., N]`` without W; ``method`` ``"lut"`` / ``"fused"``, or None: by
+    :func:`lut_applies`. One dtype for ``x`` and the codebooks: float16, bfloat16 or float32."""
+    out = x.new_empty(*x.shape[:-1], codes.shape[1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    batch = x2.shape[0]
+    if batch == 0 or out.numel() == 0:
+        return out.zero_()
+    codebooks = codebooks.contiguous()
+    out2 = out.view(batch, codes.shape[1])
+    if _method(method, batch, codebooks.shape[2]) == "lut":
+        _lut_forward(x2, codebooks, codes, out2)
+    else:
+        args, meta = _fused_args(codebooks, codes, x2)
+        grid = (triton.cdiv(batch, _BLOCK_B), triton.cdiv(codes.shape[1], _BLOCK_N))
+        _fused_forward_kernel[grid](x2, codebooks, codes, out2, batch, *args, **meta)
+    return out
+
+
+def linear_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, need_input: bool,
+                    need_codebooks: bool, method: str | None = None) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_codebooks)`` of :func:`linear` (each empty unless asked for), as
+    ``rpq_fx::_linear_compressed_backward``."""
+    num_codebooks, out_features = codes.shape
+    grad_x = x.new_empty(x.shape if need_input else (0,))
+    grad_cb = codebooks.new_zeros(codebooks.shape if need_codebooks else (0,))
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    batch = x2.shape[0]
+    if batch == 0 or not (need_input or need_codebooks) or out_features == 0 or x2.shape[1] == 0:
+        return grad_x, grad_cb
+    grad2 = grad.reshape(batch, out_features).contiguous()
+    codebooks = codebooks.contiguous()
+    gx2 = grad_x.view(batch, x2.shape[1]) if need_input else None
+    if _method(method, batch, codebooks.shape[2]) == "lut":
+        cb = _lut_backward(grad2, x2, codebooks, codes, gx2, need_codebooks)
+        if need_codebooks:
+            grad_cb.copy_(cb)
+        return grad_x, grad_cb
+    args, meta = _fused_args(codebooks, codes, x2)
+    if need_input:
+        grid = (triton.cdiv(batch, _BLOCK_B), triton.cdiv(x2.shape[1], _BLOCK_COL))
+        _fused_grad_input_kernel[grid](grad2, codebooks, codes, gx2, batch, *args, **meta)
+    if need_codebooks:
+        acc = grad_cb if grad_cb.dtype == torch.float32 else torch.zeros_like(grad_cb, dtype=torch.float32)
+        grid = (triton.cdiv(out_features, _BLOCK_N), triton.cdiv(x2.shape[1], _BLOCK_COL))
+        _fused_grad_codebooks_kernel[grid](grad2, x2, codes, acc, batch, *args, **meta)
+        if acc is not grad_cb:
+            grad_cb.copy_(acc)
+    return grad_x, grad_cb

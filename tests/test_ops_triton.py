@@ -1,0 +1,90 @@
+"""The Triton kernels of ``rpq_fx.ops.triton``: their registration, the fallback to stock ops, the status
+line and the CUDA path rule here; the kernels themselves in ``tests/ops_triton_cases.py``, run in a fresh
+process (through Triton's interpreter where there is no GPU, which only works where Triton itself is
+imported under it: the rest of the suite imports Triton first).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rpq_fx import _triton  # noqa: E402
+from rpq_fx.ops import policy, stock  # noqa: E402
+
+_ROOT = Path(__file__).parent.parent
+
+
+def test_kernels_against_the_dense_reference_in_a_fresh_process():
+    """Every kernel, forward and backward, fp32/fp16/bf16, odd sizes, K = 16 and 256, d = 1..256."""
+    env = {**os.environ, **({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"})}
+    done = subprocess.run([sys.executable, "-m", "pytest", str(_ROOT / "tests" / "ops_triton_cases.py"), "-q", "-x",
+                           "-p", "no:cacheprovider", "-p", "no:xdist"],
+                          env=env, cwd=_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
+def test_registered_for_cuda_through_the_dispatcher():
+    for op in ("expand", "embedding", "_expand_backward_add", "_linear_compressed", "_linear_compressed_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rpq_fx::{op}", "CUDA"), op
+
+
+def test_stock_kernels_compute_where_triton_cannot(monkeypatch):
+    """Triton missing (or a dtype it does not take): the registered functions compute with the stock kernels,
+    and the status line says why."""
+    from rpq_fx.ops.triton import cuda, expand, linear
+
+    g = torch.Generator().manual_seed(0)
+    codebooks = torch.randn(2, 16, 4, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, 16, (2, 10), generator=g, dtype=torch.uint8)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    calls = []
+    for module, name in [(linear, "linear"), (linear, "linear_backward"), (expand, "expand_rows"),
+                         (expand, "scatter_rows")]:
+        monkeypatch.setattr(module, name, lambda *args, name=name: calls.append(name))
+    assert torch.equal(cuda.linear_compressed(x, codebooks, codes), stock.linear_compressed(x, codebooks, codes))
+    assert not calls, "float64 went to a Triton kernel"
+    monkeypatch.setitem(_triton._state, "reason", "triton cannot be imported (ModuleNotFoundError: triton)")
+    codebooks, x = codebooks.float(), x.float()
+    assert torch.equal(cuda.expand(codebooks, codes), stock.expand(codebooks, codes))
+    rows = torch.tensor([[2, 9]])
+    assert torch.equal(cuda.embedding(rows, codebooks, codes), stock.expand(codebooks, codes)[rows])
+    assert torch.equal(cuda.linear_compressed(x, codebooks, codes), stock.linear_compressed(x, codebooks, codes))
+    grad = torch.randn(3, 10, generator=g)
+    for got, want in zip(cuda.linear_compressed_backward(grad, x, codebooks, codes, True, True),
+                         stock.linear_compressed_backward(grad, x, codebooks, codes, True, True)):
+        assert torch.equal(got, want)
+    out = torch.zeros_like(codebooks)
+    cuda.expand_backward_add(out, stock.expand(codebooks, codes), codes)
+    assert out.abs().sum() > 0
+    assert not calls, f"Triton kernels {calls} ran where Triton is said to be missing"
+    assert _triton.status() == ("stock torch ops (Triton kernels not available: triton cannot be imported "
+                                "(ModuleNotFoundError: triton))")
+
+
+def test_status_names_triton_and_the_off_switch(monkeypatch):
+    import triton
+
+    assert _triton.status().startswith(f"Triton {triton.__version__} kernels")
+    monkeypatch.setenv("RPQ_FX_KERNELS", "torch")
+    assert _triton._probe() == "turned off by RPQ_FX_KERNELS=torch"
+
+
+def test_cuda_path_rule():
+    """On CUDA with the Triton kernels, compressed up to 256 rows, expand above (fake CUDA tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        codebooks = torch.empty(4, 256, 16, device="cuda")
+        codes = torch.empty(4, 512, dtype=torch.uint8, device="cuda")
+        for batch, path in [(1, "compressed"), (256, "compressed"), (257, "expand")]:
+            x = torch.empty(batch, 64, device="cuda")
+            assert policy.choose_path(x, codebooks, codes) == path
+            assert policy.choose_path(x, codebooks, codes, backward=True) == path
+        assert policy.choose_path(torch.empty(1, 64, device="cuda"), codebooks, codes, "expand") == "expand"
