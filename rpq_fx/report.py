@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from tabulate import tabulate
 from torch import nn
 
-from . import _kernels
+from . import _kernels, _triton
 from .config import LayerSettings
 from .nn.weight import rpq_weights
 from .passes import LayerPlan
@@ -60,7 +60,8 @@ class Report:
         bits = f" at {t['bits_per_weight']:.2f} bits per weight" if t["bits_per_weight"] is not None else ""
         summary = (f"{t['converted']} of {t['layers']} weights converted{bits}; model {t['bytes_before'] / _MIB:.3f} MiB "
                    f"-> {t['bytes_after'] / _MIB:.3f} MiB ({t['ratio']:.2f}x smaller)"
-                   + (f"; captured by {t['path']}" if t["path"] else "") + f"\ncompute: {t['kernels']}")
+                   + (f"; captured by {t['path']}" if t["path"] else "")
+                   + f"\ncompute on CUDA: {t['cuda_kernels']}\ncompute: {t['kernels']}")
         floatfmt = [".4f" if key == "fit err" else ".2f" for key in (self.rows[0] if self.rows else ())]
         return tabulate(self.rows, headers="keys", tablefmt=fmt, floatfmt=floatfmt or ".2f") + "\n\n" + summary
 
@@ -78,7 +79,8 @@ def report(model: nn.Module) -> Report:
     """Each weight: name, op, dense shape, C, K, d, codebook dtype, bytes before and after, ratio,
     stored bits per weight, how it was filled (and the fit's relative error), or why it stayed dense.
     Totals: bytes before and after, the ratio, the stored bits per converted weight, and which kernels
-    compute (the C++ kernels, or stock torch ops and why)."""
+    compute on the CPU (the C++ kernels, or stock torch ops and why) and on CUDA tensors (the Triton
+    kernels, or stock torch ops and why)."""
     rows = []
     layers, fits = _layers(model)
     for layer in layers:
@@ -101,5 +103,6 @@ def report(model: nn.Module) -> Report:
     totals = {"layers": len(rows), "converted": len(converted),
               "bytes_before": before, "bytes_after": after, "ratio": before / after if after else 1.0,
               "bits_per_weight": 8 * sum(layer.bytes_after for layer in converted) / values if values else None,
-              "path": record.path if (record := conversion_record(model)) else None, "kernels": _kernels.status()}
+              "path": record.path if (record := conversion_record(model)) else None, "kernels": _kernels.status(),
+              "cuda_kernels": _triton.status()}
     return Report(rows, totals)

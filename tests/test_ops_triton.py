@@ -88,3 +88,15 @@ def test_cuda_path_rule():
             assert policy.choose_path(x, codebooks, codes) == path
             assert policy.choose_path(x, codebooks, codes, backward=True) == path
         assert policy.choose_path(torch.empty(1, 64, device="cuda"), codebooks, codes, "expand") == "expand"
+
+
+def test_report_says_what_computes_on_cuda(monkeypatch):
+    import rpq_fx
+    from torch import nn
+
+    gm = rpq_fx.convert(nn.Sequential(nn.Linear(64, 512)), num_codebooks=8)
+    monkeypatch.setitem(_triton._state, "reason", "turned off by RPQ_FX_KERNELS=torch")
+    rep = rpq_fx.report(gm)
+    line = "compute on CUDA: stock torch ops (Triton kernels not available: turned off by RPQ_FX_KERNELS=torch)"
+    assert rep.totals["cuda_kernels"] == line.removeprefix("compute on CUDA: ")
+    assert str(rep).splitlines()[-2] == line and str(rep).splitlines()[-1].startswith("compute: ")
