@@ -9,6 +9,7 @@ kept too, in ``gm.meta["rpq_mode_graphs"]``, over the same modules.
 import copy
 import inspect
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
@@ -129,21 +130,35 @@ def _dynamic_batch_and_sequence(model: nn.Module, args: tuple, kwargs: dict) -> 
     return {name: torch.utils._pytree.tree_map(dims, value) for name, value in bound.arguments.items()}
 
 
+@contextmanager
+def _without_cache(model: nn.Module, kwargs: dict):
+    """A Hugging Face model's ``config.use_cache`` off for the duration, unless the inputs set
+    ``use_cache``: a causal LM or T5 otherwise returns a ``DynamicCache``, which ``torch.export``
+    cannot return (it is no pytree)."""
+    config = getattr(model, "config", None)
+    if "use_cache" in kwargs or getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def capture_export(model: nn.Module, example_inputs) -> RPQGraphModule:
     """Capture ``model`` with ``torch.export`` on ``example_inputs`` (a tensor, a tuple of positional
     inputs or a dict of keyword inputs): an aten-level graph, dynamic in batch and sequence where the
-    model allows. The graph is fixed to the model's current train/eval mode."""
+    model allows. The graph is fixed to the model's current train/eval mode, and for a Hugging Face
+    model to ``use_cache=False`` unless the inputs say otherwise (the captured model returns no cache)."""
     args, kwargs = as_args(example_inputs)
     try:
-        try:
-            program = torch.export.export(model, args, kwargs,
-                                          dynamic_shapes=_dynamic_batch_and_sequence(model, args, kwargs))
-        except Exception:  # reason: some models guard every dim; a static export is still a valid capture
-            program = torch.export.export(model, args, kwargs)
+        with _without_cache(model, kwargs):
+            program = _export(model, args, kwargs)
     except Exception as error:
         raise RPQConversionError(
             f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {error}\n"
-            "Call convert without example_inputs to rewrite its layers in place instead."
+            "Call convert with capture='module' (and no example_inputs) to rewrite its layers in place instead."
         ) from error
     module = program.module()
     gm = RPQGraphModule(module, module.graph, type(model).__name__)
@@ -151,3 +166,11 @@ def capture_export(model: nn.Module, example_inputs) -> RPQGraphModule:
     gm.meta["rpq_untraced_mode"] = (not model.training, f"{type(model).__name__} was exported in {mode} mode, which "
                                     "torch.export fixes in the graph; convert it in the mode you will run it in")
     return gm
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export.export``, dynamic in batch and sequence where the model allows, else static."""
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_batch_and_sequence(model, args, kwargs))
+    except Exception:  # reason: some models guard every dim; a static export is still a valid capture
+        return torch.export.export(model, args, kwargs)

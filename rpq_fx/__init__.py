@@ -8,7 +8,7 @@ codebooks plus uint8 codes, expanded just in time inside the forward pass. ``ini
 from . import nn, ops
 from .allocate import SizeCosts, allocate, size_costs
 from .config import LayerSettings, RPQConfig
-from .convert import RPQ, convert
+from .convert import RPQ, convert, rpq
 from .decompress import decompress
 from .errors import RPQConversionError
 from .export import export_graph
@@ -22,7 +22,7 @@ from .passes import register_layer
 from .record import ConversionRecord, conversion_record
 from .report import Report, model_size, report
 
-__all__ = ["convert", "RPQ", "allocate", "size_costs", "SizeCosts", "RPQGraphModule", "RPQConfig", "LayerSettings",
+__all__ = ["convert", "RPQ", "rpq", "allocate", "size_costs", "SizeCosts", "RPQGraphModule", "RPQConfig", "LayerSettings",
            "RPQConversionError", "decompress", "model_size", "report", "Report", "export_graph", "nn", "ops", "save",
            "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError", "export_onnx",
            "finetune", "param_groups", "float32_codebooks", "distillation_loss", "register_layer",

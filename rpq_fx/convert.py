@@ -1,8 +1,10 @@
-"""The public entry points: ``convert(model, ...)`` and the one-liner ``RPQ(model)``."""
+"""The public entry points: ``convert(model, ...)``, the one-liner ``RPQ(model)`` and the class decorator ``rpq``."""
 
 import copy
 import dataclasses
+import functools
 import inspect
+import sys
 from collections.abc import Callable
 
 import torch
@@ -12,13 +14,15 @@ from .config import RPQ_MAX_CODEBOOK_DIM, RPQConfig
 from .errors import RPQConversionError
 from .fit import fit_weights
 from .graph_module import RPQGraphModule
+from .nn.layers import RPQ_LAYERS, from_dense
 from .nn.weight import RPQWeight
-from .passes import (LayerPlan, capture, capture_call, capture_export, capture_layer, cleanup, fuse,
-                     insert_checkpoints, new_weights, plan_conversion, rewrite)
+from .passes import (LayerPlan, capture_call, capture_export, capture_layer, cleanup, fuse, insert_checkpoints,
+                     new_weights, plan_conversion, rewrite)
+from .passes import capture as capture_fx
 from .passes.weight_ops import LAYERS
 from .record import ConversionRecord, FitOutcome, attach_record
 
-__all__ = ["convert", "RPQ"]
+__all__ = ["convert", "RPQ", "rpq", "CAPTURES"]
 
 FilterFn = Callable[[nn.Module | nn.Parameter, str], bool]
 
@@ -112,18 +116,34 @@ def _capture_part(module: nn.Module) -> RPQGraphModule:
         return capture_layer(module)
     if all(p.default is not None for p in inspect.signature(module.forward).parameters.values()):
         try:
-            return capture(module)
+            return capture_fx(module)
         except RPQConversionError:
             pass
     return capture_call(module)
 
 
-def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConfig, filter_fn, strict: bool,
-                      inplace: bool, calibration, progress: bool) -> nn.Module:
-    """The model object kept, each module that owns a weight swapped for its own rewritten graph:
-    a known layer as its functional op, any other module running its own forward, untraced, through
-    ``functional_call``. Weights are planned over all of them at once, so a weight tied across
-    layers stays one RPQ weight."""
+def _layer(original: nn.Module, name: str, part: RPQGraphModule, plans: list[LayerPlan],
+           weights: dict[str, RPQWeight]) -> nn.Module:
+    """What replaces the weight-owning module ``original`` at ``name``: a built-in linear, embedding or
+    conv as its RPQ layer (``RPQLinear`` ...: a real layer, its attributes kept); any other module
+    (or one whose expansion is checkpointed) as its rewritten graph ``part``, given the original's
+    public attributes (``stride``, ``padding_idx``, ... for code that reads them)."""
+    checkpointed = any(type(m).__name__ == "CheckpointedExpansion" for m in part.modules())
+    plan = next((p for p in plans if p.converted and f"{name}.weight" in p.aliases), None)
+    if type(original) in RPQ_LAYERS and plan is not None and not checkpointed:
+        return from_dense(original, weights[plan.name])
+    part.train(original.training)
+    for attribute, value in vars(original).items():
+        if not attribute.startswith("_") and not hasattr(part, attribute):
+            setattr(part, attribute, value)
+    return part
+
+
+def _convert_module(model: nn.Module, path: str, config: RPQConfig, filter_fn, strict: bool, inplace: bool,
+                    calibration, progress: bool) -> nn.Module:
+    """The model object kept (``inplace``) or copied, each module that owns a weight swapped for its
+    converted form (:func:`_layer`). Weights are planned over all of them at once, so a weight tied
+    across layers stays one RPQ weight."""
     parts = {name: _capture_part(module) for name, module in model.named_modules()
              if name and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
     plans = plan_conversion(parts, model, config, filter_fn, strict)
@@ -134,23 +154,60 @@ def _convert_in_place(model: nn.Module, why: RPQConversionError, config: RPQConf
         part = part if inplace else _copy(part, memo)
         _finish(part, plans, weights, config, prefix=f"{name}.")
         if any(isinstance(m, RPQWeight) for m in part.modules()):
-            original = work.get_submodule(name)
-            part.train(original.training)
-            for attribute, value in vars(original).items():  # stride, padding_idx, ... for code that reads them
-                if not attribute.startswith("_") and not hasattr(part, attribute):
-                    setattr(part, attribute, value)
-            work.set_submodule(name, part)
+            work.set_submodule(name, _layer(work.get_submodule(name), name, part, plans, weights))
     if inplace:
         _free_converted(model, plans)
-    _record(work, plans, fits, config, f"in place ({why.__cause__.__class__.__name__} when tracing the whole model)")
+    _record(work, plans, fits, config, path)
     return work
+CAPTURES = ("auto", "fx", "export", "module")
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """Refuse a model already wrapped for parallel training: its weights are another wrapper's to
+    shard or replicate, so the RPQ weights must be in place before it wraps them."""
+    wrappers = [nn.DataParallel, nn.parallel.DistributedDataParallel]
+    if "torch.distributed.fsdp" in sys.modules:  # reason: no module can be an FSDP one unless FSDP was imported
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        wrappers += [FSDPModule, FullyShardedDataParallel]
+    name, wrapped = next(((n, m) for n, m in model.named_modules() if isinstance(m, tuple(wrappers))), (None, None))
+    if wrapped is not None:
+        where = f"'{name}' is" if name else f"the model is"
+        raise RPQConversionError(
+            f"convert: {where} wrapped for parallel training ({type(wrapped).__name__}); convert the plain model first, "
+            "then wrap the converted one (DistributedDataParallel(convert(model)), or fully_shard its blocks)")
+
+
+def _consumed(name: str, module: nn.Module, args) -> None:
+    raise RPQConversionError(f"{name} was consumed by rpq_fx.convert(..., inplace=True): its layers and tensors moved "
+                             "into the model convert returned; call that one instead (capture='module' converts a "
+                             "model in place and returns the same object)")
+
+
+def _mark_consumed(model: nn.Module, result: nn.Module) -> None:
+    """Make every module of ``model`` that is not part of ``result`` raise a clear error when called."""
+    kept = {id(m) for m in result.modules()}
+    for name, module in model.named_modules():
+        if id(module) not in kept:
+            label = f"'{name}' of {type(model).__name__}" if name else type(model).__name__
+            module.register_forward_pre_hook(functools.partial(_consumed, label))
+
+
+def _capture_choice(capture: str, example_inputs) -> str:
+    if capture not in CAPTURES:
+        raise ValueError(f"convert: capture must be one of {list(CAPTURES)}, got {capture!r}")
+    if capture == "export" and example_inputs is None:
+        raise ValueError("convert: capture='export' needs example_inputs (inputs torch.export runs the model on)")
+    if capture in ("fx", "module") and example_inputs is not None:
+        raise ValueError(f"convert: example_inputs are for capture='export'; capture={capture!r} takes none")
+    return "export" if capture == "auto" and example_inputs is not None else capture
 
 
 def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim: int | None = None,
             max_codebook_dim: int | None = None, num_codes: int = 256, shared_codebooks: bool = False,
             init: str = "random", codebook_dtype: str | torch.dtype | None = None, checkpoint: bool = False,
             filter_fn: FilterFn | None = None, config: RPQConfig | None = None, seed: int = 0, inplace: bool = False,
-            strict: bool = False, example_inputs=None, calibration=None, progress: bool = True) -> nn.Module:
+            strict: bool = False, capture: str = "auto", example_inputs=None, calibration=None,
+            progress: bool = True) -> nn.Module:
     """Rewrite every linear / conv / embedding weight of ``model`` as an RPQ weight.
 
     Exactly one of ``num_codebooks``, ``codebook_dim`` or ``max_codebook_dim`` sets how each weight
@@ -169,26 +226,34 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     ``codebook_dtype="float16"`` / ``"bfloat16"`` stores the codebooks in half precision.
     ``progress`` shows a bar for calibration and fitting when they take more than two seconds.
 
-    How the model is captured (``report`` says which):
+    ``capture`` says how the model is captured (``report`` says which was used):
 
-    - ``example_inputs`` given (a tensor, a tuple of positional inputs or a dict of keyword inputs):
-      ``torch.export``, an aten-level :class:`RPQGraphModule` fixed to the current train/eval mode;
-    - otherwise ``torch.fx`` symbolic tracing of the whole model, an :class:`RPQGraphModule`;
-    - and where fx cannot trace the whole (every Hugging Face model, for one), the model object is
-      kept, with each layer that owns a weight swapped for its own rewritten graph, so its class,
-      ``config``, ``generate()`` and every other method keep working.
+    - ``"fx"``: ``torch.fx`` symbolic tracing of the whole model, an :class:`RPQGraphModule`;
+    - ``"export"``: ``torch.export`` on ``example_inputs`` (a tensor, a tuple of positional inputs or
+      a dict of keyword inputs), an aten-level :class:`RPQGraphModule` fixed to the current
+      train/eval mode (a Hugging Face model's to ``use_cache=False`` unless the inputs set it);
+    - ``"module"``: the model object kept, of its own class with every method and attribute, each
+      built-in linear / embedding / conv swapped for its :mod:`rpq_fx.nn` layer (``RPQLinear``, ...,
+      keeping ``in_features``, ``stride`` and the like) and any other layer that owns a weight for
+      its own rewritten graph;
+    - ``"auto"`` (default): ``"export"`` when ``example_inputs`` are given, else ``"fx"``, and
+      ``"module"`` where fx cannot trace the whole (every Hugging Face model, for one).
 
-    The input model is left untouched unless ``inplace=True``, which moves its modules into the
-    result and deletes its converted weights (the input is then consumed). Converting a model
-    that already holds RPQ weights is an error. Random draws come from generators seeded by
-    ``seed``, never from torch's global generator; a weight with ``requires_grad=False`` gets
-    frozen codebooks. Layer types of your own: :func:`register_layer`.
+    The input model is left untouched unless ``inplace=True``. With module capture, ``inplace=True``
+    converts the model itself and returns it; with fx or export it moves the model's modules and
+    tensors into the returned graph module and consumes the model (calling it then raises an error
+    that says so). Converting a model that already holds RPQ weights, or one wrapped for parallel
+    training (``DistributedDataParallel``, FSDP: convert first, then wrap), is an error. Random
+    draws come from generators seeded by ``seed``, never from torch's global generator; a weight
+    with ``requires_grad=False`` gets frozen codebooks. Layer types of your own: :func:`register_layer`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_not_wrapped(model)
     config = _config(config, num_codebooks=num_codebooks, codebook_dim=codebook_dim,
                      max_codebook_dim=max_codebook_dim, num_codes=num_codes, shared_codebooks=shared_codebooks,
                      init=init, codebook_dtype=codebook_dtype, checkpoint=checkpoint, seed=seed)
+    capture = _capture_choice(capture, example_inputs)
     if calibration is not None and not _fits(config):
         raise ValueError("convert: calibration= makes the k-means fit data-aware; pass init='kmeans' with it")
     converted = next((name for name, m in model.named_modules() if isinstance(m, RPQWeight)), None)
@@ -197,18 +262,88 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
                                  "convert the original dense model instead")
     options = dict(config=config, filter_fn=filter_fn, strict=strict, inplace=inplace, calibration=calibration,
                    progress=progress)
-    if example_inputs is not None:
-        return _convert_graph(model, capture_export(model, example_inputs), "torch.export", **options)
-    try:
-        gm = capture(model)
-    except RPQConversionError as untraceable:
-        return _convert_in_place(model, untraceable, **options)
-    return _convert_graph(model, gm, "torch.fx", **options)
+    if capture == "module" and type(model) in LAYERS:
+        raise RPQConversionError(f"convert: capture='module' converts the layers inside a model, and this model is a "
+                                 f"bare {type(model).__name__}; use capture='fx' for it, or convert a model holding it")
+    if capture == "module":
+        return _convert_module(model, "module", **options)
+    if capture == "export":
+        result = _convert_graph(model, capture_export(model, example_inputs), "torch.export", **options)
+    else:
+        try:
+            gm = capture_fx(model)
+        except RPQConversionError as untraceable:
+            if capture == "fx":
+                raise
+            why = untraceable.__cause__.__class__.__name__
+            return _convert_module(model, f"in place ({why} when tracing the whole model)", **options)
+        result = _convert_graph(model, gm, "torch.fx", **options)
+    if inplace:
+        _mark_consumed(model, result)
+    return result
 
 
-def RPQ(model: nn.Module, **kwargs) -> nn.Module:
+def RPQ(model: nn.Module | type[nn.Module], **kwargs) -> nn.Module | type[nn.Module]:
     """``net = RPQ(net)``: :func:`convert` with RPQ defaults (codewords of at most
-    ``RPQ_MAX_CODEBOOK_DIM`` = 64 values)."""
+    ``RPQ_MAX_CODEBOOK_DIM`` = 64 values). Given a model class instead, the class whose instances
+    convert so at the end of ``__init__`` (:func:`rpq`)."""
     if not {"num_codebooks", "codebook_dim", "max_codebook_dim", "config"} & kwargs.keys():
         kwargs["max_codebook_dim"] = RPQ_MAX_CODEBOOK_DIM
+    if isinstance(model, type):
+        return rpq(**kwargs)(model)
     return convert(model, **kwargs)
+
+
+def rpq(module_class: type[nn.Module] | None = None, /, **settings):
+    """Class decorator: ``@rpq_fx.rpq(num_codebooks=8)`` on an ``nn.Module`` class makes every
+    instance convert itself at the end of its ``__init__`` (``convert(self, capture="module",
+    inplace=True, **settings)``), so it keeps its class, methods and attributes. A subclass's
+    instances convert at the end of the subclass's ``__init__``. Bare ``@rpq_fx.rpq`` uses
+    :func:`RPQ`'s defaults."""
+    if module_class is not None:
+        return RPQ(module_class, **settings)
+    forbidden = {"inplace", "capture", "example_inputs"} & settings.keys()
+    if forbidden:
+        raise TypeError(f"rpq: {sorted(forbidden)} are fixed by the decorator (capture='module', inplace=True)")
+    inspect.signature(convert).bind(None, **settings)  # an unknown setting fails here, not in every __init__
+    _config(settings.get("config"), **{k: v for k, v in settings.items() if k in _CONFIG_FIELDS})
+
+    def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"rpq: decorates a torch.nn.Module subclass, got {cls!r}")
+        cls.__init__ = _converting_init(cls.__init__, settings)
+        parent_hook = cls.__dict__.get("__init_subclass__")
+
+        def __init_subclass__(subclass, **kwargs):
+            if parent_hook is not None:
+                parent_hook.__func__(subclass, **kwargs)
+            else:
+                super(cls, subclass).__init_subclass__(**kwargs)
+            if "__init__" in subclass.__dict__:
+                subclass.__init__ = _converting_init(subclass.__init__, settings)
+
+        cls.__init_subclass__ = classmethod(__init_subclass__)
+        return cls
+
+    return decorate
+
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(RPQConfig)}
+_DEPTH = "_rpq_init_depth"
+
+
+def _converting_init(init, settings: dict):
+    """``init``, then :func:`convert` of the instance in place once the outermost ``__init__`` returns."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        depth = vars(self).get(_DEPTH, 0)
+        vars(self)[_DEPTH] = depth + 1  # reason: in __dict__ directly; nn.Module's __setattr__ needs __init__ run
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            vars(self)[_DEPTH] = depth
+        if depth == 0:
+            del vars(self)[_DEPTH]
+            convert(self, capture="module", inplace=True, **settings)
+
+    return __init__

@@ -11,6 +11,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import RPQConversionError
+from .nn.layers import RPQ_LAYERS
+from .ops import hot_embedding
 from .record import conversion_record
 
 __all__ = ["RPQGraphModule", "graphs_of", "graph_parts"]
@@ -23,15 +25,30 @@ def graphs_of(gm: fx.GraphModule) -> list[fx.Graph]:
     return list(dict.fromkeys([gm.graph, *gm.meta.get(_MODE_GRAPHS, {}).values()]))
 
 
+_RPQ_LAYER_TYPES = tuple(RPQ_LAYERS.values())
+
+
+def _traced(layer: nn.Module) -> fx.GraphModule:
+    """An RPQ layer's forward as a graph over its own tensors (what the layer computes, as the
+    rewrite pass would have written it for the dense layer it replaced)."""
+    graph = fx.Tracer(autowrap_functions=(hot_embedding,)).trace(layer)
+    return fx.GraphModule(layer, graph, type(layer).__name__)
+
+
 def graph_parts(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """``[("", model)]`` for a GraphModule; else the outermost GraphModules inside ``model`` (the
-    rewritten layers of a model converted in place), with their names."""
+    """``[("", model)]`` for a GraphModule; else, with their names, the outermost GraphModules inside
+    ``model`` (the rewritten layers of a model converted in place) and its RPQ layers (``RPQLinear``
+    ...), each traced into a GraphModule that shares its tensors."""
     if isinstance(model, fx.GraphModule):
         return [("", model)]
     parts: list[tuple[str, fx.GraphModule]] = []
     for name, module in model.named_modules():
-        if isinstance(module, fx.GraphModule) and not any(name.startswith(f"{p}.") for p, _ in parts):
+        if any(name.startswith(f"{p}.") for p, _ in parts):
+            continue
+        if isinstance(module, fx.GraphModule):
             parts.append((name, module))
+        elif isinstance(module, _RPQ_LAYER_TYPES):
+            parts.append((name, _traced(module)))
     return parts
 
 

@@ -3,13 +3,15 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import embedding as rpq_embedding
+from ..ops import expand, hot_embedding
 from ..ops import linear as rpq_linear
 from .weight import RPQWeight
 
-__all__ = ["RPQLinear", "RPQEmbedding", "RPQConv1d", "RPQConv2d", "RPQConv3d"]
+__all__ = ["RPQLinear", "RPQEmbedding", "RPQConv1d", "RPQConv2d", "RPQConv3d", "RPQ_LAYERS", "from_dense"]
 
 
 def _split(row_len: int, num_codebooks: int, where: str) -> int:
@@ -18,6 +20,23 @@ def _split(row_len: int, num_codebooks: int, where: str) -> int:
     if row_len % num_codebooks:
         raise ValueError(f"{where}: row length {row_len} is not divisible by num_codebooks={num_codebooks}")
     return row_len // num_codebooks
+
+
+def _codebooks(weight: RPQWeight) -> torch.Tensor:
+    """The codebooks in the expanded weight's dtype (cast only where stored in another: read from
+    ``compute_dtype``, a plain attribute, so that tracing the layer sees the same ops)."""
+    return weight.codebooks if weight.compute_dtype is None else weight.codebooks.to(weight.compute_dtype)
+
+
+def _expanded(weight: RPQWeight) -> torch.Tensor:
+    """The dense weight, by the same ops the rewrite pass writes for it (``rewrite._expansion``), so a
+    traced layer reads as the graph a converted layer had before (saved forwards compare equal)."""
+    rows = expand(_codebooks(weight), weight.codes)
+    if weight.hot is not None:
+        rows = rows.index_add(0, weight.hot_index.long(), _expanded(weight.hot))
+    if weight.transposed:
+        return rows.t()
+    return rows.view(weight.shape) if len(weight.shape) != 2 else rows
 
 
 class RPQLinear(nn.Module):
@@ -40,7 +59,10 @@ class RPQLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return rpq_linear(input, self.weight.codebooks, self.weight.codes, self.bias)
+        weight = self.weight
+        if weight.hot is None:
+            return rpq_linear(input, _codebooks(weight), weight.codes, self.bias)
+        return F.linear(input, _expanded(weight), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -53,10 +75,11 @@ class RPQEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int,
-                 padding_idx: int | None = None, *, num_codes: int = 256, shared_codebooks: bool = False,
-                 device=None, dtype=None):
+                 padding_idx: int | None = None, *, scale_grad_by_freq: bool = False, num_codes: int = 256,
+                 shared_codebooks: bool = False, device=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.scale_grad_by_freq = scale_grad_by_freq
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"RPQEmbedding: padding_idx must be within num_embeddings={num_embeddings}, "
                              f"got {padding_idx}")
@@ -69,7 +92,14 @@ class RPQEmbedding(nn.Module):
         self.weight.reset_parameters("normal", zero_rows=() if padding_idx is None else (padding_idx,))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return rpq_embedding(input, self.weight.codebooks, self.weight.codes, self.padding_idx)
+        weight = self.weight
+        if weight.hot is not None and self.scale_grad_by_freq:  # reason: hot residuals would not be rescaled
+            return F.embedding(input, _expanded(weight), self.padding_idx, None, 2.0, True, False)
+        out = rpq_embedding(input, _codebooks(weight), weight.codes, self.padding_idx, self.scale_grad_by_freq)
+        if weight.hot is None:
+            return out
+        hot = weight.hot
+        return out + hot_embedding(input, _codebooks(hot), hot.codes, weight.hot_index.long(), weight.num_vectors)
 
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
@@ -98,7 +128,7 @@ class _RPQConvMixin:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # reason: torch's _conv_forward handles every padding_mode; reuse it rather than copy it
-        return self._conv_forward(input, self.weight(), self.bias)
+        return self._conv_forward(input, _expanded(self.weight), self.bias)
 
 
 def _conv_class(base: type[nn.Module]) -> type[nn.Module]:
@@ -118,3 +148,25 @@ def _conv_class(base: type[nn.Module]) -> type[nn.Module]:
 RPQConv1d = _conv_class(nn.Conv1d)
 RPQConv2d = _conv_class(nn.Conv2d)
 RPQConv3d = _conv_class(nn.Conv3d)
+
+
+RPQ_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: RPQLinear, nn.Embedding: RPQEmbedding, nn.Conv1d: RPQConv1d, nn.Conv2d: RPQConv2d, nn.Conv3d: RPQConv3d}
+
+
+def from_dense(layer: nn.Module, weight: RPQWeight) -> nn.Module:
+    """The RPQ layer (:data:`RPQ_LAYERS`) of the built-in ``layer`` (exactly ``nn.Linear``, ...), with
+    ``weight`` in place of its dense weight and everything else of it kept: its bias and other
+    tensors, its attributes (``in_features``, ``stride``, ``padding_idx``, ones you set), its hooks
+    and train/eval flag. ``layer`` itself is not changed."""
+    cls = RPQ_LAYERS[type(layer)]
+    if tuple(weight.shape) != tuple(layer.weight.shape) or weight.transposed:
+        raise ValueError(f"from_dense: an RPQ weight of shape {weight.shape} cannot stand in for the "
+                         f"{list(layer.weight.shape)} weight of {type(layer).__name__}")
+    result = cls.__new__(cls)
+    state = dict(vars(layer))
+    state["_parameters"] = {name: p for name, p in layer._parameters.items() if name != "weight"}
+    state["_buffers"] = dict(layer._buffers)
+    state["_modules"] = {**layer._modules, "weight": weight}
+    vars(result).update(state)
+    return result
