@@ -7,6 +7,7 @@ under Triton's interpreter. The kernel modules are imported on the first call, s
 ``import rpq_fx`` never imports Triton.
 """
 
+import contextlib
 import importlib
 from types import ModuleType
 
@@ -27,6 +28,12 @@ def _kernels(name: str) -> ModuleType:
     return importlib.import_module(f"{__package__}.{name}")
 
 
+def _on(tensor: Tensor) -> contextlib.AbstractContextManager:
+    # reason: Triton launches on the current CUDA device, and the dispatcher sets no device guard for a
+    # Python kernel: a call on tensors of another GPU switches to theirs
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _linear_applies(x: Tensor, codebooks: Tensor) -> bool:
     return _triton.serving() and x.dtype in _LINEAR_DTYPES and codebooks.dtype == x.dtype
 
@@ -37,7 +44,8 @@ def expand(codebooks: Tensor, codes: Tensor) -> Tensor:
     if not (_triton.serving() and codebooks.dtype in _EXPAND_DTYPES):
         return stock.expand(codebooks, codes)
     check_codes(codes, codebooks.shape[1], "rpq_fx expand")
-    return _kernels("expand").expand_rows(codebooks, codes)
+    with _on(codes):
+        return _kernels("expand").expand_rows(codebooks, codes)
 
 
 def expand_backward_add(out: Tensor, grad: Tensor, codes: Tensor) -> None:
@@ -45,7 +53,8 @@ def expand_backward_add(out: Tensor, grad: Tensor, codes: Tensor) -> None:
     if not (_triton.serving() and out.dtype in _EXPAND_DTYPES and grad.dtype == out.dtype):
         return stock.expand_backward_add(out, grad, codes)
     check_codes(codes, out.shape[1], "rpq_fx expand_backward")
-    _kernels("expand").scatter_rows(out, grad, codes)
+    with _on(codes):
+        _kernels("expand").scatter_rows(out, grad, codes)
 
 
 def linear_compressed(x: Tensor, codebooks: Tensor, codes: Tensor) -> Tensor:
@@ -53,7 +62,8 @@ def linear_compressed(x: Tensor, codebooks: Tensor, codes: Tensor) -> Tensor:
     if not _linear_applies(x, codebooks):
         return stock.linear_compressed(x, codebooks, codes)
     check_codes(codes, codebooks.shape[1], "rpq_fx linear")
-    return _kernels("linear").linear(x, codebooks, codes)
+    with _on(codes):
+        return _kernels("linear").linear(x, codebooks, codes)
 
 
 def linear_compressed_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, need_input: bool,
@@ -62,7 +72,8 @@ def linear_compressed_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes
     if not _linear_applies(x, codebooks):
         return stock.linear_compressed_backward(grad, x, codebooks, codes, need_input, need_codebooks)
     check_codes(codes, codebooks.shape[1], "rpq_fx linear_backward")
-    return _kernels("linear").linear_backward(grad, x, codebooks, codes, need_input, need_codebooks)
+    with _on(codes):
+        return _kernels("linear").linear_backward(grad, x, codebooks, codes, need_input, need_codebooks)
 
 
 def embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, padding_idx: int | None = None,
@@ -75,7 +86,8 @@ def embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, padding_idx: in
     flat = _checked(indices, codes)
     # reason: only the looked-up rows' codes are checked, as the stock kernel does (their copy is C*M bytes)
     check_codes(codes.index_select(1, flat), codebooks.shape[1], "rpq_fx embedding")
-    return _kernels("expand").expand_rows(codebooks, codes, flat).view(*indices.shape, -1)
+    with _on(codes):
+        return _kernels("expand").expand_rows(codebooks, codes, flat).view(*indices.shape, -1)
 
 
 def _checked(indices: Tensor, codes: Tensor) -> Tensor:

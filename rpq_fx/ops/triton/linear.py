@@ -3,7 +3,7 @@
 Two methods (design notes, section 1):
 
 - ``"lut"`` (decode, a few rows): a table per codebook ``T[c, k, b] = codebooks[g(c), k] . x[b, slice c]``
-  (one batched GEMM), then ``y[b, n] = sum_c T[c, codes[c, n], b]`` (:func:`_lut_gather_kernel`); the
+  (:func:`_lut_table_kernel`), then ``y[b, n] = sum_c T[c, codes[c, n], b]`` (:func:`_lut_gather_kernel`); the
   backward scatters the output gradient by code (:func:`_lut_scatter_kernel`) and multiplies the
   result by the codebooks and the input (two small batched GEMMs).
 - ``"fused"`` (more rows): a GEMM whose weight tile is gathered from the codebooks into registers
@@ -30,7 +30,7 @@ METHODS = ("lut", "fused")
 _LUT_MAX_BATCH = 16
 # reason: untuned (no GPU here): tiles that tl.dot takes for every dtype (each side >= 16)
 _BLOCK_B, _BLOCK_N, _BLOCK_COL = 32, 64, 32
-_LUT_BLOCK_N = 128
+_LUT_BLOCK_N, _LUT_BLOCK_K = 128, 64
 
 
 def lut_applies(batch: int, codebook_dim: int) -> bool:
@@ -40,9 +40,12 @@ def lut_applies(batch: int, codebook_dim: int) -> bool:
     return batch <= min(_LUT_MAX_BATCH, codebook_dim)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if allow_tf32 or dtype != torch.float32 else "ieee"
+def _precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision: float32 at full precision unless torch allows TF32 (Triton's default is
+    TF32); None (the default) for float16 / bfloat16."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _upcast(x: Tensor) -> bool:
@@ -52,6 +55,32 @@ def _upcast(x: Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------- lookup tables
+
+@triton.jit
+def _lut_table_kernel(x_ptr, cb_ptr, table_ptr, B, K, d, row_len, SHARED: tl.constexpr, UPCAST: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
+    """``table[c, k, b] = codebooks[g(c), k] . x[b, slice c]``; table ``[C, K, B]`` float32."""
+    c = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    if SHARED:
+        cb_base = cb_ptr
+    else:
+        cb_base = cb_ptr + c.to(tl.int64) * K * d
+    acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
+    for j0 in range(0, d, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        w = tl.load(cb_base + k.to(tl.int64)[:, None] * d + j[None, :], mask=(k < K)[:, None] & (j < d)[None, :],
+                    other=0)  # [BLOCK_K, BLOCK_J]
+        xs = tl.load(x_ptr + b.to(tl.int64)[None, :] * row_len + c * d + j[:, None],
+                     mask=(j < d)[:, None] & (b < B)[None, :], other=0)  # [BLOCK_J, BLOCK_B]
+        if UPCAST:
+            w = w.to(tl.float32)
+            xs = xs.to(tl.float32)
+        acc += tl.dot(w, xs, input_precision=PRECISION)
+    mask = (k < K)[:, None] & (b < B)[None, :]
+    tl.store(table_ptr + (c * K + k).to(tl.int64)[:, None] * B + b[None, :], acc, mask=mask)
+
 
 @triton.jit
 def _lut_gather_kernel(table_ptr, codes_ptr, out_ptr, B, N, C, K, stride_cc, stride_cn,
@@ -97,9 +126,13 @@ def _per_slice(codebooks: Tensor, num_codebooks: int) -> Tensor:
 
 def _lut_forward(x: Tensor, codebooks: Tensor, codes: Tensor, out: Tensor) -> None:
     num_codebooks, out_features = codes.shape
-    batch, dim = x.shape[0], codebooks.shape[2]
-    table = torch.bmm(_per_slice(codebooks, num_codebooks), x.view(batch, num_codebooks, dim).permute(1, 2, 0))
-    table = table.float().contiguous()  # [C, K, B]
+    groups, num_codes, dim = codebooks.shape
+    batch = x.shape[0]
+    table = torch.empty(num_codebooks, num_codes, batch, device=x.device, dtype=torch.float32)
+    grid = (num_codebooks, triton.cdiv(num_codes, _LUT_BLOCK_K), triton.cdiv(batch, _LUT_MAX_BATCH))
+    _lut_table_kernel[grid](x, codebooks, table, batch, num_codes, dim, num_codebooks * dim, SHARED=groups == 1,
+                            UPCAST=_upcast(x), PRECISION=_precision(x.dtype), BLOCK_K=_LUT_BLOCK_K,
+                            BLOCK_B=_LUT_MAX_BATCH, BLOCK_J=min(64, max(16, triton.next_power_of_2(dim))))
     block_b = _lut_block_b(batch)
     grid = (triton.cdiv(out_features, _LUT_BLOCK_N), triton.cdiv(batch, block_b))
     _lut_gather_kernel[grid](table, codes, out, batch, out_features, num_codebooks, codebooks.shape[1],
