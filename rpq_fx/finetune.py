@@ -10,12 +10,15 @@ import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._model import model_device, run_inputs, training_mode
 from .config import check_int
-from .fit.calibrate import padding_mask
+from .distributed import (RPQDistributedError, average_gradients, check_codes_in_sync, check_in_sync,
+                          is_data_parallel, is_sharded)
+from .fit.calibrate import drop_padding, padding_mask
 from .loss import default_loss, distillation_loss, mean_loss, model_output
 from .nn.weight import RPQWeight
 
@@ -122,6 +125,80 @@ class _Best:
                 p.copy_(value)
 
 
+def _squares(student, teacher, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(sum (s - t)^2, sum t^2)`` over the kept positions: :func:`distillation_loss` is their ratio."""
+    s, t = model_output(student), model_output(teacher)
+    keep = None if mask is None else mask.bool()
+    s, t = drop_padding(s, keep), drop_padding(t, keep)
+    return (s - t).square().sum(), t.detach().square().sum()
+
+
+class _Ranks:
+    """Data-parallel finetuning over the ranks of the initialised process group, each on its own data.
+
+    Every rank's loss is scaled so that the mean over ranks is the loss of one process on all the
+    ranks' items of a step together: the default (relative) losses divide by the teacher's energy
+    summed over the ranks; a ``loss=`` of your own is averaged over the ranks, which is that loss
+    when it is a mean over equally sized shares. Gradients are averaged over the ranks by the
+    wrapper (DDP, FSDP2) or, for a plain model, here."""
+
+    def __init__(self, model: nn.Module, params: list[Tensor], custom_loss: bool, validation: int | None):
+        self.world = dist.get_world_size()
+        self.custom_loss = custom_loss
+        self.wrapped = is_data_parallel(model) or is_sharded(model)
+        self.params = params
+        check_codes_in_sync(model, caller="finetune")
+        if not self.wrapped:
+            names = {id(p): name for name, p in model.named_parameters()}
+            check_in_sync({names.get(id(p), f"parameter {i}"): p for i, p in enumerate(params)},
+                          "finetune: the values of", "give every rank the same model (convert it the same way, or "
+                          "load one checkpoint)")
+        counts = [None] * self.world
+        dist.all_gather_object(counts, validation)
+        if len(set(counts)) > 1:
+            raise RPQDistributedError(f"finetune: every rank needs as many validation items; the ranks hold {counts}")
+
+    def step_loss(self, student, teacher, mask, pairs, layer_weight: float, objective, item) -> Tensor:
+        """This rank's share of one step's loss (see the class)."""
+        terms = [] if self.custom_loss else [_squares(student, teacher, mask)]
+        terms += [_squares(s, t, mask) for s, t in pairs]
+        relative = []
+        if terms:
+            energy = torch.stack([e for _, e in terms]).float()
+            dist.all_reduce(energy)
+            relative = [self.world * num / e.clamp_min(1e-12) for (num, _), e in zip(terms, energy)]
+        value = objective(student, teacher, item) if self.custom_loss else relative.pop(0)
+        return value + layer_weight * sum(relative) / len(pairs) if pairs else value
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the ranks."""
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total) / self.world
+
+    def validation_loss(self, model, held_out, targets, objective, device) -> float:
+        """The mean validation loss: per item over all ranks' items of that index (the default loss),
+        or the mean over ranks of each rank's mean (a ``loss=`` of your own)."""
+        if self.custom_loss:
+            return self.mean(mean_loss(model, held_out, targets, objective, device))
+        with torch.no_grad():
+            sums = torch.stack([torch.stack(_squares(run_inputs(model, x, device), t, padding_mask(x))).float()
+                                for x, t in zip(held_out, targets)])
+        dist.all_reduce(sums)
+        return float((sums[:, 0] / sums[:, 1].clamp_min(1e-12)).mean())
+
+    def reduce(self) -> None:
+        if not self.wrapped:
+            average_gradients(self.params)
+
+
+def _ranks(model, params, custom_loss: bool, validation) -> _Ranks | None:
+    """A :class:`_Ranks` where a process group of more than one rank is initialised, else None."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return _Ranks(model, params, custom_loss, None if validation is None else len(validation))
+
+
 def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int = 100, lr: float = 1e-4,
              loss: Callable | None = None, layers: Sequence[str] = (), layer_weight: float = 1.0,
              validation: Iterable | None = None, validate_every: int = 10,
@@ -143,6 +220,16 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     the codebooks and, with ``train_dense``, the other floating-point parameters train, with AdamW
     over :func:`param_groups` unless ``optimizer`` is given; float16 / bfloat16 codebooks train in
     float32 (:func:`float32_codebooks`).
+
+    Distributed: where a ``torch.distributed`` process group of several ranks is initialised, every
+    rank calls ``finetune`` with its own share of the data (``data`` and ``validation``: equally
+    many validation items per rank) and the same model, plain or wrapped in DDP / FSDP2. Each step
+    then trains on all the ranks' items of that step together: the same result, to float
+    tolerance, as one process on the concatenated batches, with the default loss (its teacher
+    energy summed over the ranks) and with a ``loss=`` that is a mean over equally sized shares
+    (it is averaged over the ranks). Gradients are averaged over the ranks (by the wrapper, or
+    here for a plain model); the returned losses are the ranks' mean, the same list on every rank.
+    Codes, and a plain model's trained parameters, must be the same on every rank (checked).
     """
     check_int("finetune", "steps", steps, 1)
     check_int("finetune", "validate_every", validate_every, 1)
@@ -162,12 +249,15 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
         device = model_device(model)
         targets: dict[int, tuple] = {}
         losses = []
-        best = _Best([p for group in optimizer.param_groups for p in group["params"]])
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        best = _Best(trained)
+        ranks = _ranks(model, trained, loss is not None, held_out)
+        validate = ranks.validation_loss if ranks else mean_loss
         if held_out is not None:
             with torch.no_grad():
                 held_targets = [run_inputs(teacher, x, device) for x in held_out]
             teacher_layers.values = {}
-            best.offer(mean_loss(model, held_out, held_targets, objective, device))
+            best.offer(validate(model, held_out, held_targets, objective, device))
         for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
             index = step % len(items)
             if index not in targets:
@@ -176,16 +266,22 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
                     targets[index] = (out, [t.detach() for t in teacher_layers.take(layers, "teacher")])
             optimizer.zero_grad(set_to_none=True)
             out, inner = targets[index]
-            value = objective(run_inputs(model, items[index], device), out, items[index])
-            if layers:
-                pairs = zip(student_layers.take(layers, "converted model"), inner)
-                mask = padding_mask(items[index])
-                value = value + layer_weight * sum(distillation_loss(s, t, mask) for s, t in pairs) / len(layers)
+            student = run_inputs(model, items[index], device)
+            pairs = list(zip(student_layers.take(layers, "converted model"), inner)) if layers else []
+            mask = padding_mask(items[index])
+            if ranks:
+                value = ranks.step_loss(student, out, mask, pairs, layer_weight, objective, items[index])
+            else:
+                value = objective(student, out, items[index])
+                if pairs:
+                    value = value + layer_weight * sum(distillation_loss(s, t, mask) for s, t in pairs) / len(pairs)
             value.backward()
+            if ranks:
+                ranks.reduce()
             optimizer.step()
-            losses.append(float(value.detach()))
+            losses.append(ranks.mean(float(value.detach())) if ranks else float(value.detach()))
             if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
-                best.offer(mean_loss(model, held_out, held_targets, objective, device))
+                best.offer(validate(model, held_out, held_targets, objective, device))
                 student_layers.values = {}
         if held_out is not None:
             best.restore()

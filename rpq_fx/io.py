@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -41,6 +42,7 @@ from torch import nn
 from .config import LAYER_SETTINGS, LayerSettings, RPQConfig, dtype_name
 from .convert import convert
 from .decompress import decompress
+from .distributed import is_data_parallel, is_sharded, original_class, require_process_group, unwrap
 from .errors import RPQConversionError
 from .graph_module import graph_parts
 from .nn.weight import RPQWeight, check_index
@@ -178,7 +180,7 @@ def _architecture(model: nn.Module, record: ConversionRecord) -> dict[str, Any]:
             entries.update(dict.fromkeys(layer.aliases, [list(layer.shape), dtype_name(layer.dtype), "param"]))
     tensors = [[name, *entries[name]] for name in sorted(entries)]
     fingerprint = hashlib.sha256(json.dumps(tensors, separators=(",", ":")).encode()).hexdigest()
-    return {"class": type(model).__name__, "tensors": tensors, "fingerprint": fingerprint}
+    return {"class": original_class(model).__name__, "tensors": tensors, "fingerprint": fingerprint}
 
 
 def _mode_name(training: bool) -> str:
@@ -259,17 +261,56 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
     record, the architecture fingerprint, the generated code and a SHA-256 per tensor. ``spec``
     (e.g. ``"timm:resnet18"``) records how to build the original architecture again, for people:
     ``rpq-fx inspect`` shows it and never builds it. Load the file with :func:`load`.
+
+    A model wrapped for distributed training (``DistributedDataParallel``, FSDP2's ``fully_shard``)
+    is saved by rank 0 alone, the same file as the unwrapped model's: every rank must call ``save``
+    (FSDP2's sharded parameters are gathered one at a time, each kept on rank 0 only) and returns
+    once the file is written.
     """
+    replicated = isinstance(model, nn.Module) and is_data_parallel(model)
+    model = unwrap(model) if isinstance(model, nn.Module) else model
     record = conversion_record(model) if isinstance(model, nn.Module) else None
     if record is None:
         raise TypeError(f"save: expected a model returned by rpq_fx.convert or rpq_fx.load (it carries a "
                         f"conversion record), got a {type(model).__name__} without one; for a dense model use "
                         "safetensors directly")
+    sharded = is_sharded(model)
+    if sharded:
+        require_process_group("save of a sharded (FSDP2) model")
     named = _tensors(model)
     on_meta = [name for name, t in named.items() if t.is_meta]
     if on_meta:
         raise ValueError(f"save: {len(on_meta)} tensors are on the meta device and hold no values "
                          f"(first: '{on_meta[0]}'); load or initialise the weights before saving")
+    collective = sharded or replicated
+    writer = not collective or dist.get_rank() == 0
+    if sharded:
+        named = _gathered(named, writer)
+    if writer:
+        _save(model, record, named, Path(path), spec)
+    if collective:
+        dist.barrier()  # reason: every rank returns once rank 0 has written the file
+    return Path(path)
+
+
+def _gathered(named: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """``named`` with each DTensor (a shard) gathered whole, in the same order on every rank (one
+    collective per tensor, each tensor once); a rank that does not ``keep`` them drops each at once
+    and gets an empty dict."""
+    from torch.distributed.tensor import DTensor
+
+    whole: dict[int, torch.Tensor] = {}
+    for name, tensor in named.items():
+        if isinstance(tensor, DTensor) and id(tensor) not in whole:
+            value = tensor.full_tensor().detach()
+            if keep:
+                whole[id(tensor)] = value
+    return {name: whole.get(id(t), t) for name, t in named.items()} if keep else {}
+
+
+def _save(model: nn.Module, record: ConversionRecord, named: dict[str, torch.Tensor], path: Path,
+          spec: str | None) -> Path:
+    """Write the checkpoint of ``model`` whose tensors are ``named`` (whole, on this process)."""
     tensors, aliases = _unique(named)
     info = {
         "rpq_fx_version": _version(),
@@ -286,7 +327,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
     text = json.dumps(info, sort_keys=True, separators=(",", ":"))
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "rpq_fx": text,
                 "rpq_fx_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    return _write(tensors, Path(path), metadata)
+    return _write(tensors, path, metadata)
 
 
 def save_dense(model: nn.Module, path: str | os.PathLike) -> Path:
