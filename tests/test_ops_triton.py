@@ -100,3 +100,17 @@ def test_report_says_what_computes_on_cuda(monkeypatch):
     line = "compute on CUDA: stock torch ops (Triton kernels not available: turned off by RPQ_FX_KERNELS=torch)"
     assert rep.totals["cuda_kernels"] == line.removeprefix("compute on CUDA: ")
     assert str(rep).splitlines()[-2] == line and str(rep).splitlines()[-1].startswith("compute: ")
+
+
+def test_gpu_benchmark_without_cuda_says_so_and_writes_nothing(monkeypatch, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rpq_fx_benchmark_gpu", _ROOT / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.md"
+    with pytest.raises(SystemExit) as info:
+        gpu.main(["--out", str(out)])
+    assert "needs a CUDA GPU" in str(info.value.code) and "nothing was timed or written" in str(info.value.code)
+    assert not out.exists()

@@ -116,7 +116,8 @@ def _lut_scatter_kernel(grad_ptr, codes_ptr, out_ptr, B, N, K, stride_cc, stride
 
 
 def _lut_block_b(batch: int) -> int:
-    return min(triton.next_power_of_2(max(batch, 1)), _LUT_MAX_BATCH)
+    # reason: at least 2 columns: a block of one is the one shape a 2-D tile of Triton might not lay out
+    return min(max(2, triton.next_power_of_2(batch)), _LUT_MAX_BATCH)
 
 
 def _per_slice(codebooks: Tensor, num_codebooks: int) -> Tensor:
