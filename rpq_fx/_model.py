@@ -1,12 +1,19 @@
 """Helpers on a user's model that every layer shares: its mode, its device, calling it on one input
-item, and a copy emptied of its tensors. The lowest layer of rpq_fx beside errors and config."""
+item, a copy emptied of its tensors, and the hooks told of every converted model. The lowest layer of
+rpq_fx beside errors and config."""
 
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from numbers import Number
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["training_mode", "model_device", "as_args", "run_inputs", "empty_shell"]
+__all__ = ["training_mode", "model_device", "as_args", "run_inputs", "empty_shell", "on_converted", "converted",
+           "INPUT_ITEM"]
+
+INPUT_ITEM = ("a tensor, a tuple or list of positional inputs, or a mapping of keyword inputs (a dict, a "
+              "tokenizer's BatchEncoding)")
 
 
 @contextmanager
@@ -27,11 +34,19 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 
 def as_args(inputs, device: torch.device | None = None) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of one input item (a tensor, a tuple or list of positional inputs or a
-    dict of keywords), its tensors moved to ``device`` if given."""
+    """``(args, kwargs)`` of one input item, its tensors moved to ``device`` if given: a mapping
+    (any ``collections.abc.Mapping``: a dict, a tokenizer's ``BatchEncoding``) is keyword inputs, a
+    tuple or list positional inputs, anything else one positional input. Text, numbers and None are
+    refused: they are not inputs a model takes as they are (tokenize text first)."""
     move = (lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t)
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
+        if not all(isinstance(k, str) for k in inputs):
+            raise TypeError(f"an input mapping's keys must be the model's keyword names (str), got "
+                            f"{sorted({type(k).__name__ for k in inputs})}")
         return (), {k: move(v) for k, v in inputs.items()}
+    if inputs is None or isinstance(inputs, (str, bytes, Number)):
+        raise TypeError(f"an input item must be {INPUT_ITEM}; got {type(inputs).__name__} {inputs!r:.60}"
+                        + (": tokenize text first" if isinstance(inputs, (str, bytes)) else ""))
     return tuple(map(move, inputs if isinstance(inputs, (tuple, list)) else (inputs,))), {}
 
 
@@ -51,3 +66,19 @@ def empty_shell(module: nn.Module) -> nn.Module:
         owner._parameters.update(dict.fromkeys(owner._parameters))
         owner._buffers.update(dict.fromkeys(owner._buffers))
     return module
+
+
+_CONVERTED: list[Callable[[nn.Module], None]] = []
+
+
+def on_converted(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``hook(model)`` to run on every model given a conversion record (what ``convert`` and
+    ``load`` return): the extension point integrations use (transformers marks its models quantized)."""
+    _CONVERTED.append(hook)
+    return hook
+
+
+def converted(model: nn.Module) -> None:
+    """Run every :func:`on_converted` hook on ``model``."""
+    for hook in tuple(_CONVERTED):
+        hook(model)

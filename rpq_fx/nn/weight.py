@@ -128,6 +128,26 @@ class RPQWeight(nn.Module):
     def device(self) -> torch.device:
         return self.codebooks.device
 
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        """The expanded weight's size, as ``Tensor.size`` gives it (code that sizes a layer by its weight)."""
+        size = torch.Size(self.shape)
+        return size if dim is None else size[dim]
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether the codebooks train (the codes never do), for code that asks a layer's weight."""
+        return self.codebooks.requires_grad
+
+    @property
+    def data(self) -> torch.Tensor:
+        """Refused with what to do instead: code that reads or writes ``weight.data`` (transformers'
+        ``resize_token_embeddings``, weight copying) expects a dense tensor, and this weight has none."""
+        # reason: an AttributeError here would be replaced by nn.Module.__getattr__'s bare "no attribute 'data'"
+        raise TypeError("RPQWeight is stored as codebooks and codes, not as a dense tensor, so it has no .data to "
+                        "read or overwrite (resize_token_embeddings copies it): resize or replace layers in the dense "
+                        "model, then convert it; for the dense values call the weight (weight()) or use "
+                        "rpq_fx.decompress(model)")
+
     @property
     def indices(self) -> torch.Tensor:
         """Alias of ``codes``, the name the reference RPQ used."""

@@ -1,0 +1,13 @@
+"""Integrations with other libraries' own extension points, each registered only where that library is
+installed: ``transformers`` (``save_pretrained`` / ``from_pretrained`` of converted models, the
+``"rpq"`` quantization method). Importing this package never imports a library that is not installed."""
+
+import importlib.util
+
+__all__ = ["register"]
+
+
+def register() -> None:
+    """Register every integration whose library is installed (``import rpq_fx`` calls this)."""
+    if importlib.util.find_spec("transformers") is not None:
+        from . import transformers  # noqa: F401  (registers the "rpq" quantization method on import)
