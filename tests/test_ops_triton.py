@@ -114,3 +114,54 @@ def test_gpu_benchmark_without_cuda_says_so_and_writes_nothing(monkeypatch, tmp_
         gpu.main(["--out", str(out)])
     assert "needs a CUDA GPU" in str(info.value.code) and "nothing was timed or written" in str(info.value.code)
     assert not out.exists()
+
+
+class _Launches:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's arguments instead of running it."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((self.kernel, args, meta))
+
+
+def test_every_kernel_compiles_for_a_gpu(monkeypatch):
+    """Each launch the launchers make (as on CUDA tensors: bfloat16 tiles multiplied as bfloat16), compiled
+    ahead of time to a cubin for an H100 (sm_90) with Triton's own ptxas: no GPU needed, and it catches
+    what the interpreter lets through."""
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction, mangle_type
+
+    from rpq_fx.ops.triton import expand, linear
+
+    calls = []
+    for module in (expand, linear):
+        for name, kernel in vars(module).copy().items():
+            if isinstance(kernel, JITFunction) and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _Launches(kernel, calls))
+    monkeypatch.setattr(linear, "_upcast", lambda x: False)  # reason: as on a GPU (the CPU tensors here would upcast)
+    for dtype, shared in [(torch.bfloat16, False), (torch.float32, False), (torch.float16, True)]:
+        codebooks = torch.randn(1 if shared else 3, 16, 8, dtype=dtype)
+        codes = torch.randint(0, 16, (3, 40), dtype=torch.uint8)
+        expand.expand_rows(codebooks, codes)
+        expand.expand_rows(codebooks, codes, torch.tensor([1, 2]))
+        expand.scatter_rows(torch.zeros_like(codebooks), torch.randn(40, 24, dtype=dtype), codes)
+        x, grad = torch.randn(5, 24, dtype=dtype), torch.randn(5, 40, dtype=dtype)
+        for method in linear.METHODS:
+            linear.linear(x, codebooks, codes, method)
+            linear.linear_backward(grad, x, codebooks, codes, True, True, method)
+    compiled = set()
+    for kernel, args, meta in calls:
+        signature = {name: mangle_type(arg) for name, arg in zip([n for n in kernel.arg_names if n not in meta], args)}
+        key = (kernel.fn.__name__, *sorted(signature.items()), *sorted((k, repr(v)) for k, v in meta.items()))
+        if key not in compiled:
+            compiled.add(key)
+            source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(meta, "constexpr")}, constexprs=meta)
+            assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"], key
+    assert {key[0] for key in compiled} == {"_expand_kernel", "_scatter_kernel", "_lut_table_kernel",
+                                            "_lut_gather_kernel", "_lut_scatter_kernel", "_fused_forward_kernel",
+                                            "_fused_grad_input_kernel", "_fused_grad_codebooks_kernel"}
