@@ -70,28 +70,28 @@ void check_groups(int64_t groups, int64_t C, const char* what) {
 template <int BB>
 constexpr int64_t rows_per_tile() { return BB >= 16 ? 64 : 1024 / BB; }
 
-// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw, summed in T and stored as O.
+// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw: values stored as T, summed in A.
 // table: [C, K, BB] contiguous; out: row j at out + j * ldo.
-template <typename T, typename O, typename code_t, int BB>
+template <typename A, typename T, typename code_t, int BB>
 void gather_block(const T* __restrict table, const code_t* __restrict codes, int64_t C, int64_t K, int64_t N,
-                  int64_t n_begin, int64_t n_end, O* __restrict out, int64_t ldo, int64_t bw) {
+                  int64_t n_begin, int64_t n_end, T* __restrict out, int64_t ldo, int64_t bw) {
   constexpr int64_t NB = rows_per_tile<BB>();
-  alignas(64) T acc[NB][BB];
+  alignas(64) A acc[NB][BB];
   for (int64_t s = n_begin; s < n_end; s += NB) {
     const int64_t nn = std::min(NB, n_end - s);
-    std::fill(&acc[0][0], &acc[0][0] + NB * BB, T(0));
+    std::fill(&acc[0][0], &acc[0][0] + NB * BB, A(0));
     for (int64_t c = 0; c < C; ++c) {
       const T* __restrict tc = table + c * K * BB;
       const code_t* __restrict cc = codes + c * N + s;
       for (int64_t i = 0; i < nn; ++i) {
         const T* __restrict row = tc + static_cast<int64_t>(cc[i]) * BB;
 #pragma omp simd
-        for (int64_t j = 0; j < BB; ++j) acc[i][j] += row[j];
+        for (int64_t j = 0; j < BB; ++j) acc[i][j] += static_cast<A>(row[j]);
       }
     }
     for (int64_t j = 0; j < bw; ++j) {
-      O* __restrict o = out + j * ldo + s;
-      for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(acc[i][j]);
+      T* __restrict o = out + j * ldo + s;
+      for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<T>(acc[i][j]);
     }
   }
 }
@@ -144,14 +144,15 @@ void block_table(Tensor& table, const Tensor& cbe, const Tensor& x, int64_t b0, 
   at::bmm_out(table, cbe, x_block_cdb(x, b0, bw, BB, C, d));
 }
 
-// x and cbe in the compute type T; out stored as O (T, or bfloat16 / float16 for the reduced dtypes).
-template <typename T, typename O, typename code_t, int BB>
+// x, cbe, the tables and out stored as T (the tables from ATen's bmm, which sums in float32 for the 16-bit
+// floats); each output summed in A.
+template <typename A, typename T, typename code_t, int BB>
 Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Tensor out) {
   const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
   const int64_t nbb = (B + BB - 1) / BB;
   const int64_t threads = at::get_num_threads();
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
-  O* out_p = out.data_ptr<O>();
+  T* out_p = out.data_ptr<T>();
   if (nbb >= 2 * threads) {
     // Many batch blocks: each thread builds one block's table and consumes it while it is in cache.
     at::parallel_for(0, nbb, 1, [&](int64_t begin, int64_t end) {
@@ -160,7 +161,7 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Ten
       for (int64_t bb = begin; bb < end; ++bb) {
         const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
         block_table(table, cbe, x, b0, bw, BB, C, d);
-        gather_block<T, O, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
+        gather_block<A, T, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
       }
     });
     return out;
@@ -180,14 +181,15 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Ten
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bb = t / chunks, n0 = (t % chunks) * chunk;
       const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-      gather_block<T, O, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
+      gather_block<A, T, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
                                   out_p + b0 * N, N, bw);
     }
   });
   return out;
 }
 
-// x and cbe in the compute type T (the scratch S and grad_codebooks too); grad stored as G.
+// grad, x and cbe stored as G; the scatter S summed in T, then rounded to G once for ATen's bmms (which sum in
+// float32 for the 16-bit floats).
 template <typename T, typename G, typename code_t, int BB>
 std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, const Tensor& cbe, const Tensor& codes,
                                          int64_t groups, bool need_x, bool need_cb, Tensor grad_x) {
@@ -197,7 +199,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, co
   // S as [C, K, ld], ld >= B padded so that rows never sit a large power of two apart (cache sets)
   int64_t ld = nbb * BB;
   if (ld >= 64 && (ld * static_cast<int64_t>(sizeof(T))) % 512 == 0) ld += 16;
-  Tensor S = at::zeros({C, K, ld}, x.options());
+  Tensor S = at::zeros({C, K, ld}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
   const G* grad_p = grad.data_ptr<G>();
   T* S_p = S.data_ptr<T>();
@@ -212,7 +214,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, co
                                      S_p + b0, ld);
     }
   });
-  Tensor St = S.narrow(2, 0, B);  // [C, K, B]
+  Tensor St = S.narrow(2, 0, B).to(x.scalar_type());  // [C, K, B]
   Tensor grad_cb;
   // The two small-inner-dimension bmms, shared out over the codebooks.
   const int64_t parts = std::min<int64_t>(C, threads);
@@ -248,15 +250,15 @@ int64_t block_width(int64_t B) {
   return 32;
 }
 
-template <typename T, typename O, typename code_t>
+template <typename A, typename T, typename code_t>
 Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codes, const Tensor& out) {
   switch (block_width(x.size(0))) {
-    case 1: return forward_impl<T, O, code_t, 1>(x, cbe, codes, out);
-    case 2: return forward_impl<T, O, code_t, 2>(x, cbe, codes, out);
-    case 4: return forward_impl<T, O, code_t, 4>(x, cbe, codes, out);
-    case 8: return forward_impl<T, O, code_t, 8>(x, cbe, codes, out);
-    case 16: return forward_impl<T, O, code_t, 16>(x, cbe, codes, out);
-    default: return forward_impl<T, O, code_t, 32>(x, cbe, codes, out);
+    case 1: return forward_impl<A, T, code_t, 1>(x, cbe, codes, out);
+    case 2: return forward_impl<A, T, code_t, 2>(x, cbe, codes, out);
+    case 4: return forward_impl<A, T, code_t, 4>(x, cbe, codes, out);
+    case 8: return forward_impl<A, T, code_t, 8>(x, cbe, codes, out);
+    case 16: return forward_impl<A, T, code_t, 16>(x, cbe, codes, out);
+    default: return forward_impl<A, T, code_t, 32>(x, cbe, codes, out);
   }
 }
 
@@ -284,9 +286,8 @@ void check(const Tensor& x, const Tensor& codebooks, const Tensor& codes, const 
   check_groups(codebooks.size(0), codes.size(0), what);
 }
 
-// The dtypes the hand-written loops take (x, codebooks and grad alike, one dtype): float32 and float64,
-// and bfloat16 / float16 stored, summed in float32 (read once into float32, rounded once at the end).
-// Others go through stock ATen ops.
+// The dtypes the hand-written loops take (x, codebooks and grad alike, one dtype): float32 and float64, and
+// bfloat16 / float16, whose sums the loops keep in float32. Others go through stock ATen ops.
 bool fast_dtypes(std::initializer_list<at::ScalarType> types) {
   const at::ScalarType first = *types.begin();
   if (first != at::kFloat && first != at::kDouble && first != at::kBFloat16 && first != at::kHalf) return false;
@@ -295,10 +296,10 @@ bool fast_dtypes(std::initializer_list<at::ScalarType> types) {
   return true;
 }
 
-// The type the loops compute in for a fast dtype: float32 for the 16-bit floats.
+// The type the loops keep sums in for a fast dtype: float32 for the 16-bit floats.
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// f(T{}, S{}, code_t{}) with T the compute type, S the stored type of `stored`, code_t the codes' type.
+// f(A{}, T{}, code_t{}): A the type sums are kept in, T the stored type `stored`, code_t the codes' type.
 template <typename F>
 decltype(auto) dispatch_types(at::ScalarType stored, const Tensor& codes, F&& f) {
   auto with_codes = [&](auto t, auto s) -> decltype(auto) {
@@ -545,10 +546,9 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
     linear_forward_aten(x, codebooks, codes, out);
     return out;
   }
-  const at::ScalarType compute = compute_type(x.scalar_type());
-  Tensor xc = x.to(compute), cbe = expanded_codebooks(codebooks.to(compute), codes.size(0));
-  return dispatch_types(x.scalar_type(), codes, [&](auto t, auto o, auto c) {
-    return forward_bb<decltype(t), decltype(o), decltype(c)>(xc, cbe, codes, out);
+  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
+  return dispatch_types(x.scalar_type(), codes, [&](auto a, auto t, auto c) {
+    return forward_bb<decltype(a), decltype(t), decltype(c)>(x, cbe, codes, out);
   });
 }
 
@@ -568,14 +568,10 @@ std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& 
   Tensor gx = need_x ? result_buffer(grad_x_out, x.size(0), x.size(1), x, "rpq_fx linear_backward") : Tensor();
   if (!fast_dtypes({grad.scalar_type(), x.scalar_type(), codebooks.scalar_type()}))
     return {gx, linear_backward_aten(grad, x, codebooks, codes, need_x, need_cb, gx)};
-  const at::ScalarType compute = compute_type(x.scalar_type());
-  Tensor xc = x.to(compute), cbe = expanded_codebooks(codebooks.to(compute), codes.size(0));
-  auto result = dispatch_types(grad.scalar_type(), codes, [&](auto t, auto g, auto c) {
-    return backward_bb<decltype(t), decltype(g), decltype(c)>(grad, xc, cbe, codes, groups, need_x, need_cb, gx);
+  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
+  return dispatch_types(grad.scalar_type(), codes, [&](auto a, auto g, auto c) {
+    return backward_bb<decltype(a), decltype(g), decltype(c)>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
   });
-  Tensor& grad_cb = std::get<1>(result);
-  if (grad_cb.defined()) grad_cb = grad_cb.to(codebooks.scalar_type());  // rounded once, from float32 sums
-  return result;
 }
 
 // k-means assignment: for x [B, M, d] and centroids [B, K, d], each point's nearest centroid and its
