@@ -69,6 +69,8 @@ def converted(capture: str, checkpoint: bool = False) -> nn.Module:
     torch.manual_seed(0)
     if capture == "in place":
         model = rpq_fx.convert(Untraceable(), checkpoint=checkpoint, **SETTINGS)
+    elif capture == "module":
+        model = rpq_fx.convert(Net(), checkpoint=checkpoint, capture="module", **SETTINGS)
     elif capture == "torch.export":
         model = rpq_fx.convert(Net(), checkpoint=checkpoint, example_inputs=torch.randn(BATCH, WIDTH), **SETTINGS)
     else:
@@ -238,9 +240,11 @@ SCENARIOS = {
     "in place ddp": lambda out: training("in place", "ddp"),
     "in place fsdp blocks": lambda out: training("in place", "fsdp blocks"),
     "checkpoint ddp": lambda out: training("in place", "ddp", checkpoint=True),
-    "checkpoint fsdp": lambda out: training("in place", "fsdp blocks", checkpoint=True),
+    "module ddp": lambda out: training("module", "ddp"),
+    "module fsdp blocks": lambda out: training("module", "fsdp blocks"),
+    "checkpoint fsdp": lambda out: training("module", "fsdp blocks", checkpoint=True),
     "compressed ddp": lambda out: training("torch.fx", "ddp", path="compressed"),
-    "compressed fsdp": lambda out: training("in place", "fsdp blocks", path="compressed"),
+    "compressed fsdp": lambda out: training("module", "fsdp blocks", path="compressed"),
     "alone": lambda out: training("torch.fx", "none"),
     "compile ddp": lambda out: training("torch.fx", "ddp", compile=True),
     "compile fsdp": lambda out: training("in place", "fsdp blocks", compile=True),

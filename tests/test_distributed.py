@@ -20,9 +20,10 @@ from torch import nn
 
 import rpq_fx
 from conftest import assert_matches_dense_reference
-from distributed_worker import (FINETUNE, FINETUNE_ARGS, Untraceable, converted, finetune_data, finetune_models)
+from distributed_worker import FINETUNE, FINETUNE_ARGS, Untraceable, converted, finetune_data, finetune_models
 from rpq_fx.distributed import (RPQDistributedError, broadcast_codes, check_codes_in_sync, index_buffers,
                                 original_class, unwrap)
+from rpq_fx.nn import RPQWeight
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -30,8 +31,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TRAINING = {  # scenario: the capture path it converts with
     "fx ddp": "torch.fx", "fx fsdp": "torch.fx", "export ddp": "torch.export", "export fsdp": "torch.export",
-    "in place ddp": "in place", "in place fsdp blocks": "in place", "checkpoint ddp": "in place",
-    "checkpoint fsdp": "in place", "compressed ddp": "torch.fx", "compressed fsdp": "in place",
+    "in place ddp": "in place", "in place fsdp blocks": "in place", "module ddp": "module",
+    "module fsdp blocks": "module", "checkpoint ddp": "in place", "checkpoint fsdp": "module",
+    "compressed ddp": "torch.fx", "compressed fsdp": "module",
     "compile ddp": "torch.fx", "compile fsdp": "in place",
 }
 OTHERS = ["alone", "codes sync", "checkpoints", "finetune", "convert wrapped"]
@@ -140,8 +142,6 @@ def test_finetune_refuses_codes_that_differ_between_ranks(run):
     assert message.startswith("finetune: the codes 'head.weight.codes' differ between rank 0 and rank 1")
 
 
-@pytest.mark.xfail(reason="convert's refusal of a wrapped model (engineer 3, issue 21) has not landed: it converts "
-                   "DDP(model) and fully_shard(model) today", strict=False)
 def test_convert_refuses_a_model_already_wrapped_in_ddp_or_fsdp(run):
     got = result(run, "convert wrapped")
     for wrapper in ("ddp", "fsdp"):
@@ -156,10 +156,9 @@ def test_distributed_calls_without_a_process_group_say_how_to_start_one():
 
 
 def test_index_buffers_name_every_code_and_hot_row_index():
-    torch.manual_seed(0)
-    model = rpq_fx.convert(nn.Sequential(nn.Embedding(600, 32), nn.Linear(32, 600)), codebook_dim=8, hot_rows=16,
-                           progress=False)
-    names = set(index_buffers(model))
-    assert {"0.weight.codes", "0.weight.hot_index", "0.weight.hot.codes", "1.weight.codes"} <= names
-    assert all(index_buffers(model)[n] is model.get_buffer(n) for n in names)
-    assert original_class(model) is type(model) and unwrap(model) is model
+    model = nn.ModuleDict({"hot": RPQWeight(4, 8, 50, 16, True, hot_rows=5, hot_codebook_dim=2),
+                           "plain": RPQWeight(4, 8, 50)})
+    found = index_buffers(model)
+    assert set(found) == {"hot.codes", "hot.hot_index", "hot.hot.codes", "plain.codes"}
+    assert all(found[name] is model.get_buffer(name) for name in found)
+    assert original_class(model) is nn.ModuleDict and unwrap(model) is model
