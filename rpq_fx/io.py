@@ -337,8 +337,14 @@ def save_dense(model: nn.Module, path: str | os.PathLike) -> Path:
     ``safetensors.torch.load_model(original, path)`` (or ``original.load_state_dict(
     safetensors.torch.load_file(path), strict=False)``) then gives the dense model that computes what
     ``model`` computes. A tied weight is stored once, under its first name (the others are listed in
-    the metadata under ``"tied"``): loading it fills all of them.
+    the metadata under ``"tied"``): loading it fills all of them. A ``DistributedDataParallel`` model
+    is saved as the model inside it (by every rank that calls this); an FSDP2-sharded one is refused.
     """
+    model = unwrap(model)
+    if is_sharded(model):
+        raise ValueError("save_dense: the model is sharded (FSDP2's fully_shard): its codebooks are split across "
+                         "ranks; save it with rpq_fx.save (which gathers them on rank 0), load that file into an "
+                         "unwrapped model and call save_dense on it")
     dense = decompress(model)
     if not dense:
         raise ValueError(f"save_dense: {type(model).__name__} holds no RPQ weight; save its state_dict directly")

@@ -210,12 +210,24 @@ def finetune(out: Path) -> dict:
         losses[name] = rpq_fx.finetune(model, teacher, data, loss=loss, validation=validation, **FINETUNE_ARGS)
         if wrapper or rank == 0:  # a wrapped model is saved by every rank calling save, a plain one by one rank
             rpq_fx.save(model, out / f"finetune {name}.safetensors")
-    if rank == 1:
-        student.get_submodule("head.weight").codes[0, 0] += 1
+    teacher, student = finetune_models()
+    for what, change in (("values differ", lambda m: m.get_parameter("head.bias").data.add_(1)),
+                         ("codes differ", lambda m: m.get_buffer("head.weight.codes")[0, 0].add_(1))):
+        if rank == 1:
+            change(student)
+        try:
+            rpq_fx.finetune(student, teacher, data, **FINETUNE_ARGS)
+        except RPQDistributedError as error:
+            losses[what] = str(error)
     try:
-        rpq_fx.finetune(student, teacher, data, **FINETUNE_ARGS)
+        rpq_fx.finetune(finetune_models()[1], teacher, data, validation=validation[:rank + 1], **FINETUNE_ARGS)
     except RPQDistributedError as error:
-        losses["codes differ"] = str(error)
+        losses["validation counts"] = str(error)
+    fsdp = wrap(finetune_models()[1], "fsdp root")
+    try:
+        rpq_fx.save_dense(fsdp, out / "dense.safetensors")
+    except ValueError as error:
+        losses["save_dense sharded"] = str(error)
     return losses
 
 

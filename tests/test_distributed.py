@@ -137,9 +137,16 @@ def test_finetune_on_two_ranks_equals_one_process_on_the_concatenated_batches(ru
                            finetune_models()[1].state_dict()["head.weight.codebooks"]), "finetune trained"
 
 
-def test_finetune_refuses_codes_that_differ_between_ranks(run):
-    message = result(run, "finetune")["codes differ"]
-    assert message.startswith("finetune: the codes 'head.weight.codes' differ between rank 0 and rank 1")
+def test_finetune_refuses_ranks_that_disagree(run):
+    said = result(run, "finetune")
+    assert said["values differ"].startswith("finetune: the values of 'head.bias' differ between rank 0 and rank 1")
+    assert said["codes differ"].startswith("finetune: the codes 'head.weight.codes' differ between rank 0 and rank 1")
+    assert said["validation counts"] == "finetune: every rank needs as many validation items; the ranks hold [1, 2]"
+
+
+def test_save_dense_refuses_a_sharded_model_and_says_what_to_do(run):
+    assert "sharded (FSDP2's fully_shard)" in result(run, "finetune")["save_dense sharded"]
+    assert not (run[0] / "dense.safetensors").exists()
 
 
 def test_convert_refuses_a_model_already_wrapped_in_ddp_or_fsdp(run):

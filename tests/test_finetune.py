@@ -4,9 +4,12 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import rpq_fx
+from rpq_fx.finetune import _squares
 
 
 def mlp():
@@ -153,3 +156,20 @@ def test_finetune_leaves_the_global_generator_alone():
     state = torch.random.get_rng_state()
     rpq_fx.finetune(student, teacher, data, steps=3, validation=held_out, validate_every=2, progress=False)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(2, 6), length=st.integers(1, 5), cut=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_the_default_loss_of_a_batch_splits_into_sums_over_its_shards(batch, length, cut, seed):
+    """What distributed finetune relies on: distillation_loss of the whole batch is the ranks' summed
+    squared errors over their summed teacher energies, padding left out."""
+    g = torch.Generator().manual_seed(seed)
+    student, teacher = torch.randn(batch, length, 3, generator=g), torch.randn(batch, length, 3, generator=g)
+    mask = torch.rand(batch, length, generator=g) > 0.3
+    mask[:, 0] = True  # reason: every sequence keeps its first token, as tokenizers' masks do
+    cut = min(cut, batch - 1)
+    shards = [_squares(student[part], teacher[part], mask[part]) for part in (slice(0, cut), slice(cut, None))]
+    whole = rpq_fx.distillation_loss(student, teacher, mask)
+    torch.testing.assert_close(sum(e for e, _ in shards) / sum(t for _, t in shards), whole)
+    assert sum(e for e, _ in shards) / sum(t for _, t in shards) != sum(e / t for e, t in shards) / 2, \
+        "the mean of the shards' own losses is not the loss of the whole"
