@@ -22,7 +22,9 @@ _ROOT = Path(__file__).parent.parent
 
 def test_kernels_against_the_dense_reference_in_a_fresh_process():
     """Every kernel, forward and backward, fp32/fp16/bf16, odd sizes, K = 16 and 256, d = 1..256."""
-    env = {**os.environ, **({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"})}
+    env = {key: value for key, value in os.environ.items() if key != "PYTEST_ADDOPTS"}  # reason: may hold -n
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, "-m", "pytest", str(_ROOT / "tests" / "ops_triton_cases.py"), "-q", "-x",
                            "-p", "no:cacheprovider", "-p", "no:xdist"],
                           env=env, cwd=_ROOT, capture_output=True, text=True, timeout=600)
