@@ -158,9 +158,13 @@ def model_rows(quick: bool) -> list[list]:
         torch.manual_seed(0)
         with torch.device(DEVICE):
             dense, num_codebooks, make = build()
-        for variant in ("dense", "rpq_fx"):
-            model = dense if variant == "dense" else rpq_fx.convert(copy.deepcopy(dense).cpu(), num_codebooks=num_codebooks,
-                                                                    inplace=True, progress=False).to(DEVICE)
+        converted = rpq_fx.convert(copy.deepcopy(dense).cpu(), num_codebooks=num_codebooks, inplace=True,
+                                   progress=False)
+        variants = [("dense", dense), ("rpq_fx", converted)]
+        del dense, converted  # reason: each model leaves the GPU before the next is measured (peak memory)
+        while variants:
+            variant, model = variants.pop(0)
+            model = model.to(DEVICE)
             params = sum(p.numel() for p in model.parameters())
             mib = rpq_fx.model_size(model)
             for batch in batches[:1] if quick else batches:
@@ -189,12 +193,9 @@ def model_rows(quick: bool) -> list[list]:
             rows.append([label, variant, f"train step (AdamW), batch {train_batch}", ms, f"{peak:.0f}",
                          f"{mib:.0f}", params])
             print(*rows[-1], sep=" | ", flush=True)
-            del opt, model, inputs
+            del opt, model, inputs, step
             gc.collect()
             torch.cuda.empty_cache()
-        del dense
-        gc.collect()
-        torch.cuda.empty_cache()
     return rows
 
 
