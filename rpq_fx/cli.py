@@ -20,11 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._optional import require
+from ._progress import draws, note, progress_bar
 from .config import RPQ_MAX_CODEBOOK_DIM
 
 __all__ = ["main", "build_model", "SPEC_HELP", "CHECKSUM_HELP"]
 
 CHECKPOINT = "model.safetensors"
+BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
 
 SPEC_HELP = """\
 SPEC names the model to build (with random weights unless the source has them):
@@ -99,7 +101,15 @@ def _hf_model(path_text: str, meta: bool):
     cls = cls or transformers.AutoModel
     has_weights = path.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")))
     if has_weights and not meta:  # on the meta device only the architecture is wanted: no weights are read
-        return cls.from_pretrained(str(folder), local_files_only=True)
+        logging = transformers.utils.logging
+        shown = logging.is_progress_bar_enabled()
+        if not draws():  # transformers' loading bar, like rpq-fx's own, only on a terminal
+            logging.disable_progress_bar()
+        try:
+            return cls.from_pretrained(str(folder), local_files_only=True)
+        finally:
+            if shown:
+                logging.enable_progress_bar()
     return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
 
 
@@ -147,10 +157,9 @@ def _nothing():
 
 
 def _progress(total: int, quiet: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stderr,
-                bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt}{postfix}")
+    desc = desc if len(desc) <= 40 else f"...{desc[-37:]}"  # reason: a long path would leave no room for the bar
+    return progress_bar(total=total, desc=desc, unit="step", enabled=not quiet,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt}{postfix}")
 
 
 def _convert_settings(args) -> dict:
@@ -211,10 +220,72 @@ def _publish(work: Path, out: Path) -> None:
         os.replace(work / name, out / name)
 
 
+def _calibration_source(args) -> list | None:
+    """The lines or image files ``--calibration`` names, read before the model is built (so a bad
+    file fails fast); None without ``--calibration``."""
+    from . import _cli_data
+
+    if args.calibration is None:
+        return None
+    if args.spec.partition(":")[0] not in ("hf", "timm"):
+        raise CLIError(f"--calibration reads text for hf: models and images for timm: models, not for {args.spec!r}: "
+                       "call rpq_fx.convert(model, init='kmeans', calibration=...) from Python with your own inputs")
+    if args.calibration_samples < 1:
+        raise CLIError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+    path = Path(args.calibration)
+    try:
+        if args.spec.startswith("hf:"):
+            return _cli_data.read_lines(path, args.calibration_samples)
+        return _cli_data.image_files(path, args.calibration_samples)
+    except _cli_data.CalibrationDataError as error:
+        raise CLIError(str(error)) from None
+
+
+def _calibration(args, source: list | None, model) -> list | None:
+    """The batches of ``source`` (see ``_calibration_source``) as ``model`` takes them."""
+    from . import _cli_data
+
+    if source is None:
+        return None
+    try:
+        if args.spec.startswith("hf:"):
+            rest = Path(args.spec.partition(":")[2])
+            return _cli_data.text_batches(Path(args.calibration), source, rest if rest.is_dir() else rest.parent,
+                                          model)
+        return _cli_data.image_batches(source, model)
+    except _cli_data.CalibrationDataError as error:
+        raise CLIError(str(error)) from None
+
+
+def _check_init(args, settings: dict) -> None:
+    init = settings["config"].init if "config" in settings else settings["init"]
+    if args.calibration is not None and init != "kmeans":
+        raise CLIError(f"--calibration makes the k-means fit data-aware: add --init kmeans (the init is {init!r})")
+
+
+def _check_converted(rep) -> None:
+    """Fail when no weight was converted (a checkpoint identical to the dense model is never what was
+    asked for); warn on stderr when some stayed dense."""
+    totals, rows = rep.to_dict()["totals"], rep.to_dict()["rows"]
+    dense = [r for r in rows if r["C"] is None]
+    if not totals["layers"]:
+        raise CLIError("the model has no linear / conv / embedding weight to convert, so nothing was written")
+    if totals["converted"] == 0:
+        why = "; ".join(f"{r['layer']}: {r['note']}" for r in dense[:3])
+        more = f"; and {len(dense) - 3} more" if len(dense) > 3 else ""
+        hint = ("; --max-codebook-dim (the default) picks a split that divides each row"
+                if any("not divisible" in (r["note"] or "") for r in dense) else "")
+        raise CLIError(f"converted 0 of {totals['layers']} weights, so nothing was written ({why}{more}){hint}")
+    if dense:
+        note(f"rpq-fx: warning: {len(dense)} of {totals['layers']} weights stay dense (report.md says why)")
+
+
 def _cmd_convert(args) -> int:
     import rpq_fx
 
     settings = _convert_settings(args)
+    _check_init(args, settings)
+    source = _calibration_source(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _clean_partial(out)
@@ -226,15 +297,18 @@ def _cmd_convert(args) -> int:
             model = build_model(args.spec)
             if args.eval:
                 model.eval()
+            calibration = _calibration(args, source, model)
             bar.update()
             bar.set_postfix_str("converting")
-            gm = rpq_fx.convert(model, strict=args.strict, **settings)
+            gm = rpq_fx.convert(model, strict=args.strict, calibration=calibration, progress=not args.quiet,
+                                **settings)
+            rep = rpq_fx.report(gm)
+            _check_converted(rep)
             bar.update()
             bar.set_postfix_str("saving")
             rpq_fx.save(gm, work / CHECKPOINT, spec=args.spec)
             bar.update()
             bar.set_postfix_str("report")
-            rep = rpq_fx.report(gm)
             (work / "report.md").write_text(rep.to_markdown() + "\n")
             (work / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
             bar.update()
@@ -384,6 +458,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--checkpoint", action="store_true",
                          help="recompute each expanded weight in backward instead of keeping it")
     convert.add_argument("--seed", type=int, default=0, help="seed of the random init (default: %(default)s)")
+    convert.add_argument("--calibration", metavar="FILE",
+                         help="with --init kmeans, fit each layer to its outputs on this data: for hf: models a "
+                              "UTF-8 text file, one example per line (the model's own tokenizer, saved in its "
+                              "folder); for timm: models a folder of images (timm's preprocessing for the model)")
+    convert.add_argument("--calibration-samples", type=int, default=64, metavar="N",
+                         help="use at most N lines or images of --calibration (default: %(default)s)")
     convert.add_argument("--config", metavar="JSON",
                          help="an RPQConfig as a JSON file (RPQConfig.to_dict()), instead of the options above")
     convert.add_argument("--strict", action="store_true", help="fail if any weight-bearing layer cannot be converted")
@@ -435,7 +515,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+        return status
+    except BrokenPipeError:
+        # reason: `rpq-fx report x | head` closes the pipe early; Unix tools end silently then. Python's
+        # recipe (docs, signal module): point stdout at devnull so the flush at exit cannot fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor has nothing left to flush
+            pass
+        return BROKEN_PIPE_STATUS
     except KeyboardInterrupt:
         print("rpq-fx: interrupted", file=sys.stderr)
         return 130
