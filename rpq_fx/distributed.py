@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .nn.weight import RPQWeight
 
 __all__ = ["RPQDistributedError", "broadcast_codes", "check_codes_in_sync", "index_buffers", "unwrap",
-           "check_in_sync", "average_gradients",
+           "gather_whole", "check_in_sync", "average_gradients",
            "is_data_parallel", "original_class", "require_process_group", "is_sharded"]
 
 
@@ -50,6 +50,27 @@ def original_class(module: nn.Module) -> type:
     from torch.distributed.fsdp import FSDPModule
 
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def gather_whole(tensor: Tensor, dst: int = 0) -> Tensor | None:
+    """The whole of DTensor ``tensor`` on rank ``dst`` (a global rank), None on the other ranks, which
+    must call it too. FSDP2's layout (rows split as ``torch.chunk`` does, over a 1-D mesh) is
+    gathered onto ``dst`` alone; any other layout is gathered on every rank and kept on ``dst``."""
+    from torch.distributed.tensor import Shard
+
+    mine = dist.get_rank() == dst
+    if tensor.device_mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
+        whole = tensor.full_tensor()
+        return whole.detach() if mine else None
+    group = tensor.device_mesh.get_group()
+    world, rows = dist.get_world_size(group), tensor.shape[0]
+    chunk = -(-rows // world)
+    local = tensor.to_local().detach()
+    padded = local.new_zeros((chunk, *tensor.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)] if mine else None
+    dist.gather(padded, parts, dst=dst, group=group)
+    return torch.cat(parts)[:rows] if mine else None
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -42,7 +42,7 @@ from torch import nn
 from .config import LAYER_SETTINGS, LayerSettings, RPQConfig, dtype_name
 from .convert import convert
 from .decompress import decompress
-from .distributed import is_data_parallel, is_sharded, original_class, require_process_group, unwrap
+from .distributed import gather_whole, is_data_parallel, is_sharded, original_class, require_process_group, unwrap
 from .errors import RPQConversionError
 from .graph_module import graph_parts
 from .nn.weight import RPQWeight, check_index
@@ -264,8 +264,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
 
     A model wrapped for distributed training (``DistributedDataParallel``, FSDP2's ``fully_shard``)
     is saved by rank 0 alone, the same file as the unwrapped model's: every rank must call ``save``
-    (FSDP2's sharded parameters are gathered one at a time, each kept on rank 0 only) and returns
-    once the file is written.
+    (FSDP2's sharded parameters are gathered onto rank 0 alone, one at a time) and returns once the
+    file is written.
     """
     replicated = isinstance(model, nn.Module) and is_data_parallel(model)
     model = unwrap(model) if isinstance(model, nn.Module) else model
@@ -294,17 +294,14 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
 
 
 def _gathered(named: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
-    """``named`` with each DTensor (a shard) gathered whole, in the same order on every rank (one
-    collective per tensor, each tensor once); a rank that does not ``keep`` them drops each at once
-    and gets an empty dict."""
+    """``named`` with each DTensor (a shard) gathered whole onto rank 0, in the same order on every
+    rank (one collective per tensor, each tensor once); the ranks that do not ``keep`` them get {}."""
     from torch.distributed.tensor import DTensor
 
-    whole: dict[int, torch.Tensor] = {}
-    for name, tensor in named.items():
+    whole: dict[int, torch.Tensor | None] = {}
+    for tensor in named.values():
         if isinstance(tensor, DTensor) and id(tensor) not in whole:
-            value = tensor.full_tensor().detach()
-            if keep:
-                whole[id(tensor)] = value
+            whole[id(tensor)] = gather_whole(tensor)
     return {name: whole.get(id(t), t) for name, t in named.items()} if keep else {}
 
 

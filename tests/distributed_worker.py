@@ -27,9 +27,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import rpq_fx
-from rpq_fx.distributed import RPQDistributedError, broadcast_codes, check_codes_in_sync, index_buffers
+from rpq_fx.distributed import RPQDistributedError, broadcast_codes, check_codes_in_sync, gather_whole, index_buffers
 
-STEPS, BATCH, WIDTH, OUT = 3, 8, 64, 96
+STEPS, BATCH, WIDTH, OUT = 3, 8, 72, 95  # odd sizes: FSDP2 shards some tensors unevenly
 SETTINGS = dict(codebook_dim=8, num_codes=16, progress=False)
 
 
@@ -43,7 +43,8 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    """Two residual blocks and a head: every Linear converts (16 codewords of 8 values)."""
+    """Two residual blocks and a head: every Linear converts (16 codewords of 8 values; fc1 and head have 9
+    codebooks, head 95 biases: FSDP2 splits them 5 + 4, 48 + 47 rows)."""
 
     def __init__(self):
         super().__init__()
@@ -178,7 +179,13 @@ def checkpoints(out: Path) -> dict:
     dcp.load(state, checkpoint_id=out / "dcp")
     set_model_state_dict(again, state)
     same = all(torch.equal(full(a), full(b)) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    return {"dcp_2_to_2_equal": same, "files": sorted(p.name for p in out.glob("*.safetensors"))}
+    codebooks = model.get_parameter("blocks.0.fc1.weight.codebooks")  # 9 rows: 5 on rank 0, 4 on rank 1
+    whole, everywhere = gather_whole(codebooks), codebooks.full_tensor()
+    mine = (codebooks.to_local().shape[0], whole is None if rank else torch.equal(whole, everywhere))
+    gathered = [None, None]
+    dist.all_gather_object(gathered, mine)
+    return {"dcp_2_to_2_equal": same, "files": sorted(p.name for p in out.glob("*.safetensors")),
+            "placements": str(codebooks.placements), "gather_whole": gathered}
 
 
 def finetune_models() -> tuple[nn.Module, nn.Module]:

@@ -20,7 +20,8 @@ from torch import nn
 
 import rpq_fx
 from conftest import assert_matches_dense_reference
-from distributed_worker import FINETUNE, FINETUNE_ARGS, Untraceable, converted, finetune_data, finetune_models
+from distributed_worker import (FINETUNE, FINETUNE_ARGS, WIDTH, Untraceable, converted, finetune_data,
+                                finetune_models)
 from rpq_fx.distributed import (RPQDistributedError, broadcast_codes, check_codes_in_sync, index_buffers,
                                 original_class, unwrap)
 from rpq_fx.nn import RPQWeight
@@ -95,6 +96,8 @@ def test_save_of_an_fsdp_model_writes_the_unwrapped_models_file_on_rank_0_only(r
     # reason: safetensors writes its metadata keys in hash order, which differs between processes
     assert _header_and_data(out / "plain.safetensors") == _header_and_data(out / "fsdp.safetensors")
     assert got["dcp_2_to_2_equal"]
+    assert got["placements"] == "(Shard(dim=0),)"
+    assert got["gather_whole"] == [[5, True], [4, True]], "9 rows gathered whole on rank 0, None on rank 1"
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP says it loads in one process
@@ -116,7 +119,7 @@ def test_dcp_checkpoint_of_two_shards_loads_into_one_process(run):
         if key.endswith("codebooks"):
             assert not torch.equal(value, start[key]), f"{key} holds the trained values"
     torch.manual_seed(0)
-    x = torch.randn(4, 64)
+    x = torch.randn(4, WIDTH)
     assert_matches_dense_reference(Untraceable(), model, x, leftovers=True)
 
 
