@@ -1,11 +1,12 @@
 """Converted models under ``torch.distributed``: DDP and FSDP2 (``fully_shard``) train them as they are.
 
 Codebooks are ordinary Parameters: DDP all-reduces their gradients, FSDP2 shards them. Codes are
-buffers that never change in training, and must be the same on every rank: DDP broadcasts rank 0's
-buffers when it wraps a model (``broadcast_buffers=True``, its default); FSDP2 shards parameters
-only and leaves buffers as each rank made them. :func:`broadcast_codes` copies rank 0's codes to
-every rank (before or after wrapping); :func:`check_codes_in_sync` raises if any rank's differ.
-Convert first, then wrap: ``convert`` reads the dense weights the wrappers replace.
+buffers that never change in training, and must be the same on every rank. DDP broadcasts rank 0's
+buffers when it wraps a model (unless ``broadcast_buffers=False``), and by default again before
+every forward (``forward_sync_buffers=False``, torch 2.14, keeps the first and drops the others);
+FSDP2 shards parameters only and leaves buffers as each rank made them. :func:`broadcast_codes`
+copies rank 0's codes to every rank (before or after wrapping); :func:`check_codes_in_sync` raises
+if any rank's differ. Convert first, then wrap: ``convert`` refuses a wrapped model.
 """
 
 import hashlib
@@ -16,9 +17,9 @@ from torch import Tensor, nn
 
 from .nn.weight import RPQWeight
 
-__all__ = ["RPQDistributedError", "broadcast_codes", "check_codes_in_sync", "index_buffers", "unwrap",
-           "gather_whole", "check_in_sync", "average_gradients",
-           "is_data_parallel", "original_class", "require_process_group", "is_sharded"]
+__all__ = ["RPQDistributedError", "broadcast_codes", "check_codes_in_sync", "check_in_sync", "index_buffers",
+           "average_gradients", "gather_whole", "require_process_group", "unwrap", "is_data_parallel", "is_sharded",
+           "original_class"]
 
 
 class RPQDistributedError(RuntimeError):

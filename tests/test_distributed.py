@@ -81,6 +81,10 @@ def test_codes_that_differ_between_ranks_raise_and_broadcast_codes_mends_them(ru
     assert "broadcast_codes" in got["mismatch_error"]
     assert got["broadcast"] == 5
     assert got["ddp_wrap_syncs"], "DDP broadcasts rank 0's codes when it wraps"
+    assert got["int16_differ"] and got["int16_broadcast"], "int16 codes (more than 256 codewords) travel too"
+    assert got["layout_error"].startswith("check_codes_in_sync: rank 1 holds another model than rank 0: codes ("
+                                          "'0.fc1.weight.codes', (9, 512), 'torch.uint8') there against ("
+                                          "'blocks.0.fc1.weight.codes', (9, 512), 'torch.uint8') here")
 
 
 def _header_and_data(path: Path) -> tuple[dict, bytes]:
