@@ -82,15 +82,16 @@ def test_expand_reads_strided_codes_and_int16_codes_above_32767(kern):
     assert torch.equal(kern.expand.expand_rows(codebooks, codes), stock.expand(codebooks, codes))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expand_rows_builds_only_the_rows_asked_for(kern, dtype):
-    codebooks, codes = _weight(4, 16, 3, 29, False, dtype)
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 3), (torch.bfloat16, 128)])
+def test_expand_rows_builds_only_the_rows_asked_for(kern, dtype, d):
+    codebooks, codes = _weight(4, 16, d, 29, False, dtype)
     rows = torch.tensor([28, 0, 5, 5, 17], device=DEVICE)
     assert torch.equal(kern.expand.expand_rows(codebooks, codes, rows), stock.expand(codebooks, codes)[rows])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("C,K,d,shared", [(3, 16, 1, True), (2, 256, 7, False), (4, 16, 64, True)])
+@pytest.mark.parametrize("C,K,d,shared", [(3, 16, 1, True), (2, 256, 7, False), (4, 16, 64, True),
+                                           (2, 16, 128, False)])
 def test_scatter_rows_sums_each_slice_into_its_codeword(kern, dtype, C, K, d, shared):
     codebooks, codes = _weight(C, K, d, 45, shared, dtype)
     grad = torch.randn(45, C * d, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)

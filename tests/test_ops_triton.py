@@ -146,13 +146,15 @@ def test_every_kernel_compiles_for_a_gpu(monkeypatch):
             if isinstance(kernel, JITFunction) and name.endswith("_kernel"):
                 monkeypatch.setattr(module, name, _Launches(kernel, calls))
     monkeypatch.setattr(linear, "_upcast", lambda x: False)  # reason: as on a GPU (the CPU tensors here would upcast)
-    for dtype, shared in [(torch.bfloat16, False), (torch.float32, False), (torch.float16, True)]:
-        codebooks = torch.randn(1 if shared else 3, 16, 8, dtype=dtype)
+    # d = 128: each tile within one slice (WHOLE) in every kernel
+    for dtype, shared, d in [(torch.bfloat16, False, 8), (torch.float32, False, 8), (torch.float16, True, 8),
+                             (torch.bfloat16, False, 128)]:
+        codebooks = torch.randn(1 if shared else 3, 16, d, dtype=dtype)
         codes = torch.randint(0, 16, (3, 40), dtype=torch.uint8)
         expand.expand_rows(codebooks, codes)
         expand.expand_rows(codebooks, codes, torch.tensor([1, 2]))
-        expand.scatter_rows(torch.zeros_like(codebooks), torch.randn(40, 24, dtype=dtype), codes)
-        x, grad = torch.randn(5, 24, dtype=dtype), torch.randn(5, 40, dtype=dtype)
+        expand.scatter_rows(torch.zeros_like(codebooks), torch.randn(40, 3 * d, dtype=dtype), codes)
+        x, grad = torch.randn(5, 3 * d, dtype=dtype), torch.randn(5, 40, dtype=dtype)
         for method in linear.METHODS:
             linear.linear(x, codebooks, codes, method)
             linear.linear_backward(grad, x, codebooks, codes, True, True, method)
@@ -164,6 +166,7 @@ def test_every_kernel_compiles_for_a_gpu(monkeypatch):
             compiled.add(key)
             source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(meta, "constexpr")}, constexprs=meta)
             assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"], key
+    assert {dict(key[1:])["WHOLE"] for key in compiled if "_lut" not in key[0]} == {"True", "False"}
     assert {key[0] for key in compiled} == {"_expand_kernel", "_scatter_kernel", "_lut_table_kernel",
                                             "_lut_gather_kernel", "_lut_scatter_kernel", "_fused_forward_kernel",
                                             "_fused_grad_input_kernel", "_fused_grad_codebooks_kernel"}

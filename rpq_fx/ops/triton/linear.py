@@ -162,7 +162,7 @@ def _lut_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, gra
 
 @triton.jit
 def _fused_forward_kernel(x_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
-                          SHARED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          SHARED: tl.constexpr, WHOLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_COL: tl.constexpr):
     """``out[b, n] = sum_col x[b, col] W[n, col]``, W's tile gathered each step."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -170,8 +170,8 @@ def _fused_forward_kernel(x_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for col0 in range(0, row_len, BLOCK_COL):
         col = col0 + tl.arange(0, BLOCK_COL)
-        offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col, N, row_len, d, K, stride_cc, stride_cn,
-                                      SHARED, False)
+        offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col0, N, row_len, d, K, stride_cc, stride_cn,
+                                      SHARED, False, WHOLE, BLOCK_COL)
         w = tl.load(cb_ptr + offset, mask=valid, other=0)  # [BLOCK_N, BLOCK_COL]
         xs = tl.load(x_ptr + b.to(tl.int64)[:, None] * row_len + col[None, :],
                      mask=(b < B)[:, None] & (col < row_len)[None, :], other=0)
@@ -185,16 +185,18 @@ def _fused_forward_kernel(x_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K
 
 @triton.jit
 def _fused_grad_input_kernel(grad_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
-                             SHARED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_COL: tl.constexpr):
+                             SHARED: tl.constexpr, WHOLE: tl.constexpr, UPCAST: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_COL: tl.constexpr):
     """``out[b, col] = sum_n grad[b, n] W[n, col]``, W's tile gathered each step."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    col = tl.program_id(1) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    col0 = tl.program_id(1) * BLOCK_COL
+    col = col0 + tl.arange(0, BLOCK_COL)
     acc = tl.zeros((BLOCK_B, BLOCK_COL), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col, N, row_len, d, K, stride_cc, stride_cn,
-                                      SHARED, False)
+        offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col0, N, row_len, d, K, stride_cc, stride_cn,
+                                      SHARED, False, WHOLE, BLOCK_COL)
         w = tl.load(cb_ptr + offset, mask=valid, other=0)  # [BLOCK_N, BLOCK_COL]
         g = tl.load(grad_ptr + b.to(tl.int64)[:, None] * N + n[None, :], mask=(b < B)[:, None] & (n < N)[None, :],
                     other=0)
@@ -209,12 +211,14 @@ def _fused_grad_input_kernel(grad_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len
 
 @triton.jit
 def _fused_grad_codebooks_kernel(grad_ptr, x_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
-                                 SHARED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_COL: tl.constexpr):
+                                 SHARED: tl.constexpr, WHOLE: tl.constexpr, UPCAST: tl.constexpr,
+                                 PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_COL: tl.constexpr):
     """A ``[BLOCK_N, BLOCK_COL]`` tile of ``grad^T x`` (the dense weight's gradient), added into the codewords
     it came from (out ``[G, K, d]`` float32); the tile never leaves the program."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col = tl.program_id(1) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    col0 = tl.program_id(1) * BLOCK_COL
+    col = col0 + tl.arange(0, BLOCK_COL)
     acc = tl.zeros((BLOCK_N, BLOCK_COL), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
@@ -226,15 +230,15 @@ def _fused_grad_codebooks_kernel(grad_ptr, x_ptr, codes_ptr, out_ptr, B, N, row_
             g = g.to(tl.float32)
             xs = xs.to(tl.float32)
         acc += tl.dot(g, xs, input_precision=PRECISION)
-    offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col, N, row_len, d, K, stride_cc, stride_cn,
-                                  SHARED, False)
+    offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col0, N, row_len, d, K, stride_cc, stride_cn,
+                                  SHARED, False, WHOLE, BLOCK_COL)
     tl.atomic_add(out_ptr + offset, acc, mask=valid)
 
 
 def _fused_args(codebooks: Tensor, codes: Tensor, x: Tensor) -> tuple[tuple, dict]:
     groups, num_codes, dim = codebooks.shape
     args = (codes.shape[1], codes.shape[0] * dim, dim, num_codes, codes.stride(0), codes.stride(1))
-    meta = dict(SHARED=groups == 1, UPCAST=_upcast(x), PRECISION=_precision(x.dtype), BLOCK_B=_BLOCK_B,
+    meta = dict(SHARED=groups == 1, WHOLE=dim % _BLOCK_COL == 0, UPCAST=_upcast(x), PRECISION=_precision(x.dtype), BLOCK_B=_BLOCK_B,
                 BLOCK_N=_BLOCK_N, BLOCK_COL=_BLOCK_COL)
     return args, meta
 
