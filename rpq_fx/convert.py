@@ -8,17 +8,19 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import RPQ_MAX_CODEBOOK_DIM, RPQConfig
 from .errors import RPQConversionError
 from .fit import fit_weights
-from .graph_module import RPQGraphModule
+from .graph_module import RPQGraphModule, graphs_of
 from .nn.layers import RPQ_LAYERS, from_dense
 from .nn.weight import RPQWeight
-from .passes import (LayerPlan, capture_call, capture_export, capture_layer, cleanup, fuse, insert_checkpoints,
-                     new_weights, plan_conversion, rewrite)
+from .passes import (LayerPlan, capture_call, capture_export, capture_layer, check_strict, cleanup, fuse,
+                     insert_checkpoints, new_weights, plan_conversion, rewrite)
 from .passes import capture as capture_fx
+from .passes.plan import parameter_at
 from .passes.weight_ops import LAYERS
 from .record import ConversionRecord, FitOutcome, attach_record
 
@@ -128,7 +130,7 @@ def _layer(original: nn.Module, name: str, part: RPQGraphModule, plans: list[Lay
     conv as its RPQ layer (``RPQLinear`` ...: a real layer, its attributes kept); any other module
     (or one whose expansion is checkpointed) as its rewritten graph ``part``, given the original's
     public attributes (``stride``, ``padding_idx``, ... for code that reads them)."""
-    checkpointed = any(type(m).__name__ == "CheckpointedExpansion" for m in part.modules())
+    checkpointed = any(node.target is torch.utils.checkpoint.checkpoint for node in part.graph.nodes)
     plan = next((p for p in plans if p.converted and f"{name}.weight" in p.aliases), None)
     if type(original) in RPQ_LAYERS and plan is not None and not checkpointed:
         return from_dense(original, weights[plan.name])
@@ -139,14 +141,40 @@ def _layer(original: nn.Module, name: str, part: RPQGraphModule, plans: list[Lay
     return part
 
 
+def _outside_reads(whole: RPQGraphModule | None) -> dict[str, str]:
+    """``{parameter name: the ops reading it}`` for every parameter the traced whole model reads as a
+    tensor rather than through its layer's call (timm's EVA: ``F.linear(x, self.qkv.weight, bias)``)."""
+    reads = {}
+    for node in (n for graph in graphs_of(whole) for n in graph.nodes) if whole is not None else ():
+        if node.op == "get_attr" and isinstance(parameter_at(whole, node.target), nn.Parameter):
+            reads[node.target] = ", ".join(sorted({getattr(u.target, "__name__", str(u.target)) for u in node.users}))
+    return reads
+
+
+def _keep_dense_where_read_outside(plans: list[LayerPlan], whole: RPQGraphModule | None, strict: bool) -> None:
+    """Leave dense each weight whose layer's forward is not its only reader: code that reads the
+    layer's ``weight`` tensor itself would meet an RPQ weight."""
+    reads = _outside_reads(whole)
+    for plan in plans:
+        reader = next((reads[alias] for alias in plan.aliases if alias in reads), None)
+        if plan.converted and reader is not None:
+            plan.reason = (f"read as a tensor outside its layer's forward (by {reader}), which module capture "
+                           "cannot rewrite; capture='fx' converts it")
+            plan.settings = plan.num_codebooks = plan.codebook_dim = None
+    if strict:
+        check_strict(plans)
+
+
 def _convert_module(model: nn.Module, path: str, config: RPQConfig, filter_fn, strict: bool, inplace: bool,
-                    calibration, progress: bool) -> nn.Module:
+                    calibration, progress: bool, whole: RPQGraphModule | None = None) -> nn.Module:
     """The model object kept (``inplace``) or copied, each module that owns a weight swapped for its
     converted form (:func:`_layer`). Weights are planned over all of them at once, so a weight tied
-    across layers stays one RPQ weight."""
+    across layers stays one RPQ weight. ``whole``, the model traced whole where fx can, shows the
+    weights read outside their layer's forward, which stay dense."""
     parts = {name: _capture_part(module) for name, module in model.named_modules()
              if name and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
     plans = plan_conversion(parts, model, config, filter_fn, strict)
+    _keep_dense_where_read_outside(plans, whole, strict)
     weights, fits = _weights(model, plans, config, calibration, progress)
     memo = {} if inplace else _placeholders(plans)
     work = model if inplace else copy.deepcopy(model, memo)
@@ -266,7 +294,11 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
         raise RPQConversionError(f"convert: capture='module' converts the layers inside a model, and this model is a "
                                  f"bare {type(model).__name__}; use capture='fx' for it, or convert a model holding it")
     if capture == "module":
-        return _convert_module(model, "module", **options)
+        try:
+            whole = capture_fx(model)
+        except RPQConversionError:
+            whole = None
+        return _convert_module(model, "module", **options, whole=whole)
     if capture == "export":
         result = _convert_graph(model, capture_export(model, example_inputs), "torch.export", **options)
     else:

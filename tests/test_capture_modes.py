@@ -250,3 +250,47 @@ def test_a_causal_lm_exports_with_plain_input_ids(check):
     reference = check.dense_reference(model, converted)
     with torch.no_grad():
         check.outputs_close(converted(**inputs).logits, reference(**inputs, use_cache=False).logits)
+
+
+class ReadsAWeight(nn.Module):
+    """A parent reading its child layer's weight tensor in its own forward (timm's EVA attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96, bias=False)
+        self.proj = nn.Linear(96, 64)
+        self.qkv_bias = nn.Parameter(torch.randn(96))
+
+    def forward(self, x):
+        return self.proj(F.linear(x, self.qkv.weight, self.qkv_bias))
+
+
+def test_a_weight_read_outside_its_layer_stays_dense_under_module_capture(check):
+    model = nn.Sequential(ReadsAWeight()).eval()
+    converted = rpq_fx.convert(model, capture="module", **SETTINGS)
+    layers = {layer.name: layer for layer in rpq_fx.conversion_record(converted).layers}
+    assert "read as a tensor outside its layer's forward (by linear)" in layers["0.qkv.weight"].reason
+    assert type(converted[0].qkv) is nn.Linear and type(converted[0].proj) is RPQLinear
+    check.matches_dense_reference(model, converted, torch.randn(3, 32))
+    assert rpq_fx.convert(model, **SETTINGS).rpq_layers[0].converted, "the fx path converts it"
+
+
+TIMM = {"resnet10t": dict(), "convnext_atto": dict(), "vit_tiny_patch16_224": dict(img_size=32, depth=2)}
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_module_capture_keeps_timm_models_whole(check, name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=10, **TIMM[name]).eval()
+    converted = rpq_fx.convert(model, capture="module", max_codebook_dim=16, num_codes=16)
+    assert type(converted) is type(model) and converted.pretrained_cfg == model.pretrained_cfg
+    container = next(name for name, m in model.named_children() if isinstance(m, (nn.Sequential, nn.ModuleList)))
+    assert len(getattr(converted, container)) == len(getattr(model, container))
+    assert any(isinstance(m, RPQLinear) for m in converted.modules()) or any(
+        isinstance(m, RPQConv2d) for m in converted.modules())
+    x = torch.randn(2, 3, 32, 32)
+    reference = check.matches_dense_reference(model, converted, x)
+    with torch.no_grad():
+        check.outputs_close(converted.forward_features(x), reference.forward_features(x))
+    converted.reset_classifier(3)
+    assert converted(x).shape == (2, 3)
