@@ -17,5 +17,5 @@ def _installed(name: str) -> bool:
     """Whether ``name`` can be imported, found without importing it."""
     try:
         return importlib.util.find_spec(name) is not None
-    except ValueError:  # reason: find_spec raises for a module set to None in sys.modules (an import blocked on purpose)
+    except ValueError:  # reason: find_spec raises for a module set to None in sys.modules (an import blocked)
         return False

@@ -31,8 +31,8 @@ from .._model import on_converted
 from ..config import RPQConfig, dtype_name
 from ..convert import convert
 from ..errors import RPQConversionError
-from ..io import (RPQCheckpointError, _check_layer_v2, _comparable, _exclusions, _filled_as_saved, _layer_from_record,
-                  _layer_record, _unfitted)
+from ..io import (_ST_DTYPES, RPQCheckpointError, _check_layer_v2, _comparable, _exclusions, _filled_as_saved,
+                  _layer_from_record, _layer_record, _unfitted)
 from ..nn.weight import RPQWeight, check_index
 from ..record import ConversionRecord, attach_record, conversion_record
 
@@ -164,7 +164,7 @@ def _check_files(model: nn.Module, files: list[str] | None) -> set[str]:
         tensor = own[names[key]]
         if list(tensor.shape) != shape:
             raise ValueError(f"rpq: '{key}' is {shape} in the checkpoint, {list(tensor.shape)} in the rebuilt model")
-        if id(tensor) in rpq and _ST.get(dtype) != tensor.dtype:
+        if id(tensor) in rpq and _ST_DTYPES.get(dtype) != tensor.dtype:
             raise ValueError(f"rpq: '{key}' is {dtype} in the checkpoint, {dtype_name(tensor.dtype)} in the rebuilt "
                              "model")
     bounds = {id(w._buffers[n]): bound for _, w in model.named_modules() if isinstance(w, RPQWeight)
@@ -179,11 +179,6 @@ def _check_files(model: nn.Module, files: list[str] | None) -> set[str]:
             except (IndexError, TypeError) as error:
                 raise ValueError(f"rpq: damaged or crafted checkpoint: {error}") from None
     return {name for key, name in names.items() if name is not None and key not in stored}
-
-
-_ST = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-       "BOOL": torch.bool}
 
 
 def _tie(model: PreTrainedModel) -> None:
@@ -226,10 +221,11 @@ def _rebuild(model: PreTrainedModel, config: RPQHfConfig) -> None:
     saved = config.layers
     _tie(model)
     try:
-        result = convert(model, config=_unfitted(config.rpq_config), filter_fn=_exclusions(saved), inplace=True,
-                         progress=False)
+        result = convert(model, config=_unfitted(config.rpq_config), filter_fn=_exclusions(saved), capture="module",
+                         inplace=True, progress=False)
     except RPQConversionError as error:
-        raise ValueError(f"rpq: this {type(model).__name__} cannot be converted with the saved config: {error}") from None
+        raise ValueError(f"rpq: this {type(model).__name__} cannot be converted with the saved config: "
+                         f"{error}") from None
     if result is not model:
         raise RPQConversionError(f"rpq: converting {type(model).__name__} in place returned another object "
                                  f"({type(result).__name__}); transformers needs the model itself rewritten")
@@ -301,7 +297,8 @@ class RPQHfQuantizer(HfQuantizer):
         saved = {r["dtype"] for r in layers or () if r["reason"] is None}
         if saved and dtype_name(dtype) not in saved:
             raise ValueError(f"rpq: this RPQ model was saved in {', '.join(sorted(saved))}; load it with dtype='auto' "
-                             f"or that dtype, not {dtype_name(dtype)} (convert the dense model in another dtype instead)")
+                             f"or that dtype, not {dtype_name(dtype)} (convert the dense model in another dtype "
+                             "instead)")
         return dtype
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs) -> None:
@@ -327,7 +324,8 @@ class RPQHfQuantizer(HfQuantizer):
             self._loading.remove()
             _check_loaded(model)
             return model
-        result = convert(model, config=self.quantization_config.rpq_config, inplace=True, progress=False)
+        result = convert(model, config=self.quantization_config.rpq_config, capture="module", inplace=True,
+                         progress=False)
         if result is not model:
             raise RPQConversionError(f"rpq: converting {type(model).__name__} in place returned another object")
         self.quantization_config.layers = RPQHfConfig.from_record(conversion_record(model)).layers

@@ -283,3 +283,16 @@ def test_real_minilm_and_its_sentence_transformer_round_trip(tmp_path, check):
     assert json.loads((tmp_path / "st" / "config.json").read_text())["quantization_config"]["quant_method"] == "rpq"
     again = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert torch.equal(again.encode(sentences, convert_to_tensor=True), model.encode(sentences, convert_to_tensor=True))
+
+
+def test_bfloat16_model_reloads_in_its_dtype(tmp_path):
+    _, folder = dense_folder(tmp_path, llama)
+    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                     quantization_config=RPQHfConfig(**SETTINGS))
+    assert converted.model.layers[0].mlp.up_proj.weight.codebooks.dtype == torch.bfloat16
+    converted.save_pretrained(tmp_path / "rpq")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rpq")  # dtype "auto": the saved one
+    assert loaded.model.layers[0].mlp.up_proj.weight.codebooks.dtype == torch.bfloat16
+    assert torch.equal(run(loaded, {"input_ids": TOKENS}, "logits"), run(converted, {"input_ids": TOKENS}, "logits"))
+    with pytest.raises(ValueError, match="saved in bfloat16; load it with dtype='auto'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "rpq", dtype=torch.float32)
