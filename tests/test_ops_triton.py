@@ -154,7 +154,8 @@ def test_every_kernel_compiles_for_a_gpu(monkeypatch):
         expand.expand_rows(codebooks, codes)
         expand.expand_rows(codebooks, codes, torch.tensor([1, 2]))
         expand.scatter_rows(torch.zeros_like(codebooks), torch.randn(40, 3 * d, dtype=dtype), codes)
-        x, grad = torch.randn(5, 3 * d, dtype=dtype), torch.randn(5, 40, dtype=dtype)
+        batch = 20 if d == 128 else 5  # blocks of 32 rows and of 16
+        x, grad = torch.randn(batch, 3 * d, dtype=dtype), torch.randn(batch, 40, dtype=dtype)
         for method in linear.METHODS:
             linear.linear(x, codebooks, codes, method)
             linear.linear_backward(grad, x, codebooks, codes, True, True, method)

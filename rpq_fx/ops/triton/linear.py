@@ -17,6 +17,8 @@ values are the caller's to check; the launchers take CUDA tensors, or CPU tensor
 interpreter.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,20 +85,23 @@ def _lut_table_kernel(x_ptr, cb_ptr, table_ptr, B, K, d, row_len, SHARED: tl.con
 
 
 @triton.jit
-def _lut_gather_kernel(table_ptr, codes_ptr, out_ptr, B, N, C, K, stride_cc, stride_cn,
+def _lut_gather_kernel(table_ptr, codes_ptr, out_ptr, B, N, C, K, c_per, stride_cc, stride_cn,
                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """``out[b, n] = sum_c table[c, codes[c, n], b]``; table ``[C, K, B]`` float32."""
+    """``out[s, b, n] = sum_{c in part s} table[c, codes[c, n], b]``; table ``[C, K, B]`` float32, the
+    codebooks split into parts of ``c_per`` (axis 2 of the grid) so that a GEMV keeps the GPU busy."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    part = tl.program_id(2)
     mask = (n < N)[:, None] & (b < B)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-    for c in range(C):
+    for c in range(part * c_per, tl.minimum(part * c_per + c_per, C)):
         code = tl.load(codes_ptr + c * stride_cc + n.to(tl.int64) * stride_cn, mask=n < N, other=0)
         code = code.to(tl.int32) & 0xFFFF  # reason: int16 codes above 32767 are stored as negative bit patterns
         row = (c * K + code).to(tl.int64) * B
         valid = mask & (code < K)[:, None]
         acc += tl.load(table_ptr + row[:, None] + b[None, :], mask=valid, other=0.0)
-    tl.store(out_ptr + b[None, :].to(tl.int64) * N + n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    out = out_ptr + part.to(tl.int64) * B * N + b[None, :].to(tl.int64) * N + n[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -120,6 +125,17 @@ def _lut_block_b(batch: int) -> int:
     return min(max(2, triton.next_power_of_2(batch)), _LUT_MAX_BATCH)
 
 
+@functools.cache
+def _programs_on(device: torch.device) -> int:
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(device: torch.device) -> int:
+    """How many programs keep the device busy: 4 a streaming multiprocessor on CUDA (untuned); 8 elsewhere
+    (the interpreter), so that the tests split the codebooks too."""
+    return _programs_on(device) if device.type == "cuda" else 8
+
+
 def _per_slice(codebooks: Tensor, num_codebooks: int) -> Tensor:
     groups, num_codes, dim = codebooks.shape
     return codebooks.expand(num_codebooks, num_codes, dim) if groups == 1 else codebooks
@@ -135,9 +151,15 @@ def _lut_forward(x: Tensor, codebooks: Tensor, codes: Tensor, out: Tensor) -> No
                             UPCAST=_upcast(x), PRECISION=_precision(x.dtype), BLOCK_K=_LUT_BLOCK_K,
                             BLOCK_B=_LUT_MAX_BATCH, BLOCK_J=min(64, max(16, triton.next_power_of_2(dim))))
     block_b = _lut_block_b(batch)
-    grid = (triton.cdiv(out_features, _LUT_BLOCK_N), triton.cdiv(batch, block_b))
-    _lut_gather_kernel[grid](table, codes, out, batch, out_features, num_codebooks, codebooks.shape[1],
+    tiles = triton.cdiv(out_features, _LUT_BLOCK_N) * triton.cdiv(batch, block_b)
+    per_part = triton.cdiv(num_codebooks, max(1, min(num_codebooks, _programs(x.device) // tiles)))
+    parts = triton.cdiv(num_codebooks, per_part)
+    sums = out if parts == 1 else torch.empty(parts, batch, out_features, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(out_features, _LUT_BLOCK_N), triton.cdiv(batch, block_b), parts)
+    _lut_gather_kernel[grid](table, codes, sums, batch, out_features, num_codebooks, num_codes, per_part,
                              codes.stride(0), codes.stride(1), BLOCK_N=_LUT_BLOCK_N, BLOCK_B=block_b)
+    if parts > 1:
+        out.copy_(sums.sum(0))
 
 
 def _lut_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, grad_x: Tensor | None,
@@ -238,8 +260,10 @@ def _fused_grad_codebooks_kernel(grad_ptr, x_ptr, codes_ptr, out_ptr, B, N, row_
 def _fused_args(codebooks: Tensor, codes: Tensor, x: Tensor) -> tuple[tuple, dict]:
     groups, num_codes, dim = codebooks.shape
     args = (codes.shape[1], codes.shape[0] * dim, dim, num_codes, codes.stride(0), codes.stride(1))
-    meta = dict(SHARED=groups == 1, WHOLE=dim % _BLOCK_COL == 0, UPCAST=_upcast(x), PRECISION=_precision(x.dtype), BLOCK_B=_BLOCK_B,
-                BLOCK_N=_BLOCK_N, BLOCK_COL=_BLOCK_COL)
+    # reason: tl.dot takes no side under 16; a batch of up to 16 rows fills a block of 16, not half a block of 32
+    block_b = 16 if x.shape[0] <= 16 else _BLOCK_B
+    meta = dict(SHARED=groups == 1, WHOLE=dim % _BLOCK_COL == 0, UPCAST=_upcast(x), PRECISION=_precision(x.dtype),
+                BLOCK_B=block_b, BLOCK_N=_BLOCK_N, BLOCK_COL=_BLOCK_COL)
     return args, meta
 
 
@@ -267,7 +291,7 @@ def linear(x: Tensor, codebooks: Tensor, codes: Tensor, method: str | None = Non
         _lut_forward(x2, codebooks, codes, out2)
     else:
         args, meta = _fused_args(codebooks, codes, x2)
-        grid = (triton.cdiv(batch, _BLOCK_B), triton.cdiv(codes.shape[1], _BLOCK_N))
+        grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(codes.shape[1], _BLOCK_N))
         _fused_forward_kernel[grid](x2, codebooks, codes, out2, batch, *args, **meta)
     return out
 
@@ -293,7 +317,7 @@ def linear_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, n
         return grad_x, grad_cb
     args, meta = _fused_args(codebooks, codes, x2)
     if need_input:
-        grid = (triton.cdiv(batch, _BLOCK_B), triton.cdiv(x2.shape[1], _BLOCK_COL))
+        grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(x2.shape[1], _BLOCK_COL))
         _fused_grad_input_kernel[grid](grad2, codebooks, codes, gx2, batch, *args, **meta)
     if need_codebooks:
         acc = grad_cb if grad_cb.dtype == torch.float32 else torch.zeros_like(grad_cb, dtype=torch.float32)
