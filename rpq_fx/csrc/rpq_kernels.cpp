@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -70,11 +71,11 @@ void check_groups(int64_t groups, int64_t C, const char* what) {
 template <int BB>
 constexpr int64_t rows_per_tile() { return BB >= 16 ? 64 : 1024 / BB; }
 
-// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw: values stored as T, summed in A.
-// table: [C, K, BB] contiguous; out: row j at out + j * ldo.
-template <typename A, typename T, typename code_t, int BB>
+// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw: the table stored as T, the sums
+// kept in A and stored as O. table: [C, K, BB] contiguous; out: row j at out + j * ldo.
+template <typename A, typename T, typename O, typename code_t, int BB>
 void gather_block(const T* __restrict table, const code_t* __restrict codes, int64_t C, int64_t K, int64_t N,
-                  int64_t n_begin, int64_t n_end, T* __restrict out, int64_t ldo, int64_t bw) {
+                  int64_t n_begin, int64_t n_end, O* __restrict out, int64_t ldo, int64_t bw) {
   constexpr int64_t NB = rows_per_tile<BB>();
   alignas(64) A acc[NB][BB];
   for (int64_t s = n_begin; s < n_end; s += NB) {
@@ -90,8 +91,8 @@ void gather_block(const T* __restrict table, const code_t* __restrict codes, int
       }
     }
     for (int64_t j = 0; j < bw; ++j) {
-      T* __restrict o = out + j * ldo + s;
-      for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<T>(acc[i][j]);
+      O* __restrict o = out + j * ldo + s;
+      for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(acc[i][j]);
     }
   }
 }
@@ -144,15 +145,15 @@ void block_table(Tensor& table, const Tensor& cbe, const Tensor& x, int64_t b0, 
   at::bmm_out(table, cbe, x_block_cdb(x, b0, bw, BB, C, d));
 }
 
-// x, cbe, the tables and out stored as T (the tables from ATen's bmm, which sums in float32 for the 16-bit
-// floats); each output summed in A.
-template <typename A, typename T, typename code_t, int BB>
+// x, cbe and the tables stored as T (the tables from ATen's bmm, which sums in float32 for bfloat16); each output
+// summed in A and stored as O.
+template <typename A, typename T, typename O, typename code_t, int BB>
 Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Tensor out) {
   const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
   const int64_t nbb = (B + BB - 1) / BB;
   const int64_t threads = at::get_num_threads();
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
-  T* out_p = out.data_ptr<T>();
+  O* out_p = out.data_ptr<O>();
   if (nbb >= 2 * threads) {
     // Many batch blocks: each thread builds one block's table and consumes it while it is in cache.
     at::parallel_for(0, nbb, 1, [&](int64_t begin, int64_t end) {
@@ -161,7 +162,7 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Ten
       for (int64_t bb = begin; bb < end; ++bb) {
         const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
         block_table(table, cbe, x, b0, bw, BB, C, d);
-        gather_block<A, T, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
+        gather_block<A, T, O, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
       }
     });
     return out;
@@ -181,15 +182,15 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Ten
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bb = t / chunks, n0 = (t % chunks) * chunk;
       const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-      gather_block<A, T, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
+      gather_block<A, T, O, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
                                   out_p + b0 * N, N, bw);
     }
   });
   return out;
 }
 
-// grad, x and cbe stored as G; the scatter S summed in T, then rounded to G once for ATen's bmms (which sum in
-// float32 for the 16-bit floats).
+// grad stored as G; the scatter S summed in T, then cast to x's dtype for ATen's bmms against x and cbe (which
+// sum in float32 for bfloat16).
 template <typename T, typename G, typename code_t, int BB>
 std::tuple<Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, const Tensor& cbe, const Tensor& codes,
                                          int64_t groups, bool need_x, bool need_cb, Tensor grad_x) {
@@ -250,15 +251,15 @@ int64_t block_width(int64_t B) {
   return 32;
 }
 
-template <typename A, typename T, typename code_t>
+template <typename A, typename T, typename O, typename code_t>
 Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codes, const Tensor& out) {
   switch (block_width(x.size(0))) {
-    case 1: return forward_impl<A, T, code_t, 1>(x, cbe, codes, out);
-    case 2: return forward_impl<A, T, code_t, 2>(x, cbe, codes, out);
-    case 4: return forward_impl<A, T, code_t, 4>(x, cbe, codes, out);
-    case 8: return forward_impl<A, T, code_t, 8>(x, cbe, codes, out);
-    case 16: return forward_impl<A, T, code_t, 16>(x, cbe, codes, out);
-    default: return forward_impl<A, T, code_t, 32>(x, cbe, codes, out);
+    case 1: return forward_impl<A, T, O, code_t, 1>(x, cbe, codes, out);
+    case 2: return forward_impl<A, T, O, code_t, 2>(x, cbe, codes, out);
+    case 4: return forward_impl<A, T, O, code_t, 4>(x, cbe, codes, out);
+    case 8: return forward_impl<A, T, O, code_t, 8>(x, cbe, codes, out);
+    case 16: return forward_impl<A, T, O, code_t, 16>(x, cbe, codes, out);
+    default: return forward_impl<A, T, O, code_t, 32>(x, cbe, codes, out);
   }
 }
 
@@ -299,18 +300,40 @@ bool fast_dtypes(std::initializer_list<at::ScalarType> types) {
 // The type the loops keep sums in for a fast dtype: float32 for the 16-bit floats.
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// f(A{}, T{}, code_t{}): A the type sums are kept in, T the stored type `stored`, code_t the codes' type.
+// Whether ATen's bfloat16 bmm is fast here (oneDNN on AVX512-BF16 or AMX-BF16); elsewhere the products run in float32.
+bool fast_bf16_products() {
+  static const bool fast = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    for (const char* key : {"avx512_bf16", "amx_bf16"}) {
+      auto it = caps.find(key);
+      if (it != caps.end() && it->second.isBool() && it->second.toBool()) return true;
+    }
+    return false;
+  }();
+  return fast;
+}
+
+// The dtype of the products (ATen's bmm) for values stored as `stored`: float16's run in float32 (ATen's CPU
+// float16 bmm was 35x slower than float32 in the backward), bfloat16's where fast_bf16_products().
+at::ScalarType product_type(at::ScalarType stored) {
+  if (stored == at::kHalf || (stored == at::kBFloat16 && !fast_bf16_products())) return at::kFloat;
+  return stored;
+}
+
+// f(A{}, P{}, S{}, code_t{}): sums kept in A, products in P (product_type), values stored as S, codes as code_t.
 template <typename F>
 decltype(auto) dispatch_types(at::ScalarType stored, const Tensor& codes, F&& f) {
-  auto with_codes = [&](auto t, auto s) -> decltype(auto) {
-    if (codes.scalar_type() == at::kShort) return f(t, s, uint16_t{});
-    return f(t, s, uint8_t{});
+  auto with_codes = [&](auto a, auto p, auto s) -> decltype(auto) {
+    if (codes.scalar_type() == at::kShort) return f(a, p, s, uint16_t{});
+    return f(a, p, s, uint8_t{});
   };
   switch (stored) {
-    case at::kDouble: return with_codes(double{}, double{});
-    case at::kBFloat16: return with_codes(float{}, at::BFloat16{});
-    case at::kHalf: return with_codes(float{}, at::Half{});
-    default: return with_codes(float{}, float{});
+    case at::kDouble: return with_codes(double{}, double{}, double{});
+    case at::kBFloat16:
+      if (product_type(stored) == at::kBFloat16) return with_codes(float{}, at::BFloat16{}, at::BFloat16{});
+      return with_codes(float{}, float{}, at::BFloat16{});
+    case at::kHalf: return with_codes(float{}, float{}, at::Half{});
+    default: return with_codes(float{}, float{}, float{});
   }
 }
 
@@ -485,7 +508,7 @@ Tensor expand_backward(const Tensor& grad_in, const Tensor& codes_in, int64_t gr
   }
   // a 16-bit out is summed into a float32 copy and rounded once
   Tensor acc = out.scalar_type() == compute_type(out.scalar_type()) ? out : out.to(compute_type(out.scalar_type()));
-  dispatch_types(grad.scalar_type(), codes, [&](auto t, auto g, auto c) {
+  dispatch_types(grad.scalar_type(), codes, [&](auto t, auto, auto g, auto c) {
     using T = decltype(t);
     using G = decltype(g);
     using code_t = decltype(c);
@@ -546,9 +569,10 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
     linear_forward_aten(x, codebooks, codes, out);
     return out;
   }
-  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
-  return dispatch_types(x.scalar_type(), codes, [&](auto a, auto t, auto c) {
-    return forward_bb<decltype(a), decltype(t), decltype(c)>(x, cbe, codes, out);
+  const at::ScalarType products = product_type(x.scalar_type());
+  Tensor xp = x.to(products), cbe = expanded_codebooks(codebooks.to(products), codes.size(0));
+  return dispatch_types(x.scalar_type(), codes, [&](auto a, auto p, auto s, auto c) {
+    return forward_bb<decltype(a), decltype(p), decltype(s), decltype(c)>(xp, cbe, codes, out);
   });
 }
 
@@ -568,10 +592,14 @@ std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad_in, const Tensor& 
   Tensor gx = need_x ? result_buffer(grad_x_out, x.size(0), x.size(1), x, "rpq_fx linear_backward") : Tensor();
   if (!fast_dtypes({grad.scalar_type(), x.scalar_type(), codebooks.scalar_type()}))
     return {gx, linear_backward_aten(grad, x, codebooks, codes, need_x, need_cb, gx)};
-  Tensor cbe = expanded_codebooks(codebooks, codes.size(0));
-  return dispatch_types(grad.scalar_type(), codes, [&](auto a, auto g, auto c) {
-    return backward_bb<decltype(a), decltype(g), decltype(c)>(grad, x, cbe, codes, groups, need_x, need_cb, gx);
+  const at::ScalarType products = product_type(x.scalar_type());
+  Tensor xp = x.to(products), cbe = expanded_codebooks(codebooks.to(products), codes.size(0));
+  auto result = dispatch_types(grad.scalar_type(), codes, [&](auto a, auto, auto g, auto c) {
+    return backward_bb<decltype(a), decltype(g), decltype(c)>(grad, xp, cbe, codes, groups, need_x, need_cb, gx);
   });
+  Tensor& grad_cb = std::get<1>(result);
+  if (grad_cb.defined()) grad_cb = grad_cb.to(codebooks.scalar_type());  // from the products' dtype
+  return result;
 }
 
 // k-means assignment: for x [B, M, d] and centroids [B, K, d], each point's nearest centroid and its
