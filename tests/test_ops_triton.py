@@ -38,8 +38,8 @@ def test_registered_for_cuda_through_the_dispatcher():
 
 
 def test_stock_kernels_compute_where_triton_cannot(monkeypatch):
-    """Triton missing (or a dtype it does not take): the registered functions compute with the stock kernels,
-    and the status line says why."""
+    """Triton missing (or a dtype it does not take, or deterministic algorithms asked for where it would add
+    with atomics): the registered functions compute with the stock kernels, and the status line says why."""
     from rpq_fx.ops.triton import cuda, expand, linear
 
     g = torch.Generator().manual_seed(0)
@@ -52,6 +52,15 @@ def test_stock_kernels_compute_where_triton_cannot(monkeypatch):
         monkeypatch.setattr(module, name, lambda *args, name=name: calls.append(name))
     assert torch.equal(cuda.linear_compressed(x, codebooks, codes), stock.linear_compressed(x, codebooks, codes))
     assert not calls, "float64 went to a Triton kernel"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the scatters' atomics sum in no fixed order: stock kernels
+    try:
+        grad = torch.randn(3, 10, generator=g)
+        cuda.linear_compressed_backward(grad.float(), x.float(), codebooks.float(), codes, True, True)
+        cuda.expand_backward_add(torch.zeros(2, 16, 4), torch.randn(10, 8, generator=g), codes)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert not calls, "Triton atomics ran under torch.use_deterministic_algorithms(True)"
     monkeypatch.setitem(_triton._state, "reason", "triton cannot be imported (ModuleNotFoundError: triton)")
     codebooks, x = codebooks.float(), x.float()
     assert torch.equal(cuda.expand(codebooks, codes), stock.expand(codebooks, codes))

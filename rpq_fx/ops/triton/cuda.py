@@ -48,9 +48,15 @@ def expand(codebooks: Tensor, codes: Tensor) -> Tensor:
         return _kernels("expand").expand_rows(codebooks, codes)
 
 
+def _order_free() -> bool:
+    # reason: the Triton scatters add with float32 atomics in no fixed order; under
+    # torch.use_deterministic_algorithms(True) the stock kernels (torch's index_add_) compute instead
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 def expand_backward_add(out: Tensor, grad: Tensor, codes: Tensor) -> None:
     """``rpq_fx::_expand_backward_add`` (float32 atomics: the order of the sums is not fixed)."""
-    if not (_triton.serving() and out.dtype in _EXPAND_DTYPES and grad.dtype == out.dtype):
+    if not (_triton.serving() and out.dtype in _EXPAND_DTYPES and grad.dtype == out.dtype and _order_free()):
         return stock.expand_backward_add(out, grad, codes)
     check_codes(codes, out.shape[1], "rpq_fx expand_backward")
     with _on(codes):
@@ -68,8 +74,8 @@ def linear_compressed(x: Tensor, codebooks: Tensor, codes: Tensor) -> Tensor:
 
 def linear_compressed_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, need_input: bool,
                                need_codebooks: bool) -> tuple[Tensor, Tensor]:
-    """``rpq_fx::_linear_compressed_backward``."""
-    if not _linear_applies(x, codebooks):
+    """``rpq_fx::_linear_compressed_backward`` (float32 atomics: the order of the sums is not fixed)."""
+    if not (_linear_applies(x, codebooks) and _order_free()):
         return stock.linear_compressed_backward(grad, x, codebooks, codes, need_input, need_codebooks)
     check_codes(codes, codebooks.shape[1], "rpq_fx linear_backward")
     with _on(codes):
