@@ -7,10 +7,13 @@ AdamW steps, and records how far apart their parameters end (gathered from the s
 training moved them. The other scenarios record the codes checks, rpq_fx.save of a sharded model, DCP and
 rpq_fx.finetune. A scenario that raises on every rank records its error instead. "compile fsdp root" (torch.compile
 of the whole FSDP2 model, 3x the compile time of compiling per block) is left out of the test; run it by name.
+The compile scenarios use the aot_eager backend (dynamo and AOT autograd, no code generation: seconds, not
+minutes); ``RPQ_FX_COMPILE_BACKEND=inductor`` runs them with the default backend.
 """
 
 import copy
 import json
+import os
 import sys
 import time
 import traceback
@@ -31,6 +34,7 @@ import rpq_fx
 from rpq_fx.nn import RPQWeight
 from rpq_fx.distributed import RPQDistributedError, broadcast_codes, check_codes_in_sync, gather_whole, index_buffers
 
+BACKEND = os.environ.get("RPQ_FX_COMPILE_BACKEND", "aot_eager")  # the compile scenarios' torch.compile backend
 STEPS, BATCH, WIDTH, OUT = 3, 8, 72, 95  # odd sizes: FSDP2 shards some tensors unevenly
 SETTINGS = dict(codebook_dim=8, num_codes=16, progress=False)
 
@@ -125,10 +129,10 @@ def training(capture: str, wrapper: str, *, checkpoint=False, path="auto", compi
     wrapped = wrap(model, wrapper)
     inner = wrapped.module if wrapper == "ddp" else wrapped
     if compile and wrapper != "fsdp blocks":
-        wrapped = torch.compile(wrapped, backend="aot_eager")
+        wrapped = torch.compile(wrapped, backend=BACKEND)
     elif compile:  # per block, as FSDP2's documentation does: a quarter of the compile time of the whole
         for block in inner.blocks:
-            block.compile(backend="aot_eager")
+            block.compile(backend=BACKEND)
     train(wrapped, batches(rank), path)
     check_codes_in_sync(wrapped)
     params = {name: full(p).detach() for name, p in inner.named_parameters()}
