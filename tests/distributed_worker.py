@@ -211,10 +211,11 @@ def checkpoints(out: Path) -> dict:
             "placements": str(codebooks.placements), "gather_whole": gathered}
 
 
-def finetune_models() -> tuple[nn.Module, nn.Module]:
-    """The dense teacher and its converted student (random codebooks, to train from), the same on every rank."""
+def finetune_models(layers: tuple = ()) -> tuple[nn.Module, nn.Module]:
+    """The dense teacher and its converted student (random codebooks, to train from), the same on every rank;
+    converted in place where ``layers`` are distilled too (their forwards must still run)."""
     torch.manual_seed(0)
-    teacher = Net()
+    teacher = Untraceable() if layers else Net()
     return teacher, rpq_fx.convert(teacher, **SETTINGS)
 
 
@@ -226,7 +227,10 @@ def finetune_data(rank: int | None) -> tuple[list, list]:
     return data, validation if rank is None else [x.chunk(2)[rank] for x in validation]
 
 
-FINETUNE = {"plain": (None, None), "ddp mse": ("ddp", F.mse_loss), "fsdp": ("fsdp root", None)}
+FINETUNE = {  # name: wrapper, loss, layers distilled too
+    "plain": (None, None, ()), "ddp mse": ("ddp", F.mse_loss, ()), "fsdp": ("fsdp root", None, ()),
+    "fsdp blocks, layers": ("fsdp blocks", None, ("blocks.0",)), "plain mse, layers": (None, F.mse_loss, ("blocks.1",)),
+}
 FINETUNE_ARGS = dict(steps=4, lr=1e-2, validate_every=2, progress=False)
 
 
@@ -234,10 +238,11 @@ def finetune(out: Path) -> dict:
     """rpq_fx.finetune on each rank's halves of the batches (the test runs one process on the wholes)."""
     rank, losses = dist.get_rank(), {}
     data, validation = finetune_data(rank)
-    for name, (wrapper, loss) in FINETUNE.items():
-        teacher, student = finetune_models()
+    for name, (wrapper, loss, layers) in FINETUNE.items():
+        teacher, student = finetune_models(layers)
         model = wrap(student, wrapper) if wrapper else student
-        losses[name] = rpq_fx.finetune(model, teacher, data, loss=loss, validation=validation, **FINETUNE_ARGS)
+        losses[name] = rpq_fx.finetune(model, teacher, data, loss=loss, layers=layers, validation=validation,
+                                       **FINETUNE_ARGS)
         if wrapper or rank == 0:  # a wrapped model is saved by every rank calling save, a plain one by one rank
             rpq_fx.save(model, out / f"finetune {name}.safetensors")
     teacher, student = finetune_models()

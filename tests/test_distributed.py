@@ -132,11 +132,13 @@ def test_finetune_on_two_ranks_equals_one_process_on_the_concatenated_batches(ru
     out, results = run
     losses = result(run, "finetune")[name]
     assert not dist.is_initialized()
-    teacher, student = finetune_models()
+    _, loss, layers = FINETUNE[name]
+    teacher, student = finetune_models(layers)
     data, validation = finetune_data(None)
-    expected = rpq_fx.finetune(student, teacher, data, loss=FINETUNE[name][1], validation=validation, **FINETUNE_ARGS)
+    expected = rpq_fx.finetune(student, teacher, data, loss=loss, layers=layers, validation=validation,
+                               **FINETUNE_ARGS)
     assert losses == pytest.approx(expected, rel=1e-5)
-    loaded = rpq_fx.load(finetune_models()[0], out / f"finetune {name}.safetensors")
+    loaded = rpq_fx.load(finetune_models(layers)[0], out / f"finetune {name}.safetensors")
     trained = dict(student.named_parameters())
     for key, value in loaded.named_parameters():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=1e-5)
