@@ -1,0 +1,140 @@
+"""The block-by-block data-aware fit (rpq_fx.fit.sequential) through convert_checkpoint: the same
+codebooks and codes as the whole-model ``convert(..., init="kmeans", calibration=...)``, blocks read
+one at a time, and clear errors for models it cannot split into blocks."""
+
+import accelerate
+import pytest
+import torch
+from safetensors.torch import save_model
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import rpq_fx
+import rpq_fx.fit
+from rpq_fx.fit import sequential
+from rpq_fx.fit.sequential import find_blocks
+from rpq_fx.stream import DenseCheckpoint, convert_checkpoint
+
+CONFIG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2)
+
+
+def calibration() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    items = [{"input_ids": torch.randint(0, 128, (2, 8), generator=g),
+              "attention_mask": torch.ones(2, 10, dtype=torch.long)} for _ in range(2)]
+    items[1]["attention_mask"][0, 5:] = 0  # padding positions are left out of the statistics
+    return items
+
+
+def _statistics(stats) -> tuple | None:
+    return None if stats is None else tuple(None if t is None else t.clone()
+                                            for t in (stats.hessian, stats.cross, stats.row_counts))
+
+
+def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, monkeypatch):
+    """Each layer's fit gets the same statistics (Gram matrix, asymmetric cross-covariance, lookup counts)
+    as in ``convert(..., calibration=...)``, given the same fitted layers before it. (Left to fit by
+    itself, a k-means code can flip on a last-bit difference of a hidden state: CPU kernels do not give
+    bit-identical sums on every call, and the flip then changes every later layer's inputs.)"""
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(CONFIG).eval()
+    save_model(dense, str(tmp_path / "model.safetensors"))
+    config = rpq_fx.RPQConfig(num_codebooks=4, num_codes=16, error_feedback=False, init="kmeans", seed=2,
+                              overrides={"*.mlp.down_proj": {"asymmetric": False}})
+    seen, fitted = {}, {}
+    fit = rpq_fx.fit._fit
+
+    def record(plan, weight, stats, seed):
+        seen[plan.name] = (_statistics(stats), seed)
+        outcome = fit(plan, weight, stats, seed)
+        fitted[plan.name] = ({k: v.clone() for k, v in weight.state_dict().items()}, outcome)
+        return outcome
+
+    monkeypatch.setattr(rpq_fx.fit, "_fit", record)
+    # reason: call_groups groups consecutive layers by their input's data_ptr; a freed input's memory can come
+    # back as the next layer's input and join two groups at random (reported): holding every input avoids it
+    held = []
+    hold = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: held.append(args))
+    try:
+        expected = rpq_fx.convert(dense, config=config, calibration=calibration(), progress=False)
+        got_stats, reads = {}, []
+
+        def replay(plan, weight, stats, seed):
+            got_stats[plan.name] = (_statistics(stats), seed)
+            state, outcome = fitted[plan.name]
+            weight.load_state_dict(state)
+            return outcome
+
+        monkeypatch.setattr(sequential, "_fit", replay)
+        read = DenseCheckpoint.read
+        monkeypatch.setattr(DenseCheckpoint, "read", lambda self, name: reads.append(name) or read(self, name))
+        with accelerate.init_empty_weights():
+            model = LlamaForCausalLM(CONFIG).eval()
+        out = convert_checkpoint(model, tmp_path / "model.safetensors", tmp_path / "out.safetensors", config=config,
+                                 calibration=calibration(), progress=False)
+    finally:
+        hold.remove()
+    assert got_stats.keys() == seen.keys() and len(seen) > 10
+    for name, (want, want_seed) in seen.items():
+        stats, seed = got_stats[name]
+        assert seed == want_seed, name
+        assert (stats is None) == (want is None), name
+        for value, reference in zip(stats or (), want or ()):
+            assert (value is None) == (reference is None), name
+            if value is not None:
+                torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-9 * reference.abs().max().item(),
+                                           msg=lambda text: f"{name}: {text}")
+    kinds = {name: tuple(t is not None for t in stats) for name, (stats, _) in seen.items() if stats is not None}
+    assert kinds["model.embed_tokens.weight"] == (False, False, True)  # lookup counts
+    assert kinds["model.layers.1.self_attn.q_proj.weight"] == (True, True, False)  # asymmetric: cross-covariance
+    assert kinds["model.layers.1.mlp.down_proj.weight"] == (True, False, False)  # asymmetric=False
+    with accelerate.init_empty_weights():
+        model = LlamaForCausalLM(CONFIG).eval()
+    got = rpq_fx.load(model, out)
+    want = expected.state_dict()
+    for name, tensor in got.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    assert rpq_fx.conversion_record(got).fits == rpq_fx.conversion_record(expected).fits
+    # one block at a time: each block's converted weights read together, once, in order
+    converted = {layer.name for layer in rpq_fx.conversion_record(got).layers if layer.converted}
+    in_blocks = [name for name in reads if name.startswith("model.layers.") and name in converted]
+    order = [int(name.split(".")[2]) for name in in_blocks]
+    assert order == sorted(order) and len(in_blocks) == len(set(in_blocks)) and set(order) == {0, 1, 2}
+
+
+def test_find_blocks():
+    with accelerate.init_empty_weights():
+        assert find_blocks(LlamaForCausalLM(CONFIG)) == "model.layers"
+        assert find_blocks(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2))) == "transformer.h"
+    with pytest.raises(rpq_fx.RPQConversionError, match="Sequential has no nn.ModuleList of blocks"):
+        find_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+
+
+class Shared(nn.Module):
+    """Two blocks in a ModuleList, one weight shared between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.ReLU()) for _ in range(2))
+        self.blocks[1][0].weight = self.blocks[0][0].weight
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_models_it_cannot_split_get_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    save_model(Shared(), str(tmp_path / "shared.safetensors"))
+    settings = dict(num_codebooks=2, num_codes=4, init="kmeans", calibration=[torch.randn(4, 32)], progress=False)
+    with torch.device("meta"):
+        model = Shared().eval()
+    with pytest.raises(rpq_fx.RPQConversionError, match="'blocks.0.0.weight' is shared by .*across blocks"):
+        convert_checkpoint(model, tmp_path / "shared.safetensors", tmp_path / "a.safetensors", **settings)
+    mlp = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    save_model(mlp, str(tmp_path / "mlp.safetensors"))
+    with pytest.raises(rpq_fx.RPQConversionError, match="no nn.ModuleList of blocks.*rpq_fx.convert"):
+        convert_checkpoint(mlp.to("meta"), tmp_path / "mlp.safetensors", tmp_path / "b.safetensors", **settings)
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
