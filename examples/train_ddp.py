@@ -35,6 +35,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    dense = rpq_fx.model_size(model)
     model = rpq_fx.RPQ(model, progress=False)  # convert first, then wrap
     check_codes_in_sync(model)  # the same seed gave every rank the same codes
     ddp = DistributedDataParallel(model)
@@ -63,7 +64,7 @@ def main() -> None:
         with torch.no_grad():
             accuracy = (model(data.tensors[0]).argmax(1) == data.tensors[1]).float().mean().item()
         print(f"{world} ranks, {args.steps} steps: accuracy {accuracy:.3f} on all {len(data)} digits; "
-              f"{rpq_fx.model_size(model):.3f} MiB saved to {args.out}")
+              f"{dense:.3f} MiB dense -> {rpq_fx.model_size(model):.3f} MiB RPQ, saved to {args.out}")
     dist.destroy_process_group()
 
 
