@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -141,28 +142,43 @@ def _layer(original: nn.Module, name: str, part: RPQGraphModule, plans: list[Lay
     return part
 
 
-def _outside_reads(whole: RPQGraphModule | None) -> dict[str, str]:
+def _outside_reads(whole: RPQGraphModule) -> dict[str, str]:
     """``{parameter name: the ops reading it}`` for every parameter the traced whole model reads as a
-    tensor rather than through its layer's call (timm's EVA: ``F.linear(x, self.qkv.weight, bias)``)."""
+    tensor in another module's forward than its owner's (timm's EVA: ``F.linear(x, self.qkv.weight, b)``
+    in its attention block)."""
     reads = {}
-    for node in (n for graph in graphs_of(whole) for n in graph.nodes) if whole is not None else ():
-        if node.op == "get_attr" and isinstance(parameter_at(whole, node.target), nn.Parameter):
+    for node in (n for graph in graphs_of(whole) for n in graph.nodes):
+        if node.op != "get_attr" or not isinstance(parameter_at(whole, node.target), nn.Parameter):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        reader = next(reversed(stack.values()))[0] if stack else ""
+        if reader != node.target.rpartition(".")[0]:
             reads[node.target] = ", ".join(sorted({getattr(u.target, "__name__", str(u.target)) for u in node.users}))
     return reads
 
 
-def _keep_dense_where_read_outside(plans: list[LayerPlan], whole: RPQGraphModule | None, strict: bool) -> None:
-    """Leave dense each weight whose layer's forward is not its only reader: code that reads the
-    layer's ``weight`` tensor itself would meet an RPQ weight."""
+def _agree_with_whole(plans: list[LayerPlan], whole: RPQGraphModule, model: nn.Module, config: RPQConfig,
+                      filter_fn) -> None:
+    """Leave dense each weight that the whole-model trace ``whole`` shows is no layer weight (fx's
+    plan says why: a positional table read by indexing), or that code outside its layer reads as a
+    tensor (it would meet an RPQ weight, which module capture cannot rewrite there)."""
+    with warnings.catch_warnings():  # reason: the same override patterns were checked, and warned about, once
+        warnings.simplefilter("ignore")
+        verdicts = {plan.name: plan for plan in plan_conversion(whole, model, config, filter_fn)}
     reads = _outside_reads(whole)
     for plan in plans:
         reader = next((reads[alias] for alias in plan.aliases if alias in reads), None)
-        if plan.converted and reader is not None:
+        verdict = verdicts.get(plan.name)
+        if not plan.converted:
+            continue
+        if reader is not None:
             plan.reason = (f"read as a tensor outside its layer's forward (by {reader}), which module capture "
                            "cannot rewrite; capture='fx' converts it")
-            plan.settings = plan.num_codebooks = plan.codebook_dim = None
-    if strict:
-        check_strict(plans)
+        elif verdict is not None and not verdict.ops:
+            plan.reason = verdict.reason
+        else:
+            continue
+        plan.settings = plan.num_codebooks = plan.codebook_dim = None
 
 
 def _convert_module(model: nn.Module, path: str, config: RPQConfig, filter_fn, strict: bool, inplace: bool,
@@ -174,14 +190,21 @@ def _convert_module(model: nn.Module, path: str, config: RPQConfig, filter_fn, s
     parts = {name: _capture_part(module) for name, module in model.named_modules()
              if name and any(p.dim() >= 2 for p in module.parameters(recurse=False))}
     plans = plan_conversion(parts, model, config, filter_fn, strict)
-    _keep_dense_where_read_outside(plans, whole, strict)
+    if whole is not None:
+        _agree_with_whole(plans, whole, model, config, filter_fn)
+        if strict:
+            check_strict(plans)
+    converted = {id(plan.param) for plan in plans if plan.converted}
+    # with the whole trace, a module is rewritten only for weights of its own: its children are layers of their own
+    needed = {name for name in parts if whole is None or any(
+        id(p) in converted for p in model.get_submodule(name).parameters(recurse=False))}
     weights, fits = _weights(model, plans, config, calibration, progress)
     memo = {} if inplace else _placeholders(plans)
     work = model if inplace else copy.deepcopy(model, memo)
     for name, part in parts.items():
         part = part if inplace else _copy(part, memo)
         _finish(part, plans, weights, config, prefix=f"{name}.")
-        if any(isinstance(m, RPQWeight) for m in part.modules()):
+        if name in needed and any(isinstance(m, RPQWeight) for m in part.modules()):
             work.set_submodule(name, _layer(work.get_submodule(name), name, part, plans, weights))
     if inplace:
         _free_converted(model, plans)

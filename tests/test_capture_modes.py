@@ -294,3 +294,26 @@ def test_module_capture_keeps_timm_models_whole(check, name):
         check.outputs_close(converted.forward_features(x), reference.forward_features(x))
     converted.reset_classifier(3)
     assert converted(x).shape == (2, 3)
+
+
+class OwnsATable(nn.Module):
+    """Owns a 2-D table it indexes (swin's relative position bias) beside a child layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(64, 4))
+        self.fc = nn.Linear(32, 64)
+
+    def forward(self, x, index: torch.Tensor | None = None):
+        return self.fc(x) + self.table[torch.arange(64) % 7].sum(-1)
+
+
+def test_module_capture_leaves_a_table_dense_as_fx_does_and_its_owners_children_real_layers(check):
+    model = nn.Sequential(OwnsATable()).eval()
+    converted = rpq_fx.convert(model, capture="module", **SETTINGS)
+    layers = {layer.name: layer for layer in rpq_fx.conversion_record(converted).layers}
+    assert not layers["0.table"].converted and "not the weight of a linear" in layers["0.table"].reason
+    assert type(converted[0]) is OwnsATable and type(converted[0].fc) is RPQLinear
+    check.matches_dense_reference(model, converted, torch.randn(3, 32))
+    untraceable = rpq_fx.convert(Branchy().eval(), **SETTINGS)  # no whole trace: its parts as before
+    assert isinstance(untraceable.mha, rpq_fx.RPQGraphModule)
