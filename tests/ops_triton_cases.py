@@ -139,6 +139,26 @@ def test_linear_backward_computes_only_what_is_asked(kern, method):
     _close(gcb, gcb_ref, torch.float32)
 
 
+@pytest.mark.parametrize("method", ["lut", "fused"])
+def test_reductions_split_over_programs_add_up(kern, monkeypatch, method):
+    """A GEMV has too few output tiles to fill a GPU: the reduction is split into parts whose partial sums
+    are added after (the interpreter asks for 8 programs, so these small shapes split too)."""
+    parts = []
+
+    def split(tiles, steps, device, split=kern.linear._split):
+        parts.append(split(tiles, steps, device)[0])
+        return split(tiles, steps, device)
+
+    monkeypatch.setattr(kern.linear, "_split", split)
+    codebooks, codes = _weight(4, 16, 32, 200, False, torch.float16)
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(3)).half().to(DEVICE)
+    grad = torch.randn(2, 200, generator=torch.Generator().manual_seed(4)).half().to(DEVICE)
+    y_ref, gx_ref, _ = _dense_linear(x, codebooks, codes, grad)
+    _close(kern.linear.linear(x, codebooks, codes, method), y_ref, torch.float16)
+    _close(kern.linear.linear_backward(grad, x, codebooks, codes, True, False, method)[0], gx_ref, torch.float16)
+    assert parts and max(parts) > 1 and (GPU or min(parts[:2 if method == "fused" else 1]) > 1), parts
+
+
 @settings(max_examples=12, deadline=None)
 @given(C=st.integers(1, 6), d=st.integers(1, 40), K=st.sampled_from([16, 256]), shared=st.booleans(),
        N=st.integers(1, 80), batch=st.integers(1, 40), method=st.sampled_from([None, "lut", "fused"]),

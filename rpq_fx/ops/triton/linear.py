@@ -85,7 +85,7 @@ def _lut_table_kernel(x_ptr, cb_ptr, table_ptr, B, K, d, row_len, SHARED: tl.con
 
 
 @triton.jit
-def _lut_gather_kernel(table_ptr, codes_ptr, out_ptr, B, N, C, K, c_per, stride_cc, stride_cn,
+def _lut_gather_kernel(table_ptr, codes_ptr, out_ptr, B, N, C, K, stride_cc, stride_cn, c_per,
                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
     """``out[s, b, n] = sum_{c in part s} table[c, codes[c, n], b]``; table ``[C, K, B]`` float32, the
     codebooks split into parts of ``c_per`` (axis 2 of the grid) so that a GEMV keeps the GPU busy."""
@@ -136,6 +136,24 @@ def _programs(device: torch.device) -> int:
     return _programs_on(device) if device.type == "cuda" else 8
 
 
+def _split(tiles: int, steps: int, device: torch.device) -> tuple[int, int]:
+    """``(parts, steps per part)``: a reduction of ``steps`` blocks split so that ``tiles * parts`` programs
+    keep the device busy (partial sums added after): a GEMV or a short GEMM has too few output tiles."""
+    per_part = triton.cdiv(steps, max(1, min(steps, _programs(device) // tiles)))
+    return triton.cdiv(steps, per_part), per_part
+
+
+def _split_launch(kernel, grid: tuple[int, int], steps: int, block: int, inputs: tuple, out: Tensor, sizes: tuple,
+                  **meta) -> None:
+    """``kernel(*inputs, out, *sizes, span)`` over ``grid`` and the parts of its reduction of ``steps`` blocks of
+    ``block`` (:func:`_split`; ``span`` a part's share), the partial sums added into ``out``."""
+    parts, per_part = _split(grid[0] * grid[1], steps, out.device)
+    sums = out if parts == 1 else out.new_empty(parts, *out.shape, dtype=torch.float32)
+    kernel[(*grid, parts)](*inputs, sums, *sizes, per_part * block, **meta)
+    if parts > 1:
+        out.copy_(sums.sum(0))
+
+
 def _per_slice(codebooks: Tensor, num_codebooks: int) -> Tensor:
     groups, num_codes, dim = codebooks.shape
     return codebooks.expand(num_codebooks, num_codes, dim) if groups == 1 else codebooks
@@ -151,15 +169,10 @@ def _lut_forward(x: Tensor, codebooks: Tensor, codes: Tensor, out: Tensor) -> No
                             UPCAST=_upcast(x), PRECISION=_precision(x.dtype), BLOCK_K=_LUT_BLOCK_K,
                             BLOCK_B=_LUT_MAX_BATCH, BLOCK_J=min(64, max(16, triton.next_power_of_2(dim))))
     block_b = _lut_block_b(batch)
-    tiles = triton.cdiv(out_features, _LUT_BLOCK_N) * triton.cdiv(batch, block_b)
-    per_part = triton.cdiv(num_codebooks, max(1, min(num_codebooks, _programs(x.device) // tiles)))
-    parts = triton.cdiv(num_codebooks, per_part)
-    sums = out if parts == 1 else torch.empty(parts, batch, out_features, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(out_features, _LUT_BLOCK_N), triton.cdiv(batch, block_b), parts)
-    _lut_gather_kernel[grid](table, codes, sums, batch, out_features, num_codebooks, num_codes, per_part,
-                             codes.stride(0), codes.stride(1), BLOCK_N=_LUT_BLOCK_N, BLOCK_B=block_b)
-    if parts > 1:
-        out.copy_(sums.sum(0))
+    grid = (triton.cdiv(out_features, _LUT_BLOCK_N), triton.cdiv(batch, block_b))
+    _split_launch(_lut_gather_kernel, grid, num_codebooks, 1, (table, codes), out,
+                  (batch, out_features, num_codebooks, num_codes, codes.stride(0), codes.stride(1)),
+                  BLOCK_N=_LUT_BLOCK_N, BLOCK_B=block_b)
 
 
 def _lut_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, grad_x: Tensor | None,
@@ -183,14 +196,16 @@ def _lut_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, gra
 # --------------------------------------------------------------------------- fused: W tiles gathered, then tl.dot
 
 @triton.jit
-def _fused_forward_kernel(x_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
+def _fused_forward_kernel(x_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn, span,
                           SHARED: tl.constexpr, WHOLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_COL: tl.constexpr):
-    """``out[b, n] = sum_col x[b, col] W[n, col]``, W's tile gathered each step."""
+    """``out[part, b, n] = sum_col x[b, col] W[n, col]`` over the part's ``span`` columns (axis 2 of the grid),
+    W's tile gathered each step."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    part = tl.program_id(2)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for col0 in range(0, row_len, BLOCK_COL):
+    for col0 in range(part * span, tl.minimum(part * span + span, row_len), BLOCK_COL):
         col = col0 + tl.arange(0, BLOCK_COL)
         offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col0, N, row_len, d, K, stride_cc, stride_cn,
                                       SHARED, False, WHOLE, BLOCK_COL)
@@ -202,20 +217,23 @@ def _fused_forward_kernel(x_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K
             xs = xs.to(tl.float32)
         acc += tl.dot(xs, tl.trans(w), input_precision=PRECISION)
     mask = (b < B)[:, None] & (n < N)[None, :]
-    tl.store(out_ptr + b.to(tl.int64)[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    out = out_ptr + part.to(tl.int64) * B * N + b.to(tl.int64)[:, None] * N + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _fused_grad_input_kernel(grad_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn,
+def _fused_grad_input_kernel(grad_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len, d, K, stride_cc, stride_cn, span,
                              SHARED: tl.constexpr, WHOLE: tl.constexpr, UPCAST: tl.constexpr,
                              PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_COL: tl.constexpr):
-    """``out[b, col] = sum_n grad[b, n] W[n, col]``, W's tile gathered each step."""
+    """``out[part, b, col] = sum_n grad[b, n] W[n, col]`` over the part's ``span`` rows of W (axis 2 of the
+    grid), W's tile gathered each step."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     col0 = tl.program_id(1) * BLOCK_COL
     col = col0 + tl.arange(0, BLOCK_COL)
+    part = tl.program_id(2)
     acc = tl.zeros((BLOCK_B, BLOCK_COL), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(part * span, tl.minimum(part * span + span, N), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         offset, inside, valid = _tile(codes_ptr, codes_ptr, n, col0, N, row_len, d, K, stride_cc, stride_cn,
                                       SHARED, False, WHOLE, BLOCK_COL)
@@ -227,8 +245,8 @@ def _fused_grad_input_kernel(grad_ptr, cb_ptr, codes_ptr, out_ptr, B, N, row_len
             g = g.to(tl.float32)
         acc += tl.dot(g, w, input_precision=PRECISION)
     mask = (b < B)[:, None] & (col < row_len)[None, :]
-    tl.store(out_ptr + b.to(tl.int64)[:, None] * row_len + col[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    out = out_ptr + part.to(tl.int64) * B * row_len + b.to(tl.int64)[:, None] * row_len + col[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -292,7 +310,8 @@ def linear(x: Tensor, codebooks: Tensor, codes: Tensor, method: str | None = Non
     else:
         args, meta = _fused_args(codebooks, codes, x2)
         grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(codes.shape[1], _BLOCK_N))
-        _fused_forward_kernel[grid](x2, codebooks, codes, out2, batch, *args, **meta)
+        _split_launch(_fused_forward_kernel, grid, triton.cdiv(x2.shape[1], _BLOCK_COL), _BLOCK_COL,
+                      (x2, codebooks, codes), out2, (batch, *args), **meta)
     return out
 
 
@@ -318,7 +337,8 @@ def linear_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, n
     args, meta = _fused_args(codebooks, codes, x2)
     if need_input:
         grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(x2.shape[1], _BLOCK_COL))
-        _fused_grad_input_kernel[grid](grad2, codebooks, codes, gx2, batch, *args, **meta)
+        _split_launch(_fused_grad_input_kernel, grid, triton.cdiv(out_features, _BLOCK_N), _BLOCK_N,
+                      (grad2, codebooks, codes), gx2, (batch, *args), **meta)
     if need_codebooks:
         acc = grad_cb if grad_cb.dtype == torch.float32 else torch.zeros_like(grad_cb, dtype=torch.float32)
         grid = (triton.cdiv(out_features, _BLOCK_N), triton.cdiv(x2.shape[1], _BLOCK_COL))
