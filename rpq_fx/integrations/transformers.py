@@ -16,14 +16,13 @@ dtype; other choices are refused before anything is read.
 
 import copy
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.core_model_loading import revert_weight_conversion
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -96,6 +95,14 @@ class RPQHfConfig(QuantizationConfigMixin):
                 "rpq_config": self.rpq_config.to_dict(), "layers": copy.deepcopy(self.layers)}
 
 
+def _pretrained(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel``."""
+    # reason: registering must stay cheap (import rpq_fx does it); no model can be a PreTrainedModel before
+    # transformers.modeling_utils is imported, so this one is not imported until then
+    utils = sys.modules.get("transformers.modeling_utils")
+    return utils is not None and isinstance(model, utils.nn.Module)
+
+
 def _devices(device_map) -> set[str]:
     if isinstance(device_map, Mapping):
         return {str(torch.device(d) if isinstance(d, int) else d) for d in device_map.values()}
@@ -136,6 +143,8 @@ def _check_files(model: nn.Module, files: list[str] | None) -> set[str]:
             for key in f.keys():
                 piece = f.get_slice(key)
                 stored[key], where[key] = (piece.get_shape(), piece.get_dtype()), file
+    from transformers.core_model_loading import revert_weight_conversion  # loaded by from_pretrained already
+
     own = _tensors(model)
     views = {name: tensor.detach() for name, tensor in own.items()}  # one object per name, to follow each
     by_view = {id(view): name for name, view in views.items()}
@@ -181,7 +190,7 @@ def _check_files(model: nn.Module, files: list[str] | None) -> set[str]:
     return {name for key, name in names.items() if name is not None and key not in stored}
 
 
-def _tie(model: PreTrainedModel) -> None:
+def _tie(model: nn.Module) -> None:
     """Tie ``model``'s weights as its config says (``tie_word_embeddings``), as ``tie_weights`` would:
     the saved model was converted with them tied, and a tied weight converts to one RPQ weight."""
     # reason: from_pretrained builds the model with tie_weights disabled and ties after loading the weights;
@@ -202,7 +211,7 @@ def _retie_converted(model: nn.Module) -> None:
              for layer in record.layers if layer.converted for alias in layer.aliases
              if isinstance(modules.get(alias), RPQWeight)}
     for prefix, module in model.named_modules():
-        if not isinstance(module, PreTrainedModel):
+        if not _pretrained(module):
             continue
         dotted = f"{prefix}." if prefix else ""
         tied = getattr(module, "_tied_weights_keys", None)
@@ -215,7 +224,7 @@ def _retie_converted(model: nn.Module) -> None:
                                             if dotted + t not in parts}
 
 
-def _rebuild(model: PreTrainedModel, config: RPQHfConfig) -> None:
+def _rebuild(model: nn.Module, config: RPQHfConfig) -> None:
     """Convert ``model`` (empty, on the meta device) as the saved one was, in place, and check that
     every weight's decision (converted how, or left dense why) is the saved one."""
     saved = config.layers
@@ -301,7 +310,7 @@ class RPQHfQuantizer(HfQuantizer):
                              "instead)")
         return dtype
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs) -> None:
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs) -> None:
         if not self.pre_quantized:
             return
         if self.quantization_config.layers is None:
@@ -319,7 +328,7 @@ class RPQHfQuantizer(HfQuantizer):
 
         self._loading = model.register_state_dict_post_hook(drop)
 
-    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
         if self.pre_quantized:
             self._loading.remove()
             _check_loaded(model)
@@ -332,7 +341,7 @@ class RPQHfQuantizer(HfQuantizer):
         _retie_converted(model)
         return model
 
-    def get_state_dict_and_metadata(self, model: PreTrainedModel):
+    def get_state_dict_and_metadata(self, model: nn.Module):
         """At ``save_pretrained``, before ``config.json`` is written: the record it gets is the model's own,
         and a model whose converted layers were replaced since is refused."""
         record = conversion_record(model)
@@ -356,7 +365,8 @@ def _attach(model: nn.Module) -> None:
     """A Hugging Face model that ``convert`` or ``load`` returns is marked quantized with ``"rpq"``, as
     ``from_pretrained`` marks one, so ``save_pretrained`` writes what ``from_pretrained`` rebuilds."""
     record = conversion_record(model)
-    if not isinstance(model, PreTrainedModel) or record is None:
+    # reason: a torch.export capture of a Hugging Face model can pass as one (isinstance) without being one
+    if not _pretrained(model) or isinstance(model, torch.fx.GraphModule) or record is None:
         return
     config = RPQHfConfig.from_record(record)
     model.config.quantization_config = config
