@@ -283,13 +283,25 @@ def save(model: nn.Module, path: str | os.PathLike, *, spec: str | None = None) 
         raise ValueError(f"save: {len(on_meta)} tensors are on the meta device and hold no values "
                          f"(first: '{on_meta[0]}'); load or initialise the weights before saving")
     collective = sharded or replicated
-    writer = not collective or dist.get_rank() == 0
+    writer = not collective or dist.get_rank() == 0  # the writing rank is 0 (global)
     if sharded:
         named = _gathered(named, writer)
-    if writer:
+    if not collective:
         _save(model, record, named, Path(path), spec)
-    if collective:
-        dist.barrier()  # reason: every rank returns once rank 0 has written the file
+        return Path(path)
+    failed = None
+    if writer:
+        try:
+            _save(model, record, named, Path(path), spec)
+        except Exception as error:
+            failed = error
+    # reason: every rank returns once rank 0 has written the file, or raises if it could not
+    said = [None if failed is None else f"{type(failed).__name__}: {failed}"]
+    dist.broadcast_object_list(said, src=0)
+    if failed is not None:
+        raise failed
+    if said[0] is not None:
+        raise RuntimeError(f"save: rank 0 could not write {path}: {said[0]}")
     return Path(path)
 
 

@@ -194,6 +194,13 @@ def checkpoints(out: Path) -> dict:
     wrap(model, "fsdp blocks")
     rpq_fx.save(model, out / "fsdp.safetensors")  # before training: the same file as the unwrapped model's
     rpq_fx.save(model, out / f"fsdp_rank{rank}.safetensors")  # rank 1 writes nothing
+    try:  # a path under a file: rank 0 cannot write it
+        rpq_fx.save(model, out / "plain.safetensors" / "x.safetensors")
+        failed = "saved"
+    except Exception as error:
+        failed = f"{type(error).__name__}: {error}"
+    failures = [None, None]
+    dist.all_gather_object(failures, failed)
     train(model, batches(rank))
     rpq_fx.save(model, out / "trained.safetensors")
     dcp.save(get_model_state_dict(model), checkpoint_id=out / "dcp")
@@ -207,7 +214,7 @@ def checkpoints(out: Path) -> dict:
     mine = (codebooks.to_local().shape[0], whole is None if rank else torch.equal(whole, everywhere))
     gathered = [None, None]
     dist.all_gather_object(gathered, mine)
-    return {"dcp_2_to_2_equal": same, "files": sorted(p.name for p in out.glob("*.safetensors")),
+    return {"dcp_2_to_2_equal": same, "files": sorted(p.name for p in out.glob("*.safetensors")), "failures": failures,
             "placements": str(codebooks.placements), "gather_whole": gathered}
 
 

@@ -100,6 +100,9 @@ def test_save_of_an_fsdp_model_writes_the_unwrapped_models_file_on_rank_0_only(r
     # reason: safetensors writes its metadata keys in hash order, which differs between processes
     assert _header_and_data(out / "plain.safetensors") == _header_and_data(out / "fsdp.safetensors")
     assert got["dcp_2_to_2_equal"]
+    rank0, rank1 = got["failures"]
+    assert rank0.startswith(("FileExistsError", "NotADirectoryError")), rank0
+    assert rank1 == f"RuntimeError: save: rank 0 could not write {out}/plain.safetensors/x.safetensors: {rank0}"
     assert got["placements"] == "(Shard(dim=0),)"
     assert got["gather_whole"] == [[5, True], [4, True]], "9 rows gathered whole on rank 0, None on rank 1"
 
