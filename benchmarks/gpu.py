@@ -13,9 +13,9 @@
    dense against converted: inference latency and one AdamW training step, with peak GPU memory.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events; L2 flushed between calls). Needs a
-CUDA GPU: without one it exits with status 2 and says so. Prints the card, writes
-``benchmarks/results/gpu.md``. Sized to finish in under 8 minutes on an H100 (not yet run on any GPU: no figure
-here is measured until its table is committed).
+CUDA GPU: without one it says so and exits with status 1, writing nothing. Prints the card, writes
+``benchmarks/results/gpu.md``. Sized to finish in under 8 minutes on an H100 (not yet run on any
+GPU: no figure here is measured until its table is committed).
 
     python benchmarks/gpu.py [--quick] [--skip-models] [--out benchmarks/results/gpu.md]
 """
