@@ -359,6 +359,11 @@ class RPQHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return True  # codebooks and dense leftovers train; codes stay fixed
 
+    @property
+    def is_qat_trainable(self) -> bool:
+        """The model trains as it is (no adapters needed): ``Trainer`` accepts it."""
+        return True
+
 
 @on_converted
 def _attach(model: nn.Module) -> None:
@@ -371,6 +376,6 @@ def _attach(model: nn.Module) -> None:
     config = RPQHfConfig.from_record(record)
     model.config.quantization_config = config
     model.hf_quantizer = RPQHfQuantizer(config, pre_quantized=True)
-    model.quantization_method = QUANT_METHOD
+    model.is_quantized, model.quantization_method = True, QUANT_METHOD  # as from_pretrained's preprocess_model sets
     _retie_converted(model)
 

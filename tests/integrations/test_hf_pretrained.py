@@ -296,3 +296,19 @@ def test_bfloat16_model_reloads_in_its_dtype(tmp_path):
     assert torch.equal(run(loaded, {"input_ids": TOKENS}, "logits"), run(converted, {"input_ids": TOKENS}, "logits"))
     with pytest.raises(ValueError, match="saved in bfloat16; load it with dtype='auto'"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "rpq", dtype=torch.float32)
+
+
+def test_trainer_fine_tunes_a_loaded_model_and_it_saves_again(saved, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(saved[0])
+    codebooks = model.transformer.h[0].mlp.c_fc.weight.codebooks.detach().clone()
+    codes = model.transformer.h[0].mlp.c_fc.weight.codes.clone()
+    data = [{"input_ids": TOKENS[0], "labels": TOKENS[0]}] * 4
+    args = transformers.TrainingArguments(tmp_path / "out", max_steps=2, per_device_train_batch_size=2,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()  # a quantized model Trainer accepts
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    assert not torch.equal(weight.codebooks, codebooks) and torch.equal(weight.codes, codes)  # codebooks train
+    model.save_pretrained(tmp_path / "tuned")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert torch.equal(run(loaded, {"input_ids": TOKENS}, "logits"), run(model, {"input_ids": TOKENS}, "logits"))
+    assert not torch.equal(run(loaded, {"input_ids": TOKENS}, "logits"), saved[1])
