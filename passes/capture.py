@@ -117,7 +117,11 @@ def capture_call(module: nn.Module) -> RPQGraphModule:
     args, kwargs = graph.placeholder("*args"), graph.placeholder("**kwargs")
     tensors = {name: graph.get_attr(name) for name in state}
     graph.output(graph.call_function(torch.func.functional_call, (graph.get_attr("module"), tensors, args, kwargs)))
-    shell = empty_shell(copy.deepcopy(module, {id(t): None for t in state.values()}))
+    # reason: a copy's other references to its tensors (an RNN's _flat_weights list) must not become None,
+    # which functional_call leaves there; meta placeholders hold no memory
+    memo = {id(t): nn.Parameter(t.detach().to("meta"), t.requires_grad) if isinstance(t, nn.Parameter) else
+            t.detach().to("meta") for t in state.values()}
+    shell = empty_shell(copy.deepcopy(module, memo))
     return RPQGraphModule({**state, "module": shell}, graph, type(module).__name__)
 
 
@@ -132,18 +136,19 @@ def _dynamic_batch_and_sequence(model: nn.Module, args: tuple, kwargs: dict) -> 
 
 @contextmanager
 def _without_cache(model: nn.Module, kwargs: dict):
-    """A Hugging Face model's ``config.use_cache`` off for the duration, unless the inputs set
-    ``use_cache``: a causal LM or T5 otherwise returns a ``DynamicCache``, which ``torch.export``
-    cannot return (it is no pytree)."""
-    config = getattr(model, "config", None)
-    if "use_cache" in kwargs or getattr(config, "use_cache", None) is not True:
-        yield
-        return
-    config.use_cache = False
+    """A Hugging Face model's ``config.use_cache`` off for the duration (on every config in it: T5's
+    decoder has its own), unless the inputs set ``use_cache``: a causal LM or T5 otherwise returns a
+    ``DynamicCache`` / ``EncoderDecoderCache``, which ``torch.export`` cannot return (it is no pytree)."""
+    configs = [] if "use_cache" in kwargs else list({
+        id(config): config for m in model.modules() if getattr(config := getattr(m, "config", None), "use_cache",
+                                                                None) is True}.values())
+    for config in configs:
+        config.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = True
+        for config in configs:
+            config.use_cache = True
 
 
 def capture_export(model: nn.Module, example_inputs) -> RPQGraphModule:

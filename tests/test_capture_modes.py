@@ -317,3 +317,20 @@ def test_module_capture_leaves_a_table_dense_as_fx_does_and_its_owners_children_
     check.matches_dense_reference(model, converted, torch.randn(3, 32))
     untraceable = rpq_fx.convert(Branchy().eval(), **SETTINGS)  # no whole trace: its parts as before
     assert isinstance(untraceable.mha, rpq_fx.RPQGraphModule)
+
+
+def test_module_capture_runs_an_rnn_through_its_own_forward(check):
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(32, 32, batch_first=True, bidirectional=True)
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0])
+
+    model = Recurrent().eval()
+    converted = rpq_fx.convert(model, capture="module", **SETTINGS)
+    assert isinstance(converted.rnn, rpq_fx.RPQGraphModule) and type(converted.fc) is RPQLinear
+    assert {layer.name for layer in converted.rpq_layers if layer.converted} >= {"rnn.weight_ih_l0", "rnn.weight_hh_l0"}
+    check.matches_dense_reference(model, converted, torch.randn(2, 5, 32))
