@@ -123,6 +123,7 @@ def wrap(model: nn.Module, wrapper: str) -> nn.Module:
 def training(capture: str, wrapper: str, *, checkpoint=False, path="auto", compile=False) -> dict:
     rank = dist.get_rank()
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = converted(capture, checkpoint)
     reference, start = copy.deepcopy(model), copy.deepcopy(model.state_dict())
     train(reference, batches(None), path)
