@@ -26,8 +26,10 @@ from rpq_fx.distributed import (RPQDistributedError, broadcast_codes, check_code
                                 original_class, unwrap)
 from rpq_fx.nn import RPQWeight
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with gloo is not available"),
+              # reason: under pytest -n --dist loadgroup, one xdist worker runs them all: one torchrun launch
+              pytest.mark.xdist_group("torchrun")]
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TRAINING = {  # scenario: the capture path it converts with
