@@ -59,7 +59,8 @@ def text_batches(path: Path, lines: list[str], folder: Path, model) -> list[dict
         raise CalibrationDataError(f"--calibration: no usable tokenizer in {folder} (save the model's tokenizer "
                                    f"there with tokenizer.save_pretrained): {error}") from None
     config = getattr(model, "config", None)
-    longest = min(MAX_TOKENS, tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or MAX_TOKENS)
+    positions = getattr(config, "max_position_embeddings", None) or MAX_TOKENS
+    longest = min(MAX_TOKENS, tokenizer.model_max_length, positions)
     # reason: a tokenizer without a pad token (GPT-2's) cannot pad a batch; one line per call needs none
     size = BATCH_SIZE if tokenizer.pad_token is not None else 1
     batches = []

@@ -191,7 +191,8 @@ def _convert_settings(args) -> dict:
     return settings
 
 
-_OUTPUTS = (CHECKPOINT, "report.md", "report.json", "code.py", "graph.txt", "graph.svg", "graph.dot", "index.md")
+_OUTPUTS = (CHECKPOINT, "report.md", "report.json", "code.py", "graph.txt", "graph.svg", "graph.dot", "graph.html",
+            "index.md")
 _PARTIAL = ".rpq-fx-partial-"
 
 
@@ -436,7 +437,8 @@ def _parser() -> argparse.ArgumentParser:
         "convert", formatter_class=formatter, help="convert a model and save it",
         description="Build the model SPEC names, convert its weights to RPQ and write to --out: "
                     f"{CHECKPOINT} (rpq_fx.save), report.md / report.json, and the graph export "
-                    "(code.py, graph.txt, graph.svg or graph.dot).",
+                    "(code.py, graph.txt, graph.svg or graph.dot, and graph.html: the module tree beside the "
+                    "zoomable picture, one self-contained page).",
         epilog=SPEC_HELP + "\nThe split: at most one of --num-codebooks, --codebook-dim, --max-codebook-dim "
                            f"(default: --max-codebook-dim {RPQ_MAX_CODEBOOK_DIM}, as rpq_fx.RPQ).\n\nexample:\n"
                            "  rpq-fx convert timm:resnet18 --num-codebooks 8 --out out/resnet18")

@@ -56,7 +56,8 @@ def rpq_ops(gm) -> list:
 def test_export_writes_every_file_and_a_picture_with_marked_expansions(zoo, tmp_path):
     gm = rpq_fx.convert(zoo.LeNet().eval(), num_codebooks=5)
     out = rpq_fx.export_graph(gm, tmp_path / "lenet")
-    assert {p.name for p in out.iterdir()} == {"code.py", "graph.txt", "graph.svg", "report.md", "report.json"}
+    assert {p.name for p in out.iterdir()} == {"code.py", "graph.txt", "graph.svg", "graph.html", "report.md",
+                                           "report.json"}
     (op,) = rpq_ops(gm)  # the expansion, or the compressed-domain linear it was fused into
     assert f"torch.ops.rpq_fx.{op.target.__name__}" in (out / "code.py").read_text()
     assert op.target.__name__ in (out / "graph.txt").read_text()
