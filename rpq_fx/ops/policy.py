@@ -54,7 +54,7 @@ def _padded_batch(batch: int) -> int:
 
 
 def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_codebooks: int, num_codes: int,
-             codebook_dim: int, itemsize: int, device: torch.device, fast_kernels: bool, backward: bool) -> float:
+             codebook_dim: int, dtype: torch.dtype, device: torch.device, fast_kernels: bool, backward: bool) -> float:
     """A rough time model (nanoseconds), fitted to 2-core AVX-512 CPU measurements (benchmarks/linear.py).
 
     Only the ratio of the two paths matters. The dense weight is ``out * in`` values; the compressed
@@ -72,9 +72,13 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
         expand = launch + move * 2 * weight + mac * B * weight
         return (2 * compressed if backward else compressed) if path == "compressed" else (
             (2 * expand + move * 2 * weight) if backward else expand)
+    itemsize = dtype.itemsize
+    # reason: ATen's CPU float16 GEMM (no AVX512-FP16 here) ran 34x slower than float32's (64x768 by 768x768, one
+    # thread); the C++ kernels compute float16's products in float32
+    slow_half = 34.0 if dtype == torch.float16 else itemsize / 4
     expansion = 1.0 * weight  # the weight built in cache-sized blocks, and read once by a GEMM
-    gemm = 0.013 * itemsize / 4 * B * weight
-    mac = 0.007 * itemsize / 4
+    gemm = 0.013 * slow_half * B * weight
+    mac = 0.007 * (1.0 if dtype == torch.float16 and fast_kernels else slow_half)
     row_add = (0.27 if fast_kernels else 0.6) * itemsize / 4
     padded = _padded_batch(B) if fast_kernels else max(B, 1)
     table = mac * max(B, 8) * K * in_features + 0.15 * C * K * d
@@ -103,7 +107,7 @@ def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "au
         return _cuda_path(batch)
     fast = _fast_kernels_apply(input, codebooks)
     args = (batch, in_features, out_features, num_codebooks, codebooks.shape[1], codebooks.shape[2],
-            input.element_size(), input.device, fast, backward)
+            input.dtype, input.device, fast, backward)
     return "compressed" if _cost_ns("compressed", *args) <= _cost_ns("expand", *args) else "expand"
 
 
