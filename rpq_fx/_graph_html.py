@@ -20,14 +20,24 @@ def dot_key(path: str) -> str:
 
 
 def module_tree(model: nn.Module) -> dict:
-    """``{name, path, cls, rpq, params, repeat, children}`` for ``model`` and every submodule;
+    """``{name, path, cls, rpq, params, repeat, drawn, children}`` for ``model`` and every submodule;
     ``rpq`` describes an RPQ weight ("768x768, C=12 K=256 d=64"); ``repeat`` ("x12") marks the first
-    member of a run of alike blocks."""
-    repeats = {run.member(run.first): run for run in repeated_runs(model)}
+    member of a run of alike blocks; ``drawn`` is the path the picture shows a module under (inside a
+    later copy of a block, the same module of the first copy)."""
+    runs = repeated_runs(model)
+    repeats = {run.member(run.first): run for run in runs}
+    copies = {run.member(i): run.member(run.first) for run in runs for i in range(run.first + 1, run.last + 1)}
+
+    def drawn(path: str) -> str:
+        for copy, first in copies.items():
+            if path == copy or path.startswith(f"{copy}."):
+                return drawn(first + path[len(copy):])
+        return path
 
     def node(name: str, path: str, module: nn.Module) -> dict:
         item = {"name": name or "(model)", "path": path, "cls": type(module).__name__,
                 "params": sum(p.numel() for p in module.parameters(recurse=False)), "rpq": None, "repeat": None,
+                "drawn": drawn(path),
                 "children": [node(child, f"{path}.{child}" if path else child, sub)
                              for child, sub in module.named_children()]}
         if isinstance(module, RPQWeight):
@@ -83,12 +93,12 @@ _SCRIPT = r"""
   document.getElementById('zoom-out').onclick = () => { const r = view.getBoundingClientRect(); zoom(1 / 1.5, r.width / 2, r.height / 2); };
   document.getElementById('zoom-fit').onclick = fit;
 
-  function select(path, li) {
+  function select(path, li, drawn) {
     tree.querySelectorAll('li.selected').forEach(e => e.classList.remove('selected'));
     svg.querySelectorAll('g.node.hit').forEach(e => e.classList.remove('hit'));
     if (li) { li.classList.add('selected');
       for (let up = li.parentElement; up && up !== tree; up = up.parentElement) if (up.tagName === 'UL') up.style.display = ''; }
-    const key = path.split('.').join('_');
+    const key = (drawn === undefined ? path : drawn).split('.').join('_');
     const hits = [...svg.querySelectorAll('g.node')].filter(g => {
       const t = (g.querySelector('title') || {}).textContent || '';
       return path === '' || t === key || t.startsWith(key + '_');
@@ -100,13 +110,15 @@ _SCRIPT = r"""
       scale = Math.max(scale, 0.8); x = r.width / 2 - px * scale; y = r.height / 3 - py * scale; apply();
     }
     document.getElementById('status').textContent =
-      `${modules} modules, ${weights} RPQ weights` + (path ? `; ${path}: ${hits.length} nodes marked` : '');
+      `${modules} modules, ${weights} RPQ weights` + (path ? `; ${path}: ${hits.length} nodes marked` : '') +
+      (path && drawn && drawn !== path ? ` (drawn once, as ${drawn})` : '');
     return hits.length;
   }
 
   function build(item, parent) {
     modules += 1; if (item.rpq) weights += 1;
-    const li = document.createElement('li'); li.dataset.path = item.path; li.className = 'module' + (item.rpq ? ' rpq-weight' : '');
+    const li = document.createElement('li'); li.dataset.path = item.path; li.dataset.drawn = item.drawn;
+    li.className = 'module' + (item.rpq ? ' rpq-weight' : '');
     const label = document.createElement('span');
     const toggle = document.createElement('span'); toggle.className = 'toggle';
     toggle.textContent = item.children.length ? '\u25be' : ''; label.appendChild(toggle);
@@ -122,13 +134,13 @@ _SCRIPT = r"""
         ul.style.display = open ? 'none' : ''; toggle.textContent = open ? '\u25b8' : '\u25be'; };
       if (item.path.split('.').length > 2) toggle.onclick({stopPropagation() {}});
     }
-    label.onclick = () => select(item.path, li);
+    label.onclick = () => select(item.path, li, item.drawn);
   }
   const root = document.createElement('ul'); tree.appendChild(root); build(data, root);
   fit();
   const wanted = new URLSearchParams(location.hash.slice(1)).get('select');
   const li = wanted !== null ? tree.querySelector(`li[data-path="${CSS.escape(wanted)}"]`) : null;
-  select(li ? wanted : '', li);
+  select(li ? wanted : '', li, li ? li.dataset.drawn : undefined);
   document.body.dataset.ready = 'yes';
 })();
 """

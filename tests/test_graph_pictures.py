@@ -196,7 +196,7 @@ def test_graph_html_renders_the_tree_and_marks_a_selected_module(tmp_path):
     page = rpq_fx.export_graph(gm, tmp_path) / "graph.html"
     dom = browser("--window-size=1200,800", "--dump-dom", f"{page.as_uri()}#select=blocks.0.fc1")
     assert 'data-ready="yes"' in dom, "the page's script ran to the end"
-    items = re.findall(r'<li data-path="([^"]*)" class="([^"]*)"', dom)
+    items = re.findall(r'<li data-path="([^"]*)" data-drawn="[^"]*" class="([^"]*)"', dom)
     assert {path for path, _ in items} == {name for name, _ in gm.named_modules()}, "the tree, built by the script"
     assert ("blocks.0.fc1", "module selected") in items
     assert sum("rpq-weight" in cls for _, cls in items) == len(rpq_weights(gm)) == 7
@@ -205,6 +205,12 @@ def test_graph_html_renders_the_tree_and_marks_a_selected_module(tmp_path):
     status = re.search(r'<div id="status">([^<]*)</div>', dom)[1]
     assert status == f"{len(items)} modules, 7 RPQ weights; blocks.0.fc1: {len(hits)} nodes marked"
     assert re.search(r'<svg [^>]*style="transform: translate\(', dom), "the picture is placed by the zoom code"
+
+    dom = browser("--window-size=1200,800", "--dump-dom", f"{page.as_uri()}#select=blocks.2.fc1")
+    copies = re.findall(r'<g id="[^"]*" class="node hit">\s*<title>([^<]*)</title>', dom)
+    assert copies == hits, "a later copy marks the one block drawn"
+    status = re.search(r'<div id="status">([^<]*)</div>', dom)[1]
+    assert status.endswith(f"; blocks.2.fc1: {len(hits)} nodes marked (drawn once, as blocks.0.fc1)")
 
 
 FIT_CHECK = """<!DOCTYPE html><html><body>%s<pre id="overflow"></pre><script>
