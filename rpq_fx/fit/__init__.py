@@ -34,10 +34,12 @@ def _asymmetric_target(rows: torch.Tensor, hessian: torch.Tensor, cross: torch.T
     is then fitting the dense output (GPTAQ's asymmetric calibration)."""
     # reason: float32 products, as the fit's (the ridge keeps H + λI well conditioned): float64 is 2.5x slower
     ridge = _TARGET_RIDGE * float(hessian.diagonal().mean())
-    h = hessian.to(torch.float32, copy=True)
-    h.diagonal().add_(ridge)
-    factor = torch.linalg.cholesky(h)
-    del h
+    diagonal = hessian.diagonal().clone()
+    hessian.diagonal().add_(ridge)  # reason: in place and back, not a copy of H (a layer's size for a square one)
+    try:
+        factor = torch.linalg.cholesky(hessian.float())
+    finally:
+        hessian.diagonal().copy_(diagonal)
     right = (cross.float().t() @ rows.t().float()).add_(rows.t(), alpha=ridge)
     return torch.cholesky_solve(right, factor).t().to(rows.dtype)
 
@@ -96,7 +98,7 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
     keep[list(plan.padding_rows)] = False
     hessian = row_weights = None
     if stats is not None and stats.hessian is not None:
-        # reason: the fit computes in float32; letting the float64 sums go as they are read saves 2x the Gram matrix
+        # reason: the fit computes in float32; letting the sums go as they are read saves a copy of the Gram matrix
         hessian, stats.hessian = stats.hessian.to(rows.device, torch.float32), None
         if settings.asymmetric and stats.cross is not None:
             cross, stats.cross = stats.cross, None
@@ -107,8 +109,10 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
         row_weights = counts + counts.sum() / counts.numel()  # reason: rows unseen in calibration still count
     kept = rows[keep] if plan.padding_rows else rows  # reason: a mask always copies; most weights have no padding
     num_codes = settings.num_codes - bool(plan.padding_rows)
+    # reason: H is this fit's own; only the hot rows' fit reads it afterwards
     result = fit_rows(kept, plan.num_codebooks, num_codes, settings.shared_codebooks, hessian=hessian,
-                      row_weights=row_weights, error_feedback=settings.error_feedback, damp=settings.damp, seed=seed)
+                      row_weights=row_weights, error_feedback=settings.error_feedback, damp=settings.damp, seed=seed,
+                      overwrite_hessian=weight.hot is None)
     if plan.padding_rows:  # int16 keeps codes >= 32768 as bit patterns
         weight.codes[:, ~keep] = torch.tensor(settings.num_codes - 1).to(weight.codes.dtype)
         weight.codes[:, keep] = result.codes

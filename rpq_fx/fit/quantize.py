@@ -37,6 +37,8 @@ _GROUP_ELEMENTS = 2**23  # k-means runs on about this many point values at a tim
 _ERROR_ELEMENTS = 2**21  # the fit error is summed over row chunks of about this many values
 _BLOCK_COLUMNS = 128  # columns per block of the sequential passes (GPTQ's block size)
 _REFINE_PASSES = 2  # of coordinate descent on the codes, each followed by a codebook solve
+_CHUNK_ELEMENTS = 2**23  # the input-aware passes hold about this many values of the rows at a time (32 MiB fp32)
+_SOLVE_ROWS = 1024  # a shared codebook (K*d values) is solved for on at most this many rows, drawn at random
 
 
 @dataclass
@@ -117,40 +119,64 @@ def row_errors(delta: Tensor, hessian: Tensor | None, row_weights: Tensor | None
     return errors if row_weights is None else errors * row_weights.double()
 
 
-def _relative_error(rows: Tensor, codebooks: Tensor, codes: Tensor, hessian: Tensor | None,
+def _chunks(rows: int, width: int, elements: int = 2**23) -> list[tuple[int, int]]:
+    """``(start, end)`` of the row chunks holding about ``elements`` values of rows ``width`` long."""
+    step = max(1, elements // max(1, width))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _relative_error(take, rows: int, codebooks: Tensor, codes: Tensor, hessian: Tensor | None,
                     row_weights: Tensor | None) -> float:
-    """The fit's objective relative to that of an all-zero weight, over chunks of rows."""
-    step = max(1, _ERROR_ELEMENTS // rows.shape[1])
+    """The fit's objective relative to that of an all-zero weight, over chunks of rows (``take(start, end)``)."""
     codebooks = codebooks.float()
     left = total = 0.0
-    for start in range(0, rows.shape[0], step):
-        part = rows[start:start + step].float()
-        weights = None if row_weights is None else row_weights[start:start + step]
-        delta = part - expand(codebooks, codes[:, start:start + step].contiguous())
+    for start, end in _chunks(rows, codebooks.shape[-1] * codes.shape[0], _ERROR_ELEMENTS):
+        part = take(start, end).float()
+        weights = None if row_weights is None else row_weights[start:end]
+        delta = part - expand(codebooks, codes[:, start:end].contiguous())
         left += float(row_errors(delta, hessian, weights).sum())
         total += float(row_errors(part, hessian, weights).sum())
     return left / total if total > 0 else 0.0
 
 
-def _damped(hessian: Tensor, damp: float) -> Tensor:
-    """``H`` as GPTQ uses it: inputs that never carried energy get 1 on the diagonal, and
-    ``damp`` of the mean diagonal is added to it (keeping it invertible)."""
-    h = hessian.clone()
-    h.diagonal()[h.diagonal() <= 0] = 1
-    h.diagonal().add_(damp * h.diagonal().mean())
-    return h
+def _damping(diagonal: Tensor, damp: float) -> Tensor:
+    """What GPTQ adds to ``H``'s diagonal: inputs that never carried energy get 1 on it, then
+    ``damp`` of its mean is added to every entry (keeping ``H`` invertible)."""
+    fixed = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
+    return fixed + damp * fixed.mean() - diagonal
 
 
-def _inverse_factor(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``), ``H`` damped."""
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_damped(hessian, damp)))
-    return torch.linalg.cholesky(inverse, upper=True)
+def _permute_(h: Tensor, order: Tensor) -> None:
+    """``h[order][:, order]`` in place: the rows by following the permutation's cycles (one row held
+    aside), the columns a chunk of rows at a time; nothing of ``h``'s size is allocated."""
+    target = order.tolist()
+    done = [False] * len(target)
+    for start in range(len(target)):
+        if done[start] or target[start] == start:
+            continue
+        held, i = h[start].clone(), start
+        while True:  # row i of the result is row target[i] of h
+            done[i] = True
+            if target[i] == start:
+                h[i] = held
+                break
+            h[i] = h[target[i]]
+            i = target[i]
+    for start, end in _chunks(*h.shape, _CHUNK_ELEMENTS):
+        h[start:end] = h[start:end].index_select(1, order)
 
 
-def _diagonal_factor(hessian: Tensor, damp: float) -> Tensor:
-    """The factor of the damped diagonal of ``H`` alone: each input weighted by its own energy, no
-    slice's error pushed onto another."""
-    return torch.diag(_damped(hessian, damp).diagonal().rsqrt())
+def _lower_factor(hessian: Tensor, add: Tensor, error_feedback: bool) -> Tensor:
+    """``L`` with ``L Lᵀ = H + diag(add)`` (lower triangular); without error feedback the square root of
+    that diagonal alone (``[C*d]``: each input weighted by its own energy, no slice's error pushed on)."""
+    if not error_feedback:
+        return (hessian.diagonal() + add).sqrt()
+    diagonal = hessian.diagonal().clone()
+    hessian.diagonal().add_(add)
+    try:
+        return torch.linalg.cholesky(hessian)
+    finally:
+        hessian.diagonal().copy_(diagonal)
 
 
 def _column_blocks(width: int, d: int):
@@ -162,48 +188,62 @@ def _column_blocks(width: int, d: int):
     return [(start, min(start + step, width)) for start in range(0, width, step)]
 
 
-def _sequential(rows: Tensor, factor: Tensor, codebooks: Tensor | None, num_codebooks: int, k: int,
+def _sequential(take, rows: int, factor: Tensor, codebooks: Tensor | None, num_codebooks: int, k: int,
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Quantise the slices codebook by codebook under the ``H⁻¹`` metric with GPTQ's error feedback;
-    ``codebooks=None`` fits each codebook (one per slice position) right before its slices."""
-    work = rows.clone()
-    n, width = rows.shape
+    """Quantise the slices codebook by codebook, last first, each to the codeword nearest its target under
+    the metric ``L_cc`` (``H + damping = L Lᵀ``), the errors of those already quantised pushed onto it:
+    ``||Δ L||²``'s column block ``c`` is ``Δ_c L_cc + Σ_{a>c} Δ_a L_ac``, so the slice's best code given
+    the later ones is the nearest to ``w_c + (Σ_{a>c} Δ_a L_ac) L_cc⁻¹`` (Babai's nearest plane, which is
+    GPTQ's error feedback without inverting ``H``). A 1-d ``factor`` (no feedback): each slice alone.
+    ``codebooks=None`` fits each codebook (one per slice position) right before its slices, over all rows
+    at once; a given codebook lets the rows go a chunk at a time (``take(start, end)``: the rows)."""
+    diagonal = factor.dim() == 1
+    width = factor.shape[0]
     d = width // num_codebooks
+    eye = torch.eye(d, dtype=factor.dtype, device=factor.device)
+    blocks = torch.diag_embed(factor.view(num_codebooks, d)) if diagonal else \
+        factor.view(num_codebooks, d, num_codebooks, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # L_cc
+    inverses = torch.linalg.solve_triangular(blocks, eye.expand_as(blocks), upper=False)
     fitted = codebooks is None
-    codebooks = rows.new_empty(num_codebooks, k, d) if fitted else codebooks.clone()
-    codes = torch.empty(num_codebooks, n, dtype=torch.long, device=rows.device)
-    for start, end in _column_blocks(width, d):
-        local = work[:, start:end]
-        errors = torch.empty_like(local)
-        for c in range(start // d, end // d):
-            block = slice(c * d - start, (c + 1) * d - start)
-            u = factor[c * d:(c + 1) * d, c * d:(c + 1) * d]
-            metric = torch.linalg.solve_triangular(u, torch.eye(d, dtype=u.dtype, device=u.device), upper=True)  # U_bb⁻¹
-            z = local[:, block] @ metric  # the slices where distance is plain L2
-            group = c if fitted or codebooks.shape[0] > 1 else 0
-            if fitted:
-                centroids, _ = _kmeans(z.unsqueeze(0).float(), k, None, generator)
-                codebooks[c] = centroids[0].to(rows.dtype) @ u
-            codes[c] = nearest(z.unsqueeze(0).float(), (codebooks[group] @ metric).unsqueeze(0).float())[0][0]
-            errors[:, block] = (local[:, block] - codebooks[group][codes[c]]) @ metric
-            local[:, block.stop:] -= errors[:, block] @ factor[c * d:(c + 1) * d, (c + 1) * d:end]
-        work[:, end:] -= errors @ factor[start:end, end:]
+    codebooks = factor.new_empty(num_codebooks, k, d) if fitted else codebooks.float().clone()
+    codes = torch.empty(num_codebooks, rows, dtype=torch.uint8 if k <= 256 else torch.long, device=factor.device)
+    for first, last in [(0, rows)] if fitted else _chunks(rows, width, _CHUNK_ELEMENTS):
+        w = take(first, last)
+        delta = torch.empty_like(w)
+        for start, end in reversed(_column_blocks(width, d)):
+            pull = w.new_zeros(last - first, end - start) if diagonal or end == width else \
+                delta[:, end:] @ factor[end:, start:end]
+            for c in range(end // d - 1, start // d - 1, -1):
+                columns, local = slice(c * d, (c + 1) * d), c * d - start
+                target = w[:, columns] + pull[:, local:local + d] @ inverses[c]
+                points = (target @ blocks[c]).unsqueeze(0)
+                group = c if codebooks.shape[0] > 1 else 0
+                if fitted:
+                    centroids, _ = _kmeans(points, k, None, generator)
+                    codebooks[c] = centroids[0] @ inverses[c]
+                chosen = nearest(points, (codebooks[group] @ blocks[c]).unsqueeze(0))[0][0]
+                codes[c, first:last] = chosen
+                delta[:, columns] = w[:, columns] - codebooks[group][chosen]
+                if local and not diagonal:
+                    pull[:, :local] += delta[:, columns] @ factor[columns, start:c * d]
     return codebooks, codes
 
 
-def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, hessian: Tensor, iters: int = 8,
+def _solve_codebooks(take, rows: int, codebooks: Tensor, codes: Tensor, hessian: Tensor, iters: int = 8,
                      tolerance: float = 1e-6) -> Tensor:
-    """The codebooks minimising ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` for fixed codes: conjugate gradients on the
-    normal equations ``Aᵀ H A x = Aᵀ H w`` (A: expansion, Aᵀ: its scatter), one product by ``H`` per
-    iteration, preconditioned per codeword by ``Σ_c count_c(k) H_cc`` (the blocks of ``Aᵀ H A`` that
-    each codeword's own slices make); it stops once a step lowers the objective by less than
-    ``tolerance`` of it."""
+    """The codebooks minimising ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` for fixed codes, ``W``'s rows read a chunk at a
+    time (``take(start, end)``): conjugate gradients on the normal equations ``Aᵀ H A x = Aᵀ H w`` (A:
+    expansion, Aᵀ: its scatter), one product by ``H`` per iteration, preconditioned per codeword by
+    ``Σ_c count_c(k) H_cc`` (the blocks of ``Aᵀ H A`` that each codeword's own slices make); it stops
+    once a step lowers the objective by less than ``tolerance`` of it."""
     groups, k, d = codebooks.shape
     num_codebooks = codes.shape[0]
-    codes8 = codes.to(code_dtype(k))
+    codebooks = codebooks.to(hessian.dtype)
+    chunks = _chunks(rows, num_codebooks * d, _CHUNK_ELEMENTS)
+    parts = [codes[:, start:end].to(code_dtype(k)).contiguous() for start, end in chunks]
 
     def normal(v: Tensor) -> Tensor:
-        return expand_backward(expand(v, codes8) @ hessian, codes8, groups, k)
+        return sum(expand_backward(expand(v, part) @ hessian, part, groups, k) for part in parts)
 
     offsets = torch.arange(num_codebooks, device=codes.device).unsqueeze(1) * k
     counts = torch.bincount((codes.long() % k + offsets).view(-1), minlength=num_codebooks * k)
@@ -218,11 +258,13 @@ def _solve_codebooks(rows: Tensor, codebooks: Tensor, codes: Tensor, hessian: Te
     solve = (lambda v: torch.cholesky_solve(v.unsqueeze(-1), factor).squeeze(-1) * used.unsqueeze(-1)) \
         if not info.any() else (lambda v: v * used.unsqueeze(-1))  # reason: a singular block: no preconditioning
     x = codebooks.clone()
-    residual = rows - expand(x, codes8)
-    gradient = residual @ hessian
-    objective = float((gradient * residual).sum())
-    r = expand_backward(gradient, codes8, groups, k) * used.unsqueeze(-1)
-    del residual, gradient
+    objective, r = 0.0, torch.zeros_like(x)
+    for (start, end), part in zip(chunks, parts):
+        residual = take(start, end).to(hessian.dtype) - expand(x, part)
+        gradient = residual @ hessian
+        objective += float((gradient * residual).sum())
+        r += expand_backward(gradient, part, groups, k)
+    r *= used.unsqueeze(-1)
     z = solve(r)
     p = z.clone()
     rz = (r * z).sum()
@@ -272,40 +314,66 @@ def _refine_codes(rows: Tensor, hessian: Tensor, codebooks: Tensor, codes: Tenso
     return codes
 
 
+def _solve(rows: Tensor, columns: Tensor, codebooks: Tensor, codes: Tensor, hessian: Tensor,
+           generator: torch.Generator) -> Tensor:
+    """:func:`_solve_codebooks` for ``rows`` in the fit's column order; a shared codebook (``K*d``
+    values) on ``_SOLVE_ROWS`` of them, drawn at random, where there are more."""
+    if codebooks.shape[0] > 1 or rows.shape[0] <= _SOLVE_ROWS:
+        return _solve_codebooks(lambda s, e: rows[s:e].index_select(1, columns).float(), rows.shape[0], codebooks,
+                                codes, hessian)
+    # reason: each of a few hundred codewords sees hundreds of thousands of slices in that many rows; a product
+    # by H over all rows per iteration is the fit's largest cost on a big layer
+    chosen = torch.randperm(rows.shape[0], generator=generator, device=rows.device)[:_SOLVE_ROWS].sort().values
+    some = rows.index_select(0, chosen).index_select(1, columns).float()
+    return _solve_codebooks(lambda s, e: some[s:e], len(chosen), codebooks, codes[:, chosen], hessian)
+
+
 def _in_energy_order(rows: Tensor, hessian: Tensor, energy: Tensor, codebooks: Tensor | None, num_codebooks: int,
-                     k: int, error_feedback: bool, damp: float,
-                     generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+                     k: int, error_feedback: bool, damp: float, generator: torch.Generator,
+                     overwrite: bool) -> tuple[Tensor, Tensor, float]:
     """The input-aware fit, its slices quantised in order of their inputs' ``energy [C]``, highest
     first (GPTQ's act-order, for slices): the errors of the slices that weigh most are pushed onto
     the quieter ones, not the other way round. Codebooks and codes come back in the rows' order,
-    with the relative error (summed in that order too, so it does not depend on where slices sit)."""
-    order = energy.argsort(descending=True, stable=True)
-    d = rows.shape[1] // num_codebooks
+    with the relative error (summed in that order too, so it does not depend on where slices sit).
+    ``hessian`` (float32) is permuted in place where ``overwrite``, else copied once."""
+    # the sequential pass goes from the last slice to the first: the loudest slices go last
+    order = energy.argsort(descending=True, stable=True).flip(0)
+    n, width = rows.shape
+    d = width // num_codebooks
     columns = (order.view(-1, 1) * d + torch.arange(d, device=rows.device)).view(-1)
-    rows, h = rows[:, columns], hessian.index_select(0, columns).index_select(1, columns)
-    factor = _inverse_factor(h, damp) if error_feedback else _diagonal_factor(h, damp)
+    if overwrite:
+        h = hessian
+        _permute_(h, columns)
+    else:
+        h = hessian.index_select(0, columns)
+        for start, end in _chunks(width, width, _CHUNK_ELEMENTS):
+            h[start:end] = h[start:end].index_select(1, columns)
+    add = _damping(h.diagonal(), damp)
+    take = (lambda s, e: rows[s:e].index_select(1, columns).float())
+    factor = _lower_factor(h, add, error_feedback)
     shared = codebooks is not None
-    codebooks = codebooks.to(rows.dtype) if shared else None
     for _ in range(2 if shared else 1):
-        codebooks, codes = _sequential(rows, factor, codebooks, num_codebooks, k, generator)
-        codebooks = _solve_codebooks(rows, codebooks, codes, h)
+        codebooks, codes = _sequential(take, n, factor, codebooks, num_codebooks, k, generator)
+        codebooks = _solve(rows, columns, codebooks, codes, h, generator)
     del factor
     # reason: error_feedback=False fits each slice alone, under H's diagonal; the whole H would undo that
     if error_feedback:
-        damped = _damped(h, damp)
+        diagonal = h.diagonal().clone()
         for _ in range(_REFINE_PASSES):
-            codes = _refine_codes(rows, damped, codebooks, codes)
-            codebooks = _solve_codebooks(rows, codebooks, codes, h)
-        del damped
+            h.diagonal().add_(add)  # the damped H, as the sequential pass's
+            for start, end in _chunks(n, width, _CHUNK_ELEMENTS):
+                codes[:, start:end] = _refine_codes(take(start, end), h, codebooks, codes[:, start:end])
+            h.diagonal().copy_(diagonal)
+            codebooks = _solve(rows, columns, codebooks, codes, h, generator)
     codes = codes.to(code_dtype(k))
-    error = _relative_error(rows, codebooks, codes, h, None)
+    error = _relative_error(take, n, codebooks, codes, h, None)
     back = order.argsort()
     return (codebooks if shared else codebooks[back]), codes[back], error
 
 
 def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, hessian: Tensor | None = None,
              row_weights: Tensor | None = None, error_feedback: bool = True, damp: float = DAMP,
-             seed: int = 0) -> FitResult:
+             seed: int = 0, overwrite_hessian: bool = False) -> FitResult:
     """Fit codebooks and codes to ``rows [N, C*d]``; ``hessian [C*d, C*d]`` (``XᵀX`` of the layer's
     inputs) or ``row_weights [N]`` make the fit data-aware (see the module docstring).
     ``error_feedback=False`` quantises each slice under ``H``'s diagonal alone, pushing nothing on.
@@ -315,7 +383,9 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     Input-aware fits of a shared codebook run two rounds (the second re-quantises with the solved
     codebook); with a codebook per slice position one round, as a second did not help on the
     benchmark's layers. Both then take two passes of coordinate descent on the codes (with error
-    feedback), each followed by a codebook solve."""
+    feedback), each followed by a codebook solve. Extra memory: about twice ``H`` in float32 (``H``
+    and its Cholesky factor), once where ``overwrite_hessian`` lets the fit permute a float32
+    ``hessian`` in place (its contents are then lost), plus chunks of rows."""
     generator = torch.Generator(rows.device).manual_seed(seed)
     rows = rows.detach()
     n, width = rows.shape
@@ -327,9 +397,11 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
         energy = hessian.diagonal().double().clamp_min(0).view(num_codebooks, d).sum(1)
         start = _plain(slices, num_codes, True, energy.float().view(-1, 1), generator)[0] if shared else None
         # reason: float32 products, as GPTQ's: float64 ones are 2.5x slower on this CPU (8192² by 8192²: 13 s vs 34 s)
-        codebooks, codes, error = _in_energy_order(rows.float(), hessian.float(), energy, start, num_codebooks,
-                                                   num_codes, error_feedback, damp, generator)
+        h = hessian.detach().float()
+        codebooks, codes, error = _in_energy_order(rows, h, energy, start, num_codebooks, num_codes, error_feedback,
+                                                   damp, generator, overwrite=overwrite_hessian or h is not hessian)
         return FitResult(codebooks.double(), codes, error)
     weights = None if row_weights is None else row_weights.float().view(1, n)
     codebooks, codes = _plain(slices, num_codes, shared, weights, generator)
-    return FitResult(codebooks.double(), codes, _relative_error(rows, codebooks, codes, None, row_weights))
+    return FitResult(codebooks.double(), codes,
+                     _relative_error(lambda s, e: rows[s:e], n, codebooks, codes, None, row_weights))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rpq_fx.fit import fit_rows
-from rpq_fx.fit.quantize import _damped, _refine_codes, _solve_codebooks
+from rpq_fx.fit.quantize import _damping, _refine_codes, _solve_codebooks
 
 
 def expand_reference(codebooks, codes):
@@ -86,7 +86,7 @@ def test_codebooks_solved_for_fixed_codes_are_the_least_squares_optimum():
     lhs, rhs = a.t() @ metric @ a, a.t() @ metric @ weight.reshape(-1)
     expected = torch.linalg.lstsq(lhs, rhs.unsqueeze(1)).solution.view(num_codebooks, k, dim)
     start = torch.zeros(num_codebooks, k, dim, dtype=torch.float64)
-    solved = _solve_codebooks(weight, start, codes, hessian, iters=200, tolerance=0.0)
+    solved = _solve_codebooks(lambda s, e: weight[s:e], rows, start, codes, hessian, iters=200, tolerance=0.0)
     used = torch.zeros(num_codebooks, k, dtype=torch.bool)
     for c in range(num_codebooks):
         used[c, codes[c]] = True
@@ -147,7 +147,8 @@ def test_slices_are_quantised_loudest_first_wherever_they_sit_in_the_row():
 def test_code_refinement_never_raises_the_output_error_and_leaves_the_last_slice_at_its_best():
     weight = torch.randn(256, 32, generator=torch.Generator().manual_seed(3)).double() * 0.05
     x = correlated_inputs(1024, 32, seed=4).double()
-    hessian = _damped(x.t() @ x, 0.01)
+    hessian = x.t() @ x
+    hessian += torch.diag(_damping(hessian.diagonal(), 0.01))
     codebooks = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(5)).double() * 0.05
     codes = torch.randint(0, 16, (8, 256), generator=torch.Generator().manual_seed(6))
 
