@@ -375,14 +375,14 @@ def export_graph(model: nn.Module, out_dir: str | Path, *, picture: bool = True)
             _write_page(model, out, type(model).__name__)
         return out
     parts = [(name, gm) for name, gm in graph_parts(model) if any(isinstance(m, RPQWeight) for m in gm.modules())]
-    if not parts:
-        raise TypeError(f"export_graph: {type(model).__name__} is not a converted model and holds no converted "
-                        "part (a GraphModule returned by rpq_fx.convert)")
+    if not parts and not rpq_weights(model):
+        raise TypeError(f"export_graph: {type(model).__name__} is not a converted model and holds no RPQ weight "
+                        "(convert it with rpq_fx.convert first)")
     if picture:
         _render(_module_dot(model, type(model).__name__).to_string(), out)
         _write_page(model, out, type(model).__name__)
     drawn_whole = next((f.name for f in out.glob("graph.*") if f.suffix in (".svg", ".dot")), None)
-    lines = [f"# {type(model).__name__}: {len(parts)} converted parts", "",
+    lines = [f"# {type(model).__name__}: {len(rpq_weights(model))} RPQ weights, {len(parts)} converted graph parts", "",
              *([f"The whole model: [{drawn_whole}]({drawn_whole}), interactive: [graph.html](graph.html)", ""]
                if drawn_whole else []),
              "| part | class | RPQ weights | graph | code |", "|---|---|---|---|---|"]

@@ -151,10 +151,10 @@ def test_model_with_converted_parts_gets_a_folder_per_part_and_an_index(zoo, tmp
     model = WithConvertedParts(zoo)
     out = rpq_fx.export_graph(model, tmp_path)
     index = (out / "index.md").read_text()
-    assert "2 converted parts" in index
+    assert "2 converted graph parts" in index
     for part in ("encoder", "head"):
         assert f"[graph.svg]({part}/graph.svg)" in index
         assert (out / part / "code.py").exists() and clusters(out / part / "graph.svg")
     assert (out / "report.md").exists()
-    with pytest.raises(TypeError, match="not a converted model"):
+    with pytest.raises(TypeError, match="not a converted model and holds no RPQ weight"):
         rpq_fx.export_graph(zoo.LeNet(), tmp_path / "dense")
