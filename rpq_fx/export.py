@@ -385,7 +385,7 @@ def export_graph(model: nn.Module, out_dir: str | Path, *, picture: bool = True)
     lines = [f"# {type(model).__name__}: {len(rpq_weights(model))} RPQ weights, {len(parts)} converted graph parts", "",
              *([f"The whole model: [{drawn_whole}]({drawn_whole}), interactive: [graph.html](graph.html)", ""]
                if drawn_whole else []),
-             "| part | class | RPQ weights | graph | code |", "|---|---|---|---|---|"]
+             *(["| part | class | RPQ weights | graph | code |", "|---|---|---|---|---|"] if parts else [])]
     for name, gm in parts:
         _export_one(gm, out / name, f"{type(model).__name__}.{name}", picture and not _single_layer(gm))
         count = len(rpq_weights(gm))
