@@ -3,8 +3,9 @@
 The model is built on the meta device (its architecture, nothing allocated); its dense weights stay
 on disk, in one safetensors file or a sharded folder with ``model.safetensors.index.json`` (as
 Hugging Face models ship). Each weight is read when its fit needs it and freed after it, and the
-result is written as the RPQ checkpoint :func:`rpq_fx.load` reads: the same file, bit for bit, as
-``rpq_fx.save(rpq_fx.convert(model_with_weights, ...))`` with the same settings and seed.
+result is written as the RPQ checkpoint :func:`rpq_fx.load` reads: the same tensors, bit for bit, and
+the same record as ``rpq_fx.save(rpq_fx.convert(model_with_weights, ...))`` with the same settings and
+seed (safetensors writes its metadata map in no fixed order, so the bytes of two saves differ).
 With ``calibration`` the k-means fit is data-aware and runs block by block
 (:mod:`rpq_fx.fit.sequential`): one block of the model materialised at a time.
 """
@@ -217,7 +218,7 @@ def convert_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, out: str
     shards (or one ``model.safetensors``). Every name, shape, dtype and offset of the index and the
     headers is checked against ``model`` before anything is converted. Settings are ``convert``'s
     (``num_codebooks=``, ``codebook_dim=``, ``init="kmeans"``, ``seed=``, ``config=``, ...), and the
-    result is what ``convert`` gives the model with its weights loaded: the same file, bit for bit.
+    result is what ``convert`` gives the model with its weights loaded: the same tensors, bit for bit.
     Weights are read one at a time and freed once fitted: peak memory is the largest layer (and its
     fit's work space) plus the RPQ result, whatever the model's size; with ``init="random"`` only
     the layers left dense are read. ``calibration`` makes the k-means fit data-aware, block by block
