@@ -205,7 +205,7 @@ def _sequential(take, rows: int, factor: Tensor, codebooks: Tensor | None, num_c
         factor.view(num_codebooks, d, num_codebooks, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # L_cc
     inverses = torch.linalg.solve_triangular(blocks, eye.expand_as(blocks), upper=False)
     fitted = codebooks is None
-    codebooks = factor.new_empty(num_codebooks, k, d) if fitted else codebooks.float().clone()
+    codebooks = factor.new_empty(num_codebooks, k, d) if fitted else codebooks.to(factor.dtype, copy=True)
     codes = torch.empty(num_codebooks, rows, dtype=torch.uint8 if k <= 256 else torch.long, device=factor.device)
     for first, last in [(0, rows)] if fitted else _chunks(rows, width, _CHUNK_ELEMENTS):
         w = take(first, last)
@@ -397,9 +397,10 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
         energy = hessian.diagonal().double().clamp_min(0).view(num_codebooks, d).sum(1)
         start = _plain(slices, num_codes, True, energy.float().view(-1, 1), generator)[0] if shared else None
         # reason: float32 products, as GPTQ's: float64 ones are 2.5x slower on this CPU (8192² by 8192²: 13 s vs 34 s)
-        h = hessian.detach().float()
-        codebooks, codes, error = _in_energy_order(rows, h, energy, start, num_codebooks, num_codes, error_feedback,
-                                                   damp, generator, overwrite=overwrite_hessian or h is not hessian)
+        copied = hessian.dtype != torch.float32  # reason: then .float() made this fit its own copy to permute
+        codebooks, codes, error = _in_energy_order(rows, hessian.detach().float(), energy, start, num_codebooks,
+                                                   num_codes, error_feedback, damp, generator,
+                                                   overwrite=overwrite_hessian or copied)
         return FitResult(codebooks.double(), codes, error)
     weights = None if row_weights is None else row_weights.float().view(1, n)
     codebooks, codes = _plain(slices, num_codes, shared, weights, generator)

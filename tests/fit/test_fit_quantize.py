@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rpq_fx.fit import fit_rows
-from rpq_fx.fit.quantize import _damping, _refine_codes, _solve_codebooks
+from rpq_fx.fit.quantize import _damping, _permute_, _refine_codes, _solve_codebooks
 
 
 def expand_reference(codebooks, codes):
@@ -223,3 +225,76 @@ def test_column_blocks_change_no_code(monkeypatch):
     assert torch.equal(blocked.codes, one_by_one.codes)
     torch.testing.assert_close(blocked.codebooks, one_by_one.codebooks, rtol=1e-4, atol=1e-6)
     assert blocked.error == pytest.approx(one_by_one.error, rel=1e-4)
+
+
+def gptq_reference(weight, hessian, codebook, dim):
+    """GPTQ as published, for vectors: slices first to last, each to the codeword nearest under the metric
+    of ``H⁻¹``'s upper Cholesky factor ``U``, its error pushed onto the later columns through ``U``."""
+    u = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
+    work, codes = weight.clone(), []
+    for c in range(weight.shape[1] // dim):
+        cols = slice(c * dim, (c + 1) * dim)
+        metric = torch.linalg.inv(u[cols, cols])
+        z, words = work[:, cols] @ metric, codebook @ metric
+        code = (z.unsqueeze(1) - words.unsqueeze(0)).square().sum(-1).argmin(1)
+        codes.append(code)
+        work[:, (c + 1) * dim:] -= ((work[:, cols] - codebook[code]) @ metric) @ u[cols, (c + 1) * dim:]
+    return torch.stack(codes)
+
+
+@pytest.mark.parametrize("block", [4, 12, 128])
+def test_sequential_pass_is_gptq_without_inverting_h(monkeypatch, block):
+    # the pass quantises last slice first under H = L Lᵀ (Babai's nearest plane); on the slices in reverse order
+    # it must choose GPTQ's codes, which go first to last under the upper Cholesky factor of H⁻¹
+    import sys
+
+    quantize = sys.modules["rpq_fx.fit.quantize"]
+    monkeypatch.setattr(quantize, "_BLOCK_COLUMNS", block)
+    g = torch.Generator().manual_seed(13)
+    weight = torch.randn(200, 24, generator=g, dtype=torch.float64) * 0.05
+    x = correlated_inputs(512, 24, seed=14).double()
+    hessian = x.t() @ x + 0.1 * torch.eye(24, dtype=torch.float64)
+    codebook = torch.randn(1, 16, 4, generator=g, dtype=torch.float64) * 0.05
+    expected = gptq_reference(weight, hessian, codebook[0], 4)
+    reverse = (torch.arange(6).flip(0).view(-1, 1) * 4 + torch.arange(4)).view(-1)
+    flipped, h = weight[:, reverse], hessian[reverse][:, reverse]
+    _, codes = quantize._sequential(lambda s, e: flipped[s:e], 200, torch.linalg.cholesky(h), codebook, 6, 16,
+                                    torch.Generator())
+    assert torch.equal(codes.flip(0).long(), expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(1, 40), seed=st.integers(0, 10**6))
+def test_permuting_h_in_place_is_indexing_rows_and_columns(size, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(size, size, generator=g)
+    order = torch.randperm(size, generator=g)
+    expected = h[order][:, order]
+    _permute_(h, order)
+    assert torch.equal(h, expected)
+
+
+def test_hessian_is_left_alone_unless_the_fit_may_overwrite_it():
+    weight = torch.randn(256, 32, generator=torch.Generator().manual_seed(15)) * 0.05
+    x = correlated_inputs(1024, 32, seed=16)
+    hessian = x.t() @ x
+    kept = hessian.clone()
+    fit = fit_rows(weight, 8, 16, True, hessian=hessian)
+    assert torch.equal(hessian, kept)
+    overwritten = fit_rows(weight, 8, 16, True, hessian=hessian, overwrite_hessian=True)
+    assert torch.equal(overwritten.codes, fit.codes) and torch.equal(overwritten.codebooks, fit.codebooks)
+    assert not torch.equal(hessian, kept), "permuted in place: the fit used its memory"
+
+
+def test_a_shared_codebook_solved_on_a_sample_of_rows_fits_as_well_as_on_all(monkeypatch):
+    import sys
+
+    quantize = sys.modules["rpq_fx.fit.quantize"]
+    weight = torch.randn(1200, 32, generator=torch.Generator().manual_seed(17)) * 0.05
+    x = correlated_inputs(2048, 32, seed=18)
+    hessian = (x.t() @ x).double()
+    sampled = fit_rows(weight, 8, 16, True, hessian=hessian)  # 1200 rows: solved on 1024 of them
+    monkeypatch.setattr(quantize, "_SOLVE_ROWS", 10**6)
+    every = fit_rows(weight, 8, 16, True, hessian=hessian)
+    assert sampled.error == pytest.approx(output_error(x, weight, sampled.codebooks, sampled.codes), rel=1e-3)
+    assert sampled.error < 1.01 * every.error
