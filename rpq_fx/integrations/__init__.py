@@ -1,6 +1,7 @@
-"""Integrations with other libraries' own extension points, each registered only where that library is
-installed: ``transformers`` (``save_pretrained`` / ``from_pretrained`` of converted models, the
-``"rpq"`` quantization method). Importing this package never imports a library that is not installed."""
+"""Integrations with other libraries' own extension points. :func:`register` registers those that work
+by registration, where their library is installed: ``transformers`` (the ``"rpq"`` quantization method:
+``save_pretrained`` / ``from_pretrained`` of converted models). ``rpq_fx.integrations.peft`` (LoRA on
+converted linear layers) is imported where it is used. Importing this package imports neither library."""
 
 import importlib.util
 
