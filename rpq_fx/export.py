@@ -280,7 +280,7 @@ def _module_dot(model: nn.Module, name: str):
         if item["repeat"]:
             lines.append(f"{item['repeat'].partition(' ')[0]}, drawn once")
             attributes.update(color='"#1c7ed6"', penwidth="2", style='"rounded,filled,dashed"')
-        label = "\\n".join(line.replace('"', "'") for line in lines)
+        label = "\\n".join(line.replace("\\", "\\\\").replace('"', "'") for line in lines)  # reason: dot escapes
         dot.add_node(pydot.Node(key, label=f'"{label}"', **attributes))
         if parent is not None:
             dot.add_edge(pydot.Edge(parent, key))

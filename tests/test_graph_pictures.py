@@ -166,6 +166,28 @@ def test_a_model_converted_in_place_gets_one_whole_model_picture(bert_in_place, 
     assert not list(out.glob("*/graph.svg")), "no five-node picture per layer"
 
 
+class OddNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.parts = nn.ModuleDict({"x\\y": nn.Linear(64, 512), "<b>&": nn.Linear(64, 512), "q'r": nn.Linear(64, 512)})
+
+    def forward(self, x):
+        for part in self.parts.values():
+            x = x + part(x)[:, :64]
+        return x
+
+
+# reason: convert first tries torch.fx, whose generated code quotes the name x\y as an escape sequence
+@pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
+def test_module_names_are_drawn_as_they_are(tmp_path):
+    model = rpq_fx.convert(OddNames(), num_codebooks=4, num_codes=16, capture="module", progress=False)
+    out = rpq_fx.export_graph(model, tmp_path)
+    texts = node_texts(out / "graph.svg")
+    assert {texts["parts_x\\y"], texts["parts_<b>&"], texts["parts_q'r"]} == {
+        f"{name} {type(model.parts[name]).__name__} RPQ 512x64, C=4 K=16 d=16" for name in ("x\\y", "<b>&", "q'r")}
+    assert '"name": "<b>&"' in (out / "graph.html").read_text(), "the tree data holds the name as it is"
+
+
 def test_graph_html_is_self_contained(bert_in_place, tmp_path):
     text = (rpq_fx.export_graph(bert_in_place, tmp_path) / "graph.html").read_text()
     assert not re.search(r"<(script|link|img|iframe)[^>]*\s(src|href)=", text), "nothing loaded from elsewhere"
