@@ -12,6 +12,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from ._model import converted as converted_hooks
 from .config import RPQ_MAX_CODEBOOK_DIM, RPQConfig
 from .errors import RPQConversionError
 from .fit import fit_weights
@@ -316,6 +317,13 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     if capture == "module" and type(model) in LAYERS:
         raise RPQConversionError(f"convert: capture='module' converts the layers inside a model, and this model is a "
                                  f"bare {type(model).__name__}; use capture='fx' for it, or convert a model holding it")
+    result = _capture_and_convert(model, capture, example_inputs, options)
+    converted_hooks(result)
+    return result
+
+
+def _capture_and_convert(model: nn.Module, capture: str, example_inputs, options: dict) -> nn.Module:
+    """``model`` captured as ``capture`` says (``"auto"`` resolved to fx or, where fx fails, module) and converted."""
     if capture == "module":
         try:
             whole = capture_fx(model)
@@ -333,7 +341,7 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
             why = untraceable.__cause__.__class__.__name__
             return _convert_module(model, f"in place ({why} when tracing the whole model)", **options)
         result = _convert_graph(model, gm, "torch.fx", **options)
-    if inplace:
+    if options["inplace"]:
         _mark_consumed(model, result)
     return result
 
