@@ -242,7 +242,8 @@ def _dot_graph(gm: fx.GraphModule, name: str):
         (clusters[outer] if outer and outer != member else dot).add_subgraph(cluster)
     mode = "train" if gm.training else "eval"
     converted = len(rpq_weights(gm))
-    repeats = f"; {len(runs)} repeated blocks drawn once (blue boxes)" if runs else ""
+    repeats = (f"; {len(runs)} repeated block{'' if len(runs) == 1 else 's'} drawn once "
+               f"(blue box{'' if len(runs) == 1 else 'es'})") if runs else ""
     dot.set("label", f'"{name} ({mode} mode): {converted} RPQ weights, each read by an rpq_fx op in an orange box\\n'
                      f'(codebooks + uint8 codes -> weight, or computed from them directly){repeats}"')
     dot.set("labelloc", "t")
