@@ -5,7 +5,7 @@ codebooks plus uint8 codes, expanded just in time inside the forward pass. ``ini
 (with ``calibration=`` inputs) fits them to a trained model instead; :func:`finetune` distils.
 """
 
-from . import nn, ops
+from . import distributed, nn, ops
 from .allocate import SizeCosts, allocate, size_costs
 from .config import LayerSettings, RPQConfig
 from .convert import RPQ, convert, rpq
@@ -14,6 +14,7 @@ from .errors import RPQConversionError
 from .export import export_graph
 from .finetune import finetune, float32_codebooks, param_groups
 from .graph_module import RPQGraphModule
+from .integrations import register as _register_integrations
 from .io import RPQCheckpointError, checkpoint_info, checkpoint_report, load, save, save_dense
 from .loss import distillation_loss
 from .onnx_export import export_onnx
@@ -26,5 +27,16 @@ __all__ = ["convert", "RPQ", "rpq", "allocate", "size_costs", "SizeCosts", "RPQG
            "RPQConversionError", "decompress", "model_size", "report", "Report", "export_graph", "nn", "ops", "save",
            "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError", "export_onnx",
            "finetune", "param_groups", "float32_codebooks", "distillation_loss", "register_layer",
-           "conversion_record", "ConversionRecord", "compute_path"]
+           "conversion_record", "ConversionRecord", "compute_path", "distributed", "RPQHfConfig"]
 __version__ = "0.1.0"
+
+_register_integrations()  # transformers' "rpq" quantization method, where transformers is installed
+
+
+def __getattr__(name: str):
+    if name == "RPQHfConfig":  # reason: needs transformers, imported only where it is installed and asked for
+        from ._optional import require
+        require("transformers", "hf", "rpq_fx.RPQHfConfig")
+        from .integrations.transformers import RPQHfConfig
+        return RPQHfConfig
+    raise AttributeError(f"module 'rpq_fx' has no attribute {name!r}")

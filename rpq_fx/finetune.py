@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ._progress import progress_bar
 
 from ._model import model_device, run_inputs, training_mode
 from .config import check_int
@@ -258,7 +258,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
                 held_targets = [run_inputs(teacher, x, device) for x in held_out]
             teacher_layers.values = {}
             best.offer(validate(model, held_out, held_targets, objective, device))
-        for step in tqdm(range(steps), desc="rpq_fx finetune", unit="step", delay=2, disable=not progress):
+        for step in progress_bar(range(steps), desc="rpq_fx finetune", unit="step", delay=2, enabled=progress):
             index = step % len(items)
             if index not in targets:
                 with torch.no_grad():

@@ -937,6 +937,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     elif capture == "torch.export":
         raise RPQCheckpointError(f"{path} was converted from a torch.export capture: pass example_inputs= (inputs of "
                                  "the shapes it was converted with) to load it")
+    elif capture == "module":
+        extra["capture"] = "module"  # rebuilt the way it was converted
     try:
         gm = convert(model, config=_unfitted(config), filter_fn=_exclusions(info["layers"]), **extra)
     except RPQConversionError as error:

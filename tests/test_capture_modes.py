@@ -173,8 +173,6 @@ def test_module_capture_round_trips_through_save_and_load(tmp_path):
         assert torch.equal(loaded(x), converted(x))
 
 
-@pytest.mark.xfail(strict=True, reason="rpq_fx.load must pass capture='module' for a record path 'module' "
-                                       "(io.py diff in engineer 3's report); remove this mark once it is applied")
 def test_explicit_module_capture_round_trips_through_save_and_load(tmp_path):
     converted = rpq_fx.convert(Net().eval(), capture="module", **SETTINGS)
     path = rpq_fx.save(converted, tmp_path / "net.safetensors")

@@ -100,7 +100,7 @@ def _pretrained(model: nn.Module) -> bool:
     # reason: registering must stay cheap (import rpq_fx does it); no model can be a PreTrainedModel before
     # transformers.modeling_utils is imported, so this one is not imported until then
     utils = sys.modules.get("transformers.modeling_utils")
-    return utils is not None and isinstance(model, utils.nn.Module)
+    return utils is not None and isinstance(model, utils.PreTrainedModel)
 
 
 def _devices(device_map) -> set[str]:
