@@ -4,10 +4,11 @@
 - :mod:`.library`: the op definitions (schemas, fake kernels, autograd) and the loading of the C++
   CPU kernels, which the dispatcher reaches by device;
 - :mod:`.stock`: the same kernels in stock torch ops (any device and dtype; the fallback);
-- :mod:`.policy`: which way ``rpq_fx::linear`` computes each call (a CPU cost model), and
+- :mod:`.policy`: which way ``rpq_fx::linear`` computes each call (a CPU cost model; on CUDA a batch-size rule), and
   :func:`compute_path` to force it for a block of code;
 - :mod:`.checks`: the validation every op shares (:func:`check_codes`);
-- :mod:`.autocast`: how each op casts under ``torch.autocast``.
+- :mod:`.autocast`: how each op casts under ``torch.autocast``;
+- :mod:`.triton`: Triton kernels registered for ``CUDA`` (stock ops where Triton cannot compute).
 """
 
 from .checks import check_codes
