@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import RPQConfig, dtype_name
 from .convert import convert
+from .errors import RPQConversionError
 from .fit import fit_weights
 from .fit.sequential import fit_sequential, materialise
 from .io import _ST_DTYPES, RPQCheckpointError, _read_header, save
@@ -133,6 +134,12 @@ def _check_model(model: nn.Module, dense: DenseCheckpoint) -> None:
         raise ValueError(f"convert_checkpoint: the model must be built on the meta device (architecture only), "
                          f"but '{on_device}' holds values; build it under `with torch.device('meta'):`, or use "
                          "rpq_fx.convert for a model in memory")
+    computed = next((name for name, b in model.named_buffers() if b.is_meta and name not in dense.entries), None)
+    if computed is not None:  # reason: found now, not after hours of fitting, when the result is assembled
+        raise RPQConversionError(
+            f"'{computed}' is on the meta device and not in the checkpoint; a buffer the model computes (rotary "
+            "frequencies, position ids) must hold values: build the model with only its parameters on meta "
+            "(accelerate.init_empty_weights())")
     state = model.state_dict(keep_vars=True)
     unexpected = sorted(set(dense.entries) - set(state))
     if unexpected:
@@ -251,7 +258,7 @@ def convert_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, out: str
     if calibration is None:
         fits = _fit_plain(model, plans, weights, read, seeds, progress)
     else:
-        fits = fit_sequential(model, plans, weights, calibration, read=lambda name: dense.read(name),
+        fits = fit_sequential(model, plans, weights, calibration, read=dense.read,
                               names=set(dense.entries), seeds=seeds, progress=progress)
     _install(converted, plans, weights)
     rpq = {name for name, m in converted.named_modules(remove_duplicate=False) if isinstance(m, RPQWeight)}
