@@ -277,6 +277,19 @@ def _check_loaded(model: nn.Module) -> None:
                     raise ValueError(f"rpq: damaged or crafted checkpoint: {error}") from None
 
 
+def _own_aligned_memory(model: nn.Module) -> None:
+    """Give every CPU tensor that transformers handed over at an unaligned address (straight from the
+    checkpoint's memory, at the file's offsets) memory of its own, aligned as torch allocates it."""
+    # reason: ATen's CPU bmm/GEMM rounds differently at different alignments (a codebook 4 floats off made
+    # rpq_fx::linear differ by 1e-7), so a loaded model would not reproduce the saved one's outputs bit for bit
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                        tensor.data = tensor.data.clone()
+
+
 def _check_intact(model: nn.Module, record: ConversionRecord) -> None:
     """Every weight the record says is converted is still an RPQ weight of ``model`` (not replaced since)."""
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -332,6 +345,7 @@ class RPQHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self._loading.remove()
             _check_loaded(model)
+            _own_aligned_memory(model)
             return model
         result = convert(model, config=self.quantization_config.rpq_config, capture="module", inplace=True,
                          progress=False)

@@ -169,4 +169,5 @@ def from_dense(layer: nn.Module, weight: RPQWeight) -> nn.Module:
     state["_buffers"] = dict(layer._buffers)
     state["_modules"] = {**layer._modules, "weight": weight}
     vars(result).update(state)
+    weight.train(layer.training)
     return result
