@@ -137,9 +137,11 @@ def main() -> None:
     row = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate, "vocab": args.vocab,
            "init": args.init + (f"+calibration ({args.calibration}x{args.tokens} tokens)" if args.calibration else ""),
            "checkpoint_GiB": round(size / gib, 3), "params_M": round(params / 1e6, 1),
-           "peak_rss_GiB": round(converted["peak"] / gib, 3), "checkpoint_over_peak": round(size / converted["peak"], 2),
+           "peak_rss_GiB": round(converted["peak"] / gib, 3),
+           "checkpoint_over_peak": round(size / converted["peak"], 2),
            "wall_s": round(converted["wall_s"], 1), "cpu_s": round(converted["cpu_s"], 1),
-           "params_per_s_M": round(params / converted["wall_s"] / 1e6, 2), "out_MiB": round(converted["out_bytes"] / 2**20, 1),
+           "params_per_s_M": round(params / converted["wall_s"] / 1e6, 2),
+           "out_MiB": round(converted["out_bytes"] / 2**20, 1),
            "loads_on_meta_and_runs": loaded["runs"], "load_peak_rss_GiB": round(loaded["peak"] / gib, 3),
            "write_s": round(written, 1), "load_avg": round(os.getloadavg()[0], 1), "settings": SETTINGS}
     print(json.dumps(row))

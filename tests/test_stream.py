@@ -308,11 +308,14 @@ def test_peak_memory_grows_with_the_largest_layer_not_the_model(tmp_path):
     save_file({f"{i}.weight": torch.randn(1024, 1024) for i in range(layers)}, tmp_path / "model.safetensors")
     script = tmp_path / "peak.py"
     script.write_text(_PEAK)
+    # reason: glibc raises its mmap threshold as big blocks are freed, then keeps freed layers in its heap (peaks
+    # of 21 to 42 MB, whatever the layer count); a fixed threshold returns each freed layer, so the peak is the work
+    env = {**os.environ, "RPQ_FX_KERNELS": "torch", "MALLOC_MMAP_THRESHOLD_": "131072"}
     result = subprocess.run([sys.executable, str(script), str(tmp_path), str(layers)], capture_output=True, text=True,
-                            env={**os.environ, "RPQ_FX_KERNELS": "torch"}, timeout=300)
+                            env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     growth = int(result.stdout.split()[-1])
-    # the fit's work space and the allocator's free lists hold a few layers (measured: 5 to 8); the model is 24
-    assert growth < 10 * layer_bytes, f"peak grew {growth / 2**20:.1f} MiB"
+    # the fit's work space is a few times its layer (measured: 21 MB, 5 layers, for 8 layers as for 24)
+    assert growth < 8 * layer_bytes, f"peak grew {growth / 2**20:.1f} MiB; the model is {layers} layers"
     assert rpq_fx.load(nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(layers)]).eval().to("meta"),
                        tmp_path / "out.safetensors") is not None
