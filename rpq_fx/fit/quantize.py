@@ -325,7 +325,8 @@ def _solve(rows: Tensor, columns: Tensor, codebooks: Tensor, codes: Tensor, hess
     # by H over all rows per iteration is the fit's largest cost on a big layer
     chosen = torch.randperm(rows.shape[0], generator=generator, device=rows.device)[:_SOLVE_ROWS].sort().values
     some = rows.index_select(0, chosen).index_select(1, columns).float()
-    return _solve_codebooks(lambda s, e: some[s:e], len(chosen), codebooks, codes[:, chosen], hessian)
+    # reason: 4 iterations, not 8: on fit_big's data at 2048 x 2048 the fit error is the same to 4 digits (0.001937)
+    return _solve_codebooks(lambda s, e: some[s:e], len(chosen), codebooks, codes[:, chosen], hessian, iters=4)
 
 
 def _in_energy_order(rows: Tensor, hessian: Tensor, energy: Tensor, codebooks: Tensor | None, num_codebooks: int,
