@@ -22,12 +22,13 @@ from .ops import compute_path
 from .passes import register_layer
 from .record import ConversionRecord, conversion_record
 from .report import Report, model_size, report
+from .stream import convert_checkpoint
 
 __all__ = ["convert", "RPQ", "rpq", "allocate", "size_costs", "SizeCosts", "RPQGraphModule", "RPQConfig", "LayerSettings",
            "RPQConversionError", "decompress", "model_size", "report", "Report", "export_graph", "nn", "ops", "save",
            "load", "save_dense", "checkpoint_info", "checkpoint_report", "RPQCheckpointError", "export_onnx",
            "finetune", "param_groups", "float32_codebooks", "distillation_loss", "register_layer",
-           "conversion_record", "ConversionRecord", "compute_path", "distributed", "RPQHfConfig"]
+           "conversion_record", "ConversionRecord", "compute_path", "distributed", "RPQHfConfig", "convert_checkpoint"]
 __version__ = "0.1.0"
 
 _register_integrations()  # transformers' "rpq" quantization method, where transformers is installed

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from .config import RPQConfig, dtype_name
 from .convert import convert
 from .errors import RPQConversionError
@@ -207,7 +207,7 @@ def _fit_plain(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQW
     """k-means of each weight on its own: read, fitted, freed, one at a time."""
     fits = {}
     todo = [plan for plan in plans if plan.name in seeds]
-    for plan in tqdm(todo, desc="rpq_fx fit", unit="layer", delay=2, disable=not progress):
+    for plan in progress_bar(todo, desc="rpq_fx fit", unit="layer", delay=2, enabled=progress):
         dense = dataclasses.replace(plan, param=read(plan))
         fits.update(fit_weights(model, [dense], {plan.name: weights[plan.name]}, seed=seeds[plan.name],
                                 progress=False))

@@ -18,9 +18,9 @@ from itertools import chain
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .._model import as_args, model_device, run_inputs, training_mode
+from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
 from ..record import FitOutcome, LayerPlan
@@ -220,7 +220,7 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
     fits_calibrated = [0]
     stand_ins = [(_StandIn(block, stage, replay=True), _StandIn(block, stage, replay=False)) for block in originals]
     container = stage._rpq_blocks
-    with tqdm(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, enabled=progress) as bar:
         for i in range(len(originals)):
             container[i] = stand_ins[i][1]
         fit_stage([plan for plan in todo if owners[plan.name] is None], bar)  # the layers before the blocks
