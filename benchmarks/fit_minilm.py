@@ -1,0 +1,81 @@
+"""The data-aware fit on a whole real model: all-MiniLM-L6-v2, time, throughput and quality (issue 23 section 3).
+
+    python benchmarks/fit_minilm.py [--cases convert allocate] [--out benchmarks/results]
+
+``convert``: ``rpq_fx.convert(model, codebook_dim=4, shared_codebooks=True, init="kmeans",
+calibration=<256 lines>)`` over the quality benchmark's weights (``benchmarks/_quality``: the same
+task, lines and evaluation as ``quality.py`` and ``minilm_low_bits.py``). ``allocate``:
+``rpq_fx.allocate(model, 2.0, <256 lines>)`` with ``minilm_low_bits.py``'s candidate sizes and base
+config, the costs measured on the calibration lines. Each row gives wall seconds and the process's
+CPU seconds (``time.process_time``: on a machine shared with other work the wall time inflates,
+the CPU time much less), the load average around it, the parameters fitted per wall second (for
+``allocate``: the model's converted parameters over the whole call, which fits each once per
+size) and the mean cosine / top-10 neighbour agreement with the dense embeddings on 2000 held-out
+lines. Writes ``results/fit_minilm.md``.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, load, table, write  # noqa: E402
+from _quality import methods, tasks  # noqa: E402
+
+import rpq_fx  # noqa: E402
+
+BASE = {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans", "codebook_dtype": "float16"}  # allocate's
+SIZES = [{"codebook_dim": d} for d in (8, 6, 4, 3, 2)] + [{"codebook_dim": 8, "hot_rows": 6144, "hot_codebook_dim": 4}]
+
+
+def _timed(fn):
+    """``fn()``, its wall and CPU seconds, and the 1-minute load average before and after."""
+    load_before, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    value = fn()
+    return value, time.perf_counter() - wall, time.process_time() - cpu, load_before, os.getloadavg()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["convert", "allocate"], choices=["convert", "allocate"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = load()
+    task = tasks.build_minilm()
+    chosen = methods.weight_filter(task.weights)
+    params = sum(p.numel() for p in task.weights.values())
+    rows = []
+    if "convert" in args.cases:
+        model, wall, cpu, before, after = _timed(lambda: rpq_fx.convert(
+            task.model, codebook_dim=4, shared_codebooks=True, init="kmeans", calibration=task.calibration,
+            filter_fn=chosen, progress=False).eval())
+        quality = task.evaluate(model)
+        rows.append(["convert, d=4 shared, data-aware, 256 lines", wall, cpu, params / wall / 1e6,
+                     rpq_fx.report(model).totals["bits_per_weight"], quality["cosine"], quality["nn_agreement"],
+                     f"{before:.1f} / {after:.1f}"])
+        print(rows[-1], flush=True)
+    if "allocate" in args.cases:
+        config, wall, cpu, before, after = _timed(lambda: rpq_fx.allocate(
+            task.model, 2.0, task.calibration, sizes=SIZES, config=rpq_fx.RPQConfig.from_dict(BASE),
+            filter_fn=chosen, progress=False))
+        model = rpq_fx.convert(task.model, config=config, calibration=task.calibration, filter_fn=chosen,
+                               progress=False).eval()
+        quality = task.evaluate(model)
+        rows.append([f"allocate for 2.0 bits, {len(SIZES)} sizes, 256 lines (then convert)", wall, cpu,
+                     params * len(SIZES) / wall / 1e6, rpq_fx.report(model).totals["bits_per_weight"],
+                     quality["cosine"], quality["nn_agreement"], f"{before:.1f} / {after:.1f}"])
+        print(rows[-1], flush=True)
+    body = (f"all-MiniLM-L6-v2, the quality benchmark's {len(task.weights)} weights ({params / 1e6:.1f} M parameters), "
+            "calibrated on its 256 Shakespeare lines (batches of 32), evaluated on its 2000 held-out lines against "
+            "the dense embeddings. M params / s: parameters fitted per wall second (allocate fits each once per "
+            f"size: {len(SIZES)} sizes, {SIZES}, base {BASE}). Targets (issue 23 section 3): convert < 30 s, "
+            "allocate < 5 min.\n\n"
+            + table(rows, ["case", "wall s", "CPU s", "M params / s", "bits / weight", "mean cosine",
+                           "top-10 NN", "load before / after (1 min)"], floatfmt=".3f"))
+    write("fit_minilm", "The data-aware fit of all-MiniLM-L6-v2: time and quality", body, started, directory=args.out)
+
+
+if __name__ == "__main__":
+    main()
