@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ._model import model_device, run_inputs, training_mode
+from ._progress import progress_bar
 from .config import SIZE_SETTINGS, SPLITS, RPQConfig
 from .convert import FilterFn, convert
 from .decompress import decompress
@@ -126,7 +126,7 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
     values: dict[str, int] = {}
     with training_mode(model, False):
         targets = [run_inputs(model, item, device) for item in measured]
-        for size, candidate in zip(tqdm(sizes, desc="rpq_fx allocate", unit="size", disable=not progress), candidates):
+        for size, candidate in zip(progress_bar(sizes, desc="rpq_fx allocate", unit="size", enabled=progress), candidates):
             converted = convert(model, config=candidate, calibration=items, filter_fn=filter_fn, progress=False)
             dense = decompress(converted)
             for row in report(converted).rows:

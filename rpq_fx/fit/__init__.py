@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
 from ..record import FitOutcome, LayerPlan
@@ -150,7 +150,7 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
     groups += [[plan] for plan in todo if plan.name not in observed]
     replaced: dict[str, torch.Tensor] = {}
     fits: dict[str, FitOutcome] = {}
-    with tqdm(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, enabled=progress) as bar:
         for group in groups:
             calibrated = group[0].name in observed
             # reason: a forward can end at the group's last layer, unless one of them is called again later

@@ -10,15 +10,15 @@ dict input's ``attention_mask`` marks as padding are left out.
 """
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .._model import model_device, run_inputs, training_mode
+from .._model import INPUT_ITEM, model_device, run_inputs, training_mode
+from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..record import LayerPlan
 
@@ -198,8 +198,9 @@ class _Recorder:
 
 
 def padding_mask(inputs) -> Tensor | None:
-    """The non-padding positions of a dict calibration item (its ``attention_mask``), else None."""
-    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    """The non-padding positions of a keyword calibration item (any Mapping: a dict, a tokenizer's
+    BatchEncoding; its ``attention_mask``), else None."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
@@ -219,7 +220,7 @@ def _describe(inputs) -> str:
     """A calibration item in a few words, for an error message."""
     if isinstance(inputs, Tensor):
         return f"Tensor {list(inputs.shape)}"
-    if isinstance(inputs, (tuple, list, dict)):
+    if isinstance(inputs, (tuple, list, Mapping)):
         return f"{type(inputs).__name__} of {len(inputs)}"
     return type(inputs).__name__
 
@@ -253,8 +254,8 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
     device = model_device(model)
     try:
         with training_mode(model, False), torch.no_grad():
-            for index, inputs in enumerate(tqdm(calibration, desc="rpq_fx calibration", unit="batch", delay=2,
-                                                disable=not progress)):
+            for index, inputs in enumerate(progress_bar(calibration, desc="rpq_fx calibration", unit="batch",
+                                                        delay=2, enabled=progress)):
                 def forward(swapped: dict[str, Tensor]) -> None:
                     inside.clear()
                     try:
@@ -269,7 +270,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
                         raise RPQConversionError(
                             f"convert: calibration item {index} ({_describe(inputs)}) failed in the model's forward"
                             f"{layer}: {type(error).__name__}: {error}; each item must be what the model takes: "
-                            "a tensor, a tuple of positional inputs or a dict of keyword inputs") from error
+                            f"{INPUT_ITEM}") from error
 
                 before_item(inputs, forward)
                 forward(replaced)
@@ -293,11 +294,13 @@ def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[
                 seen[plan.name] += 1
                 return
             seen[plan.name] = 1
-            key = x.data_ptr() if isinstance(x, Tensor) else None
-            if key is None or key != last[0] or not groups:
+            # reason: the last input itself is held, not its address: a freed input's memory handed out again
+            # as the next layer's input must not pass for the same tensor and join two groups
+            same = isinstance(x, Tensor) and isinstance(last[0], Tensor) and x.data_ptr() == last[0].data_ptr()
+            if not same or not groups:
                 groups.append([])
             groups[-1].append(plan)
-            last[0] = key
+            last[0] = x
         return hook
 
     hooks = [(layer, watcher(plan)) for plan in plans if plan.converted
