@@ -368,10 +368,10 @@ import os, signal, sys
 import rpq_fx
 from rpq_fx import cli
 
-def killed(*args, **kwargs):  # the checkpoint is saved, the report not yet
+def killed(*args, **kwargs):  # the checkpoint is saved, the report not yet written
     os.kill(os.getpid(), signal.SIGKILL)
 
-rpq_fx.report = killed
+rpq_fx.Report.to_markdown = killed
 sys.path.insert(0, {folder!r})
 cli.main(["convert", "tiny:build", "--codebook-dim", "4", "--no-graph", "--quiet", "--out", {out!r}])
 """
