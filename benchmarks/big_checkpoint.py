@@ -7,7 +7,7 @@ subprocess that builds the model on the meta device, and records that process's 
 subprocess and runs it. The checkpoint is deleted after. ``--calibration N`` makes the fit data-aware
 (block by block). Results: ``benchmarks/results/big_checkpoint.md``.
 
-    python benchmarks/big_checkpoint.py --layers 16 --hidden 2048 --intermediate 5632 --init kmeans
+    python benchmarks/big_checkpoint.py --layers 20 --hidden 2048 --intermediate 5632 --init kmeans
     python benchmarks/big_checkpoint.py --layers 4 --hidden 1024 --intermediate 2816 --init kmeans --calibration 4
 """
 
