@@ -82,8 +82,14 @@ def capture(model: nn.Module) -> RPQGraphModule:
                               "convert it in the mode you will run it in")
     if other is not None and other.python_code("self").src == graph.python_code("self").src:
         other = None
-    gm = RPQGraphModule(model, _union_root(model, [graph] + ([other] if other else [])), type(model).__name__)
-    gm.graph = graph
+    try:
+        gm = RPQGraphModule(model, _union_root(model, [graph] + ([other] if other else [])), type(model).__name__)
+        gm.graph = graph
+    except SyntaxError as error:  # reason: fx writes module names into Python source unescaped ('a"b' in a ModuleDict)
+        raise RPQConversionError(
+            f"torch.fx traced {type(model).__name__} but cannot write its forward as Python ({error.msg}): a module "
+            "name holds a character Python source cannot (a quote in a ModuleDict key?); capture='module' keeps the "
+            "model object instead") from error
     if other is not None:
         gm.meta["rpq_mode_graphs"] = {mode: graph, not mode: other}
     if untraced is not None:

@@ -332,3 +332,27 @@ def test_module_capture_runs_an_rnn_through_its_own_forward(check):
     assert isinstance(converted.rnn, rpq_fx.RPQGraphModule) and type(converted.fc) is RPQLinear
     assert {layer.name for layer in converted.rpq_layers if layer.converted} >= {"rnn.weight_ih_l0", "rnn.weight_hh_l0"}
     check.matches_dense_reference(model, converted, torch.randn(2, 5, 32))
+
+
+class QuotedKey(nn.Module):
+    """A ModuleDict key torch.fx writes into Python source unescaped."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleDict({'a"b': nn.Linear(32, 64)})
+
+    def forward(self, x):
+        return self.layers['a"b'](x)
+
+
+def test_a_module_name_fx_cannot_write_falls_back_to_module_capture():
+    model = QuotedKey().eval()
+    with pytest.raises(rpq_fx.RPQConversionError, match="cannot write its forward as Python"):
+        rpq_fx.convert(model, capture="fx", **SETTINGS)
+    converted = rpq_fx.convert(model, **SETTINGS)
+    layer = converted.layers['a"b']
+    assert type(converted) is QuotedKey and type(layer) is RPQLinear
+    x = torch.randn(3, 32)
+    dense = rpq_fx.decompress(converted)['layers.a"b.weight']
+    with torch.no_grad():
+        assert torch.allclose(converted(x), F.linear(x, dense, layer.bias), atol=1e-6)
