@@ -20,9 +20,11 @@ def _summed_in_float32(actual: torch.Tensor, exact: torch.Tensor, magnitude: tor
     """``actual`` within the error of a float32 sum of ``terms`` products (16-bit products are exact in float32)
     with one 16-bit rounding of the partial sums (the per-codebook tables, or the scattered gradient) and one of
     the result; ``magnitude`` is the sum of the terms' absolute values. Summing in 16-bit steps errs up to
-    ``terms`` units."""
+    ``terms`` units. Below the 16-bit type's smallest normal, each of the two roundings errs by up to half
+    the subnormal spacing instead (an absolute ``unit * smallest_normal``), not by ``unit`` relative."""
     unit = UNIT[actual.dtype]
-    bound = unit * exact.abs() + (unit + terms * 2.0 ** -23) * magnitude + 1e-30
+    underflow = 2 * unit * torch.finfo(actual.dtype).smallest_normal
+    bound = unit * exact.abs() + (unit + terms * 2.0 ** -23) * magnitude + underflow
     return bool((actual.double() - exact).abs().le(bound).all())
 
 
