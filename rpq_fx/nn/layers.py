@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import embedding as rpq_embedding
-from ..ops import expand, hot_embedding
+from ..ops import hot_embedding
 from ..ops import linear as rpq_linear
 from .weight import RPQWeight
 
@@ -20,23 +20,6 @@ def _split(row_len: int, num_codebooks: int, where: str) -> int:
     if row_len % num_codebooks:
         raise ValueError(f"{where}: row length {row_len} is not divisible by num_codebooks={num_codebooks}")
     return row_len // num_codebooks
-
-
-def _codebooks(weight: RPQWeight) -> torch.Tensor:
-    """The codebooks in the expanded weight's dtype (cast only where stored in another: read from
-    ``compute_dtype``, a plain attribute, so that tracing the layer sees the same ops)."""
-    return weight.codebooks if weight.compute_dtype is None else weight.codebooks.to(weight.compute_dtype)
-
-
-def _expanded(weight: RPQWeight) -> torch.Tensor:
-    """The dense weight, by the same ops the rewrite pass writes for it (``rewrite._expansion``), so a
-    traced layer reads as the graph a converted layer had before (saved forwards compare equal)."""
-    rows = expand(_codebooks(weight), weight.codes)
-    if weight.hot is not None:
-        rows = rows.index_add(0, weight.hot_index.long(), _expanded(weight.hot))
-    if weight.transposed:
-        return rows.t()
-    return rows.view(weight.shape) if len(weight.shape) != 2 else rows
 
 
 class RPQLinear(nn.Module):
@@ -61,8 +44,8 @@ class RPQLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if weight.hot is None:
-            return rpq_linear(input, _codebooks(weight), weight.codes, self.bias)
-        return F.linear(input, _expanded(weight), self.bias)
+            return rpq_linear(input, weight.compute_codebooks(), weight.codes, self.bias)
+        return F.linear(input, weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -94,12 +77,14 @@ class RPQEmbedding(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if weight.hot is not None and self.scale_grad_by_freq:  # reason: hot residuals would not be rescaled
-            return F.embedding(input, _expanded(weight), self.padding_idx, None, 2.0, True, False)
-        out = rpq_embedding(input, _codebooks(weight), weight.codes, self.padding_idx, self.scale_grad_by_freq)
+            return F.embedding(input, weight(), self.padding_idx, None, 2.0, True, False)
+        out = rpq_embedding(input, weight.compute_codebooks(), weight.codes, self.padding_idx,
+                            self.scale_grad_by_freq)
         if weight.hot is None:
             return out
         hot = weight.hot
-        return out + hot_embedding(input, _codebooks(hot), hot.codes, weight.hot_index.long(), weight.num_vectors)
+        return out + hot_embedding(input, hot.compute_codebooks(), hot.codes, weight.hot_index.long(),
+                                   weight.num_vectors)
 
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
@@ -128,7 +113,7 @@ class _RPQConvMixin:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # reason: torch's _conv_forward handles every padding_mode; reuse it rather than copy it
-        return self._conv_forward(input, _expanded(self.weight), self.bias)
+        return self._conv_forward(input, self.weight(), self.bias)
 
 
 def _conv_class(base: type[nn.Module]) -> type[nn.Module]:

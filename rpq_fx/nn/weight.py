@@ -218,14 +218,23 @@ class RPQWeight(nn.Module):
                 self.hot.reset_parameters(generator=generator)
                 self.hot.codebooks.zero_()
 
+    def compute_codebooks(self) -> torch.Tensor:
+        """The codebooks in the expanded weight's dtype, cast only where ``compute_dtype`` (a plain
+        attribute, so a traced layer sees the ops the rewrite pass writes) asks for another."""
+        return self.codebooks if self.compute_dtype is None else self.codebooks.to(self.compute_dtype)
+
     def expand_rows(self) -> torch.Tensor:
         """The expanded rows ``[num_vectors, C*d]``, hot rows' residuals added."""
-        rows = expand(self.codebooks.to(self.dtype), self.codes)
-        return rows if self.hot is None else rows.index_add(0, self.hot_index, self.hot.expand_rows())
+        rows = expand(self.compute_codebooks(), self.codes)
+        return rows if self.hot is None else rows.index_add(0, self.hot_index.long(), self.hot.expand_rows())
 
     def forward(self) -> torch.Tensor:
-        weight = self.expand_rows().view(self.shape)
-        return weight.t() if self.transposed else weight
+        """The dense weight, by the ops the rewrite pass writes for it (``rewrite._expansion``), so a
+        traced RPQ layer reads as the graph a converted layer has (saved forwards compare equal)."""
+        rows = self.expand_rows()
+        if self.transposed:
+            return rows.t()
+        return rows.view(self.shape) if len(self.shape) != 2 else rows
 
     def extra_repr(self) -> str:
         shared = ", shared_codebooks=True" if self.shared_codebooks else ""
