@@ -2,14 +2,14 @@
 item, a copy emptied of its tensors, and the hooks told of every converted model. The lowest layer of
 rpq_fx beside errors and config."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from numbers import Number
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["training_mode", "model_device", "as_args", "run_inputs", "empty_shell", "on_converted", "converted",
+__all__ = ["training_mode", "model_device", "as_args", "input_items", "run_inputs", "empty_shell", "on_converted", "converted",
            "INPUT_ITEM"]
 
 INPUT_ITEM = ("a tensor, a tuple or list of positional inputs, or a mapping of keyword inputs (a dict, a "
@@ -48,6 +48,18 @@ def as_args(inputs, device: torch.device | None = None) -> tuple[tuple, dict]:
         raise TypeError(f"an input item must be {INPUT_ITEM}; got {type(inputs).__name__} {inputs!r:.60}"
                         + (": tokenize text first" if isinstance(inputs, (str, bytes)) else ""))
     return tuple(map(move, inputs if isinstance(inputs, (tuple, list)) else (inputs,))), {}
+
+
+def input_items(data: Iterable, where: str) -> Sequence:
+    """The input items of ``data`` (calibration, training or validation data), as a sequence that can be
+    read more than once. One mapping (a tokenizer's ``BatchEncoding``, a dict) is one item, a batch:
+    iterating it would hand over its keys as items."""
+    if isinstance(data, Mapping):
+        return [data]
+    if isinstance(data, (str, bytes)):
+        raise TypeError(f"{where} must be an iterable of input items ({INPUT_ITEM}), got {type(data).__name__} "
+                        f"{data!r:.60}: tokenize text first")
+    return data if isinstance(data, Sequence) else list(data)
 
 
 def run_inputs(model: nn.Module, inputs, device: torch.device | None = None, replaced: dict[str, Tensor] | None = None):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from ._progress import progress_bar
 
-from ._model import model_device, run_inputs, training_mode
+from ._model import input_items, model_device, run_inputs, training_mode
 from .config import check_int
 from .distributed import (RPQDistributedError, average_gradients, check_codes_in_sync, check_in_sync,
                           is_data_parallel, is_sharded)
@@ -233,8 +233,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     """
     check_int("finetune", "steps", steps, 1)
     check_int("finetune", "validate_every", validate_every, 1)
-    items = data if isinstance(data, Sequence) else list(data)
-    held_out = None if validation is None else validation if isinstance(validation, Sequence) else list(validation)
+    items = input_items(data, "finetune: data")
+    held_out = None if validation is None else input_items(validation, "finetune: validation")
     if not items:
         raise ValueError("finetune: data is empty")
     if held_out is not None and not held_out:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from transformers import BatchEncoding, BertConfig, BertModel
 
 import rpq_fx
-from rpq_fx._model import as_args, run_inputs
+from rpq_fx._model import as_args, input_items, run_inputs
 
 transformers.logging.set_verbosity_error()
 
@@ -90,6 +90,27 @@ def test_batch_encoding_calibrates_exports_and_finetunes(check):
 
     losses = rpq_fx.finetune(from_encoding, model, [encoded], steps=2, lr=1e-3)
     assert len(losses) == 2
+
+
+def test_one_mapping_is_one_item_not_its_keys():
+    """``tokenizer(texts, return_tensors="pt")`` passed whole is one batch: iterating it handed over its keys,
+    which then failed as text ("tokenize text first") though the user had tokenized."""
+    encoded = BatchEncoding({"input_ids": torch.zeros(2, 3, dtype=torch.long)})
+    assert input_items(encoded, "data") == [encoded]
+    assert input_items([encoded, encoded], "data") == [encoded, encoded]
+    assert input_items(iter([encoded]), "data") == [encoded]
+    with pytest.raises(TypeError, match="finetune: data must be an iterable of input items .*tokenize text first"):
+        input_items("some text", "finetune: data")
+    model = bert()
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(2))
+    whole = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    converted = rpq_fx.convert(model, codebook_dim=16, num_codes=16, progress=False)
+    torch.manual_seed(0)
+    as_batch = rpq_fx.finetune(converted, model, whole, steps=2, lr=1e-3, validation=whole, progress=False)
+    converted = rpq_fx.convert(model, codebook_dim=16, num_codes=16, progress=False)
+    torch.manual_seed(0)
+    as_list = rpq_fx.finetune(converted, model, [whole], steps=2, lr=1e-3, validation=[whole], progress=False)
+    assert as_batch == as_list
 
 
 def test_registered_only_where_transformers_is_installed():
