@@ -5,7 +5,8 @@ Writes a sharded safetensors checkpoint of random weights (one shard per two blo
 subprocess that builds the model on the meta device, and records that process's peak resident memory
 (``VmHWM``), wall and CPU time and throughput; then loads the result on the meta device in another
 subprocess and runs it. The checkpoint is deleted after. ``--calibration N`` makes the fit data-aware
-(block by block). Results: ``benchmarks/results/big_checkpoint.md``.
+(block by block); ``--trace FILE`` appends a line per block fitted (resident memory, CPU and wall time)
+to FILE as the run goes. Results: ``benchmarks/results/big_checkpoint.md``.
 
     python benchmarks/big_checkpoint.py --layers 20 --hidden 2048 --intermediate 5632 --init kmeans
     python benchmarks/big_checkpoint.py --layers 4 --hidden 1024 --intermediate 2816 --init kmeans --calibration 4
@@ -13,6 +14,7 @@ subprocess and runs it. The checkpoint is deleted after. ``--calibration N`` mak
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -45,6 +47,26 @@ def meta_model(args):
 def peak() -> int:
     """This process's peak resident memory, bytes."""
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+
+def resident() -> int:
+    """This process's resident memory now, bytes."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+
+
+class _Trace(logging.Handler):
+    """Appends each of ``rpq_fx.fit.sequential``'s per-block lines to a file, with the process's
+    resident and peak memory and its CPU and wall time since ``start``."""
+
+    def __init__(self, path: str, start: tuple[float, float]):
+        super().__init__(logging.INFO)
+        self.path, self.start = path, start
+
+    def emit(self, record):
+        wall, cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+        with open(self.path, "a") as f:
+            f.write(f"{record.getMessage()}  rss {resident() / 2**20:.0f} MiB  peak {peak() / 2**20:.0f} MiB  "
+                    f"wall {wall:.0f} s  cpu {cpu:.0f} s\n")
 
 
 def write_checkpoint(args, folder: Path) -> tuple[int, int]:
@@ -83,7 +105,13 @@ def convert_step(args) -> dict:
 
     model = meta_model(args)
     extra = {"calibration": calibration(args)} if args.calibration else {}
+    if args.no_error_feedback:
+        extra["error_feedback"] = False
     wall, cpu = time.perf_counter(), time.process_time()
+    if args.trace:
+        log = logging.getLogger("rpq_fx.fit.sequential")
+        log.setLevel(logging.INFO)
+        log.addHandler(_Trace(args.trace, (wall, cpu)))
     out = convert_checkpoint(model, args.checkpoint, args.out, init=args.init, progress=False, **SETTINGS, **extra)
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "peak": peak(),
             "out_bytes": out.stat().st_size}
@@ -115,6 +143,9 @@ def main() -> None:
     parser.add_argument("--init", default="kmeans", choices=["random", "kmeans"])
     parser.add_argument("--calibration", type=int, default=0, help="calibration items (0: a plain k-means fit)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per calibration item")
+    parser.add_argument("--no-error-feedback", action="store_true",
+                        help="error_feedback=False: each slice quantised under H's diagonal (about 3x less CPU)")
+    parser.add_argument("--trace", help="a file to append a line to per block fitted (memory, CPU, wall time)")
     parser.add_argument("--folder", type=Path, default=None, help="where to write the checkpoint (a temporary folder)")
     parser.add_argument("--step", choices=["convert", "load"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -124,6 +155,7 @@ def main() -> None:
         print(json.dumps((convert_step if args.step == "convert" else load_step)(args)))
         return
     folder = Path(tempfile.mkdtemp(prefix="rpq_big_", dir=args.folder))
+    load_before = os.getloadavg()[0]
     try:
         start = time.perf_counter()
         size, params = write_checkpoint(args, folder)
@@ -135,7 +167,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     gib = 2**30
     row = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate, "vocab": args.vocab,
-           "init": args.init + (f"+calibration ({args.calibration}x{args.tokens} tokens)" if args.calibration else ""),
+           "init": args.init + (f"+calibration ({args.calibration}x{args.tokens} tokens)" if args.calibration else "")
+           + (", error_feedback=False" if args.no_error_feedback else ""),
            "checkpoint_GiB": round(size / gib, 3), "params_M": round(params / 1e6, 1),
            "peak_rss_GiB": round(converted["peak"] / gib, 3),
            "checkpoint_over_peak": round(size / converted["peak"], 2),
@@ -143,7 +176,8 @@ def main() -> None:
            "params_per_s_M": round(params / converted["wall_s"] / 1e6, 2),
            "out_MiB": round(converted["out_bytes"] / 2**20, 1),
            "loads_on_meta_and_runs": loaded["runs"], "load_peak_rss_GiB": round(loaded["peak"] / gib, 3),
-           "write_s": round(written, 1), "load_avg": round(os.getloadavg()[0], 1), "settings": SETTINGS}
+           "write_s": round(written, 1), "load_avg": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+           "settings": SETTINGS}
     print(json.dumps(row))
 
 

@@ -12,7 +12,9 @@ model: the same groups, order, statistics and seeds (``tests/fit/test_fit_sequen
 """
 
 import copy
+import ctypes
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from itertools import chain
 
@@ -28,6 +30,13 @@ from . import _fit
 from .calibrate import _Enough, call_groups, collect_stats
 
 __all__ = ["fit_sequential", "find_blocks", "materialise"]
+
+_log = logging.getLogger(__name__)  # one line per block fitted: progress where no terminal shows the bar
+
+try:  # reason: glibc's malloc_trim; other C libraries (macOS, musl, Windows) keep their allocator as it is
+    _TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError, TypeError):
+    _TRIM = None
 
 _FLAG = "rpq_quantised"  # the stage's buffer saying which stream the stand-ins replay (swapped by functional_call)
 
@@ -234,6 +243,9 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
             block.to_empty(device="meta")  # frees its dense tensors
             replaced.clear()
             replaced.update(head)
+            _give_back()
+            _log.info("fit_sequential: block %d of %d fitted (%d of %d layers)", i + 1, len(originals), len(fits),
+                      len(todo))
         rest = [plan for plan in todo if owners[plan.name] is None and plan.name not in fits]
         fit_stage(rest, bar)  # the layers after the blocks
         for plan in todo:  # reason: layers no hook observes get a plain k-means fit, as in the whole model
@@ -242,6 +254,13 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
                                        seeds[plan.name])
                 bar.update()
     return fits
+
+
+def _give_back() -> None:
+    """Return the memory the last block freed to the system: glibc keeps freed blocks under its mmap
+    threshold (which it raises as big blocks are freed) in its heap, resident and fragmented."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _with_param(plan: LayerPlan, param: Tensor) -> LayerPlan:
