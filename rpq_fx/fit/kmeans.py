@@ -129,14 +129,15 @@ def kmeans(x: Tensor, k: int, *, weights: Tensor | None = None, iters: int = 20,
 
 
 def lloyd_step(x: Tensor, centroids: Tensor, weights: Tensor | None = None,
-               codes_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor]:
+               codes_dtype: torch.dtype | None = torch.long) -> tuple[Tensor, Tensor | None]:
     """One Lloyd step over ``x [B, M, d]`` (any strides) in chunks of points, nothing of ``x``'s size
     built but the codes: each point's nearest centroid among ``centroids [B, K, d]`` (``[B, M]``
-    in ``codes_dtype``; int16 keeps indices >= 32768 as bit patterns) and the (``weights [B, M]``
-    weighted) mean of the points each centroid got, as ``[B, K, d]`` (unchanged where it got none)."""
+    in ``codes_dtype``; int16 keeps indices >= 32768 as bit patterns; None: not kept) and the
+    (``weights [B, M]`` weighted) mean of the points each centroid got, as ``[B, K, d]`` (unchanged
+    where it got none)."""
     batch, points, dim = x.shape
     k = centroids.shape[1]
-    codes = torch.empty(batch, points, dtype=codes_dtype, device=x.device)
+    codes = None if codes_dtype is None else torch.empty(batch, points, dtype=codes_dtype, device=x.device)
     sums = torch.zeros(batch * k, dim, dtype=torch.float64, device=x.device)
     counts = torch.zeros(batch * k, dtype=torch.float64, device=x.device)
     offsets = (torch.arange(batch, device=x.device) * k).unsqueeze(1)
@@ -144,7 +145,8 @@ def lloyd_step(x: Tensor, centroids: Tensor, weights: Tensor | None = None,
     for start in range(0, points, step):
         chunk = x[:, start:start + step].to(centroids.dtype)
         where, _ = nearest(chunk.contiguous(), centroids)
-        codes[:, start:start + step] = where
+        if codes is not None:
+            codes[:, start:start + step] = where
         flat = (where + offsets).reshape(-1)
         w = None if weights is None else weights[:, start:start + step].double()
         values = chunk.double() if w is None else chunk.double() * w.unsqueeze(-1)

@@ -41,6 +41,8 @@ _REFINE_PASSES = 2  # of coordinate descent on the codes, each followed by a cod
 # 181 s and 2.9x the layer in extra memory, chunks of 4096 rows 65 s and 3.7x (benchmarks/results/fit_big.md)
 _CHUNK_ELEMENTS = 2**25  # the input-aware passes hold about this many values of the rows at a time (128 MiB fp32)
 _SOLVE_ROWS = 1024  # a shared codebook (K*d values) is solved for on at most this many rows, drawn at random
+_SOLVE_ELEMENTS = 2**23  # the codebook solve reads the rows in chunks of about this many values (32 MiB fp32)
+_FACTOR_BLOCK = 512  # columns per block of the in-place Cholesky factorisation (and of products by a packed H)
 
 
 @dataclass
@@ -70,9 +72,23 @@ def _scalar_summary(points: Tensor, weights: Tensor | None, bins: int) -> tuple[
     return (sums / totals.clamp_min(1e-30)).unsqueeze(-1), totals
 
 
-def _kmeans(points: Tensor, k: int, weights: Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _sample(m: int, count: int, generator: torch.Generator, device) -> Tensor:
+    """``count`` distinct indices of ``range(m)`` drawn uniformly at random, without an ``m``-long permutation."""
+    if m <= 8 * count:
+        return torch.randperm(m, generator=generator, device=device)[:count]
+    # reason: randperm(m) is an int64 tensor of m values (128 MiB for the slices of a Linear(8192, 8192) at d=4); draws
+    # with replacement, kept once each, are as uniform over the subsets of that size (a few repeat at these sizes)
+    while True:
+        drawn = torch.randint(m, (count + count // 8 + 16,), generator=generator, device=device).unique()
+        if drawn.numel() >= count:
+            return drawn[torch.randperm(drawn.numel(), generator=generator, device=device)[:count]]
+
+
+def _kmeans(points: Tensor, k: int, weights: Tensor | None, generator: torch.Generator,
+            keep_codes: bool = True) -> tuple[Tensor, Tensor | None]:
     """k-means on ``points [B, M, d]`` (any strides: never copied whole), a group of problems at a
-    time: ``(centroids [B, k, d], codes [B, M])``, codes as ``code_dtype(k)``. Each is learnt on at
+    time: ``(centroids [B, k, d], codes [B, M])``, codes as ``code_dtype(k)`` (None unless ``keep_codes``,
+    where they would be a large array). Each is learnt on at
     most 64 points per codeword, then, where points were left out, one Lloyd step over every point
     (so each codeword is the mean of the points it stands for). Those points are a random sample;
     for scalars, :func:`_scalar_summary`, which keeps the outliers a sample would miss (a weight of
@@ -82,33 +98,36 @@ def _kmeans(points: Tensor, k: int, weights: Tensor | None, generator: torch.Gen
     dtype = code_dtype(k)
     group = max(1, _GROUP_ELEMENTS // (min(m, most) * d))
     centroids = torch.empty(batch, k, d, dtype=torch.float32, device=points.device)
-    codes = torch.empty(batch, m, dtype=dtype, device=points.device)
+    codes = torch.empty(batch, m, dtype=dtype, device=points.device) if keep_codes else None
     for b in range(0, batch, group):
         part, w = points[b:b + group], None if weights is None else weights[b:b + group]
         if m <= most:
-            centroids[b:b + group], codes[b:b + group] = kmeans(part.float().contiguous(), k, weights=w,
-                                                                generator=generator)
+            centroids[b:b + group], found = kmeans(part.float().contiguous(), k, weights=w, generator=generator)
+            if keep_codes:
+                codes[b:b + group] = found
             continue
         if d == 1:
             summary, summary_weights = _scalar_summary(part, w, most // 2)
         else:
-            chosen = torch.randperm(m, generator=generator, device=points.device)[:most]
+            chosen = _sample(m, most, generator, points.device)
             summary, summary_weights = part[:, chosen], None if w is None else w[:, chosen]
         seeds, _ = kmeans(summary.float(), k, weights=summary_weights, generator=generator)
-        centroids[b:b + group], codes[b:b + group] = lloyd_step(part, seeds, w, dtype)
+        centroids[b:b + group], found = lloyd_step(part, seeds, w, dtype if keep_codes else None)
+        if keep_codes:
+            codes[b:b + group] = found
     return centroids, codes
 
 
 def _plain(slices: Tensor, k: int, shared: bool, weights: Tensor | None,
-           generator: torch.Generator) -> tuple[Tensor, Tensor]:
+           generator: torch.Generator, keep_codes: bool = True) -> tuple[Tensor, Tensor | None]:
     """k-means per codebook (``[C, N, d]`` problems) or over all slices (one problem); ``weights``
-    (broadcast to ``[C, N]``) weigh each slice. Codes ``[C, N]`` as ``code_dtype(k)``."""
+    (broadcast to ``[C, N]``) weigh each slice. Codes ``[C, N]`` as ``code_dtype(k)`` (None unless ``keep_codes``)."""
     n, c, d = slices.shape
     weights = None if weights is None else weights.expand(c, n)
     if shared:
         centroids, codes = _kmeans(slices.reshape(1, n * c, d), k, None if weights is None
-                                   else weights.t().reshape(1, -1), generator)
-        return centroids, codes.view(n, c).t().contiguous()
+                                   else weights.t().reshape(1, -1), generator, keep_codes)
+        return centroids, None if codes is None else codes.view(n, c).t().contiguous()
     return _kmeans(slices.transpose(0, 1), k, weights, generator)
 
 
@@ -168,17 +187,75 @@ def _permute_(h: Tensor, order: Tensor) -> None:
         h[start:end] = h[start:end].index_select(1, order)
 
 
-def _lower_factor(hessian: Tensor, add: Tensor, error_feedback: bool) -> Tensor:
-    """``L`` with ``L Lᵀ = H + diag(add)`` (lower triangular); without error feedback the square root of
-    that diagonal alone (``[C*d]``: each input weighted by its own energy, no slice's error pushed on)."""
-    if not error_feedback:
-        return (hessian.diagonal() + add).sqrt()
-    diagonal = hessian.diagonal().clone()
-    hessian.diagonal().add_(add)
-    try:
-        return torch.linalg.cholesky(hessian)
-    finally:
-        hessian.diagonal().copy_(diagonal)
+def _blocks_of(width: int, d: int, block: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the diagonal blocks of :class:`_Packed`: about ``block`` wide, whole slices."""
+    step = max(1, block // d) * d
+    return [(start, min(start + step, width)) for start in range(0, width, step)]
+
+
+class _Packed:
+    """``H`` and the Cholesky factor ``L`` of ``H + diag(add)`` in ``H``'s own memory: ``L`` (lower triangular)
+    overwrites ``H``'s lower triangle and the diagonal blocks, ``H`` keeps its strictly upper off-diagonal blocks,
+    and its diagonal blocks (``[width, block]`` values in all) are kept aside. The factor is a blocked left-looking
+    Cholesky that writes only ``L``'s part of the buffer; :meth:`matmul` multiplies by ``H`` from its upper blocks
+    and :meth:`unpack` rebuilds ``H`` in the buffer once ``L`` is no longer needed. ``factor`` (the buffer) can be
+    read wherever ``L`` is nonzero and in the diagonal blocks (zeros above ``L``'s diagonal there)."""
+
+    def __init__(self, hessian: Tensor, add: Tensor, d: int, block: int = _FACTOR_BLOCK):
+        self.factor = hessian
+        self.spans = _blocks_of(hessian.shape[0], d, block)
+        self.diagonal = []  # H's diagonal blocks
+        for start, end in self.spans:
+            self.diagonal.append(hessian[start:end, start:end].clone())
+            panel = hessian[start:, start:end]  # H's lower part in these columns (its upper part: the block's)
+            if start:  # reason: the strictly lower part left of this block already holds L
+                panel.sub_(hessian[start:, :start] @ hessian[start:end, :start].t())
+            corner = panel[:end - start] + torch.diag(add[start:end])
+            factor = torch.linalg.cholesky(corner)
+            hessian[start:end, start:end] = factor
+            if end < hessian.shape[0]:  # L[end:, block] L_bbᵀ = what is left of H there
+                panel[end - start:] = torch.linalg.solve_triangular(factor.t(), panel[end - start:], upper=True,
+                                                                    left=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x @ H`` (``H`` symmetric: its lower blocks are the transposes of its upper ones)."""
+        h, out = self.factor, x.new_empty(x.shape[0], self.factor.shape[0])
+        for (start, end), block in zip(self.spans, self.diagonal):
+            part = x[:, start:end] @ block
+            if start:
+                part.addmm_(x[:, :start], h[:start, start:end])
+            if end < h.shape[0]:
+                part.addmm_(x[:, end:], h[start:end, end:].t())
+            out[:, start:end] = part
+        return out
+
+    def diagonal_blocks(self, d: int) -> Tensor:
+        """``H``'s ``[width / d, d, d]`` diagonal blocks."""
+        return torch.cat([block.view(-1, d, block.shape[0] // d, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+                          for block in self.diagonal])
+
+    def unpack(self) -> Tensor:
+        """``H`` again, in the buffer (``L`` is lost); outside the diagonal blocks its lower triangle is now its
+        upper one's mirror (a Gram matrix summed in floating point is symmetric only up to rounding)."""
+        h = self.factor
+        for (start, end), block in zip(self.spans, self.diagonal):
+            h[start:end, start:end] = block
+            h[end:, start:end] = h[start:end, end:].t()
+        self.diagonal = []
+        return h
+
+
+def _times(x: Tensor, hessian) -> Tensor:
+    """``x @ H`` for ``H`` a tensor or :class:`_Packed`."""
+    return hessian.matmul(x) if isinstance(hessian, _Packed) else x @ hessian
+
+
+def _diagonal_blocks(hessian, d: int) -> Tensor:
+    """``H``'s ``[width / d, d, d]`` diagonal blocks, for ``H`` a tensor or :class:`_Packed`."""
+    if isinstance(hessian, _Packed):
+        return hessian.diagonal_blocks(d)
+    n = hessian.shape[0] // d
+    return hessian.view(n, d, n, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
 def _column_blocks(width: int, d: int):
@@ -196,9 +273,11 @@ def _sequential(take, rows: int, factor: Tensor, codebooks: Tensor | None, num_c
     the metric ``L_cc`` (``H + damping = L Lᵀ``), the errors of those already quantised pushed onto it:
     ``||Δ L||²``'s column block ``c`` is ``Δ_c L_cc + Σ_{a>c} Δ_a L_ac``, so the slice's best code given
     the later ones is the nearest to ``w_c + (Σ_{a>c} Δ_a L_ac) L_cc⁻¹`` (Babai's nearest plane, which is
-    GPTQ's error feedback without inverting ``H``). A 1-d ``factor`` (no feedback): each slice alone.
+    GPTQ's error feedback without inverting ``H``). A 1-d ``factor`` (no feedback): each slice alone;
+    else only ``L``'s nonzero part and diagonal blocks are read (:class:`_Packed` keeps ``H`` in the rest).
     ``codebooks=None`` fits each codebook (one per slice position) right before its slices, over all rows
-    at once; a given codebook lets the rows go a chunk at a time (``take(start, end)``: the rows)."""
+    at once; a given codebook lets the rows go a chunk at a time (``take(start, end)``: the rows, as a
+    tensor the pass may overwrite)."""
     diagonal = factor.dim() == 1
     width = factor.shape[0]
     d = width // num_codebooks
@@ -210,8 +289,9 @@ def _sequential(take, rows: int, factor: Tensor, codebooks: Tensor | None, num_c
     codebooks = factor.new_empty(num_codebooks, k, d) if fitted else codebooks.to(factor.dtype, copy=True)
     codes = torch.empty(num_codebooks, rows, dtype=torch.uint8 if k <= 256 else torch.long, device=factor.device)
     for first, last in [(0, rows)] if fitted else _chunks(rows, width, _CHUNK_ELEMENTS):
-        w = take(first, last)
-        delta = torch.empty_like(w)
+        # reason: a slice's rows are not read again once its error is known, so the errors overwrite them (the
+        # rows and their errors held at once were a layer's size on a big one)
+        w = delta = take(first, last)
         for start, end in reversed(_column_blocks(width, d)):
             pull = w.new_zeros(last - first, end - start) if diagonal or end == width else \
                 delta[:, end:] @ factor[end:, start:end]
@@ -225,45 +305,55 @@ def _sequential(take, rows: int, factor: Tensor, codebooks: Tensor | None, num_c
                     codebooks[c] = centroids[0] @ inverses[c]
                 chosen = nearest(points, (codebooks[group] @ blocks[c]).unsqueeze(0))[0][0]
                 codes[c, first:last] = chosen
-                delta[:, columns] = w[:, columns] - codebooks[group][chosen]
+                delta[:, columns] -= codebooks[group][chosen]
                 if local and not diagonal:
                     pull[:, :local] += delta[:, columns] @ factor[columns, start:c * d]
     return codebooks, codes
 
 
-def _solve_codebooks(take, rows: int, codebooks: Tensor, codes: Tensor, hessian: Tensor, iters: int = 8,
+def _solve_codebooks(take, rows: int, codebooks: Tensor, codes: Tensor, hessian, iters: int = 8,
                      tolerance: float = 1e-6) -> Tensor:
     """The codebooks minimising ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` for fixed codes, ``W``'s rows read a chunk at a
     time (``take(start, end)``): conjugate gradients on the normal equations ``Aᵀ H A x = Aᵀ H w`` (A:
     expansion, Aᵀ: its scatter), one product by ``H`` per iteration, preconditioned per codeword by
     ``Σ_c count_c(k) H_cc`` (the blocks of ``Aᵀ H A`` that each codeword's own slices make); it stops
-    once a step lowers the objective by less than ``tolerance`` of it."""
+    once a step lowers the objective by less than ``tolerance`` of it. ``hessian``: a tensor or :class:`_Packed`."""
     groups, k, d = codebooks.shape
     num_codebooks = codes.shape[0]
-    codebooks = codebooks.to(hessian.dtype)
-    chunks = _chunks(rows, num_codebooks * d, _CHUNK_ELEMENTS)
+    blocks = _diagonal_blocks(hessian, d)  # [C, d, d]
+    dtype = blocks.dtype
+    codebooks = codebooks.to(dtype)
+    chunks = _chunks(rows, num_codebooks * d, _SOLVE_ELEMENTS)
     parts = [codes[:, start:end].to(code_dtype(k)).contiguous() for start, end in chunks]
 
     def normal(v: Tensor) -> Tensor:
-        return sum(expand_backward(expand(v, part) @ hessian, part, groups, k) for part in parts)
+        return sum(expand_backward(_times(expand(v, part), hessian), part, groups, k) for part in parts)
 
     offsets = torch.arange(num_codebooks, device=codes.device).unsqueeze(1) * k
     counts = torch.bincount((codes.long() % k + offsets).view(-1), minlength=num_codebooks * k)
-    counts = counts.view(num_codebooks, k).to(hessian.dtype)
-    blocks = hessian.view(num_codebooks, d, num_codebooks, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [C, d, d]
+    counts = counts.view(num_codebooks, k).to(dtype)
+    used = counts.sum(0, keepdim=True).gt(0) if groups == 1 else counts.gt(0)  # [G, K]
     if groups == 1:
         precondition = torch.einsum("ck,cij->kij", counts, blocks).unsqueeze(0)
+        eye = torch.eye(d, dtype=dtype, device=blocks.device)
+        factor, info = torch.linalg.cholesky_ex(precondition + (~used).view(groups, k, 1, 1) * eye)
+
+        def apply(v: Tensor) -> Tensor:
+            return torch.cholesky_solve(v.unsqueeze(-1), factor).squeeze(-1)
     else:
-        precondition = counts.view(num_codebooks, k, 1, 1) * blocks.unsqueeze(1)
-    used = counts.sum(0, keepdim=True).gt(0) if groups == 1 else counts.gt(0)  # [G, K]
-    factor, info = torch.linalg.cholesky_ex(precondition + (~used).view(groups, k, 1, 1) * torch.eye(d, dtype=hessian.dtype, device=hessian.device))
-    solve = (lambda v: torch.cholesky_solve(v.unsqueeze(-1), factor).squeeze(-1) * used.unsqueeze(-1)) \
+        # reason: each codeword's block is count * H_cc, its codebook's block scaled: one factor per codebook, not a
+        # [C, K, d, d] stack (512 MiB, and as much again for its factor, at d=64 on a Linear(8192, 8192))
+        factor, info = torch.linalg.cholesky_ex(blocks)
+
+        def apply(v: Tensor) -> Tensor:
+            return torch.cholesky_solve(v.transpose(1, 2), factor).transpose(1, 2) / counts.clamp_min(1).unsqueeze(-1)
+    solve = (lambda v: apply(v) * used.unsqueeze(-1)) \
         if not info.any() else (lambda v: v * used.unsqueeze(-1))  # reason: a singular block: no preconditioning
     x = codebooks.clone()
     objective, r = 0.0, torch.zeros_like(x)
     for (start, end), part in zip(chunks, parts):
-        residual = take(start, end).to(hessian.dtype) - expand(x, part)
-        gradient = residual @ hessian
+        residual = take(start, end).to(dtype).sub_(expand(x, part))
+        gradient = _times(residual, hessian)
         objective += float((gradient * residual).sum())
         r += expand_backward(gradient, part, groups, k)
     r *= used.unsqueeze(-1)
@@ -291,11 +381,14 @@ def _refine_codes(rows: Tensor, hessian: Tensor, codebooks: Tensor, codes: Tenso
     """One pass of coordinate descent on ``tr(Δ H Δᵀ)``: slice by slice, every row's code becomes the
     best one with all its other slices as they are (the error they leave included, which GPTQ's
     one pass only sees ahead of it), so the objective never rises. ``Δ H`` is computed for a block
-    of columns at a time and kept current inside it (:func:`_column_blocks`)."""
-    codes = codes.clone()
+    of columns at a time and kept current inside it (:func:`_column_blocks`). ``codes`` is updated in place
+    and returned; ``rows`` is overwritten (with the errors the codes leave)."""
     num_codebooks = codes.shape[0]
     d = rows.shape[1] // num_codebooks
-    residual = rows - expand(codebooks, codes.to(code_dtype(codebooks.shape[1])))
+    residual = rows  # reason: in place; the rows and their errors held at once were a layer's size on a big one
+    small = codes.to(code_dtype(codebooks.shape[1]))
+    for start, end in _chunks(rows.shape[0], rows.shape[1], _ERROR_ELEMENTS):
+        residual[start:end] -= expand(codebooks, small[:, start:end].contiguous())
     blocks = torch.stack([hessian[c * d:(c + 1) * d, c * d:(c + 1) * d] for c in range(num_codebooks)])
     factors = torch.linalg.cholesky(blocks)  # H_bb = L Lᵀ
     inverses = torch.cholesky_inverse(factors)
@@ -316,7 +409,7 @@ def _refine_codes(rows: Tensor, hessian: Tensor, codebooks: Tensor, codes: Tenso
     return codes
 
 
-def _solve(rows: Tensor, columns: Tensor, codebooks: Tensor, codes: Tensor, hessian: Tensor,
+def _solve(rows: Tensor, columns: Tensor, codebooks: Tensor, codes: Tensor, hessian,
            generator: torch.Generator) -> Tensor:
     """:func:`_solve_codebooks` for ``rows`` in the fit's column order; a shared codebook (``K*d``
     values) on ``_SOLVE_ROWS`` of them, drawn at random, where there are more."""
@@ -338,7 +431,8 @@ def _in_energy_order(rows: Tensor, hessian: Tensor, energy: Tensor, codebooks: T
     first (GPTQ's act-order, for slices): the errors of the slices that weigh most are pushed onto
     the quieter ones, not the other way round. Codebooks and codes come back in the rows' order,
     with the relative error (summed in that order too, so it does not depend on where slices sit).
-    ``hessian`` (float32) is permuted in place where ``overwrite``, else copied once."""
+    ``hessian`` (float32) is permuted in place where ``overwrite``, else copied once; that copy then holds
+    the Cholesky factor too (:class:`_Packed`), so the fit's own memory is one ``H`` and a chunk of rows."""
     # the sequential pass goes from the last slice to the first: the loudest slices go last
     order = energy.argsort(descending=True, stable=True).flip(0)
     n, width = rows.shape
@@ -353,19 +447,22 @@ def _in_energy_order(rows: Tensor, hessian: Tensor, energy: Tensor, codebooks: T
             h[start:end] = h[start:end].index_select(1, columns)
     add = _damping(h.diagonal(), damp)
     take = (lambda s, e: rows[s:e].index_select(1, columns).float())
-    factor = _lower_factor(h, add, error_feedback)
+    # without error feedback each slice goes alone, weighted by its inputs' energy (H + damping's diagonal)
+    packed = _Packed(h, add, d) if error_feedback else None
+    factor, gram = (h, packed) if error_feedback else ((h.diagonal() + add).sqrt(), h)
     shared = codebooks is not None
     for _ in range(2 if shared else 1):
         codebooks, codes = _sequential(take, n, factor, codebooks, num_codebooks, k, generator)
-        codebooks = _solve(rows, columns, codebooks, codes, h, generator)
-    del factor
+        codebooks = _solve(rows, columns, codebooks, codes, gram, generator)
+    del factor, gram
     # reason: error_feedback=False fits each slice alone, under H's diagonal; the whole H would undo that
     if error_feedback:
+        packed.unpack()
         diagonal = h.diagonal().clone()
         for _ in range(_REFINE_PASSES):
             h.diagonal().add_(add)  # the damped H, as the sequential pass's
             for start, end in _chunks(n, width, _CHUNK_ELEMENTS):
-                codes[:, start:end] = _refine_codes(take(start, end), h, codebooks, codes[:, start:end])
+                _refine_codes(take(start, end), h, codebooks, codes[:, start:end])
             h.diagonal().copy_(diagonal)
             codebooks = _solve(rows, columns, codebooks, codes, h, generator)
     codes = codes.to(code_dtype(k))
@@ -386,9 +483,9 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     Input-aware fits of a shared codebook run two rounds (the second re-quantises with the solved
     codebook); with a codebook per slice position one round, as a second did not help on the
     benchmark's layers. Both then take two passes of coordinate descent on the codes (with error
-    feedback), each followed by a codebook solve. Extra memory: about twice ``H`` in float32 (``H``
-    and its Cholesky factor), once where ``overwrite_hessian`` lets the fit permute a float32
-    ``hessian`` in place (its contents are then lost), plus chunks of rows."""
+    feedback), each followed by a codebook solve. Extra memory: ``H`` in float32 (it holds its Cholesky
+    factor too), none where ``overwrite_hessian`` lets the fit use a float32 ``hessian``'s memory (its
+    contents are then lost), plus a chunk of rows (all rows with a codebook per slice position)."""
     generator = torch.Generator(rows.device).manual_seed(seed)
     rows = rows.detach()
     n, width = rows.shape
@@ -398,7 +495,8 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
         # a shared codebook starts from k-means over all slices, each weighed by its inputs' energy (codewords go
         # where inputs carry it); codebooks of their own are fitted in the H⁻¹ metric, right before their slices
         energy = hessian.diagonal().double().clamp_min(0).view(num_codebooks, d).sum(1)
-        start = _plain(slices, num_codes, True, energy.float().view(-1, 1), generator)[0] if shared else None
+        start = _plain(slices, num_codes, True, energy.float().view(-1, 1), generator, keep_codes=False)[0] \
+            if shared else None
         # reason: float32 products, as GPTQ's: float64 ones are 2.5x slower on this CPU (8192² by 8192²: 13 s vs 34 s)
         copied = hessian.dtype != torch.float32  # reason: then .float() made this fit its own copy to permute
         codebooks, codes, error = _in_energy_order(rows, hessian.detach().float(), energy, start, num_codebooks,

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpq_fx.fit import fit_rows
-from rpq_fx.fit.quantize import _damping, _permute_, _refine_codes, _solve_codebooks
+from rpq_fx.fit.quantize import _damping, _Packed, _permute_, _refine_codes, _solve_codebooks
 
 
 def expand_reference(codebooks, codes):
@@ -158,9 +158,9 @@ def test_code_refinement_never_raises_the_output_error_and_leaves_the_last_slice
         delta = weight - expand_reference(codebooks, codes)
         return ((delta @ hessian) * delta).sum(1)
 
-    refined = _refine_codes(weight, hessian, codebooks, codes)
+    refined = _refine_codes(weight.clone(), hessian, codebooks, codes.clone())  # both updated in place
     assert errors(refined).sum() < 0.5 * errors(codes).sum()
-    again = _refine_codes(weight, hessian, codebooks, refined)
+    again = _refine_codes(weight.clone(), hessian, codebooks, refined.clone())
     assert (errors(again) <= errors(refined) * (1 + 1e-9)).all()
     # the last slice's codes: no other codeword lowers any row's error, the other slices as they are
     for word in range(16):
@@ -258,7 +258,7 @@ def test_sequential_pass_is_gptq_without_inverting_h(monkeypatch, block):
     expected = gptq_reference(weight, hessian, codebook[0], 4)
     reverse = (torch.arange(6).flip(0).view(-1, 1) * 4 + torch.arange(4)).view(-1)
     flipped, h = weight[:, reverse], hessian[reverse][:, reverse]
-    _, codes = quantize._sequential(lambda s, e: flipped[s:e], 200, torch.linalg.cholesky(h), codebook, 6, 16,
+    _, codes = quantize._sequential(lambda s, e: flipped[s:e].clone(), 200, torch.linalg.cholesky(h), codebook, 6, 16,
                                     torch.Generator())
     assert torch.equal(codes.flip(0).long(), expected)
 
@@ -298,3 +298,30 @@ def test_a_shared_codebook_solved_on_a_sample_of_rows_fits_as_well_as_on_all(mon
     every = fit_rows(weight, 8, 16, True, hessian=hessian)
     assert sampled.error == pytest.approx(output_error(x, weight, sampled.codebooks, sampled.codes), rel=1e-3)
     assert sampled.error < 1.01 * every.error
+
+
+@settings(max_examples=30, deadline=None)
+@given(slices=st.integers(1, 24), d=st.sampled_from([1, 3, 4, 8]), block=st.integers(1, 40), seed=st.integers(0, 10**6))
+def test_packed_h_holds_its_cholesky_factor_and_gives_h_back(slices, d, block, seed):
+    # L (of H + damping) and H share H's memory: L where the sequential pass reads it, H's products from its upper
+    # blocks, and H itself again afterwards, each against torch's dense arithmetic on a separate copy
+    width = slices * d
+    x = correlated_inputs(3 * width, width, seed=seed).double()
+    hessian = x.t() @ x
+    hessian = (hessian + hessian.t()) / 2  # reason: exactly symmetric (a product XᵀX is only up to rounding)
+    add = _damping(hessian.diagonal(), 0.01)
+    expected = torch.linalg.cholesky(hessian + torch.diag(add))
+    buffer = hessian.clone()
+    packed = _Packed(buffer, add, d, block)
+    assert buffer.data_ptr() == packed.factor.data_ptr()
+    lower = torch.ones(width, width, dtype=torch.bool).tril()
+    torch.testing.assert_close(buffer[lower], expected[lower], rtol=1e-9, atol=1e-9)
+    for c in range(slices):  # the diagonal blocks the pass reads: L's, zeros above its diagonal
+        own = slice(c * d, (c + 1) * d)
+        torch.testing.assert_close(buffer[own, own], expected[own, own], rtol=1e-9, atol=1e-9)
+    v = torch.randn(5, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(packed.matmul(v), v @ hessian, rtol=1e-9, atol=1e-9)
+    blocks = packed.diagonal_blocks(d)
+    for c in range(slices):
+        assert torch.equal(blocks[c], hessian[c * d:(c + 1) * d, c * d:(c + 1) * d])
+    assert torch.equal(packed.unpack(), hessian)
