@@ -1,7 +1,8 @@
 """Checkpoint: wrap each expansion, with the op that reads it, in activation checkpointing.
 
-The region ``expand → (view) → op`` becomes a small GraphModule called through non-reentrant
-``torch.utils.checkpoint.checkpoint``: backward recomputes the dense weight instead of keeping it.
+The region ``expand → (additive stages' expand and add) → (view) → op`` becomes a small GraphModule
+called through non-reentrant ``torch.utils.checkpoint.checkpoint``: backward recomputes the dense
+weight instead of keeping it.
 """
 
 import torch
@@ -11,22 +12,26 @@ from torch import nn
 
 from rpq_fx.graph_module import graphs_of
 
-from .rewrite import is_expansion
+from .rewrite import additive_stages, is_expansion
 
 __all__ = ["insert_checkpoints"]
 
 
 def _chain(expand: fx.Node) -> list[fx.Node]:
-    """``[expand]``, or ``[expand, view]`` / ``[expand, t]`` when the weight is reshaped for its op."""
-    users = list(expand.users)
-    return [expand, users[0]] if len(users) == 1 and users[0].target in ("view", "t") else [expand]
+    """``[expand]``, its additive stages' expansions and sums if it has any, then the ``view`` / ``t``
+    where the weight is reshaped for its op."""
+    head, stages = additive_stages(expand)
+    chain = [expand, *(node for stage in stages for node in (stage, *stage.users))]
+    users = list(head.users)
+    return [*chain, users[0]] if len(users) == 1 and users[0].target in ("view", "t") else chain
 
 
 def _regions(expansions: list[fx.Node]) -> list[list[fx.Node]]:
     """Per op reading expanded weights (a layer reads one; ``functional_call`` of a leaf, several):
     the chains of those expansions, then the op. Expansions read by more than one op are left out."""
     chains: dict[fx.Node, list[fx.Node]] = {}
-    for expand in expansions:
+    stages = {stage for expand in expansions for stage in additive_stages(expand)[1]}
+    for expand in (expand for expand in expansions if expand not in stages):
         chain = _chain(expand)
         if len(chain[-1].users) == 1:
             chains.setdefault(next(iter(chain[-1].users)), []).extend(chain)

@@ -16,6 +16,10 @@ An embedding whose weight has hot rows (``expand(...).index_add(0, hot_index, ho
 becomes ``rpq_fx::embedding`` plus :func:`rpq_fx.ops.hot_embedding`, the looked-up hot rows'
 residuals; a linear layer with hot rows keeps its expansion.
 
+A weight with additive stages (``expand(...).add(expand(...))``, one ``add`` per stage) becomes one
+fused node per stage, summed (the ops are linear in the weight; the bias goes to the first); its
+hot rows, if any, are added as above.
+
 An expansion is fused only when that op is its one user and reads it as its weight. Fused nodes
 hold no dense weight for backward, so the checkpoint pass (which wraps ``rpq_fx::expand`` nodes
 only) leaves them alone. Convolutions keep their expansion.
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.ops import hot_embedding
 
-from .rewrite import is_expansion
+from .rewrite import additive_stages, is_expansion
 
 __all__ = ["fuse"]
 
@@ -87,11 +91,13 @@ def _hot_part(expansion: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     return None
 
 
-def _fused_call(gm: fx.GraphModule, expansion: fx.Node,
+def _fused_call(gm: fx.GraphModule, first: fx.Node, expansion: fx.Node,
                 hot: tuple | None) -> tuple[fx.Node, object, tuple] | None:
-    """``(node replaced, op, args)`` of the fused node, or None where the expansion's use cannot be fused;
-    ``hot``: :func:`_hot_part` of ``expansion``."""
-    codebooks, codes = expansion.args
+    """``(node replaced, op, args)`` of the fused node (the first stage's, where the weight has additive
+    stages), or None where the expansion's use cannot be fused; ``first``: the first stage's ``rpq_fx::expand``,
+    ``expansion``: the weight before hot rows (``first``, or the sum of the stages), ``hot``: :func:`_hot_part`
+    of ``expansion``."""
+    codebooks, codes = first.args
     if len(expansion.users) != 1:
         return None
     weight = expansion
@@ -141,9 +147,11 @@ def _fused_call(gm: fx.GraphModule, expansion: fx.Node,
 
 def _fusable(gm: fx.GraphModule, expansion: fx.Node,
              hot: tuple | None) -> tuple[fx.Node, object, tuple] | None:
-    """:func:`_fused_call`, but not for a weight with hot rows whose lookup scales gradients by
-    frequency (the hot rows' residuals are added as they are) or whose row count the graph does not know."""
-    call = _fused_call(gm, expansion, hot)
+    """:func:`_fused_call` of the first stage ``expansion``, but not for a weight with hot rows whose lookup
+    scales gradients by frequency (the hot rows' residuals are added as they are) or whose row count the
+    graph does not know."""
+    head, _ = additive_stages(expansion)
+    call = _fused_call(gm, expansion, head, hot)
     if call is None or hot is None:
         return call
     _, _, (_, _, codes, _, scale_grad_by_freq) = call
@@ -155,14 +163,26 @@ def fuse(gm: fx.GraphModule) -> int:
     returns how many were fused."""
     fused = 0
     for graph in graphs_of(gm):
+        stage_expansions = set()
         for expansion in [n for n in graph.nodes if is_expansion(n)]:
-            hot = _hot_part(expansion)
+            if expansion in stage_expansions:
+                continue
+            head, stages = additive_stages(expansion)
+            stage_expansions.update(stages)
+            hot = _hot_part(head)
             call = _fusable(gm, expansion, hot)
             if call is None:
                 continue
             user, op, args = call
             with graph.inserting_before(user):
                 new = graph.call_function(op, args)
+                if stages:
+                    new.name = f"{user.name}_stage_0"
+                for m, stage in enumerate(stages, 1):  # the op is linear in the weight: one call per stage; bias once
+                    rest = (None,) if op is _LINEAR else args[3:]
+                    stage_call = graph.call_function(op, (args[0], *stage.args, *rest))
+                    stage_call.name = f"{user.name}_stage_{m}"
+                    new = graph.call_function(operator.add, (new, stage_call))
                 if hot is not None:  # the looked-up hot rows' residuals, added
                     _, index, hot_expansion = hot
                     new.name = f"{user.name}_rows"
@@ -173,7 +193,8 @@ def fuse(gm: fx.GraphModule) -> int:
             new.meta.update(user.meta)
             user.replace_all_uses_with(new)
             name = user.name
-            parts = (expansion, *expansion.users, *(() if hot is None else hot[2:]))
+            parts = (expansion, *stages, *(add for stage in stages for add in stage.users), *head.users,
+                     *(() if hot is None else hot[2:]))
             dead = [user]
             while dead:
                 node = dead.pop()

@@ -17,7 +17,7 @@ from rpq_fx.nn.weight import RPQWeight
 from .plan import LayerPlan, parameter_at
 from .weight_ops import LAYERS, emit_layer_call, layer_arguments
 
-__all__ = ["rewrite", "new_weights", "is_expansion"]
+__all__ = ["rewrite", "new_weights", "is_expansion", "additive_stages"]
 
 
 def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
@@ -36,6 +36,7 @@ def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
             plan.num_codebooks, plan.codebook_dim, plan.rows_shape[0], settings.num_codes, settings.shared_codebooks,
             shape=plan.rows_shape, transposed=plan.transposed, device="meta", hot_rows=plan.hot_rows,
             hot_codebook_dim=settings.hot_codebook_dim if settings.hot_rows else None,
+            additive_codebooks=settings.additive_codebooks,
             compute_dtype=plan.dtype if plan.codebook_dtype != plan.dtype else None, dtype=plan.codebook_dtype)
         if device.type != "meta":
             weight.to_empty(device=device)
@@ -51,10 +52,25 @@ def is_expansion(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.rpq_fx.expand.default
 
 
+def additive_stages(expansion: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """``(sum, stage expansions)`` where ``expansion`` has additive stages added in (``add`` by ``add``,
+    as :func:`rewrite` writes them); ``(expansion, [])`` where it has none."""
+    head, stages = expansion, []
+    while len(head.users) == 1:
+        (user,) = head.users
+        if not (user.op == "call_method" and user.target == "add" and len(user.args) == 2 and not user.kwargs
+                and user.args[0] is head and isinstance(user.args[1], fx.Node) and is_expansion(user.args[1])
+                and len(user.args[1].users) == 1):
+            break
+        head = user
+        stages.append(user.args[1])
+    return head, stages
+
+
 def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
     """``get_attr`` codebooks and codes (codebooks cast where stored in another dtype),
-    ``rpq_fx::expand``, the hot rows' expansion added in (``index_add``), and a view or transpose
-    to the weight's layout."""
+    ``rpq_fx::expand``, each additive stage's expansion added (``add``), the hot rows' expansion
+    added in (``index_add``), and a view or transpose to the weight's layout."""
     name = path.replace(".", "_")
     codebooks = graph.get_attr(f"{path}.codebooks")
     if weight.dtype != weight.codebooks.dtype:
@@ -63,8 +79,13 @@ def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
     codes = graph.get_attr(f"{path}.codes")
     reshape = "t" if weight.transposed else "view" if len(weight.shape) != 2 else None
     hot = weight.hot is not None
+    later = reshape or hot or weight.additive is not None
     rows = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
-                             name=f"{name}_rows" if reshape or hot else name)
+                             name=f"{name}_rows" if later else name)
+    for m, stage in enumerate(weight.additive or (), 1):
+        stage_rows = _expansion(graph, f"{path}.additive.{m - 1}", stage)
+        last = m == len(weight.additive) and not (reshape or hot)
+        rows = graph.create_node("call_method", "add", (rows, stage_rows), name=name if last else f"{name}_rows")
     if hot:
         # reason: stored int32 (half the bytes), read as int64: ONNX's ScatterND, index_add's export, takes no other
         index = graph.create_node("call_method", "long", (graph.get_attr(f"{path}.hot_index"),),

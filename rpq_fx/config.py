@@ -7,13 +7,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM", "dtype_name"]
+__all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM", "dtype_name", "without_new_defaults"]
 
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
 INITS = ("random", "kmeans")
 DAMP = 0.01  # GPTQ's default damping of a calibrated fit's H (RPQConfig.damp)
 RPQ_MAX_CODEBOOK_DIM = 64  # rpq_fx.RPQ's (and the CLI's) default split: codewords of at most 64 values
 CODEBOOK_DTYPES = ("float32", "float16", "bfloat16", "float64")
+MAX_ADDITIVE = 16  # additive_codebooks above this is a typo, not a size: every stage is as big as the first
+# Settings added after files were first written, at the value that changes nothing: left out of what is
+# written (checkpoints, config.json), so a model that does not use them saves byte for byte as before
+NEW_DEFAULTS = {"additive_codebooks": 1}
+
+
+def without_new_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the settings of :data:`NEW_DEFAULTS` that hold their default."""
+    return {key: value for key, value in values.items()
+            if not (key in NEW_DEFAULTS and type(value) is type(NEW_DEFAULTS[key]) and value == NEW_DEFAULTS[key])}
 
 
 def check_int(where: str, name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -50,6 +60,7 @@ class LayerSettings:
     asymmetric: bool = True
     hot_rows: int = _size(0)
     hot_codebook_dim: int | None = _size(None)
+    additive_codebooks: int = _size(1)
 
     def __post_init__(self):
         object.__setattr__(self, "codebook_dtype", dtype_name(self.codebook_dtype))  # reason: the class is frozen
@@ -78,6 +89,7 @@ class LayerSettings:
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
             raise ValueError(f"{where}: damp must be a number > 0, got {damp!r}")
         check_int(where, "hot_rows", values["hot_rows"], 0)
+        check_int(where, "additive_codebooks", values["additive_codebooks"], 1, MAX_ADDITIVE)
         if values["hot_rows"] or values["hot_codebook_dim"] is not None:
             check_int(where, "hot_codebook_dim (hot_rows > 0 needs one)", values["hot_codebook_dim"], 1)
 
@@ -122,9 +134,14 @@ class RPQConfig(LayerSettings):
     fit), or, off, its own dense weight's output on them, per layer. ``hot_rows``: that many rows of each weight
     (at most; the rows whose fit error weighs most: for an embedding, the tokens the calibration
     looks up most) get a second code on top of their own, from one shared residual codebook of
-    ``hot_codebook_dim`` values per codeword. ``overrides`` maps fnmatch patterns, tried
-    against a weight's name (``"blocks.0.mlp.fc1.weight"``) and its layer's name
-    (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the layers they match
+    ``hot_codebook_dim`` values per codeword. ``additive_codebooks``: M, how many codes each slice
+    of a row sums (additive quantization, as AQLM's: ``W[n, slice] = Σ_m codebooks_m[codes_m[n]]``),
+    each stage a full set of codebooks and codes of this split, so a weight stores M times the
+    codes and codebooks of one stage (d = 8 with M = 2 is 2 bits per weight, as d = 4 with M = 1);
+    ``init="kmeans"`` fits stage by stage on the residual, then refines them in turn
+    (:mod:`rpq_fx.fit.additive`); 1 (the default) is the plain single-code weight. ``overrides`` maps
+    fnmatch patterns, tried against a weight's name (``"blocks.0.mlp.fc1.weight"``) and its layer's
+    name (``"blocks.0.mlp.fc1"``), to settings that replace the defaults for the layers they match
     (later patterns win); ``{"skip": True}`` leaves a layer dense. ``convert`` warns about a pattern
     that matches no weight or layer name (a typo), and raises under ``strict=True``.
     A config is immutable: ``dataclasses.replace`` gives a changed (and checked) copy.

@@ -256,10 +256,10 @@ def _capture_choice(capture: str, example_inputs) -> str:
 
 def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim: int | None = None,
             max_codebook_dim: int | None = None, num_codes: int = 256, shared_codebooks: bool = False,
-            init: str = "random", codebook_dtype: str | torch.dtype | None = None, checkpoint: bool = False,
-            filter_fn: FilterFn | None = None, config: RPQConfig | None = None, seed: int = 0, inplace: bool = False,
-            strict: bool = False, capture: str = "auto", example_inputs=None, calibration=None,
-            progress: bool = True) -> nn.Module:
+            init: str = "random", codebook_dtype: str | torch.dtype | None = None, additive_codebooks: int = 1,
+            checkpoint: bool = False, filter_fn: FilterFn | None = None, config: RPQConfig | None = None,
+            seed: int = 0, inplace: bool = False, strict: bool = False, capture: str = "auto", example_inputs=None,
+            calibration=None, progress: bool = True) -> nn.Module:
     """Rewrite every linear / conv / embedding weight of ``model`` as an RPQ weight.
 
     Exactly one of ``num_codebooks``, ``codebook_dim`` or ``max_codebook_dim`` sets how each weight
@@ -276,6 +276,7 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     (in eval mode, without grad) and each linear / conv layer is fitted to minimise its output
     error on those inputs, each embedding weighted by how often its rows were looked up.
     ``codebook_dtype="float16"`` / ``"bfloat16"`` stores the codebooks in half precision.
+    ``additive_codebooks=M`` sums M codes per slice (additive quantization; see :class:`RPQConfig`).
     ``progress`` shows a bar for calibration and fitting when they take more than two seconds.
 
     ``capture`` says how the model is captured (``report`` says which was used):
@@ -304,7 +305,8 @@ def convert(model: nn.Module, num_codebooks: int | None = None, *, codebook_dim:
     _check_not_wrapped(model)
     config = _config(config, num_codebooks=num_codebooks, codebook_dim=codebook_dim,
                      max_codebook_dim=max_codebook_dim, num_codes=num_codes, shared_codebooks=shared_codebooks,
-                     init=init, codebook_dtype=codebook_dtype, checkpoint=checkpoint, seed=seed)
+                     init=init, codebook_dtype=codebook_dtype, additive_codebooks=additive_codebooks,
+                     checkpoint=checkpoint, seed=seed)
     capture = _capture_choice(capture, example_inputs)
     if calibration is not None and not _fits(config):
         raise ValueError("convert: calibration= makes the k-means fit data-aware; pass init='kmeans' with it")

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LAYER_SETTINGS, LayerSettings, RPQConfig, dtype_name
+from .config import LAYER_SETTINGS, NEW_DEFAULTS, LayerSettings, RPQConfig, dtype_name, without_new_defaults
 from .convert import convert
 from .decompress import decompress
 from .distributed import gather_whole, is_data_parallel, is_sharded, original_class, require_process_group, unwrap
@@ -105,7 +105,7 @@ def _plain(value: Any) -> Any:
 def _layer_record(layer: LayerPlan, fit: FitOutcome | None) -> dict[str, Any]:
     """The format-2 record of one weight: its plan, its settings and how it was filled."""
     record = {key: _plain(getattr(layer, key)) for key in _PLAN_KEYS}
-    record["settings"] = None if layer.settings is None else dataclasses.asdict(layer.settings)
+    record["settings"] = None if layer.settings is None else without_new_defaults(dataclasses.asdict(layer.settings))
     record["filled"], record["fit_error"] = (fit.filled, fit.error) if fit is not None else (None, None)
     return record
 
@@ -324,7 +324,7 @@ def _save(model: nn.Module, record: ConversionRecord, named: dict[str, torch.Ten
     info = {
         "rpq_fx_version": _version(),
         "torch_version": torch.__version__,
-        "config": record.config.to_dict(),
+        "config": without_new_defaults(record.config.to_dict()),
         "layers": [_layer_record(layer, record.fits.get(layer.name)) for layer in record.layers],
         "architecture": _architecture(model, record),
         "code": _codes(model),
@@ -642,10 +642,12 @@ def _info(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of an RPQ checkpoint (checked, no tensor read), plus ``format_version``,
-    ``file_bytes`` and ``tensors`` (name -> ``{"dtype", "shape", "bytes"}``)."""
+    ``file_bytes`` and ``tensors`` (name -> ``{"dtype", "shape", "bytes"}``); the config with every
+    setting, those a file leaves out at their default (``additive_codebooks=1``) filled in."""
     path = Path(path)
     header, metadata = _read_header(path)
     info = _info(path, metadata)
+    info["config"] = {**NEW_DEFAULTS, **info["config"]}
     info["file_bytes"] = path.stat().st_size
     info["tensors"] = {name: {"dtype": e["dtype"], "shape": e["shape"], "bytes": e["data_offsets"][1] - e["data_offsets"][0]}
                        for name, e in sorted(header.items())}

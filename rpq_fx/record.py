@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from .config import LayerSettings, RPQConfig
-from .nn.weight import hot_bytes, rpq_bytes
+from .nn.weight import additive_bytes, hot_bytes
 
 __all__ = ["ConversionRecord", "LayerPlan", "FitOutcome", "conversion_record", "attach_record"]
 
@@ -79,14 +79,15 @@ class LayerPlan:
         if not self.converted:
             return self.bytes_before
         settings, element_size = self.settings, self.codebook_dtype.itemsize
-        return (rpq_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], settings.num_codes,
-                          settings.shared_codebooks, element_size)
+        return (additive_bytes(self.num_codebooks, self.codebook_dim, self.rows_shape[0], settings.num_codes,
+                               settings.shared_codebooks, element_size, settings.additive_codebooks)
                 + hot_bytes(self.num_codebooks * self.codebook_dim, self.hot_rows, settings.hot_codebook_dim,
                             settings.num_codes, element_size))
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits per dense value: codebooks and codes (one byte each, two above 256 codewords)."""
+        """Stored bits per dense value: codebooks and codes (one byte each, two above 256 codewords) of
+        every additive stage, and the hot rows' part."""
         return 8 * self.bytes_after / math.prod(self.shape)
 
 

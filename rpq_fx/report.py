@@ -37,13 +37,16 @@ def _layers(model: nn.Module) -> tuple[list[LayerPlan], dict[str, FitOutcome]]:
     for name, w in rpq_weights(model):
         hot = {} if w.hot is None else {"hot_rows": w.hot.num_vectors, "hot_codebook_dim": w.hot.codebook_dim}
         settings = LayerSettings(num_codebooks=w.num_codebooks, num_codes=w.num_codes,
-                                 shared_codebooks=w.shared_codebooks, codebook_dtype=w.codebooks.dtype, **hot)
+                                 shared_codebooks=w.shared_codebooks, codebook_dtype=w.codebooks.dtype,
+                                 additive_codebooks=w.additive_codebooks, **hot)
         layers[id(w)] = LayerPlan(name, (name,), (), w.shape, w.dtype, settings, w.num_codebooks, w.codebook_dim)
     return list(layers.values()), {layer.name: FitOutcome("random") for layer in layers.values()}
 
 
 def _note(layer: LayerPlan) -> str:
     notes = [f"hot: {layer.hot_rows} rows, d={layer.settings.hot_codebook_dim}"] if layer.hot_rows else []
+    notes += [f"additive: {layer.settings.additive_codebooks} codebooks"] if layer.converted and (
+        layer.settings.additive_codebooks > 1) else []
     notes += [f"tied: {', '.join(layer.aliases)}"] if len(layer.aliases) > 1 else []
     return "; ".join(notes)
 

@@ -12,7 +12,7 @@ from torch import nn
 import rpq_fx
 import rpq_fx.config
 from rpq_fx import LayerSettings, RPQConfig, RPQConversionError
-from rpq_fx.config import SPLITS
+from rpq_fx.config import SPLITS, without_new_defaults
 
 
 def _mlp() -> nn.Module:
@@ -63,7 +63,8 @@ OTHER_VALUES = {"num_codebooks": ({"num_codebooks": 8}, {}), "codebook_dim": ({"
                 "codebook_dtype": ({"codebook_dtype": "float16"}, {}),
                 "error_feedback": ({"error_feedback": False}, {}), "damp": ({"damp": 0.5}, {}),
                 "asymmetric": ({"asymmetric": False}, {}), "hot_rows": ({"hot_rows": 4}, {"hot_codebook_dim": 4}),
-                "hot_codebook_dim": ({"hot_codebook_dim": 8}, {})}
+                "hot_codebook_dim": ({"hot_codebook_dim": 8}, {}),
+                "additive_codebooks": ({"additive_codebooks": 2}, {})}
 SETTINGS = [f.name for f in dataclasses.fields(LayerSettings)]
 
 
@@ -129,3 +130,22 @@ def test_a_plan_holds_the_resolved_settings():
     assert second.settings == config.settings_for("2.weight", "2") and second.settings.init == "kmeans"
     assert (second.num_codebooks, second.codebook_dim, second.hot_rows) == (64, 8, 512)  # hot rows: at most all
     assert not hasattr(second, "init") and not hasattr(second, "fit_error")
+
+
+@pytest.mark.parametrize("value", [0, 17, True, 2.0, "2"])
+def test_additive_codebooks_is_checked(value):
+    with pytest.raises(ValueError, match=r"RPQConfig: additive_codebooks must be an int in \[1, 16\], got"):
+        RPQConfig(codebook_dim=4, additive_codebooks=value)
+    with pytest.raises(ValueError, match=r"overrides\['fc'\]: additive_codebooks must be"):
+        RPQConfig(codebook_dim=4, overrides={"fc": {"additive_codebooks": value}})
+
+
+def test_without_new_defaults_leaves_out_additive_codebooks_at_one_only():
+    # what checkpoints write: files from before the setting hold no such key, and a model that does not use it
+    # writes the same bytes
+    plain, additive = RPQConfig(codebook_dim=4), RPQConfig(codebook_dim=4, additive_codebooks=3)
+    assert plain.to_dict()["additive_codebooks"] == 1 and "additive_codebooks" not in without_new_defaults(
+        plain.to_dict())
+    assert without_new_defaults(additive.to_dict())["additive_codebooks"] == 3
+    for config in (plain, additive):
+        assert RPQConfig.from_dict(without_new_defaults(config.to_dict())) == config

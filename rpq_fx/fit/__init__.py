@@ -14,6 +14,7 @@ from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
 from ..record import FitOutcome, LayerPlan
+from .additive import fit_additive
 from .calibrate import LayerStats, call_groups, collect_stats
 from .kmeans import kmeans, nearest
 from .quantize import FitResult, fit_rows, row_errors
@@ -77,10 +78,23 @@ def _refuse_non_finite(name: str, tensor: Tensor, what: str, hint: str) -> None:
                              f"{tensor[tuple(first)].item()}, at {first}); {hint}")
 
 
+def _write(weight: RPQWeight, result: FitResult, keep: Tensor, plan: LayerPlan, num_codes: int) -> None:
+    """Put a fit of the kept rows into ``weight`` (one stage); padding rows read the reserved zero codeword."""
+    if plan.padding_rows:  # int16 keeps codes >= 32768 as bit patterns
+        weight.codes[:, ~keep] = torch.tensor(plan.settings.num_codes - 1).to(weight.codes.dtype)
+        weight.codes[:, keep] = result.codes
+    else:
+        weight.codes.copy_(result.codes)
+    weight.codebooks[:, :num_codes] = result.codebooks.to(weight.codebooks.dtype)
+    weight.codebooks[:, num_codes:] = 0
+
+
 @torch.no_grad()
 def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int) -> FitOutcome:
     """Fit ``weight`` to ``plan.param`` and say how it was filled; padding rows (``padding_idx``) keep their
-    reserved zero codeword. The Gram matrices of ``stats`` are taken (set to None) as they are read."""
+    reserved zero codeword. A weight of several additive stages is fitted by
+    :func:`~rpq_fx.fit.additive.fit_additive`. The Gram matrices of ``stats`` are taken (set to None) as they
+    are read."""
     param, settings = plan.param, plan.settings
     if param.is_meta:
         raise RPQConversionError(f"convert: init='kmeans' fits '{plan.name}' to its trained values, but it is on the "
@@ -109,18 +123,19 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
         row_weights = counts + counts.sum() / counts.numel()  # reason: rows unseen in calibration still count
     kept = rows[keep] if plan.padding_rows else rows  # reason: a mask always copies; most weights have no padding
     num_codes = settings.num_codes - bool(plan.padding_rows)
-    # reason: H is this fit's own; only the hot rows' fit reads it afterwards
-    result = fit_rows(kept, plan.num_codebooks, num_codes, settings.shared_codebooks, hessian=hessian,
-                      row_weights=row_weights, error_feedback=settings.error_feedback, damp=settings.damp, seed=seed,
-                      overwrite_hessian=weight.hot is None)
-    if plan.padding_rows:  # int16 keeps codes >= 32768 as bit patterns
-        weight.codes[:, ~keep] = torch.tensor(settings.num_codes - 1).to(weight.codes.dtype)
-        weight.codes[:, keep] = result.codes
+    if weight.additive is None:
+        # reason: H is this fit's own; only the hot rows' fit reads it afterwards
+        result = fit_rows(kept, plan.num_codebooks, num_codes, settings.shared_codebooks, hessian=hessian,
+                          row_weights=row_weights, error_feedback=settings.error_feedback, damp=settings.damp,
+                          seed=seed, overwrite_hessian=weight.hot is None)
+        results, error = [result], result.error
     else:
-        weight.codes.copy_(result.codes)
-    weight.codebooks[:, :num_codes] = result.codebooks.to(weight.codebooks.dtype)
-    weight.codebooks[:, num_codes:] = 0
-    error = result.error if weight.hot is None else _fit_hot(plan, weight, rows, keep, hessian, row_weights, seed)
+        results, error = fit_additive(kept, weight.additive_codebooks, plan.num_codebooks, num_codes,
+                                      settings.shared_codebooks, hessian=hessian, row_weights=row_weights,
+                                      error_feedback=settings.error_feedback, damp=settings.damp, seed=seed)
+    for stage, result in zip(weight.stages(), results):
+        _write(stage, result, keep, plan, num_codes)
+    error = error if weight.hot is None else _fit_hot(plan, weight, rows, keep, hessian, row_weights, seed)
     return FitOutcome("kmeans+calibration" if stats is not None else "kmeans", error)
 
 

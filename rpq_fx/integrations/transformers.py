@@ -27,7 +27,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._model import on_converted
-from ..config import RPQConfig, dtype_name
+from ..config import RPQConfig, dtype_name, without_new_defaults
 from ..convert import convert
 from ..errors import RPQConversionError
 from ..io import (_ST_DTYPES, RPQCheckpointError, _check_layer_v2, _comparable, _exclusions, _filled_as_saved,
@@ -92,7 +92,7 @@ class RPQHfConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": self.quant_method, "format_version": self.format_version,
-                "rpq_config": self.rpq_config.to_dict(), "layers": copy.deepcopy(self.layers)}
+                "rpq_config": without_new_defaults(self.rpq_config.to_dict()), "layers": copy.deepcopy(self.layers)}
 
 
 def _pretrained(model: nn.Module) -> bool:

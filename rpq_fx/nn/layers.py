@@ -26,16 +26,18 @@ class RPQLinear(nn.Module):
     """``nn.Linear`` with an RPQ weight: rows are output neurons, split over the input features.
 
     The forward is ``rpq_fx::linear``: per call, computed in the compressed domain (the dense
-    weight never built) or by expanding the weight, whichever is cheaper for the batch size.
+    weight never built) or by expanding the weight, whichever is cheaper for the batch size; one
+    call per additive stage (``additive_codebooks``), summed.
     """
 
     def __init__(self, in_features: int, out_features: int, num_codebooks: int, bias: bool = True, *,
-                 num_codes: int = 256, shared_codebooks: bool = False, device=None, dtype=None):
+                 num_codes: int = 256, shared_codebooks: bool = False, additive_codebooks: int = 1, device=None,
+                 dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         dim = _split(in_features, num_codebooks, "RPQLinear")
         self.weight = RPQWeight(num_codebooks, dim, out_features, num_codes, shared_codebooks,
-                                device=device, dtype=dtype)
+                                additive_codebooks=additive_codebooks, device=device, dtype=dtype)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         if self.bias is not None and not self.bias.is_meta:
             bound = 1 / math.sqrt(in_features)
@@ -43,9 +45,12 @@ class RPQLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if weight.hot is None:
-            return rpq_linear(input, weight.compute_codebooks(), weight.codes, self.bias)
-        return F.linear(input, weight(), self.bias)
+        if weight.hot is not None:
+            return F.linear(input, weight(), self.bias)
+        out = rpq_linear(input, weight.compute_codebooks(), weight.codes, self.bias)
+        for stage in weight.additive or ():  # the op is linear in the weight: one call per stage, bias once
+            out = out + rpq_linear(input, stage.compute_codebooks(), stage.codes)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -54,12 +59,13 @@ class RPQLinear(nn.Module):
 class RPQEmbedding(nn.Module):
     """``nn.Embedding`` with an RPQ weight: rows are embeddings, split over the embedding dim.
 
-    The forward is ``rpq_fx::embedding``: only the looked-up rows are expanded.
+    The forward is ``rpq_fx::embedding``: only the looked-up rows are expanded (one lookup per
+    additive stage, summed).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int,
                  padding_idx: int | None = None, *, scale_grad_by_freq: bool = False, num_codes: int = 256,
-                 shared_codebooks: bool = False, device=None, dtype=None):
+                 shared_codebooks: bool = False, additive_codebooks: int = 1, device=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.scale_grad_by_freq = scale_grad_by_freq
@@ -71,7 +77,7 @@ class RPQEmbedding(nn.Module):
         self.padding_idx = padding_idx
         dim = _split(embedding_dim, num_codebooks, "RPQEmbedding")
         self.weight = RPQWeight(num_codebooks, dim, num_embeddings, num_codes, shared_codebooks,
-                                device=device, dtype=dtype)
+                                additive_codebooks=additive_codebooks, device=device, dtype=dtype)
         self.weight.reset_parameters("normal", zero_rows=() if padding_idx is None else (padding_idx,))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -80,6 +86,9 @@ class RPQEmbedding(nn.Module):
             return F.embedding(input, weight(), self.padding_idx, None, 2.0, True, False)
         out = rpq_embedding(input, weight.compute_codebooks(), weight.codes, self.padding_idx,
                             self.scale_grad_by_freq)
+        for stage in weight.additive or ():
+            out = out + rpq_embedding(input, stage.compute_codebooks(), stage.codes, self.padding_idx,
+                                      self.scale_grad_by_freq)
         if weight.hot is None:
             return out
         hot = weight.hot
@@ -95,12 +104,13 @@ class _RPQConvMixin:
     """Builds the torch conv on the meta device (no dense weight is ever allocated), then swaps in
     an RPQ weight whose rows are output channels; torch's own ``_conv_forward`` does the rest."""
 
-    def _make_rpq(self, num_codebooks: int, num_codes: int, shared_codebooks: bool, device, dtype) -> None:
+    def _make_rpq(self, num_codebooks: int, num_codes: int, shared_codebooks: bool, additive_codebooks: int, device,
+                  dtype) -> None:
         shape = tuple(self.weight.shape)
         dim = _split(math.prod(shape[1:]), num_codebooks, type(self).__name__)
         del self.weight
         self.weight = RPQWeight(num_codebooks, dim, shape[0], num_codes, shared_codebooks, shape=shape,
-                                device=device, dtype=dtype)
+                                additive_codebooks=additive_codebooks, device=device, dtype=dtype)
         if self.bias is not None:
             fan_in = math.prod(shape[1:])
             self.bias = nn.Parameter(torch.empty(shape[0], device=device, dtype=dtype))
@@ -120,10 +130,11 @@ def _conv_class(base: type[nn.Module]) -> type[nn.Module]:
     class RPQConv(_RPQConvMixin, base):
         def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                      groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
-                     num_codebooks: int, num_codes: int = 256, shared_codebooks: bool = False):
+                     num_codebooks: int, num_codes: int = 256, shared_codebooks: bool = False,
+                     additive_codebooks: int = 1):
             super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                              bias, padding_mode, device="meta", dtype=dtype)
-            self._make_rpq(num_codebooks, num_codes, shared_codebooks, device, dtype)
+            self._make_rpq(num_codebooks, num_codes, shared_codebooks, additive_codebooks, device, dtype)
 
     RPQConv.__name__ = RPQConv.__qualname__ = f"RPQ{base.__name__}"
     RPQConv.__doc__ = f"``nn.{base.__name__}`` with an RPQ weight (rows are output channels)."

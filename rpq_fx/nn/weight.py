@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops import check_codes, expand
 
-__all__ = ["RPQWeight", "code_dtype", "rpq_bytes", "hot_bytes", "rpq_weights", "check_index"]
+__all__ = ["RPQWeight", "code_dtype", "rpq_bytes", "additive_bytes", "hot_bytes", "rpq_weights", "check_index"]
 
 
 def code_dtype(num_codes: int) -> torch.dtype:
@@ -22,6 +22,13 @@ def rpq_bytes(num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes
     groups = 1 if shared_codebooks else num_codebooks
     code_size = torch.empty(0, dtype=code_dtype(num_codes)).element_size()
     return groups * num_codes * codebook_dim * element_size + num_codebooks * num_vectors * code_size
+
+
+def additive_bytes(num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes: int,
+                   shared_codebooks: bool, element_size: int, additive_codebooks: int = 1) -> int:
+    """Bytes of an RPQ weight of ``additive_codebooks`` stages: each stage its own codebooks and codes."""
+    return additive_codebooks * rpq_bytes(num_codebooks, codebook_dim, num_vectors, num_codes, shared_codebooks,
+                                          element_size)
 
 
 def hot_bytes(row_len: int, hot_rows: int, hot_codebook_dim: int, num_codes: int, element_size: int) -> int:
@@ -55,10 +62,10 @@ def check_index(value: torch.Tensor, stored: torch.dtype, bound: int, where: str
 
 def rpq_weights(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, "RPQWeight"]]:
     """``(name, weight)`` for every RPQ weight in ``model`` (each once, unless ``remove_duplicate=False``),
-    without the hot parts inside them."""
-    hot = {id(m.hot) for m in model.modules() if isinstance(m, RPQWeight) and m.hot is not None}
+    without the parts inside them (hot rows, additive stages)."""
+    parts = {id(p) for m in model.modules() if isinstance(m, RPQWeight) for p in m.parts()}
     return [(name, m) for name, m in model.named_modules(remove_duplicate=remove_duplicate)
-            if isinstance(m, RPQWeight) and id(m) not in hot]
+            if isinstance(m, RPQWeight) and id(m) not in parts]
 
 
 class RPQWeight(nn.Module):
@@ -80,10 +87,11 @@ class RPQWeight(nn.Module):
     def __init__(self, num_codebooks: int, codebook_dim: int, num_vectors: int, num_codes: int = 256,
                  shared_codebooks: bool = False, *, shape: Sequence[int] | None = None,
                  transposed: bool = False, compute_dtype: torch.dtype | None = None, hot_rows: int = 0,
-                 hot_codebook_dim: int | None = None, device=None, dtype=None):
+                 hot_codebook_dim: int | None = None, additive_codebooks: int = 1, device=None, dtype=None):
         super().__init__()
         for name, value, low in (("num_codebooks", num_codebooks, 1), ("codebook_dim", codebook_dim, 1),
-                                 ("num_vectors", num_vectors, 1), ("num_codes", num_codes, 2)):
+                                 ("num_vectors", num_vectors, 1), ("num_codes", num_codes, 2),
+                                 ("additive_codebooks", additive_codebooks, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"RPQWeight: {name} must be an int >= {low}, got {value!r}")
         if num_codes > 65536:
@@ -105,6 +113,12 @@ class RPQWeight(nn.Module):
         self.codebooks = nn.Parameter(torch.empty(groups, num_codes, codebook_dim, device=device, dtype=dtype))
         self.register_buffer("codes", torch.empty(num_codebooks, num_vectors, device=device,
                                                   dtype=code_dtype(num_codes)))
+        self.additive = None
+        if additive_codebooks > 1:
+            self.additive = nn.ModuleList(
+                RPQWeight(num_codebooks, codebook_dim, num_vectors, num_codes, shared_codebooks,
+                          compute_dtype=compute_dtype, device=device, dtype=dtype)
+                for _ in range(additive_codebooks - 1))
         self.hot = None
         if hot_rows:
             row_len = num_codebooks * codebook_dim
@@ -118,6 +132,19 @@ class RPQWeight(nn.Module):
                                  compute_dtype=compute_dtype, device=device, dtype=dtype)
             self.register_buffer("hot_index", torch.empty(hot_rows, device=device, dtype=torch.int32))
         self.reset_parameters()
+
+    @property
+    def additive_codebooks(self) -> int:
+        """M: how many codes each slice sums (1 + the additive stages)."""
+        return 1 + (len(self.additive) if self.additive is not None else 0)
+
+    def stages(self) -> list["RPQWeight"]:
+        """The M stages whose expansions sum to the rows: this weight's own codebooks and codes first."""
+        return [self, *(self.additive or ())]
+
+    def parts(self) -> list["RPQWeight"]:
+        """The RPQ weights inside this one: the additive stages, then the hot rows' weight."""
+        return [*(self.additive or ()), *(() if self.hot is None else (self.hot,))]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -208,6 +235,9 @@ class RPQWeight(nn.Module):
                 raise ValueError(f"RPQWeight.reset_parameters: init must be 'uniform' or 'normal', got {init!r}")
             if zero_rows:
                 self.codebooks[:, -1] = 0
+            for stage in self.additive or ():
+                stage.reset_parameters(generator=generator, zero_rows=zero_rows)
+                stage.codebooks.zero_()
             if self.hot is not None:
                 rows = torch.ones(self.num_vectors, dtype=torch.bool)
                 rows[list(zero_rows)] = False
@@ -224,8 +254,11 @@ class RPQWeight(nn.Module):
         return self.codebooks if self.compute_dtype is None else self.codebooks.to(self.compute_dtype)
 
     def expand_rows(self) -> torch.Tensor:
-        """The expanded rows ``[num_vectors, C*d]``, hot rows' residuals added."""
+        """The expanded rows ``[num_vectors, C*d]``: the stages' expansions summed in order, hot rows'
+        residuals added."""
         rows = expand(self.compute_codebooks(), self.codes)
+        for stage in self.additive or ():
+            rows = rows.add(stage.expand_rows())
         return rows if self.hot is None else rows.index_add(0, self.hot_index.long(), self.hot.expand_rows())
 
     def forward(self) -> torch.Tensor:
@@ -240,6 +273,8 @@ class RPQWeight(nn.Module):
         shared = ", shared_codebooks=True" if self.shared_codebooks else ""
         shared += ", transposed=True" if self.transposed else ""
         shared += f", compute_dtype={self.compute_dtype}" if self.compute_dtype not in (None, self.codebooks.dtype) else ""
+        if self.additive is not None:
+            shared += f", additive_codebooks={self.additive_codebooks}"
         if self.hot is not None:
             shared += f", hot_rows={self.hot.num_vectors}, hot_codebook_dim={self.hot.codebook_dim}"
         return (f"num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
