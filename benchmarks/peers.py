@@ -15,7 +15,8 @@ Writes ``peers.md``, ``peers.json`` and ``peers.png`` to ``benchmarks/results/``
     python benchmarks/peers.py [--quick] [--tasks minilm efficientnet digits] [--no-allocate]
                                [--rpq-dims 2 4 8] [--peers LIBRARY ...] [--add] [--out DIR]
 
-``--add`` keeps the other tasks of an earlier ``peers.json`` in ``--out`` and writes them with this run's.
+``--add`` keeps the other tasks of an earlier ``peers.json`` in ``--out`` and writes them with this run's;
+``--render`` only rewrites ``peers.md`` / ``peers.png`` from ``peers.json``.
 """
 
 import argparse
@@ -51,6 +52,7 @@ PLOT_METRIC = {"minilm": "cosine", "efficientnet": "top1", "digits": "accuracy"}
 RPQ_DIMS, QUICK_RPQ_DIMS = (2, 4, 8), (4,)
 RTN_BITS = (8, 4, 2)
 ALLOCATE_BITS = 2.0
+NOTES = "## Where a peer wins, and why"  # peers.md's hand-written section from here on survives a rewrite
 
 
 def _timed(fn):
@@ -118,7 +120,8 @@ class Runner:
         start = time.perf_counter()
         base = run_rtn(self.task, bits)
         self.rows.append({"library": "RTN (here)", "version": "benchmarks/_quality/rtn.py", "error": None,
-                          "method": "per-row symmetric RTN (fake-quantised)", "setting": f"int{bits}, fp32 scale per row",
+                          "method": "per-row symmetric RTN (fake-quantised)",
+                          "setting": f"int{bits}, fp32 scale per row",
                           "short": f"int{bits}", "bits_per_weight": base["bits_per_weight"],
                           "covered": f"{len(self.task.weights)} of {len(self.task.weights)}", "covered_weights": 1.0,
                           "model_mib": base["model_mib"], **{k: base[k] for k in self.task.metrics},
@@ -170,8 +173,12 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", metavar="LIBRARY", help="only these peer libraries (e.g. hqq torchao)")
     parser.add_argument("--rpq-dims", nargs="+", type=int, help=f"rpq_fx's codebook_dim values (default {RPQ_DIMS})")
     parser.add_argument("--add", action="store_true", help="keep the other tasks of an earlier peers.json in --out")
+    parser.add_argument("--render", action="store_true", help="only rewrite peers.md / .png from peers.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.render:
+        earlier = json.loads((args.out / "peers.json").read_text())
+        return render(args.out, earlier["meta"], earlier["tasks"], load())
     peers = [p for p in PEERS if not args.peers or p.library in args.peers]
     started, start, cpu = load(), time.perf_counter(), time.process_time()
     torch.manual_seed(0)
@@ -187,14 +194,21 @@ def main() -> None:
         meta["runs"] = [r for r in earlier["meta"]["runs"] if set(r["tasks"]) - set(args.tasks)] + meta["runs"]
         tasks = [t for t in earlier["tasks"] if t["name"] not in args.tasks] + tasks
     output.write_json(args.out / "peers.json", meta, tasks)
-    output.plot(args.out / "peers.png", tasks)
+    render(args.out, meta, tasks, started)
+
+
+def render(out: Path, meta: dict, tasks: list[dict], started: str) -> None:
+    """peers.png and peers.md from the runs' ``meta`` and ``tasks``."""
+    output.plot(out / "peers.png", tasks)
     runs = "\n".join(f"- `{r['command']}` ({', '.join(r['tasks'])}): {r['date']}, wall {r['wall_s'] / 60:.1f} min, "
                       f"CPU {r['cpu_s'] / 60:.1f} min, load average {r['load_before']} before, {r['load_after']} after"
                       + (" (--quick)" if r["quick"] else "") for r in meta["runs"])
     body = (f"Runs:\n\n{runs}\n\n"
             "Raw numbers: `peers.json`; plot: `peers.png`.\n\n![quality against stored bits](peers.png)\n\n"
             f"**Weights quantised** (every method is offered the same ones): {SELECTION}. A library that handles "
-            "only some layer types (torchao and HQQ: `nn.Linear`) leaves the rest dense, and those count 32 bits.\n\n"
+            "only some layer types leaves the rest dense, and those count 32 bits (HQQ, torchao's codebook and GPTQ: "
+            "`nn.Linear`; torchao's Int8 / Intx configs: `nn.Linear` and `nn.Embedding`; quanto: `nn.Linear` and "
+            "convolutions).\n\n"
             "**Stored bits per weight**: how much the whole model's stored tensors changed, over the selected "
             "weights' count: every parameter, buffer and inner tensor of a tensor subclass (torchao's qdata / "
             "scale / zero_point, quanto's packed data / scale / shift), HQQ's `meta` scales and zeros, rpq_fx's "
@@ -205,8 +219,10 @@ def main() -> None:
             "process (inputs: the first calibration inputs, batch 1 and 32).\n\n**Targets**\n\n"
             + "\n".join(output.targets_text(t) for t in tasks) + "\n"
             + "\n".join(output.task_table(t, table) for t in tasks))
-    write("peers", "rpq_fx against the quantization libraries users would pick instead", body, started,
-          directory=args.out)
+    previous = out / "peers.md"
+    notes = previous.read_text().partition(NOTES)[2] if previous.exists() else ""
+    body += f"\n{NOTES}{notes}" if notes else ""  # the hand-written reading of the numbers, kept
+    write("peers", "rpq_fx against the quantization libraries users would pick instead", body, started, directory=out)
 
 
 if __name__ == "__main__":

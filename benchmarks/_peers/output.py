@@ -45,8 +45,10 @@ def task_table(task: dict, table) -> str:
         if r.get("error"):
             errors.append(f"- {r['library']} {r['version']}, {r['method']}, {r['setting']}: {r['error']}")
             continue
+        share = r.get("covered_weights")
         rows.append([r["library"], r["version"], r["method"], r["setting"], f"{r['bits_per_weight']:.3f}",
-                     r["covered"] if r.get("covered_weights") is None else f"{r['covered']} ({100 * r['covered_weights']:.0f}%)", *(f"{r[k]:.4f}" for k in keys), f"{r['model_mib']:.2f}",
+                     r["covered"] if share is None else f"{r['covered']} ({100 * share:.0f}%)",
+                     *(f"{r[k]:.4f}" for k in keys), f"{r['model_mib']:.2f}",
                      "—" if r.get("quant_s") is None else f"{r['quant_s']:.1f} ({r['quant_cpu_s']:.1f})",
                      _fmt(r.get("lat1"), ".2f"), _fmt(r.get("lat32"), ".2f")])
     dense = next(r for r in task["rows"] if r["library"] == "dense")
