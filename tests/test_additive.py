@@ -378,3 +378,16 @@ def test_onnx_export_sums_the_stages(tmp_path):
     with torch.no_grad():
         expected = dense_reference(model, converted)(IDS)
     torch.testing.assert_close(torch.from_numpy(actual), expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5)
+
+
+def test_a_fitted_padding_row_stays_zero_in_every_stage():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 32, padding_idx=5))
+    converted = rpq_fx.convert(model, codebook_dim=8, num_codes=16, init="kmeans", additive_codebooks=3,
+                               progress=False)
+    weight = converted.get_submodule("0.weight")
+    for stage in weight.stages():
+        assert (stage.codes[:, 5] == 15).all() and not stage.codebooks[:, 15].any()
+        assert (stage.codes[:, :5] < 15).all() and stage.codebooks[:, :15].abs().sum() > 0
+    assert not rpq_fx.decompress(converted)["0.weight"][5].any()
+    torch.testing.assert_close(rpq_fx.decompress(converted)["0.weight"], reference_rows(weight))
