@@ -86,7 +86,7 @@ def plot(path: Path, tasks: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 5.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.5, 5.6 * len(tasks)), 5.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         key = task["plot_metric"]
         dense = next(r for r in task["rows"] if r["library"] == "dense")
@@ -109,7 +109,8 @@ def plot(path: Path, tasks: list[dict]) -> None:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend),  loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(list(legend.values()), list(legend),  loc="lower center", ncol=min(len(legend), 4 * len(tasks)),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
