@@ -37,9 +37,10 @@ _GROUP_ELEMENTS = 2**23  # k-means runs on about this many point values at a tim
 _ERROR_ELEMENTS = 2**21  # the fit error is summed over row chunks of about this many values
 _BLOCK_COLUMNS = 128  # columns per block of the sequential passes (GPTQ's block size)
 _REFINE_PASSES = 2  # of coordinate descent on the codes, each followed by a codebook solve
-# reason: the per-slice loop runs once per row chunk: on a Linear(8192, 8192) (data-aware d=4) chunks of 1024 rows took
-# 181 s and 2.9x the layer in extra memory, chunks of 4096 rows 65 s and 3.7x (benchmarks/results/fit_big.md)
-_CHUNK_ELEMENTS = 2**25  # the input-aware passes hold about this many values of the rows at a time (128 MiB fp32)
+# reason: the per-slice loop runs once per row chunk, its work (products, nearest codewords) is the same for any chunk;
+# on a Linear(8192, 8192) (data-aware d=4) chunks of 4096 rows peaked at 2.38x the layer (benchmarks/results/fit_big.md):
+# 2048 rows hold 0.25x of it less
+_CHUNK_ELEMENTS = 2**24  # the input-aware passes hold about this many values of the rows at a time (64 MiB fp32)
 _SOLVE_ROWS = 1024  # a shared codebook (K*d values) is solved for on at most this many rows, drawn at random
 _SOLVE_ELEMENTS = 2**23  # the codebook solve reads the rows in chunks of about this many values (32 MiB fp32)
 _FACTOR_BLOCK = 512  # columns per block of the in-place Cholesky factorisation (and of products by a packed H)
