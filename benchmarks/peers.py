@@ -171,7 +171,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--no-allocate", action="store_true", help="skip rpq_fx.allocate on MiniLM (~7 CPU-min)")
     parser.add_argument("--peers", nargs="+", metavar="LIBRARY", help="only these peer libraries (e.g. hqq torchao)")
-    parser.add_argument("--rpq-dims", nargs="+", type=int, help=f"rpq_fx's codebook_dim values (default {RPQ_DIMS})")
+    parser.add_argument("--rpq-dims", nargs="*", type=int,
+                        help=f"rpq_fx's codebook_dim values (default {RPQ_DIMS}; none: no rpq_fx rows)")
     parser.add_argument("--add", action="store_true", help="keep the other tasks of an earlier peers.json in --out")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md / .png from peers.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -182,7 +183,7 @@ def main() -> None:
     peers = [p for p in PEERS if not args.peers or p.library in args.peers]
     started, start, cpu = load(), time.perf_counter(), time.process_time()
     torch.manual_seed(0)
-    dims = args.rpq_dims or (QUICK_RPQ_DIMS if args.quick else RPQ_DIMS)
+    dims = args.rpq_dims if args.rpq_dims is not None else (QUICK_RPQ_DIMS if args.quick else RPQ_DIMS)
     tasks = [run_task(name, args.quick, not (args.quick or args.no_allocate), peers, dims) for name in args.tasks]
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     run = {"command": command(), "tasks": args.tasks, "wall_s": wall, "cpu_s": cpu, "load_before": started,
