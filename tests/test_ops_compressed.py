@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import LargestTensor
 import rpq_fx.ops as ops
+from rpq_fx import _kernels
 from rpq_fx.ops import library, policy
 from rpq_fx.ops import choose_path, embedding, linear, linear_backward
 
@@ -375,3 +376,26 @@ def test_expand_backends_match_reference(ref, backend, d, K, shared, dtype):
     (want,) = torch.autograd.grad(ref.expand(codebooks, ucodes), codebooks, grad_w)
     torch.testing.assert_close(got, want, **tolerances(torch.float64, want)) if dtype == torch.float64 else \
         torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+# --------------------------------------------------------------------------- small-d kernels (issue 23)
+
+@pytest.mark.parametrize("d", [1, 2, 4, 8])
+@pytest.mark.parametrize("K", [16, 32, 256])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.skipif(not _kernels.available(), reason="the C++ kernels' blocking and SIMD paths")
+def test_small_d_layers_whose_table_spans_many_cache_blocks(ref, d, K, shared):
+    """Product-quantization shapes: enough slices that the forward's table is built and consumed in several
+    slice blocks (256 KiB each) and in several bands of rows, batches that take every block width (1 row: the
+    AVX-512 permute path for K <= 32, the gather path above), odd row counts that leave SIMD tails; forward and
+    backward against the dense reference."""
+    C, N = 300 if K == 256 and shared else 40, 203
+    codebooks, ucodes, codes = ref.make_case(C, K, d, N, shared, torch.float32, 100 * d + K)
+    for batch in (1, 3, 8, 33):
+        x = torch.randn(batch, C * d)
+        grad_out = torch.randn(batch, N)
+        out, got = grads(lambda x, cb: linear(x, cb, codes, None, "compressed"), x, codebooks, grad_out=grad_out)
+        expected, want = grads(lambda x, cb: F.linear(x, ref.expand(cb, ucodes)), x, codebooks, grad_out=grad_out)
+        torch.testing.assert_close(out, expected, **tolerances(torch.float32, expected))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **tolerances(torch.float32, w))
