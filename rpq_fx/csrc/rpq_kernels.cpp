@@ -83,6 +83,38 @@ constexpr int64_t rows_per_tile() { return BB >= 16 ? 64 : 1024 / BB; }
 // AVX-512 machine the constants were timed on). A whole [C, K, BB] table at d = 4, K = 256, BB = 32 is 32 MiB.
 constexpr int64_t kTableBlockBytes = 256 * 1024;
 
+// How many vectors of at most 64 bytes hold BB values of A.
+template <typename A, int BB>
+constexpr int vector_parts() { return BB * static_cast<int>(sizeof(A)) <= 64 ? 1 : BB * static_cast<int>(sizeof(A)) / 64; }
+
+// gather_rows for R consecutive rows (table and sums of one type A, BB >= 2).
+// reason: GCC left the `omp simd` form of this loop scalar, and kept a vector type wider than a register on the
+// stack; explicit vectors of at most 64 bytes stay in registers
+template <typename A, typename code_t, int BB, int R>
+inline void gather_row_group(const A* __restrict table, int64_t K, const code_t* __restrict codes, int64_t N,
+                             int64_t cb, A* __restrict partial, bool first) {
+  constexpr int P = vector_parts<A, BB>(), W = BB / P;
+  typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
+  vec_t acc[R][P];
+#pragma GCC unroll 16
+  for (int q = 0; q < R * P; ++q) {
+    acc[q / P][q % P] = vec_t{};
+    if (!first) std::memcpy(&acc[q / P][q % P], partial + q * W, sizeof(vec_t));
+  }
+  for (int64_t c = 0; c < cb; ++c) {
+    const A* tc = table + c * K * BB;
+    const code_t* cc = codes + c * N;
+#pragma GCC unroll 16
+    for (int q = 0; q < R * P; ++q) {
+      vec_t v;
+      std::memcpy(&v, tc + static_cast<int64_t>(cc[q / P]) * BB + (q % P) * W, sizeof(vec_t));
+      acc[q / P][q % P] += v;
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < R * P; ++q) std::memcpy(partial + q * W, &acc[q / P][q % P], sizeof(vec_t));
+}
+
 // partial[i, :] (+)= sum_{c < cb} table[c, codes[c * N + i], :] for i < nn, summed in A over c ascending (from zero
 // when `first`): table [cb, K, BB] stored as T, partial [nn, BB].
 template <typename A, typename T, typename code_t, int BB>
@@ -97,30 +129,12 @@ void gather_rows(const T* __restrict table, int64_t K, const code_t* __restrict 
       for (int64_t i = 0; i < nn; ++i) partial[i] += static_cast<A>(tc[cc[i]]);
     }
   } else if constexpr (std::is_same_v<A, T>) {
-    // one row's BB sums stay in registers while the block's slices are added in
-    // reason: GCC left the `omp simd` form of this loop scalar, and kept a vector type wider than a register on the
-    // stack; P vectors of at most 64 bytes each stay in registers
-    constexpr int W = std::min<int>(BB, 64 / sizeof(A)), P = BB / W;
-    typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
-    for (int64_t i = 0; i < nn; ++i) {
-      vec_t acc[P];
-#pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) {
-        acc[p] = vec_t{};
-        if (!first) std::memcpy(&acc[p], partial + i * BB + p * W, sizeof(vec_t));
-      }
-      for (int64_t c = 0; c < cb; ++c) {
-        const T* row = table + (c * K + static_cast<int64_t>(codes[c * N + i])) * BB;
-#pragma GCC unroll 4
-        for (int p = 0; p < P; ++p) {
-          vec_t v;
-          std::memcpy(&v, row + p * W, sizeof(vec_t));
-          acc[p] += v;
-        }
-      }
-#pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) std::memcpy(partial + i * BB + p * W, &acc[p], sizeof(vec_t));
-    }
+    // R rows at a time, each row's BB sums in P vectors held in registers while the block's slices are added in:
+    // R * P independent chains of adds, so the adds' latency is hidden (one row alone waited on it: 4x slower)
+    constexpr int P = vector_parts<A, BB>(), R = std::max(1, 8 / P);
+    int64_t i = 0;
+    for (; i + R <= nn; i += R) gather_row_group<A, code_t, BB, R>(table, K, codes + i, N, cb, partial + i * BB, first);
+    for (; i < nn; ++i) gather_row_group<A, code_t, BB, 1>(table, K, codes + i, N, cb, partial + i * BB, first);
   } else {
     for (int64_t i = 0; i < nn; ++i) {
       A acc[BB];
