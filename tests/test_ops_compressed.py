@@ -225,7 +225,7 @@ def test_path_argument_and_compute_path_force_the_choice(ref):
 
 
 @pytest.mark.parametrize("kernels", ["cpp", "torch"])
-def test_auto_prefers_compressed_for_rpq_and_expand_for_large_pq_batches(ref, monkeypatch, kernels):
+def test_auto_prefers_compressed_for_rpq_and_pq_forward_and_expand_for_large_pq_batches_elsewhere(ref, monkeypatch, kernels):
     monkeypatch.setattr(policy, "_fast_kernels_apply", lambda x, cb: kernels == "cpp")
     rpq = ref.make_case(16, 256, 256, 4096, False, torch.float32, 0)[::2]  # RPQ: d = 256
     pq = ref.make_case(512, 256, 8, 4096, True, torch.float32, 0)[::2]  # PQ: d = 8, one shared codebook
@@ -234,7 +234,8 @@ def test_auto_prefers_compressed_for_rpq_and_expand_for_large_pq_batches(ref, mo
         assert choose_path(x, *rpq) == "compressed"
         assert choose_path(x, *rpq, backward=True) == "compressed"
     x = torch.empty(512, 4096)
-    assert choose_path(x, *pq) == "expand"
+    # issue 23: the cache-blocked C++ forward was timed faster than expand-then-matmul at batch 512 too (d = 8)
+    assert choose_path(x, *pq) == ("compressed" if kernels == "cpp" else "expand")
     assert choose_path(x, *pq, backward=True) == "expand"
     assert choose_path(torch.empty(1, 4096), *pq) == "compressed"
 

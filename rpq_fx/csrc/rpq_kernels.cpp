@@ -218,9 +218,10 @@ void table_block(T* __restrict table, const Tensor& cbe, const Tensor& xb, const
     }
     return;
   }
-  scratch.resize(K * BB);
-  A* __restrict acc = scratch.data();
+  if (!std::is_same_v<A, T>) scratch.resize(K * BB);
   for (int64_t c = c0; c < c0 + cb; ++c) {
+    T* __restrict dst = table + (c - c0) * K * BB;
+    A* __restrict acc = std::is_same_v<A, T> ? reinterpret_cast<A*>(dst) : scratch.data();  // T's sums go via A
     const A* __restrict xc = xt + c * d * BB;
     if (BB == 1 && cbt != nullptr) {
       // shared codebooks, one batch row: along K, one slice element at a time
@@ -234,21 +235,40 @@ void table_block(T* __restrict table, const Tensor& cbe, const Tensor& xb, const
       }
     } else {
       const A* __restrict cbc = cba + (shared ? 0 : c * K * d);
-      for (int64_t k = 0; k < K; ++k) {
-        A* __restrict a = acc + k * BB;
-        const A* __restrict w = cbc + k * d;
-#pragma omp simd
-        for (int64_t j = 0; j < BB; ++j) a[j] = w[0] * xc[j];
-        for (int64_t t = 1; t < d; ++t) {
-          const A v = w[t];
-          const A* __restrict xr = xc + t * BB;
-#pragma omp simd
-          for (int64_t j = 0; j < BB; ++j) a[j] += v * xr[j];
+      if constexpr (BB >= 2) {
+        // reason: as in gather_row_group, GCC left the `omp simd` form scalar; explicit vectors
+        constexpr int P = vector_parts<A, BB>(), W = BB / P;
+        typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
+        for (int64_t k = 0; k < K; ++k) {
+          const A* __restrict w = cbc + k * d;
+          vec_t a[P];
+#pragma GCC unroll 4
+          for (int p = 0; p < P; ++p) {
+            vec_t v;
+            std::memcpy(&v, xc + p * W, sizeof(vec_t));
+            a[p] = w[0] * v;
+          }
+          for (int64_t t = 1; t < d; ++t) {
+#pragma GCC unroll 4
+            for (int p = 0; p < P; ++p) {
+              vec_t v;
+              std::memcpy(&v, xc + t * BB + p * W, sizeof(vec_t));
+              a[p] += w[t] * v;
+            }
+          }
+          std::memcpy(acc + k * BB, a, sizeof(a));
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const A* __restrict w = cbc + k * d;
+          A a = w[0] * xc[0];
+          for (int64_t t = 1; t < d; ++t) a += w[t] * xc[t];
+          acc[k] = a;
         }
       }
     }
-    T* __restrict dst = table + (c - c0) * K * BB;
-    for (int64_t i = 0; i < K * BB; ++i) dst[i] = static_cast<T>(acc[i]);
+    if (!std::is_same_v<A, T>)
+      for (int64_t i = 0; i < K * BB; ++i) dst[i] = static_cast<T>(acc[i]);
   }
 }
 
