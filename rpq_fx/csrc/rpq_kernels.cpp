@@ -8,10 +8,13 @@
 //             grad_x[b, c*d:(c+1)*d] = sum_k S[c, k, b] codebooks[g(c), k]
 //             grad_codebooks[g(c), k] += sum_b S[c, k, b] x[b, c*d:(c+1)*d]
 //
-// The batch is cut into blocks of BB columns so that a block's table T[:, :, b0:b0+BB] is a
-// contiguous [C, K, BB] array that stays in cache while the gather reads it; each row the gather
-// adds is BB contiguous values (one or two vector registers). Codes are read as they are stored
-// (uint8, or int16 read as uint16): no index tensor is built.
+// The batch is cut into blocks of BB columns, and the forward's work into tasks (a batch block and a band of rows)
+// that the threads claim one at a time. A task builds its block's table T[c, :, b0:b0+BB] a block of slices at a
+// time (kTableBlockBytes, so it stays in L2: the whole table of d = 4, K = 256, BB = 32 is 32 MiB) and adds every
+// row of its band from it, keeping per-row partial sums; each row's sum still runs over c in order. Each row the
+// gather adds is BB contiguous values (one or two vector registers), several rows at a time to hide the adds'
+// latency; one-row batches use AVX-512 permutes (K <= 32) or gathers. Codes are read as they are stored (uint8, or
+// int16 read as uint16): no index tensor is built. The backward's scatter is not blocked yet.
 //
 // These are the CPU kernels of the rpq_fx ops, registered with the dispatcher (TORCH_LIBRARY_IMPL at
 // the end): rpq_fx/ops/library.py defines the schemas, and torch.ops.rpq_fx.* reaches these for CPU
