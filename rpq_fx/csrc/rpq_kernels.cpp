@@ -119,39 +119,25 @@ inline void gather_row_group(const A* __restrict table, int64_t K, const code_t*
 }
 
 // partial[i, :] (+)= sum_{c < cb} table[c, codes[c * N + i], :] for i < nn, summed in A over c ascending (from zero
-// when `first`): table [cb, K, BB] stored as T, partial [nn, BB].
-template <typename A, typename T, typename code_t, int BB>
-void gather_rows(const T* __restrict table, int64_t K, const code_t* __restrict codes, int64_t N, int64_t cb,
+// when `first`): table [cb, K, BB], partial [nn, BB].
+template <typename A, typename code_t, int BB>
+void gather_rows(const A* __restrict table, int64_t K, const code_t* __restrict codes, int64_t N, int64_t cb,
                  int64_t nn, A* __restrict partial, bool first) {
   if constexpr (BB == 1) {
     if (first) std::fill(partial, partial + nn, A(0));
     for (int64_t c = 0; c < cb; ++c) {
-      const T* __restrict tc = table + c * K;
+      const A* __restrict tc = table + c * K;
       const code_t* __restrict cc = codes + c * N;
 #pragma omp simd
-      for (int64_t i = 0; i < nn; ++i) partial[i] += static_cast<A>(tc[cc[i]]);
+      for (int64_t i = 0; i < nn; ++i) partial[i] += tc[cc[i]];
     }
-  } else if constexpr (std::is_same_v<A, T>) {
+  } else {
     // R rows at a time, each row's BB sums in P vectors held in registers while the block's slices are added in:
     // R * P independent chains of adds, so the adds' latency is hidden (one row alone waited on it: 4x slower)
     constexpr int P = vector_parts<A, BB>(), R = std::max(1, 8 / P);
     int64_t i = 0;
     for (; i + R <= nn; i += R) gather_row_group<A, code_t, BB, R>(table, K, codes + i, N, cb, partial + i * BB, first);
     for (; i < nn; ++i) gather_row_group<A, code_t, BB, 1>(table, K, codes + i, N, cb, partial + i * BB, first);
-  } else {
-    for (int64_t i = 0; i < nn; ++i) {
-      A acc[BB];
-      A* __restrict p = partial + i * BB;
-#pragma omp simd
-      for (int64_t j = 0; j < BB; ++j) acc[j] = first ? A(0) : p[j];
-      for (int64_t c = 0; c < cb; ++c) {
-        const T* __restrict row = table + (c * K + static_cast<int64_t>(codes[c * N + i])) * BB;
-#pragma omp simd
-        for (int64_t j = 0; j < BB; ++j) acc[j] += static_cast<A>(row[j]);
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < BB; ++j) p[j] = acc[j];
-    }
   }
 }
 
@@ -161,8 +147,8 @@ void gather_rows(const T* __restrict table, int64_t K, const code_t* __restrict 
 // (vpermt2ps); larger K: a gather (vgatherdps). The same sums in the same order as gather_rows. The table buffer
 // must hold 32 readable floats past its last slice (the permutes load whole registers).
 template <>
-void gather_rows<float, float, uint8_t, 1>(const float* __restrict table, int64_t K, const uint8_t* __restrict codes,
-                                           int64_t N, int64_t cb, int64_t nn, float* __restrict partial, bool first) {
+void gather_rows<float, uint8_t, 1>(const float* __restrict table, int64_t K, const uint8_t* __restrict codes,
+                                   int64_t N, int64_t cb, int64_t nn, float* __restrict partial, bool first) {
   auto lookup = [&](int64_t c, const uint8_t* cc) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cc)));
     const float* tc = table + c * K;
@@ -201,17 +187,19 @@ void gather_rows<float, float, uint8_t, 1>(const float* __restrict table, int64_
 }
 #endif
 
-// The table of slices [c0, c0 + cb) for one batch block, [cb, K, BB] stored as T, into `table`:
+// The table of slices [c0, c0 + cb) for one batch block, [cb, K, BB] in A, into `table`:
 //   table[c - c0, k, j] = codebooks[g(c), k] . x[j, c*d:(c+1)*d]        (x's columns past the batch: zero)
 // xt: the block's x as [C, d, BB] in A. Short slices (d < 16) are summed here in A over the slice, ascending; long
-// ones by ATen's bmm (cbe: the codebooks [C, K, d] in the products' dtype, xb: the block as [C, d, BB] in it).
+// ones by ATen's bmm in the products' dtype T (cbe: the codebooks [C, K, d], xb: the block as [C, d, BB]), widened to A.
 // cbt: the codebooks transposed, [1, d, K] in A (shared codebooks, BB == 1 only: the sums then run along K).
 template <typename A, typename T, int BB>
-void table_block(T* __restrict table, const Tensor& cbe, const Tensor& xb, const A* __restrict xt,
+void table_block(A* __restrict table, const Tensor& cbe, const Tensor& xb, const A* __restrict xt,
                  const A* __restrict cbt, const A* __restrict cba, bool shared, int64_t K, int64_t d, int64_t c0,
-                 int64_t cb, std::vector<A>& scratch) {
+                 int64_t cb) {
   if (d >= 16) {
-    Tensor out = at::from_blob(table, {cb, K, BB}, xb.options());
+    // reason: the gather's vector loops read tables in A; a bfloat16 bmm's result is widened (exactly) once
+    Tensor dst = at::from_blob(table, {cb, K, BB}, xb.options().dtype(c10::CppTypeToScalarType<A>::value));
+    Tensor out = std::is_same_v<A, T> ? dst : at::empty({cb, K, BB}, xb.options());
     if constexpr (BB == 1) {
       // [cb, 1, d] @ [cb, d, K] is the same memory as [cb, K, 1], and reads the codebooks row by row
       Tensor rows = out.view({cb, 1, K});
@@ -219,12 +207,11 @@ void table_block(T* __restrict table, const Tensor& cbe, const Tensor& xb, const
     } else {
       at::bmm_out(out, cbe.narrow(0, c0, cb), xb.narrow(0, c0, cb));
     }
+    if (!std::is_same_v<A, T>) dst.copy_(out);
     return;
   }
-  if (!std::is_same_v<A, T>) scratch.resize(K * BB);
   for (int64_t c = c0; c < c0 + cb; ++c) {
-    T* __restrict dst = table + (c - c0) * K * BB;
-    A* __restrict acc = std::is_same_v<A, T> ? reinterpret_cast<A*>(dst) : scratch.data();  // T's sums go via A
+    A* __restrict acc = table + (c - c0) * K * BB;
     const A* __restrict xc = xt + c * d * BB;
     if (BB == 1 && cbt != nullptr) {
       // shared codebooks, one batch row: along K, one slice element at a time
@@ -270,8 +257,6 @@ void table_block(T* __restrict table, const Tensor& cbe, const Tensor& xb, const
         }
       }
     }
-    if (!std::is_same_v<A, T>)
-      for (int64_t i = 0; i < K * BB; ++i) dst[i] = static_cast<T>(acc[i]);
   }
 }
 
@@ -304,8 +289,8 @@ void scatter_block(const G* __restrict grad, int64_t ldg, int64_t bw, const code
   }
 }
 
-// y = x W^T for the rows of one dtype combination: x, cbe (the codebooks [C, K, d], shared ones expanded) and the
-// tables stored as T (the products' dtype; ATen's bmm sums bfloat16 in float32), each output summed in A over the
+// y = x W^T for the rows of one dtype combination: x and cbe (the codebooks [C, K, d], shared ones expanded) stored
+// as T (the products' dtype; ATen's bmm sums bfloat16 in float32), the tables kept in A, each output summed in A over the
 // slices in order and stored as O. The work is cut into tasks (a batch block and a band of rows) that the threads
 // claim one at a time, so that a thread slowed by a busy machine takes fewer; each task builds its block's table a
 // block of slices at a time (kTableBlockBytes) and adds every row of its band from it while it is in cache.
@@ -325,7 +310,7 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks,
     cba = codebooks.to(acc_type).contiguous();
     if (BB == 1 && shared) cbt = cba.transpose(1, 2).contiguous();
   }
-  const int64_t slices = std::clamp<int64_t>(kTableBlockBytes / (K * BB * static_cast<int64_t>(sizeof(T))), 1, C);
+  const int64_t slices = std::clamp<int64_t>(kTableBlockBytes / (K * BB * static_cast<int64_t>(sizeof(A))), 1, C);
   // bands: two tasks per thread where the batch blocks are fewer, but never so short that building the task's table
   // (K * d multiply-adds per slice and column) costs much beside its gather (band adds per slice and column), nor so
   // long that its partial sums leave the L2 cache
@@ -343,8 +328,8 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks,
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
-    std::vector<T> table((slices * K + 32) * BB);  // 32 readable values past the end (the AVX-512 permutes)
-    std::vector<A> partial(band * BB), scratch;
+    std::vector<A> table((slices * K + 32) * BB);  // 32 readable values past the end (the AVX-512 permutes)
+    std::vector<A> partial(band * BB);
     for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
       const int64_t bb = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
       const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
@@ -352,8 +337,8 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks,
       for (int64_t c0 = 0; c0 < C; c0 += slices) {
         const int64_t cb = std::min(slices, C - c0);
         table_block<A, T, BB>(table.data(), cbe, xb, xt_p ? xt_p + bb * C * d * BB : nullptr, cbt_p, cba_p, shared,
-                              K, d, c0, cb, scratch);
-        gather_rows<A, T, code_t, BB>(table.data(), K, codes_p + c0 * N + n0, N, cb, nn, partial.data(), c0 == 0);
+                              K, d, c0, cb);
+        gather_rows<A, code_t, BB>(table.data(), K, codes_p + c0 * N + n0, N, cb, nn, partial.data(), c0 == 0);
       }
       for (int64_t j = 0; j < bw; ++j) {
         O* __restrict o = out_p + (b0 + j) * N + n0;
