@@ -9,14 +9,15 @@ and converted models do) picks by a cost model. Every variant is timed in one pr
 the compressed-domain op: ``F.linear(x, rpq_fx::expand(codebooks, codes), bias)`` under autograd
 (which keeps the expanded weight for backward).
 
-Two layers: RPQ settings (4096x4096, 16 codebooks, d = 256, the issue's targets) and
-product-quantization settings (4096x4096, one shared codebook of d = 8, where expanding wins at
-large batch). Forward+backward sets every gradient to None first (``zero_grad()``'s default), so
+Five layers: RPQ settings (4096x4096, 16 codebooks, d = 256, issue 19's targets) and the
+product-quantization settings that fitting produces (4096x4096, one shared codebook of d = 8, 4
+or 2 with 256 codewords, and d = 4 with 16; issue 23's targets: d = 4 at least 4x faster than
+dense at batch 1 and never slower up to batch 64, d = 2 and 8 never slower up to batch 16). Forward+backward sets every gradient to None first (``zero_grad()``'s default), so
 neither side pays for accumulating into an old gradient.
 
 Writes ``benchmarks/results/linear_<device>.md`` and ``linear_<device>.png`` (latency against batch).
 
-    python benchmarks/linear.py [--quick] [--min-run-time 0.2] [--device cpu]
+    python benchmarks/linear.py [--quick] [--min-run-time 0.2] [--device cpu] [--layers 0,2]
 """
 
 import argparse
@@ -33,14 +34,19 @@ from rpq_fx.nn import RPQLinear  # noqa: E402
 from rpq_fx.ops import choose_path, expand, linear  # noqa: E402
 
 LAYERS = [
-    # label, in, out, num_codebooks, shared
-    ("RPQ 4096x4096, C=16 (d=256)", 4096, 4096, 16, False),
-    ("PQ 4096x4096, d=8 shared", 4096, 4096, 512, True),
+    # label, in, out, num_codebooks, shared, num_codes
+    ("RPQ 4096x4096, C=16 (d=256)", 4096, 4096, 16, False, 256),
+    ("PQ 4096x4096, d=8 shared", 4096, 4096, 512, True, 256),
+    ("PQ 4096x4096, d=4 shared", 4096, 4096, 1024, True, 256),
+    ("PQ 4096x4096, d=2 shared", 4096, 4096, 2048, True, 256),
+    ("PQ 4096x4096, d=4 shared, K=16", 4096, 4096, 1024, True, 16),
 ]
 VARIANTS = ("expand", "compressed", "auto")
-TARGETS = {  # (layer index, mode, batch) -> minimum dense / auto speed-up, from the issue
+TARGETS = {  # (layer index, mode, batch) -> minimum dense / auto speed-up, from issues 19 and 23
     (0, "inference", 1): 5.0, (0, "inference", 8): 5.0, (0, "inference", 512): 4.0,
-    (0, "forward+backward", 512): 2.0,
+    (0, "forward+backward", 512): 2.0, (2, "inference", 1): 4.0,
+    **{(2, "inference", b): 1.0 for b in (2, 4, 8, 16, 32, 64)},
+    **{(i, "inference", b): 1.0 for i in (1, 3) for b in (1, 2, 4, 8, 16)},
 }
 
 
@@ -75,10 +81,11 @@ def plot(results: dict, batches: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(LAYERS), 2, figsize=(11, 4.2 * len(LAYERS)), squeeze=False)
     styles = {"dense": ("k", "o"), "unfused": ("tab:gray", "x"), "expand": ("tab:orange", "s"),
               "compressed": ("tab:blue", "^"), "auto": ("tab:green", "")}
-    for row, (label, *_rest) in enumerate(LAYERS):
+    labels = [label for label, *_rest in LAYERS if label in results]
+    fig, axes = plt.subplots(len(labels), 2, figsize=(11, 4.2 * len(labels)), squeeze=False)
+    for row, label in enumerate(labels):
         for col, mode in enumerate(("inference", "forward+backward")):
             ax = axes[row][col]
             for name, (color, marker) in styles.items():
@@ -101,16 +108,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument("--quick", action="store_true", help="batches 1, 8, 512 only, shorter runs")
+    parser.add_argument("--quick", action="store_true", help="batches 1, 8, 64, 512 only, shorter runs")
+    parser.add_argument("--layers", default=None, help="comma-separated indices into LAYERS (default: all)")
     args = parser.parse_args()
+    chosen = range(len(LAYERS)) if args.layers is None else [int(i) for i in args.layers.split(",")]
     device = torch.device(args.device)
-    batches = [1, 8, 512] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    batches = [1, 8, 64, 512] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     min_run_time = 0.05 if args.quick else args.min_run_time
     started = load()
     torch.manual_seed(0)
     results, rows = {}, []
-    for index, (label, fin, fout, c, shared) in enumerate(LAYERS):
-        layer = RPQLinear(fin, fout, c, shared_codebooks=shared, device=device)
+    for index, (label, fin, fout, c, shared, k) in enumerate(LAYERS):
+        if index not in chosen:
+            continue
+        layer = RPQLinear(fin, fout, c, shared_codebooks=shared, num_codes=k, device=device)
         dense = nn.Linear(fin, fout, device=device)
         with torch.no_grad():
             dense.weight.copy_(layer.weight())

@@ -76,11 +76,13 @@ def test_compressed_linear_sums_in_float32(B, C, d, N, K, shared, dtype, seed):
 def test_sixteen_bit_calls_take_the_compressed_path_and_the_expand_backward_sums_in_float32(dtype):
     codebooks, codes, x, _ = _case(16, 256, 64, 4096, 8, False, dtype, 0)
     assert choose_path(x, codebooks, codes) == "compressed"  # as for float32: the C++ loops serve 16-bit floats
-    # product quantization at a large batch: expanding wins in float32 and bfloat16, but not with the CPU's slow
-    # float16 GEMM (the C++ kernels' float16 products run in float32)
+    # product quantization at a large batch: expanding wins in bfloat16 (the cost model of the bfloat16 tables, not
+    # re-timed in issue 23; float32's cache-blocked forward beats it), but not with the CPU's slow float16 GEMM (the
+    # C++ kernels' float16 products run in float32)
     pq_cb, _, pq_codes = make_case(512, 256, 8, 4096, True, torch.float32, 0)
     pq_x = torch.randn(512, 4096)
-    assert choose_path(pq_x, pq_cb, pq_codes) == choose_path(pq_x.bfloat16(), pq_cb.bfloat16(), pq_codes) == "expand"
+    assert choose_path(pq_x, pq_cb, pq_codes) == "compressed"
+    assert choose_path(pq_x.bfloat16(), pq_cb.bfloat16(), pq_codes) == "expand"
     assert choose_path(pq_x.half(), pq_cb.half(), pq_codes) == "compressed"
 
     cb, _, small_codes = make_case(3, 4, 5, 997, True, torch.float32, 1)

@@ -93,3 +93,17 @@ def test_turned_off_at_import_runs_stock_ops():
     done = _run(code, RPQ_FX_KERNELS="torch")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["False False", "[[4.0, 5.0, 6.0, 7.0], [0.0, 1.0, 2.0, 3.0]]"]
+
+
+@pytest.mark.skipif(not _kernels.available(), reason="the cost model of the C++ kernels")
+def test_fitted_small_d_layers_run_compressed_where_it_was_timed_faster():
+    """Issue 23: after the cache-blocked forward, the float32 compressed path beat expand-then-matmul (and dense) at
+    every batch up to 128 for one shared codebook of d = 2, 4, 8 (4096x4096, benchmarks/linear.py); d = 1 at a
+    large batch is a dense matmul's work in lookups, and expands."""
+    for d in (2, 4, 8):
+        codebooks, codes = torch.zeros(1, 256, d), torch.zeros(4096 // d, 4096, dtype=torch.uint8)
+        for batch in (1, 2, 8, 16, 32, 64, 128):
+            assert ops.choose_path(torch.zeros(batch, 4096), codebooks, codes) == "compressed", (d, batch)
+    codebooks, codes = torch.zeros(1, 256, 1), torch.zeros(4096, 4096, dtype=torch.uint8)
+    assert ops.choose_path(torch.zeros(1, 4096), codebooks, codes) == "compressed"
+    assert ops.choose_path(torch.zeros(512, 4096), codebooks, codes) == "expand"

@@ -8,10 +8,13 @@
 //             grad_x[b, c*d:(c+1)*d] = sum_k S[c, k, b] codebooks[g(c), k]
 //             grad_codebooks[g(c), k] += sum_b S[c, k, b] x[b, c*d:(c+1)*d]
 //
-// The batch is cut into blocks of BB columns so that a block's table T[:, :, b0:b0+BB] is a
-// contiguous [C, K, BB] array that stays in cache while the gather reads it; each row the gather
-// adds is BB contiguous values (one or two vector registers). Codes are read as they are stored
-// (uint8, or int16 read as uint16): no index tensor is built.
+// The batch is cut into blocks of BB columns, and the forward's work into tasks (a batch block and a band of rows)
+// that the threads claim one at a time. A task builds its block's table T[c, :, b0:b0+BB] a block of slices at a
+// time (kTableBlockBytes, so it stays in L2: the whole table of d = 4, K = 256, BB = 32 is 32 MiB) and adds every
+// row of its band from it, keeping per-row partial sums; each row's sum still runs over c in order. Each row the
+// gather adds is BB contiguous values (one or two vector registers), several rows at a time to hide the adds'
+// latency; one-row batches use AVX-512 permutes (K <= 32) or gathers. Codes are read as they are stored (uint8, or
+// int16 read as uint16): no index tensor is built. The backward's scatter is not blocked yet.
 //
 // These are the CPU kernels of the rpq_fx ops, registered with the dispatcher (TORCH_LIBRARY_IMPL at
 // the end): rpq_fx/ops/library.py defines the schemas, and torch.ops.rpq_fx.* reaches these for CPU
@@ -24,11 +27,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -71,28 +81,181 @@ void check_groups(int64_t groups, int64_t C, const char* what) {
 template <int BB>
 constexpr int64_t rows_per_tile() { return BB >= 16 ? 64 : 1024 / BB; }
 
-// out[j, s] = sum_c table[c, codes[c, s], j] for s in [n_begin, n_end), j < bw: the table stored as T, the sums
-// kept in A and stored as O. table: [C, K, BB] contiguous; out: row j at out + j * ldo.
-template <typename A, typename T, typename O, typename code_t, int BB>
-void gather_block(const T* __restrict table, const code_t* __restrict codes, int64_t C, int64_t K, int64_t N,
-                  int64_t n_begin, int64_t n_end, O* __restrict out, int64_t ldo, int64_t bw) {
-  constexpr int64_t NB = rows_per_tile<BB>();
-  alignas(64) A acc[NB][BB];
-  for (int64_t s = n_begin; s < n_end; s += NB) {
-    const int64_t nn = std::min(NB, n_end - s);
-    std::fill(&acc[0][0], &acc[0][0] + NB * BB, A(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const T* __restrict tc = table + c * K * BB;
-      const code_t* __restrict cc = codes + c * N + s;
-      for (int64_t i = 0; i < nn; ++i) {
-        const T* __restrict row = tc + static_cast<int64_t>(cc[i]) * BB;
-#pragma omp simd
-        for (int64_t j = 0; j < BB; ++j) acc[i][j] += static_cast<A>(row[j]);
-      }
+// The forward's table is built and consumed a block of slices at a time, each block at most this many bytes, so
+// that it stays in a core's L2 cache while every row of the task adds from it (1 MiB L2 per core on the 2-core
+// AVX-512 machine the constants were timed on). A whole [C, K, BB] table at d = 4, K = 256, BB = 32 is 32 MiB.
+constexpr int64_t kTableBlockBytes = 256 * 1024;
+
+// How many vectors of at most 64 bytes hold BB values of A.
+template <typename A, int BB>
+constexpr int vector_parts() { return BB * static_cast<int>(sizeof(A)) <= 64 ? 1 : BB * static_cast<int>(sizeof(A)) / 64; }
+
+// gather_rows for R consecutive rows (table and sums of one type A, BB >= 2).
+// reason: GCC left the `omp simd` form of this loop scalar, and kept a vector type wider than a register on the
+// stack; explicit vectors of at most 64 bytes stay in registers
+template <typename A, typename code_t, int BB, int R>
+inline void gather_row_group(const A* __restrict table, int64_t K, const code_t* __restrict codes, int64_t N,
+                             int64_t cb, A* __restrict partial, bool first) {
+  constexpr int P = vector_parts<A, BB>(), W = BB / P;
+  typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
+  vec_t acc[R][P];
+#pragma GCC unroll 16
+  for (int q = 0; q < R * P; ++q) {
+    acc[q / P][q % P] = vec_t{};
+    if (!first) std::memcpy(&acc[q / P][q % P], partial + q * W, sizeof(vec_t));
+  }
+  for (int64_t c = 0; c < cb; ++c) {
+    const A* tc = table + c * K * BB;
+    const code_t* cc = codes + c * N;
+#pragma GCC unroll 16
+    for (int q = 0; q < R * P; ++q) {
+      vec_t v;
+      std::memcpy(&v, tc + static_cast<int64_t>(cc[q / P]) * BB + (q % P) * W, sizeof(vec_t));
+      acc[q / P][q % P] += v;
     }
-    for (int64_t j = 0; j < bw; ++j) {
-      O* __restrict o = out + j * ldo + s;
-      for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(acc[i][j]);
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < R * P; ++q) std::memcpy(partial + q * W, &acc[q / P][q % P], sizeof(vec_t));
+}
+
+// partial[i, :] (+)= sum_{c < cb} table[c, codes[c * N + i], :] for i < nn, summed in A over c ascending (from zero
+// when `first`): table [cb, K, BB], partial [nn, BB].
+template <typename A, typename code_t, int BB>
+void gather_rows(const A* __restrict table, int64_t K, const code_t* __restrict codes, int64_t N, int64_t cb,
+                 int64_t nn, A* __restrict partial, bool first) {
+  if constexpr (BB == 1) {
+    if (first) std::fill(partial, partial + nn, A(0));
+    for (int64_t c = 0; c < cb; ++c) {
+      const A* __restrict tc = table + c * K;
+      const code_t* __restrict cc = codes + c * N;
+#pragma omp simd
+      for (int64_t i = 0; i < nn; ++i) partial[i] += tc[cc[i]];
+    }
+  } else {
+    // R rows at a time, each row's BB sums in P vectors held in registers while the block's slices are added in:
+    // R * P independent chains of adds, so the adds' latency is hidden (one row alone waited on it: 4x slower)
+    constexpr int P = vector_parts<A, BB>(), R = std::max(1, 8 / P);
+    int64_t i = 0;
+    for (; i + R <= nn; i += R) gather_row_group<A, code_t, BB, R>(table, K, codes + i, N, cb, partial + i * BB, first);
+    for (; i < nn; ++i) gather_row_group<A, code_t, BB, 1>(table, K, codes + i, N, cb, partial + i * BB, first);
+  }
+}
+
+#if defined(__AVX512F__)
+// One batch row, float32 table, uint8 codes: 16 rows per instruction, 64 rows' sums in registers across the block's
+// slices. K <= 16: the slice's table is one register and each lookup a permute (vpermps); K <= 32: two registers
+// (vpermt2ps); larger K: a gather (vgatherdps). The same sums in the same order as gather_rows. The table buffer
+// must hold 32 readable floats past its last slice (the permutes load whole registers).
+template <>
+void gather_rows<float, uint8_t, 1>(const float* __restrict table, int64_t K, const uint8_t* __restrict codes,
+                                   int64_t N, int64_t cb, int64_t nn, float* __restrict partial, bool first) {
+  auto lookup = [&](int64_t c, const uint8_t* cc) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cc)));
+    const float* tc = table + c * K;
+    if (K <= 16) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tc));
+    if (K <= 32) return _mm512_permutex2var_ps(_mm512_loadu_ps(tc), idx, _mm512_loadu_ps(tc + 16));
+    return _mm512_i32gather_ps(idx, tc, 4);
+  };
+  int64_t i = 0;
+  for (; i + 64 <= nn; i += 64) {
+    __m512 a0 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(partial + i);
+    __m512 a1 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(partial + i + 16);
+    __m512 a2 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(partial + i + 32);
+    __m512 a3 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(partial + i + 48);
+    for (int64_t c = 0; c < cb; ++c) {
+      const uint8_t* cc = codes + c * N + i;
+      a0 = _mm512_add_ps(a0, lookup(c, cc));
+      a1 = _mm512_add_ps(a1, lookup(c, cc + 16));
+      a2 = _mm512_add_ps(a2, lookup(c, cc + 32));
+      a3 = _mm512_add_ps(a3, lookup(c, cc + 48));
+    }
+    _mm512_storeu_ps(partial + i, a0);
+    _mm512_storeu_ps(partial + i + 16, a1);
+    _mm512_storeu_ps(partial + i + 32, a2);
+    _mm512_storeu_ps(partial + i + 48, a3);
+  }
+  for (; i + 16 <= nn; i += 16) {
+    __m512 a = first ? _mm512_setzero_ps() : _mm512_loadu_ps(partial + i);
+    for (int64_t c = 0; c < cb; ++c) a = _mm512_add_ps(a, lookup(c, codes + c * N + i));
+    _mm512_storeu_ps(partial + i, a);
+  }
+  for (; i < nn; ++i) {
+    float acc = first ? 0.0f : partial[i];
+    for (int64_t c = 0; c < cb; ++c) acc += table[c * K + codes[c * N + i]];
+    partial[i] = acc;
+  }
+}
+#endif
+
+// The table of slices [c0, c0 + cb) for one batch block, [cb, K, BB] in A, into `table`:
+//   table[c - c0, k, j] = codebooks[g(c), k] . x[j, c*d:(c+1)*d]        (x's columns past the batch: zero)
+// xt: the block's x as [C, d, BB] in A. Short slices (d < 16) are summed here in A over the slice, ascending; long
+// ones by ATen's bmm in the products' dtype T (cbe: the codebooks [C, K, d], xb: the block as [C, d, BB]), widened to A.
+// cbt: the codebooks transposed, [1, d, K] in A (shared codebooks, BB == 1 only: the sums then run along K).
+template <typename A, typename T, int BB>
+void table_block(A* __restrict table, const Tensor& cbe, const Tensor& xb, const A* __restrict xt,
+                 const A* __restrict cbt, const A* __restrict cba, bool shared, int64_t K, int64_t d, int64_t c0,
+                 int64_t cb) {
+  if (d >= 16) {
+    // reason: the gather's vector loops read tables in A; a bfloat16 bmm's result is widened (exactly) once
+    Tensor dst = at::from_blob(table, {cb, K, BB}, xb.options().dtype(c10::CppTypeToScalarType<A>::value));
+    Tensor out = std::is_same_v<A, T> ? dst : at::empty({cb, K, BB}, xb.options());
+    if constexpr (BB == 1) {
+      // [cb, 1, d] @ [cb, d, K] is the same memory as [cb, K, 1], and reads the codebooks row by row
+      Tensor rows = out.view({cb, 1, K});
+      at::bmm_out(rows, xb.narrow(0, c0, cb).transpose(1, 2), cbe.narrow(0, c0, cb).transpose(1, 2));
+    } else {
+      at::bmm_out(out, cbe.narrow(0, c0, cb), xb.narrow(0, c0, cb));
+    }
+    if (!std::is_same_v<A, T>) dst.copy_(out);
+    return;
+  }
+  for (int64_t c = c0; c < c0 + cb; ++c) {
+    A* __restrict acc = table + (c - c0) * K * BB;
+    const A* __restrict xc = xt + c * d * BB;
+    if (BB == 1 && cbt != nullptr) {
+      // shared codebooks, one batch row: along K, one slice element at a time
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) acc[k] = cbt[k] * xc[0];
+      for (int64_t t = 1; t < d; ++t) {
+        const A v = xc[t];
+        const A* __restrict row = cbt + t * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) acc[k] += row[k] * v;
+      }
+    } else {
+      const A* __restrict cbc = cba + (shared ? 0 : c * K * d);
+      if constexpr (BB >= 2) {
+        // reason: as in gather_row_group, GCC left the `omp simd` form scalar; explicit vectors
+        constexpr int P = vector_parts<A, BB>(), W = BB / P;
+        typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
+        for (int64_t k = 0; k < K; ++k) {
+          const A* __restrict w = cbc + k * d;
+          vec_t a[P];
+#pragma GCC unroll 4
+          for (int p = 0; p < P; ++p) {
+            vec_t v;
+            std::memcpy(&v, xc + p * W, sizeof(vec_t));
+            a[p] = w[0] * v;
+          }
+          for (int64_t t = 1; t < d; ++t) {
+#pragma GCC unroll 4
+            for (int p = 0; p < P; ++p) {
+              vec_t v;
+              std::memcpy(&v, xc + t * BB + p * W, sizeof(vec_t));
+              a[p] += w[t] * v;
+            }
+          }
+          std::memcpy(acc + k * BB, a, sizeof(a));
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const A* __restrict w = cbc + k * d;
+          A a = w[0] * xc[0];
+          for (int64_t t = 1; t < d; ++t) a += w[t] * xc[t];
+          acc[k] = a;
+        }
+      }
     }
   }
 }
@@ -126,64 +289,61 @@ void scatter_block(const G* __restrict grad, int64_t ldg, int64_t bw, const code
   }
 }
 
-// x[b0:b0+bw] as [C, d, BB] (zero-padded to BB columns).
-Tensor x_block_cdb(const Tensor& x, int64_t b0, int64_t bw, int64_t BB, int64_t C, int64_t d) {
-  Tensor xb = x.narrow(0, b0, bw);
-  if (bw < BB) xb = at::constant_pad_nd(xb, {0, 0, 0, BB - bw});
-  return xb.view({BB, C, d}).permute({1, 2, 0});
-}
-
-// The table of one batch block, [C, K, BB], into `table`.
-void block_table(Tensor& table, const Tensor& cbe, const Tensor& x, int64_t b0, int64_t bw, int64_t BB, int64_t C,
-                 int64_t d) {
-  if (BB == 1) {
-    // [C, 1, d] @ [C, d, K] is the same memory as [C, K, 1], and reads the codebooks row by row
-    Tensor out = table.view({C, 1, table.size(1)});
-    at::bmm_out(out, x.narrow(0, b0, 1).view({C, 1, d}), cbe.transpose(1, 2));
-    return;
-  }
-  at::bmm_out(table, cbe, x_block_cdb(x, b0, bw, BB, C, d));
-}
-
-// x, cbe and the tables stored as T (the tables from ATen's bmm, which sums in float32 for bfloat16); each output
-// summed in A and stored as O.
+// y = x W^T for the rows of one dtype combination: x and cbe (the codebooks [C, K, d], shared ones expanded) stored
+// as T (the products' dtype; ATen's bmm sums bfloat16 in float32), the tables kept in A, each output summed in A over the
+// slices in order and stored as O. The work is cut into tasks (a batch block and a band of rows) that the threads
+// claim one at a time, so that a thread slowed by a busy machine takes fewer; each task builds its block's table a
+// block of slices at a time (kTableBlockBytes) and adds every row of its band from it while it is in cache.
 template <typename A, typename T, typename O, typename code_t, int BB>
-Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codes, Tensor out) {
+Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes, Tensor out) {
   const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
+  const bool shared = codebooks.size(0) == 1;
   const int64_t nbb = (B + BB - 1) / BB;
   const int64_t threads = at::get_num_threads();
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<A>::value;
+  // x's batch blocks as [nbb, C, d, BB], zero past the batch
+  const Tensor xpad = B == nbb * BB ? x : at::constant_pad_nd(x, {0, 0, 0, nbb * BB - B});
+  const Tensor xblocks = xpad.view({nbb, BB, C, d}).permute({0, 2, 3, 1}).contiguous();
+  Tensor xt, cba, cbt;  // in A, for the tables summed here (short slices)
+  if (d < 16) {
+    xt = xblocks.to(acc_type);
+    cba = codebooks.to(acc_type).contiguous();
+    if (BB == 1 && shared) cbt = cba.transpose(1, 2).contiguous();
+  }
+  const int64_t slices = std::clamp<int64_t>(kTableBlockBytes / (K * BB * static_cast<int64_t>(sizeof(A))), 1, C);
+  // bands: two tasks per thread where the batch blocks are fewer, but never so short that building the task's table
+  // (K * d multiply-adds per slice and column) costs much beside its gather (band adds per slice and column), nor so
+  // long that its partial sums leave the L2 cache
+  const int64_t shortest = std::max<int64_t>(64, BB == 1 ? K * d / 8 : K * d);
+  int64_t bands = std::clamp<int64_t>((2 * threads + nbb - 1) / nbb, 1, std::max<int64_t>(1, N / shortest));
+  bands = std::max<int64_t>(bands, (N * BB * static_cast<int64_t>(sizeof(A)) + (512 << 10) - 1) / (512 << 10));
+  const int64_t band = ((N + bands - 1) / bands + 15) / 16 * 16;
+  bands = (N + band - 1) / band;
+  const int64_t tasks = nbb * bands;
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
+  const A* xt_p = xt.defined() ? xt.data_ptr<A>() : nullptr;
+  const A* cba_p = cba.defined() ? cba.data_ptr<A>() : nullptr;
+  const A* cbt_p = cbt.defined() ? cbt.data_ptr<A>() : nullptr;
   O* out_p = out.data_ptr<O>();
-  if (nbb >= 2 * threads) {
-    // Many batch blocks: each thread builds one block's table and consumes it while it is in cache.
-    at::parallel_for(0, nbb, 1, [&](int64_t begin, int64_t end) {
-      at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
-      Tensor table = at::empty({C, K, BB}, x.options());
-      for (int64_t bb = begin; bb < end; ++bb) {
-        const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-        block_table(table, cbe, x, b0, bw, BB, C, d);
-        gather_block<A, T, O, code_t, BB>(table.data_ptr<T>(), codes_p, C, K, N, 0, N, out_p + b0 * N, N, bw);
-      }
-    });
-    return out;
-  }
-  // Few batch blocks: build their tables, then share the gather out over the rows.
-  Tensor tables = at::empty({nbb, C, K, BB}, x.options());
-  for (int64_t bb = 0; bb < nbb; ++bb) {
-    Tensor table = tables[bb];
-    block_table(table, cbe, x, bb * BB, std::min<int64_t>(BB, B - bb * BB), BB, C, d);
-  }
-  constexpr int64_t NB = rows_per_tile<BB>();
-  const int64_t per_thread = (N + 4 * threads - 1) / (4 * threads);
-  const int64_t chunk = std::max<int64_t>(NB, (per_thread + NB - 1) / NB * NB);
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  const T* tables_p = tables.data_ptr<T>();
-  at::parallel_for(0, nbb * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bb = t / chunks, n0 = (t % chunks) * chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
+    std::vector<A> table((slices * K + 32) * BB);  // 32 readable values past the end (the AVX-512 permutes)
+    std::vector<A> partial(band * BB);
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+      const int64_t bb = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
       const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-      gather_block<A, T, O, code_t, BB>(tables_p + bb * C * K * BB, codes_p, C, K, N, n0, std::min(N, n0 + chunk),
-                                  out_p + b0 * N, N, bw);
+      const Tensor xb = xblocks[bb];
+      for (int64_t c0 = 0; c0 < C; c0 += slices) {
+        const int64_t cb = std::min(slices, C - c0);
+        table_block<A, T, BB>(table.data(), cbe, xb, xt_p ? xt_p + bb * C * d * BB : nullptr, cbt_p, cba_p, shared,
+                              K, d, c0, cb);
+        gather_rows<A, code_t, BB>(table.data(), K, codes_p + c0 * N + n0, N, cb, nn, partial.data(), c0 == 0);
+      }
+      for (int64_t j = 0; j < bw; ++j) {
+        O* __restrict o = out_p + (b0 + j) * N + n0;
+        for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(partial[i * BB + j]);
+      }
     }
   });
   return out;
@@ -252,14 +412,14 @@ int64_t block_width(int64_t B) {
 }
 
 template <typename A, typename T, typename O, typename code_t>
-Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codes, const Tensor& out) {
+Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes, const Tensor& out) {
   switch (block_width(x.size(0))) {
-    case 1: return forward_impl<A, T, O, code_t, 1>(x, cbe, codes, out);
-    case 2: return forward_impl<A, T, O, code_t, 2>(x, cbe, codes, out);
-    case 4: return forward_impl<A, T, O, code_t, 4>(x, cbe, codes, out);
-    case 8: return forward_impl<A, T, O, code_t, 8>(x, cbe, codes, out);
-    case 16: return forward_impl<A, T, O, code_t, 16>(x, cbe, codes, out);
-    default: return forward_impl<A, T, O, code_t, 32>(x, cbe, codes, out);
+    case 1: return forward_impl<A, T, O, code_t, 1>(x, cbe, codebooks, codes, out);
+    case 2: return forward_impl<A, T, O, code_t, 2>(x, cbe, codebooks, codes, out);
+    case 4: return forward_impl<A, T, O, code_t, 4>(x, cbe, codebooks, codes, out);
+    case 8: return forward_impl<A, T, O, code_t, 8>(x, cbe, codebooks, codes, out);
+    case 16: return forward_impl<A, T, O, code_t, 16>(x, cbe, codebooks, codes, out);
+    default: return forward_impl<A, T, O, code_t, 32>(x, cbe, codebooks, codes, out);
   }
 }
 
@@ -570,9 +730,10 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
     return out;
   }
   const at::ScalarType products = product_type(x.scalar_type());
-  Tensor xp = x.to(products), cbe = expanded_codebooks(codebooks.to(products), codes.size(0));
+  Tensor xp = x.to(products), cbp = codebooks.to(products).contiguous();
+  Tensor cbe = expanded_codebooks(cbp, codes.size(0));
   return dispatch_types(x.scalar_type(), codes, [&](auto a, auto p, auto s, auto c) {
-    return forward_bb<decltype(a), decltype(p), decltype(s), decltype(c)>(xp, cbe, codes, out);
+    return forward_bb<decltype(a), decltype(p), decltype(s), decltype(c)>(xp, cbe, cbp, codes, out);
   });
 }
 

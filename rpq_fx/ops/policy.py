@@ -73,6 +73,10 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
         return (2 * compressed if backward else compressed) if path == "compressed" else (
             (2 * expand + move * 2 * weight) if backward else expand)
     itemsize = dtype.itemsize
+    if fast_kernels and dtype == torch.float32 and not backward:
+        if path == "compressed":
+            return _compressed_forward_ns(B, in_features, N, C, K, d)
+        return 1.0 * weight + 0.013 * B * weight + 2e3
     # reason: ATen's CPU float16 GEMM (no AVX512-FP16 here) ran 34x slower than float32's (64x768 by 768x768, one
     # thread); the C++ kernels compute float16's products in float32
     slow_half = 34.0 if dtype == torch.float16 else itemsize / 4
@@ -92,6 +96,28 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
         return scratch_fresh * scratch + 2 * row_add * padded * C * N + 2 * table + 4e3
     # the weight rebuilt, two GEMMs, the dense weight gradient (block by block) and its sum into the codebooks
     return expansion + 2 * gemm + 0.5 * weight + 0.5 * weight + 10 * C * N + 4e3
+
+
+# The C++ forward's cost per (slice, output row) pair for one batch block of each width (ns, one thread), and per
+# multiply-add of a task's table: timed on the 2-core AVX-512 machine (4096x4096, d = 2, 4, 8 and 256, K = 16 and 256,
+# float32, medians of CPU time on a loaded machine; benchmarks/linear.py).
+_PAIR_NS = {1: 0.35, 2: 0.6, 4: 0.6, 8: 0.65, 16: 0.75, 32: 1.1}
+_TABLE_MAC_NS = 0.028
+
+
+def _compressed_forward_ns(batch: int, in_features: int, out_features: int, num_codebooks: int, num_codes: int,
+                           codebook_dim: int) -> float:
+    """The float32 C++ forward (csrc/rpq_kernels.cpp ``forward_impl``): batch blocks of 1-32 columns, each cut into
+    bands of rows that build their own table (K * in * width multiply-adds) and add C values per row; two threads."""
+    width = 32 if batch > 16 else _padded_batch(batch)
+    blocks = -(-batch // width)
+    threads = max(1, torch.get_num_threads())
+    shortest = max(64, num_codes * codebook_dim // 8 if width == 1 else num_codes * codebook_dim)
+    bands = min(max(1, -(-2 * threads // blocks)), max(1, out_features // shortest))
+    pair = 0.08 if width == 1 and num_codes <= 32 else _PAIR_NS[width]  # one-row lookups by permutes: no gather
+    gather = pair * blocks * num_codebooks * out_features
+    tables = _TABLE_MAC_NS * blocks * bands * num_codes * in_features * width
+    return (gather + tables) / 2 + 2e3
 
 
 def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "auto", backward: bool = False) -> str:

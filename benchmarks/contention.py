@@ -1,0 +1,91 @@
+"""The compressed-domain linear under CPU contention: does it slow down more than dense when another process
+competes for the cores?
+
+Issue 23: on a loaded machine the C++ kernel at 2 threads once ran 5x slower than dense where on a quiet one it
+was 9x faster (statically split work waiting for the slowest thread). The forward now cuts its work into tasks
+that the threads claim one at a time. Here each layer is timed (median wall time, ``torch.utils.benchmark``) in
+one process, first alone, then with one busy-loop process per core beside it; the ratio busy / alone is each
+path's slowdown, and the target is ``auto``'s slowdown within 1.5x of dense ``F.linear``'s.
+
+Writes ``benchmarks/results/contention.md``.
+
+    python benchmarks/contention.py [--quick] [--busy 1]
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import load, median_ms, table, write  # noqa: E402
+
+from rpq_fx.nn import RPQLinear  # noqa: E402
+from rpq_fx.ops import choose_path, linear  # noqa: E402
+
+LAYERS = [  # label, num_codebooks, shared, num_codes (4096x4096)
+    ("RPQ C=16 (d=256)", 16, False, 256),
+    ("PQ d=4 shared", 1024, True, 256),
+    ("PQ d=8 shared", 512, True, 256),
+]
+BUSY = "while True: pass"
+
+
+def time_all(cases, min_run_time: float) -> dict:
+    out = {}
+    with torch.inference_mode():
+        for key, (x, weight, cb, codes) in cases.items():
+            out[key, "dense"] = median_ms(lambda: F.linear(x, weight), min_run_time)
+            out[key, "auto"] = median_ms(lambda: linear(x, cb, codes, None, "auto"), min_run_time)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="batches 1 and 32 only, shorter runs")
+    parser.add_argument("--busy", type=int, default=1, help="busy-loop processes beside the timed one (default 1)")
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    args = parser.parse_args()
+    batches = [1, 32] if args.quick else [1, 8, 32, 64]
+    min_run_time = 0.2 if args.quick else args.min_run_time
+    started = load()
+    torch.manual_seed(0)
+    cases = {}
+    for label, c, shared, k in LAYERS:
+        layer = RPQLinear(4096, 4096, c, bias=False, shared_codebooks=shared, num_codes=k)
+        cb, codes = layer.weight.codebooks.detach(), layer.weight.codes
+        weight = layer.weight().detach()
+        for batch in batches:
+            cases[label, batch] = (torch.randn(batch, 4096), weight, cb, codes)
+    alone = time_all(cases, min_run_time)
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.busy)]
+    try:
+        time.sleep(1.0)  # reason: let the scheduler spread the busy loops before timing
+        loaded = time_all(cases, min_run_time)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    rows = []
+    for (label, batch), (x, _, cb, codes) in cases.items():
+        key = (label, batch)
+        slow_dense = loaded[key, "dense"] / alone[key, "dense"]
+        slow_auto = loaded[key, "auto"] / alone[key, "auto"]
+        rows.append([label, batch, choose_path(x, cb, codes), alone[key, "dense"], alone[key, "auto"],
+                     loaded[key, "dense"], loaded[key, "auto"], slow_dense, slow_auto, slow_auto / slow_dense,
+                     "met" if slow_auto <= 1.5 * slow_dense else "MISSED"])
+        print(rows[-1], flush=True)
+    headers = ["layer (4096x4096)", "batch", "auto chose", "dense ms alone", "auto ms alone", "dense ms busy",
+               "auto ms busy", "dense slowdown", "auto slowdown", "auto / dense slowdown", "<= 1.5x"]
+    body = (f"Median wall time per call, `{torch.get_num_threads()}` threads, alone and then with {args.busy} "
+            f"busy-loop process(es) (`{BUSY}`) beside it, in one process. `slowdown`: busy / alone.\n\n"
+            + table(rows, headers))
+    write("contention", "The compressed-domain linear under CPU contention", body, started)
+
+
+if __name__ == "__main__":
+    main()
