@@ -5,11 +5,10 @@ codes into its ``RPQWeight``; with calibration inputs, :func:`collect_stats` fir
 each layer sees when the layers before it are already fitted.
 """
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
+from .._model import input_items
 from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
@@ -154,7 +153,7 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
     """
     todo = [plan for plan in plans if plan.converted and plan.settings.init == "kmeans"]
     order = {plan.name: i for i, plan in enumerate(todo)}
-    items = None if calibration is None else calibration if isinstance(calibration, Sequence) else list(calibration)
+    items = None if calibration is None else input_items(calibration, "calibration")
     if items is not None and not items:
         raise ValueError(f"convert: calibration= holds no items (got {type(calibration).__name__}: an empty "
                          "sequence, or an iterator or generator already used up); pass example inputs (tensors, "

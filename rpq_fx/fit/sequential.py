@@ -21,7 +21,7 @@ from itertools import chain
 import torch
 from torch import Tensor, nn
 
-from .._model import as_args, model_device, run_inputs, training_mode
+from .._model import as_args, input_items, model_device, run_inputs, training_mode
 from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
@@ -164,7 +164,7 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
     a layer before the blocks and one after them (a tied ``lm_head``) is fitted before the blocks, on
     the first layer's statistics only.
     """
-    items = calibration if isinstance(calibration, Sequence) else list(calibration)
+    items = input_items(calibration, "calibration")
     if not items:
         raise ValueError("fit_sequential: calibration= holds no items (an empty sequence, or an iterator already "
                          "used up); pass example inputs, or calibration=None for a plain k-means fit")

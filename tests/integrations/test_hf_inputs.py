@@ -111,6 +111,10 @@ def test_one_mapping_is_one_item_not_its_keys():
     torch.manual_seed(0)
     as_list = rpq_fx.finetune(converted, model, [whole], steps=2, lr=1e-3, validation=[whole], progress=False)
     assert as_batch == as_list
+    settings = dict(codebook_dim=16, num_codes=16, init="kmeans", progress=False)
+    a = rpq_fx.decompress(rpq_fx.convert(model, calibration=whole, **settings))
+    b = rpq_fx.decompress(rpq_fx.convert(model, calibration=[whole], **settings))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_registered_only_where_transformers_is_installed():
