@@ -4,14 +4,28 @@ by registration, where their library is installed: ``transformers`` (the ``"rpq"
 converted linear layers) is imported where it is used. Importing this package imports neither library."""
 
 import importlib.util
+import sys
 
 __all__ = ["register"]
 
 
 def register() -> None:
-    """Register every integration whose library is installed (``import rpq_fx`` calls this)."""
-    if _installed("transformers"):
-        from . import transformers  # noqa: F401  (registers the "rpq" quantization method on import)
+    """Register every integration whose library is installed (``import rpq_fx`` calls this), when that
+    library is imported: at once if it already is, else by a post-import hook (``wrapt``, in the ``hf``
+    extra), so ``import rpq_fx`` alone never imports transformers (2.7 s, and the warnings of whatever
+    quantization libraries transformers finds installed)."""
+    if not _installed("transformers"):
+        return
+    if "transformers" in sys.modules or not _installed("wrapt"):
+        _register_transformers()
+    else:
+        import wrapt
+
+        wrapt.register_post_import_hook(lambda _module: _register_transformers(), "transformers")
+
+
+def _register_transformers() -> None:
+    from . import transformers  # noqa: F401  (registers the "rpq" quantization method on import)
 
 
 def _installed(name: str) -> bool:

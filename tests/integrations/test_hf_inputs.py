@@ -125,3 +125,18 @@ def test_registered_only_where_transformers_is_installed():
               "assert AUTO_QUANTIZER_MAPPING['rpq'].__name__ == 'RPQHfQuantizer'; "
               "assert AUTO_QUANTIZATION_CONFIG_MAPPING['rpq'].__name__ == 'RPQHfConfig'")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_import_rpq_fx_leaves_transformers_unimported_until_the_user_imports_it():
+    """``import rpq_fx`` took 2.7 s in transformers.quantizers (and printed the warnings of every quantization
+    library transformers found installed, into the CLI's stderr); "rpq" is now registered when transformers is
+    imported, before or after rpq_fx, and at once where wrapt is missing."""
+    lazy = ("import sys, rpq_fx; assert 'transformers' not in sys.modules; "
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; "
+            "assert AUTO_QUANTIZER_MAPPING['rpq'].__name__ == 'RPQHfQuantizer'")
+    after = ("import transformers, rpq_fx; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; "
+             "assert AUTO_QUANTIZER_MAPPING['rpq'].__name__ == 'RPQHfQuantizer'")
+    eager = ("import sys; sys.modules['wrapt'] = None; import rpq_fx; "
+             "assert 'rpq_fx.integrations.transformers' in sys.modules")
+    for script in (lazy, after, eager):
+        subprocess.run([sys.executable, "-c", script], check=True)
