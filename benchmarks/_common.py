@@ -4,6 +4,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +17,13 @@ RESULTS = Path(__file__).parent / "results"
 def median_ms(fn, min_run_time: float) -> float:
     """Median wall time of ``fn()`` in milliseconds (``torch.utils.benchmark``, blocked autorange)."""
     return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def timed(fn):
+    """``fn()``, its wall and CPU seconds, and the 1-minute load average before and after."""
+    load_before, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    value = fn()
+    return value, time.perf_counter() - wall, time.process_time() - cpu, load_before, os.getloadavg()[0]
 
 
 def load() -> str:

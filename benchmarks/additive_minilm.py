@@ -15,15 +15,13 @@ Writes ``results/additive_minilm.md`` and ``.json``.
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, load, table, write  # noqa: E402
+from _common import RESULTS, load, table, timed, write  # noqa: E402
 from _quality import methods, tasks  # noqa: E402
 
 import rpq_fx  # noqa: E402
@@ -44,13 +42,6 @@ CONFIGS = {
         "overrides": {_WORD: {"codebook_dim": 16, "additive_codebooks": 2}, _FFN: {"additive_codebooks": 3},
                       _FFN_OUT: {"additive_codebooks": 3}}},
 }
-
-
-def _timed(fn):
-    """``fn()``, its wall and CPU seconds, and the 1-minute load average before and after."""
-    load_before, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    value = fn()
-    return value, time.perf_counter() - wall, time.process_time() - cpu, load_before, os.getloadavg()[0]
 
 
 def main() -> None:
@@ -76,7 +67,7 @@ def main() -> None:
     rows = []
     for name in args.configs:
         config = rpq_fx.RPQConfig.from_dict(CONFIGS[name])
-        model, wall, cpu, before, after = _timed(lambda: rpq_fx.convert(
+        model, wall, cpu, before, after = timed(lambda: rpq_fx.convert(
             task.model, config=config, calibration=task.calibration, filter_fn=chosen, progress=False).eval())
         quality = task.evaluate(model)
         rows.append({"config": name, "json": CONFIGS[name], "bits_per_weight": rpq_fx.report(model).totals[

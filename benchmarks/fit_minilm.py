@@ -15,26 +15,17 @@ lines. Writes ``results/fit_minilm.md``.
 """
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, load, table, write  # noqa: E402
+from _common import RESULTS, load, table, timed, write  # noqa: E402
 from _quality import methods, tasks  # noqa: E402
 
 import rpq_fx  # noqa: E402
 
 BASE = {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans", "codebook_dtype": "float16"}  # allocate's
 SIZES = [{"codebook_dim": d} for d in (8, 6, 4, 3, 2)] + [{"codebook_dim": 8, "hot_rows": 6144, "hot_codebook_dim": 4}]
-
-
-def _timed(fn):
-    """``fn()``, its wall and CPU seconds, and the 1-minute load average before and after."""
-    load_before, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    value = fn()
-    return value, time.perf_counter() - wall, time.process_time() - cpu, load_before, os.getloadavg()[0]
 
 
 def main() -> None:
@@ -48,7 +39,7 @@ def main() -> None:
     params = sum(p.numel() for p in task.weights.values())
     rows = []
     if "convert" in args.cases:
-        model, wall, cpu, before, after = _timed(lambda: rpq_fx.convert(
+        model, wall, cpu, before, after = timed(lambda: rpq_fx.convert(
             task.model, codebook_dim=4, shared_codebooks=True, init="kmeans", calibration=task.calibration,
             filter_fn=chosen, progress=False).eval())
         quality = task.evaluate(model)
@@ -57,7 +48,7 @@ def main() -> None:
                      f"{before:.1f} / {after:.1f}"])
         print(rows[-1], flush=True)
     if "allocate" in args.cases:
-        config, wall, cpu, before, after = _timed(lambda: rpq_fx.allocate(
+        config, wall, cpu, before, after = timed(lambda: rpq_fx.allocate(
             task.model, 2.0, task.calibration, sizes=SIZES, config=rpq_fx.RPQConfig.from_dict(BASE),
             filter_fn=chosen, progress=False))
         model = rpq_fx.convert(task.model, config=config, calibration=task.calibration, filter_fn=chosen,
