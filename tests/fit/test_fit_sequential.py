@@ -213,5 +213,7 @@ def test_memory_stays_bounded_over_blocks(tmp_path):
     assert blocks == 9 and len(sizes) == 9
     # measured: level to 0.1 MiB from block 2 to 8, 2.0 MiB without malloc_trim (a block kept would add 1 MiB each)
     assert max(sizes[1:]) - min(sizes[1:]) < 2 * layer, [size >> 10 for size in sizes]
-    # measured: 15.1 MiB for 3 blocks, 16.9 MiB for 8: the fit's work space, not the model (6 blocks more: 6 MiB)
-    assert deep - shallow < 3 * layer, (shallow >> 10, deep >> 10)
+    # measured: 15.1 MiB for 3 blocks, 16.9 MiB for 9 on a quiet machine, 13.8 / 17.2 MiB once beside another
+    # benchmark (the fit's work space lands differently in the heap); 6 blocks kept would add 6 MiB on top, and the
+    # level check above already catches a block kept (1 MiB a block)
+    assert deep - shallow < 5 * layer, (shallow >> 10, deep >> 10)
