@@ -73,10 +73,8 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
         return (2 * compressed if backward else compressed) if path == "compressed" else (
             (2 * expand + move * 2 * weight) if backward else expand)
     itemsize = dtype.itemsize
-    if fast_kernels and dtype == torch.float32 and not backward:
-        if path == "compressed":
-            return _compressed_forward_ns(B, in_features, N, C, K, d)
-        return 1.0 * weight + 0.013 * B * weight + 2e3
+    if fast_kernels and dtype == torch.float32 and not backward and path == "compressed":
+        return _compressed_forward_ns(B, in_features, N, C, K, d)
     # reason: ATen's CPU float16 GEMM (no AVX512-FP16 here) ran 34x slower than float32's (64x768 by 768x768, one
     # thread); the C++ kernels compute float16's products in float32
     slow_half = 34.0 if dtype == torch.float16 else itemsize / 4
