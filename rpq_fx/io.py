@@ -7,7 +7,7 @@ An RPQ checkpoint is one safetensors file:
   left dense); the other names of a shared tensor (a tied weight) are listed as aliases;
 - metadata: ``format = "rpq_fx"``, ``format_version``, and ``rpq_fx``: one JSON document with the
   ``RPQConfig``, the conversion record (format 2: one entry per weight, its plan, its settings and
-  how it was filled, apart: ``_layer_record``; format-1 files still load), the
+  how it was filled, apart: ``layer_record``; format-1 files still load), the
   architecture (every original tensor name, shape and dtype, and their fingerprint), the generated
   forward code, the aliases, a SHA-256 per tensor, the versions that wrote it and optionally the
   ``spec`` the model was built from; ``rpq_fx_sha256`` is the digest of that JSON.
@@ -55,7 +55,7 @@ __all__ = ["save", "load", "save_dense", "checkpoint_info", "checkpoint_report",
 
 FORMAT = "rpq_fx"
 DENSE_FORMAT = "rpq_fx.dense"
-FORMAT_VERSION = 2  # 2: each layer record holds its settings and how it was filled apart (_layer_record)
+FORMAT_VERSION = 2  # 2: each layer record holds its settings and how it was filled apart (layer_record)
 _READABLE = (1, 2)  # format 1: every setting flat beside the split, ``init`` saying how the weight was filled
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _FX_CONSTANT = re.compile(r"_tensor_constant\d+")  # tensors torch.fx adds for constants in forward
@@ -102,7 +102,7 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _layer_record(layer: LayerPlan, fit: FitOutcome | None) -> dict[str, Any]:
+def layer_record(layer: LayerPlan, fit: FitOutcome | None) -> dict[str, Any]:
     """The format-2 record of one weight: its plan, its settings and how it was filled."""
     record = {key: _plain(getattr(layer, key)) for key in _PLAN_KEYS}
     record["settings"] = None if layer.settings is None else without_new_defaults(dataclasses.asdict(layer.settings))
@@ -141,7 +141,7 @@ def _settings(path: Path, where: str, values: dict[str, Any]) -> LayerSettings:
         raise RPQCheckpointError(f"{path}: damaged or crafted file: {where}: {error}") from None
 
 
-def _layer_from_record(path: Path, i: int, record: dict[str, Any],
+def layer_from_record(path: Path, i: int, record: dict[str, Any],
                        version: int) -> tuple[LayerPlan, FitOutcome | None]:
     """The plan and fit outcome a (checked) layer record of format ``version`` stands for."""
     converted, settings = record.get("reason") is None, None
@@ -164,7 +164,7 @@ def _layer_from_record(path: Path, i: int, record: dict[str, Any],
 
 def _saved_layers(path: Path, info: dict) -> list[tuple[LayerPlan, FitOutcome | None]]:
     """Every layer record of a checked file as a plan and how its weight was filled."""
-    return [_layer_from_record(path, i, r, info["format_version"]) for i, r in enumerate(info["layers"])]
+    return [layer_from_record(path, i, r, info["format_version"]) for i, r in enumerate(info["layers"])]
 
 
 def _architecture(model: nn.Module, record: ConversionRecord) -> dict[str, Any]:
@@ -325,7 +325,7 @@ def _save(model: nn.Module, record: ConversionRecord, named: dict[str, torch.Ten
         "rpq_fx_version": _version(),
         "torch_version": torch.__version__,
         "config": without_new_defaults(record.config.to_dict()),
-        "layers": [_layer_record(layer, record.fits.get(layer.name)) for layer in record.layers],
+        "layers": [layer_record(layer, record.fits.get(layer.name)) for layer in record.layers],
         "architecture": _architecture(model, record),
         "code": _codes(model),
         "aliases": aliases,
@@ -376,7 +376,7 @@ def _version() -> str:
 # reading and checking the file
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32,
               "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
               "U8": torch.uint8, "BOOL": torch.bool}
@@ -447,14 +447,14 @@ def _check_entries(path: Path, header: dict[str, Any]) -> int:
         where = f"tensor {_short(name)}"
         if not isinstance(entry, dict):
             _refuse(path, where, "an object", entry)
-        if not _is_dtype(entry.get("dtype"), _ST_DTYPES):
-            _refuse(path, f"{where} dtype", f"one of {', '.join(_ST_DTYPES)}", entry.get("dtype"))
+        if not _is_dtype(entry.get("dtype"), SAFETENSORS_DTYPES):
+            _refuse(path, f"{where} dtype", f"one of {', '.join(SAFETENSORS_DTYPES)}", entry.get("dtype"))
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not _is_dims(shape):
             _refuse(path, f"{where} shape", "a list of ints >= 0", shape)
         if not (_is_dims(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
             _refuse(path, f"{where} data_offsets", "[begin, end] with 0 <= begin <= end", offsets)
-        nbytes = math.prod(shape) * _ST_DTYPES[entry["dtype"]].itemsize
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize
         if offsets[1] - offsets[0] != nbytes:
             _refuse(path, f"{where} data_offsets", f"{nbytes} bytes apart (its shape x dtype size)", offsets)
         if math.prod(max(d, 1) for d in shape) > 2**48:
@@ -469,7 +469,7 @@ def _check_entries(path: Path, header: dict[str, Any]) -> int:
     return end
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The safetensors header (tensor entries, each checked) and its metadata, after checking that
     ``path`` is a regular file of exactly the length the header describes."""
     try:
@@ -533,14 +533,14 @@ _LAYER_FIELDS = {
 }
 _REQUIRED = ("name", "aliases", "ops", "shape", "dtype")
 _SPLIT = ("num_codebooks", "codebook_dim", "num_codes")
-# The format-2 record (_layer_record): every key required, none other accepted.
+# The format-2 record (layer_record): every key required, none other accepted.
 _V2_FIELDS = {**{key: _LAYER_FIELDS[key] for key in _PLAN_KEYS},
               "settings": (lambda v: v is None or isinstance(v, dict), "null or an object"),
               "filled": (lambda v: v is None or v in FILLS, f"null or one of {', '.join(FILLS)}"),
               "fit_error": _LAYER_FIELDS["fit_error"]}
 
 
-def _check_layer_v2(path: Path, i: int, record: Any) -> None:
+def check_layer_record(path: Path, i: int, record: Any) -> None:
     if not isinstance(record, dict):
         _refuse(path, f"layers[{i}]", "an object", record)
     if set(record) != set(_V2_FIELDS):
@@ -598,7 +598,7 @@ def _check_info(path: Path, info: Any, version: int) -> None:
         if key in info and not ok(info[key]):
             _refuse(path, f"rpq_fx metadata {key!r}", what, info[key])
     for i, record in enumerate(info["layers"]):
-        (_check_layer if version == 1 else _check_layer_v2)(path, i, record)
+        (_check_layer if version == 1 else check_layer_record)(path, i, record)
     arch = info["architecture"]
     if not isinstance(arch.get("class"), str) or not isinstance(arch.get("fingerprint"), str):
         _refuse(path, "architecture", "an object with 'class' and 'fingerprint' strings", sorted(arch))
@@ -645,7 +645,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     ``file_bytes`` and ``tensors`` (name -> ``{"dtype", "shape", "bytes"}``); the config with every
     setting, those a file leaves out at their default (``additive_codebooks=1``) filled in."""
     path = Path(path)
-    header, metadata = _read_header(path)
+    header, metadata = read_header(path)
     info = _info(path, metadata)
     info["config"] = {**NEW_DEFAULTS, **info["config"]}
     info["file_bytes"] = path.stat().st_size
@@ -663,7 +663,7 @@ def checkpoint_report(path: str | os.PathLike) -> Report:
     attach_record(stub, ConversionRecord(_config(Path(path), info), tuple(plan for plan, _ in saved), info.get("path"),
                                          fits))
     for i, entry in enumerate(info["tensors"].values()):
-        stub.register_buffer(f"t{i}", torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]], device="meta"))
+        stub.register_buffer(f"t{i}", torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]], device="meta"))
     return report(stub)
 
 
@@ -708,7 +708,7 @@ def _check_parameters(path: Path, model: nn.Module, saved: dict) -> None:
     _architecture_error(path, saved, here, type(model).__name__, "params")
 
 
-def _exclusions(layers: list[dict]) -> Any:
+def saved_exclusions(layers: list[dict]) -> Any:
     """A ``filter_fn`` that leaves dense exactly the layers a ``filter_fn`` excluded when saving."""
     excluded = {alias for r in layers if r.get("excluded") and r.get("reason") == "excluded by filter_fn"
                 for alias in r["aliases"]}
@@ -791,21 +791,21 @@ def _check_forward(path: Path, info: dict, here_codes: dict[str, str]) -> None:
 _HOW_FILLED = {"init", "fit_error", "filled", "settings.init"}
 
 
-def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+def comparable_record(record: dict[str, Any]) -> dict[str, Any]:
     """A layer record flat (its settings as ``settings.<name>``), without how the weight was filled."""
     flat = {key: value for key, value in record.items() if key != "settings"}
     flat.update({f"settings.{key}": value for key, value in (record.get("settings") or {}).items()})
     return {key: value for key, value in flat.items() if key not in _HOW_FILLED}
 
 
-def _filled_as_saved(layer: LayerPlan, fits: dict[str, FitOutcome]) -> LayerPlan:
+def filled_as_saved(layer: LayerPlan, fits: dict[str, FitOutcome]) -> LayerPlan:
     """``layer`` (converted with every init random) with the init that filled the saved weight."""
     if not layer.converted:
         return layer
     return dataclasses.replace(layer, settings=dataclasses.replace(layer.settings, init=_asked(fits[layer.name])))
 
 
-def _unfitted(config: RPQConfig) -> RPQConfig:
+def unfitted(config: RPQConfig) -> RPQConfig:
     """``config`` with every ``init`` random: loading reads the fitted values instead of fitting again."""
     overrides = {pattern: {**values, "init": "random"} if "init" in values else values
                  for pattern, values in config.overrides.items()}
@@ -818,9 +818,9 @@ def _check_converted(path: Path, gm: nn.Module, record: ConversionRecord, info: 
         _architecture_error(path, info["architecture"], {e[0]: e[1:] for e in here["tensors"]}, here["class"], "all")
         raise RPQCheckpointError(f"{path}: architecture fingerprint differs from this model's")
     saved_layers = info["layers"]
-    layers = [_comparable(_v1_record(layer) if info["format_version"] == 1 else _layer_record(layer, None))
+    layers = [comparable_record(_v1_record(layer) if info["format_version"] == 1 else layer_record(layer, None))
               for layer in record.layers]
-    saved_by_name = {r["name"]: _comparable(r) for r in saved_layers}
+    saved_by_name = {r["name"]: comparable_record(r) for r in saved_layers}
     for record in layers:
         saved = saved_by_name.get(record["name"])
         common = set(record) & set(saved or {})  # reason: a setting added since the file was written is not in it
@@ -855,8 +855,8 @@ def _read_tensors(path: Path, header: dict, info: dict, expected: dict[str, torc
                                  f"{_listing(sorted(shared[0]))}")
     for name, tensor in expected.items():  # before reading anything: the file's entries must be the model's
         entry = header[aliases.get(name, name)]
-        if entry["shape"] != list(tensor.shape) or _ST_DTYPES[entry["dtype"]] != tensor.dtype:
-            raise RPQCheckpointError(f"{path}: '{name}' is {entry['shape']} {dtype_name(_ST_DTYPES[entry['dtype']])} "
+        if entry["shape"] != list(tensor.shape) or SAFETENSORS_DTYPES[entry["dtype"]] != tensor.dtype:
+            raise RPQCheckpointError(f"{path}: '{name}' is {entry['shape']} {dtype_name(SAFETENSORS_DTYPES[entry['dtype']])} "
                                      f"in the file, {list(tensor.shape)} {dtype_name(tensor.dtype)} in this model")
     out = {}
     try:
@@ -928,7 +928,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: model must be the original torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
-    header, metadata = _read_header(path)
+    header, metadata = read_header(path)
     info = _info(path, metadata)
     config = _config(path, info)
     _check_parameters(path, model, info["architecture"])
@@ -942,13 +942,13 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: str | torch.devic
     elif capture == "module":
         extra["capture"] = "module"  # rebuilt the way it was converted
     try:
-        gm = convert(model, config=_unfitted(config), filter_fn=_exclusions(info["layers"]), **extra)
+        gm = convert(model, config=unfitted(config), filter_fn=saved_exclusions(info["layers"]), **extra)
     except RPQConversionError as error:
         raise RPQCheckpointError(f"{path}: this model cannot be converted with the saved config: {error}") from None
     record = conversion_record(gm)
     _check_converted(path, gm, record, info, check_forward)
     fits = {plan.name: fit for plan, fit in _saved_layers(path, info) if fit is not None}
-    attach_record(gm, ConversionRecord(config, tuple(_filled_as_saved(layer, fits) for layer in record.layers),
+    attach_record(gm, ConversionRecord(config, tuple(filled_as_saved(layer, fits) for layer in record.layers),
                                        record.path, fits))
     expected = _tensors(gm)
     values = _read_tensors(path, header, info, expected)

@@ -27,7 +27,7 @@ from .convert import convert
 from .errors import RPQConversionError
 from .fit import fit_weights
 from .fit.sequential import fit_sequential, materialise
-from .io import _ST_DTYPES, RPQCheckpointError, _read_header, save
+from .io import SAFETENSORS_DTYPES, RPQCheckpointError, read_header, save
 from .nn.weight import RPQWeight
 from .passes import LayerPlan, new_weights
 from .record import ConversionRecord, FitOutcome, attach_record, conversion_record
@@ -55,7 +55,7 @@ class DenseCheckpoint:
         self.path = Path(path)
         self.entries: dict[str, _Entry] = {}
         for file, names in self._shards():
-            header, _ = _read_header(file)
+            header, _ = read_header(file)
             if names is not None and set(header) != names:
                 extra, missing = sorted(set(header) - names), sorted(names - set(header))
                 raise RPQCheckpointError(
@@ -65,7 +65,7 @@ class DenseCheckpoint:
                 start = 8 + int.from_bytes(f.read(8), "little")
             for name, entry in header.items():
                 self.entries[name] = _Entry(file, start + entry["data_offsets"][0], tuple(entry["shape"]),
-                                            _ST_DTYPES[entry["dtype"]])
+                                            SAFETENSORS_DTYPES[entry["dtype"]])
 
     def _shards(self) -> list[tuple[Path, set[str] | None]]:
         """Each file to read and, for a sharded folder, the tensor names its index maps to it."""
@@ -161,7 +161,7 @@ def _check_model(model: nn.Module, dense: DenseCheckpoint) -> None:
                 "checkpoint's config and dtype)")
 
 
-def _unfitted(config: RPQConfig) -> RPQConfig:
+def unfitted(config: RPQConfig) -> RPQConfig:
     """``config`` with every ``init`` random: the meta model is planned and drawn with it, then fitted here."""
     overrides = {pattern: {**values, "init": "random"} if "init" in values else values
                  for pattern, values in config.overrides.items()}
@@ -242,7 +242,7 @@ def convert_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, out: str
         raise ValueError("convert_checkpoint: pass settings either in config or as arguments, not both")
     dense = DenseCheckpoint(checkpoint)
     _check_model(model, dense)
-    converted = convert(model, config=_unfitted(config), filter_fn=filter_fn, strict=strict, progress=False)
+    converted = convert(model, config=unfitted(config), filter_fn=filter_fn, strict=strict, progress=False)
     record = conversion_record(converted)
     plans = [_as_asked(plan, config) for plan in record.layers]
     todo = [plan for plan in plans if plan.converted and plan.settings.init == "kmeans"]

@@ -30,8 +30,8 @@ from .._model import on_converted
 from ..config import RPQConfig, dtype_name, without_new_defaults
 from ..convert import convert
 from ..errors import RPQConversionError
-from ..io import (_ST_DTYPES, RPQCheckpointError, _check_layer_v2, _comparable, _exclusions, _filled_as_saved,
-                  _layer_from_record, _layer_record, _unfitted)
+from ..io import (SAFETENSORS_DTYPES, RPQCheckpointError, check_layer_record, comparable_record, filled_as_saved,
+                  layer_from_record, layer_record, saved_exclusions, unfitted)
 from ..nn.weight import RPQWeight, check_index
 from ..record import ConversionRecord, attach_record, conversion_record
 
@@ -77,7 +77,7 @@ class RPQHfConfig(QuantizationConfigMixin):
                 raise ValueError(f"{_WHERE}: layers must be a list of layer records, got {type(layers).__name__}")
             for i, record in enumerate(layers):
                 try:
-                    _check_layer_v2(_WHERE, i, record)
+                    check_layer_record(_WHERE, i, record)
                 except RPQCheckpointError as error:
                     raise ValueError(str(error)) from None
         self.quant_method = QUANT_METHOD
@@ -88,7 +88,7 @@ class RPQHfConfig(QuantizationConfigMixin):
     @classmethod
     def from_record(cls, record: ConversionRecord) -> "RPQHfConfig":
         """The config of a converted model: its ``RPQConfig`` and one entry per weight."""
-        return cls(record.config, layers=[_layer_record(layer, record.fits.get(layer.name)) for layer in record.layers])
+        return cls(record.config, layers=[layer_record(layer, record.fits.get(layer.name)) for layer in record.layers])
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": self.quant_method, "format_version": self.format_version,
@@ -173,7 +173,7 @@ def _check_files(model: nn.Module, files: list[str] | None) -> set[str]:
         tensor = own[names[key]]
         if list(tensor.shape) != shape:
             raise ValueError(f"rpq: '{key}' is {shape} in the checkpoint, {list(tensor.shape)} in the rebuilt model")
-        if id(tensor) in rpq and _ST_DTYPES.get(dtype) != tensor.dtype:
+        if id(tensor) in rpq and SAFETENSORS_DTYPES.get(dtype) != tensor.dtype:
             raise ValueError(f"rpq: '{key}' is {dtype} in the checkpoint, {dtype_name(tensor.dtype)} in the rebuilt "
                              "model")
     bounds = {id(w._buffers[n]): bound for _, w in model.named_modules() if isinstance(w, RPQWeight)
@@ -230,7 +230,7 @@ def _rebuild(model: nn.Module, config: RPQHfConfig) -> None:
     saved = config.layers
     _tie(model)
     try:
-        result = convert(model, config=_unfitted(config.rpq_config), filter_fn=_exclusions(saved), capture="module",
+        result = convert(model, config=unfitted(config.rpq_config), filter_fn=saved_exclusions(saved), capture="module",
                          inplace=True, progress=False)
     except RPQConversionError as error:
         raise ValueError(f"rpq: this {type(model).__name__} cannot be converted with the saved config: "
@@ -239,8 +239,8 @@ def _rebuild(model: nn.Module, config: RPQHfConfig) -> None:
         raise RPQConversionError(f"rpq: converting {type(model).__name__} in place returned another object "
                                  f"({type(result).__name__}); transformers needs the model itself rewritten")
     record = conversion_record(model)
-    here = {layer.name: _comparable(_layer_record(layer, None)) for layer in record.layers}
-    there = {r["name"]: _comparable(r) for r in saved}
+    here = {layer.name: comparable_record(layer_record(layer, None)) for layer in record.layers}
+    there = {r["name"]: comparable_record(r) for r in saved}
     for name in sorted(here.keys() | there.keys()):
         a, b = there.get(name), here.get(name)
         if a != b:
@@ -249,9 +249,9 @@ def _rebuild(model: nn.Module, config: RPQHfConfig) -> None:
                 ("not in the saved record" if a is None else "not in this model")
             raise ValueError(f"rpq: converting this {type(model).__name__} with the saved config gives another "
                              f"result for '{name}' ({detail}); was the checkpoint saved from this architecture?")
-    fits = {plan.name: fit for plan, fit in (_layer_from_record(_WHERE, i, r, 2) for i, r in enumerate(saved))
+    fits = {plan.name: fit for plan, fit in (layer_from_record(_WHERE, i, r, 2) for i, r in enumerate(saved))
             if fit is not None}
-    attach_record(model, ConversionRecord(config.rpq_config, tuple(_filled_as_saved(layer, fits)
+    attach_record(model, ConversionRecord(config.rpq_config, tuple(filled_as_saved(layer, fits)
                                                                    for layer in record.layers), record.path, fits))
     _retie_converted(model)
     for module in model.modules():
