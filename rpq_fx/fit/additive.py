@@ -1,25 +1,38 @@
-"""Fit an RPQ weight of M additive stages (``additive_codebooks``): residual fits, then coordinate descent.
+"""Fit an RPQ weight of M additive stages (``additive_codebooks``): residual fits, then a joint search (AQLM's).
 
 The objective of every fit here (``||W - Ŵ||²``, row-weighted, or ``tr(Δ H Δᵀ)`` for the Gram matrix ``H``
-of the layer's inputs) is a quadratic in ``Ŵ``, so with ``Ŵ = Σ_m Ŵ_m`` fitting stage ``m`` while the
-others hold is the same problem as fitting one weight to the residual ``W - Σ_{j≠m} Ŵ_j``, under the
-same ``H`` / row weights (AQLM's and residual vector quantization's observation). Each stage is fitted
-with :func:`~rpq_fx.fit.quantize.fit_rows`, the single-stage machinery: stage 1 on ``W``, stage m on
-what the stages before it leave, then rounds of refitting each stage on ``W`` minus all the others,
-a refit kept only where it lowers the objective, until a round gains less than ``_MIN_GAIN``.
+of the layer's inputs) is a quadratic in ``Ŵ = Σ_m Ŵ_m``. The fit starts greedy: stage 1 fitted to ``W``
+by :func:`~rpq_fx.fit.quantize.fit_rows` (the single-stage machinery), stage m to what the stages before
+it leave, then rounds of refitting each stage on ``W`` minus all the others (kept where the objective
+drops). Then it alternates, as AQLM does, two steps that each lower the objective of all stages together:
+
+- codes (:func:`search_codes`): slice by slice, each row's M codes are chosen together, by beam search
+  over the stages (the slice's target in the metric of ``H``'s diagonal block, with the error the row's
+  other slices leave pulled in through ``H``'s off-diagonal blocks, as coordinate descent on the codes does
+  for one stage), starting from the current codes, so no row's objective rises;
+- codebooks (:func:`solve_codebooks`): every stage's codebooks solved at once by least squares for the
+  chosen codes (``H``-weighted: conjugate gradients on the normal equations of the M-times-wider layer whose
+  input is M copies of ``x``, its Gram matrix ``H`` tiled M x M; row-weighted or plain: the normal
+  equations, ``M K`` unknowns per codebook group, solved directly).
 """
 
 import torch
 from torch import Tensor
 
+from ..nn.weight import code_dtype
 from ..ops import expand
-from .quantize import FitResult, fit_rows, row_errors
+from .quantize import FitResult, _solve_codebooks, fit_rows, row_errors
 
-__all__ = ["fit_additive", "REFINE_ROUNDS"]
+__all__ = ["fit_additive", "search_codes", "solve_codebooks", "beam_codes", "REFINE_ROUNDS", "JOINT_ROUNDS", "BEAM"]
 
 REFINE_ROUNDS = 2  # rounds of refitting every stage on the others' residual, at most
+JOINT_ROUNDS = 4  # rounds of the joint code search and codebook solve, at most
+BEAM = 8  # candidate code tuples kept per row and slice by the beam search (AQLM's default beam size is 8)
 # reason: a refit draws a fresh k-means start; gains below this share of the objective are noise, not progress
 _MIN_GAIN = 1e-3
+_BEAM_ELEMENTS = 2**22  # the beam search scores about this many (point, candidate, codeword) triples at a time
+_CG_ITERS = 24  # conjugate-gradient iterations of the H-weighted codebook solve, at most
+_RIDGE = 1e-6  # of the normal matrix's mean diagonal: keeps unused codewords where they are, solves stay defined
 
 
 def _rows(result: FitResult) -> Tensor:
@@ -31,13 +44,191 @@ def _objective(delta: Tensor, hessian: Tensor | None, row_weights: Tensor | None
     return float(row_errors(delta, hessian, row_weights).sum())
 
 
+def _summed(codebooks: list[Tensor], codes: Tensor) -> Tensor:
+    """``Σ_m expand(codebooks[m], codes[m])``, ``[N, C*d]`` float32; ``codes [M, C, N]`` long."""
+    small = codes.to(code_dtype(codebooks[0].shape[1]))
+    return sum(expand(cb.float(), small[m].contiguous()) for m, cb in enumerate(codebooks))
+
+
+def beam_codes(points: Tensor, words: Tensor, codes: Tensor, beam: int = BEAM) -> Tensor:
+    """The M codes of each point whose codewords sum nearest to it (squared distance), found by beam search.
+
+    ``points [P, d]``; ``words [M, K, d]`` (stage m's codewords); ``codes [P, M]`` (long), the current codes,
+    where the search starts. One sweep over the stages: for each candidate tuple of the beam, stage m's code
+    is replaced by each of the K codewords, and the ``beam`` best of the tuples so made are kept (a
+    candidate's stage-m alternatives are skipped where an earlier candidate differs from it only there, so
+    the beam holds no duplicates). The best candidate never sums farther from its point than the current
+    codes (they are among the first step's tuples); where rounding says otherwise the current codes are kept.
+    Returns ``[P, M]`` long."""
+    p, d = points.shape
+    stages, k, _ = words.shape
+    points, words = points.float(), words.float()
+    norms = words.square().sum(-1)  # [M, K]
+    stage_index = torch.arange(stages, device=points.device)
+    out = torch.empty_like(codes)
+    step = max(1, _BEAM_ELEMENTS // (beam * k * max(d, 4)))
+    for start in range(0, p, step):
+        x, current = points[start:start + step], codes[start:start + step]
+        tuples = current.unsqueeze(1)  # [P, B, M]
+        sums = words[stage_index, current].sum(1).unsqueeze(1)  # [P, B, d]
+        for m in range(stages):
+            width = tuples.shape[1]
+            rest = sums - words[m][tuples[..., m]]
+            target = x.unsqueeze(1) - rest  # what stage m is to stand for, per candidate
+            scores = torch.baddbmm(norms[m].expand(target.shape[0], width, k), target, words[m].t().expand(
+                target.shape[0], d, k), alpha=-2) + target.square().sum(-1, keepdim=True)
+            if width > 1 and stages > 1:
+                others = torch.cat([tuples[..., :m], tuples[..., m + 1:]], -1)
+                same = (others.unsqueeze(2) == others.unsqueeze(1)).all(-1)  # [P, B, B]
+                earlier = torch.ones(width, width, dtype=torch.bool, device=x.device).tril(-1)
+                scores.masked_fill_((same & earlier).any(-1).unsqueeze(-1), float("inf"))
+            best = scores.view(scores.shape[0], -1).topk(min(beam, width * k), dim=1, largest=False).indices
+            source, word = best // k, best % k
+            tuples = tuples.gather(1, source.unsqueeze(-1).expand(-1, -1, stages)).clone()
+            tuples[..., m] = word
+            sums = rest.gather(1, source.unsqueeze(-1).expand(-1, -1, d)) + words[m][word]
+        final = (x.unsqueeze(1) - sums).square().sum(-1)  # [P, B], recomputed exactly
+        chosen = final.argmin(1)
+        found = tuples[torch.arange(tuples.shape[0], device=x.device), chosen]
+        before = (x - words[stage_index, current].sum(1)).square().sum(-1)
+        out[start:start + step] = torch.where((final.gather(1, chosen.unsqueeze(1))[:, 0] < before).unsqueeze(1),
+                                              found, current)
+    return out
+
+
+def _words(codebooks: list[Tensor], c: int) -> Tensor:
+    """``[M, K, d]``: the codewords slice ``c`` reads in each stage."""
+    return torch.stack([cb[c if cb.shape[0] > 1 else 0] for cb in codebooks]).float()
+
+
+def _column_blocks(width: int, d: int) -> list[tuple[int, int]]:
+    """Blocks of whole slices about 128 columns wide: ``Δ H`` is computed once per block and kept current in it."""
+    step = max(1, 128 // d) * d
+    return [(start, min(start + step, width)) for start in range(0, width, step)]
+
+
+@torch.no_grad()
+def search_codes(rows: Tensor, codebooks: list[Tensor], codes: Tensor, hessian: Tensor | None = None, *,
+                 beam: int = BEAM) -> Tensor:
+    """One pass of the joint code search (see the module docstring); ``codes [M, C, N]`` (long) is updated
+    in place and returned. ``rows [N, C*d]`` is read; ``hessian [C*d, C*d]`` or None (the plain, or
+    row-weighted, objective: slices are then independent and the row weights do not change any row's
+    best codes). No row's objective rises: a row whose new codes score worse (rounding) gets its old ones."""
+    stages, num_codebooks, n = codes.shape
+    d = rows.shape[1] // num_codebooks
+    rows = rows.float()
+    if hessian is None:
+        slices = rows.view(n, num_codebooks, d)
+        if codebooks[0].shape[0] == 1:  # one problem over every slice
+            flat = codes.permute(2, 1, 0).reshape(-1, stages)
+            found = beam_codes(slices.reshape(-1, d), _words(codebooks, 0), flat, beam)
+            codes.copy_(found.view(n, num_codebooks, stages).permute(2, 1, 0))
+        else:
+            for c in range(num_codebooks):
+                codes[:, c] = beam_codes(slices[:, c], _words(codebooks, c), codes[:, c].t(), beam).t()
+        return codes
+    hessian = hessian.float()
+    old = codes.clone()
+    before = row_errors(rows - _summed(codebooks, codes), hessian, None)
+    blocks = torch.stack([hessian[c * d:(c + 1) * d, c * d:(c + 1) * d] for c in range(num_codebooks)])
+    # reason: an input that never carried energy leaves its block singular; a ridge this small keeps it invertible
+    ridge = _RIDGE * blocks.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
+    blocks = blocks + ridge * torch.eye(d, device=rows.device)
+    factors = torch.linalg.cholesky(blocks)  # H_cc = L Lᵀ
+    inverses = torch.cholesky_inverse(factors)
+    step = max(1, 2**21 // rows.shape[1])
+    for first in range(0, n, step):
+        last = min(first + step, n)
+        residual = rows[first:last] - _summed(codebooks, codes[:, :, first:last])
+        for start, end in _column_blocks(rows.shape[1], d):
+            pulls = residual @ hessian[start:end].t()  # [rows, block]: Δ H on the block's columns
+            for c in range(start // d, end // d):
+                block, local = slice(c * d, (c + 1) * d), slice(c * d - start, (c + 1) * d - start)
+                words = _words(codebooks, c)
+                current = codes[:, c, first:last].t()  # [rows, M]
+                word = words[torch.arange(stages, device=rows.device), current].sum(1)
+                free = residual[:, block] + word  # the slice's error were its words left out
+                pull = pulls[:, local] - residual[:, block] @ blocks[c]  # what the other slices' errors add
+                target = free + pull @ inverses[c]  # the slice's error is then ||(target - Σ words) L||²
+                found = beam_codes(target @ factors[c], words @ factors[c], current, beam)
+                codes[:, c, first:last] = found.t()
+                change = word - words[torch.arange(stages, device=rows.device), found].sum(1)
+                residual[:, block] += change
+                pulls[:, local.stop:] += change @ hessian[block, c * d + d:end]
+    worse = row_errors(rows - _summed(codebooks, codes), hessian, None) > before
+    codes[:, :, worse] = old[:, :, worse]
+    return codes
+
+
+def _solve_direct(rows: Tensor, codebooks: list[Tensor], codes: Tensor, row_weights: Tensor | None) -> list[Tensor]:
+    """The least-squares codebooks of every stage at once for ``Σ_n f_n ||w_n - ŵ_n||²``: per codebook group,
+    the normal equations in the ``M K`` codewords (each of the d coordinates a right-hand side)."""
+    stages, num_codebooks, n = codes.shape
+    groups, k, d = codebooks[0].shape
+    unknowns = stages * k
+    f = torch.ones(n, dtype=torch.float64, device=rows.device) if row_weights is None else row_weights.double()
+    slices = rows.double().view(n, num_codebooks, d)
+    index = (codes.long() + (torch.arange(stages, device=rows.device) * k).view(-1, 1, 1))  # [M, C, N]
+    solved = []
+    for g in range(groups):
+        chosen = slice(None) if groups == 1 else slice(g, g + 1)
+        idx = index[:, chosen].reshape(stages, -1)  # [M, P]: the points' codeword numbers in each stage
+        weight = f.repeat(idx.shape[1] // n) if groups == 1 else f  # point (c, n) weighs f_n
+        points = slices[:, chosen].transpose(0, 1).reshape(-1, d)  # [P, d] in (c, n) order, as idx
+        normal = torch.zeros(unknowns * unknowns, dtype=torch.float64, device=rows.device)
+        for a in range(stages):
+            for b in range(stages):
+                normal.index_add_(0, idx[a] * unknowns + idx[b], weight)
+        normal = normal.view(unknowns, unknowns)
+        right = torch.zeros(unknowns, d, dtype=torch.float64, device=rows.device)
+        for a in range(stages):
+            right.index_add_(0, idx[a], points * weight.unsqueeze(1))
+        old = torch.cat([cb[g].double() for cb in codebooks])  # [M K, d]
+        ridge = _RIDGE * float(normal.diagonal().mean().clamp_min(1e-30))
+        normal.diagonal().add_(ridge)
+        solution = torch.linalg.solve(normal, right + ridge * old)
+        solved.append(solution.view(stages, k, d))
+    return [torch.stack([s[m] for s in solved]) for m in range(stages)]
+
+
+def solve_codebooks(rows: Tensor, codebooks: list[Tensor], codes: Tensor, hessian: Tensor | None = None,
+                    row_weights: Tensor | None = None, *, iters: int = _CG_ITERS) -> list[Tensor]:
+    """The codebooks of every stage (a list of ``[G, K, d]``) minimising the fit's objective together for the
+    fixed ``codes [M, C, N]``; see the module docstring. Returns float64 codebooks; with ``hessian``, the
+    conjugate gradients start from ``codebooks`` and stop after ``iters`` iterations or once one gains
+    less than 1e-9 of the objective."""
+    if hessian is None:
+        return _solve_direct(rows, codebooks, codes, row_weights)
+    stages, num_codebooks, n = codes.shape
+    groups, k, d = codebooks[0].shape
+    width = rows.shape[1]
+    tiled = hessian.float().repeat(stages, stages)  # the Gram matrix of M copies of each input
+    if groups == 1:  # one shared codebook of M K codewords, stage m's codes offset by m K
+        stacked = torch.cat([cb.float() for cb in codebooks], 1)
+        virtual = (codes.long() + (torch.arange(stages, device=codes.device) * k).view(-1, 1, 1))
+        virtual = virtual.reshape(stages * num_codebooks, n).to(code_dtype(stages * k))
+    else:
+        stacked = torch.cat([cb.float() for cb in codebooks], 0)
+        virtual = codes.reshape(stages * num_codebooks, n).to(code_dtype(k))
+    target = torch.zeros(n, stages * width, dtype=torch.float32, device=rows.device)
+    target[:, :width] = rows.float()  # [W, 0, ...]: its product with M copies of x is W x
+    solved = _solve_codebooks(lambda s, e: target[s:e].clone(), n, stacked, virtual, tiled, iters=iters,
+                              tolerance=1e-9).double()
+    if groups == 1:
+        return [solved[:, m * k:(m + 1) * k] for m in range(stages)]
+    return [solved[m * num_codebooks:(m + 1) * num_codebooks] for m in range(stages)]
+
+
 @torch.no_grad()
 def fit_additive(rows: Tensor, stages: int, num_codebooks: int, num_codes: int, shared: bool, *,
                  hessian: Tensor | None = None, row_weights: Tensor | None = None, error_feedback: bool = True,
-                 damp: float, seed: int = 0, rounds: int = REFINE_ROUNDS) -> tuple[list[FitResult], float]:
+                 damp: float, seed: int = 0, rounds: int = REFINE_ROUNDS, joint_rounds: int = JOINT_ROUNDS,
+                 beam: int = BEAM) -> tuple[list[FitResult], float]:
     """Fit ``stages`` codebook-and-code pairs whose expansions sum to ``rows [N, C*d]`` (arguments as
-    :func:`fit_rows`'s); returns the stages' fits and the objective relative to an all-zero weight's.
-    ``hessian`` is read, never overwritten."""
+    :func:`fit_rows`'s): the greedy fit with ``rounds`` of stage refits, then at most ``joint_rounds`` of the
+    joint code search (``beam`` candidates) and codebook solve, each step kept only where it lowers the
+    objective, stopping once a round gains less than 1e-3 of it. Returns the stages' fits and the objective
+    relative to an all-zero weight's. ``hessian`` is read, never overwritten."""
     rows = rows.detach().float()
 
     def fit(target: Tensor, m: int, r: int) -> FitResult:
@@ -64,5 +255,31 @@ def fit_additive(rows: Tensor, stages: int, num_codebooks: int, num_codes: int, 
             residual -= expanded[m]
         if before - error <= _MIN_GAIN * before:
             break
+    del residual, expanded
+    if joint_rounds and stages > 1:
+        results, error = _joint(rows, results, error, hessian, row_weights, joint_rounds, beam)
     total = _objective(rows, hessian, row_weights)
     return results, error / total if total > 0 else 0.0
+
+
+def _joint(rows: Tensor, results: list[FitResult], error: float, hessian: Tensor | None,
+           row_weights: Tensor | None, rounds: int, beam: int) -> tuple[list[FitResult], float]:
+    """Alternate :func:`search_codes` and :func:`solve_codebooks` from ``results`` (objective ``error``)."""
+    k = results[0].codebooks.shape[1]
+    codebooks = [r.codebooks.double() for r in results]
+    codes = torch.stack([r.codes.long() % k for r in results])  # reason: int16 holds codes >= 32768 as negatives
+    for _ in range(rounds):
+        before = error
+        codes = search_codes(rows, codebooks, codes.clone(), hessian, beam=beam)
+        solved = solve_codebooks(rows, codebooks, codes, hessian, row_weights)
+        searched = _objective(rows - _summed(codebooks, codes), hessian, row_weights)
+        candidate = _objective(rows - _summed(solved, codes), hessian, row_weights)
+        if candidate < searched:
+            codebooks, searched = solved, candidate
+        if searched >= error:  # reason: rounding can undo a step's gain; keep what was there
+            break
+        error = searched
+        results = [FitResult(cb, codes[m].to(code_dtype(k)), 0.0) for m, cb in enumerate(codebooks)]
+        if before - error <= _MIN_GAIN * before:
+            break
+    return results, error
