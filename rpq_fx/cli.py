@@ -180,14 +180,15 @@ def _convert_settings(args) -> dict:
             raise CLIError(f"--config {args.config}: {error}") from None
         split_given = args.num_codebooks or args.codebook_dim or args.max_codebook_dim
         if (split_given or args.num_codes != 256 or args.shared_codebooks or args.checkpoint or args.seed
-                or args.init != "random" or args.codebook_dtype):
+                or args.init != "random" or args.codebook_dtype or args.additive_codebooks != 1):
             raise CLIError("--config sets every setting: give the other conversion options in its JSON instead")
         return settings
     split = {"num_codebooks": args.num_codebooks, "codebook_dim": args.codebook_dim,
              "max_codebook_dim": args.max_codebook_dim}
     split = {k: v for k, v in split.items() if v is not None} or {"max_codebook_dim": RPQ_MAX_CODEBOOK_DIM}
     settings.update(split, num_codes=args.num_codes, shared_codebooks=args.shared_codebooks, init=args.init,
-                    codebook_dtype=args.codebook_dtype, checkpoint=args.checkpoint, seed=args.seed)
+                    codebook_dtype=args.codebook_dtype, checkpoint=args.checkpoint, seed=args.seed,
+                    additive_codebooks=args.additive_codebooks)
     return settings
 
 
@@ -452,6 +453,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--num-codes", type=int, default=256, metavar="K",
                          help="codewords per codebook (default: %(default)s; above 256 the codes are int16)")
     convert.add_argument("--shared-codebooks", action="store_true", help="one codebook shared by all slices of a row")
+    convert.add_argument("--additive-codebooks", type=int, default=1, metavar="M",
+                         help="M codes per slice, their codewords summed (additive quantization, AQLM's; each stage "
+                              "stores its own codebooks and codes); with --init kmeans the M codes are searched "
+                              "jointly (default: %(default)s)")
     convert.add_argument("--init", choices=["random", "kmeans"], default="random",
                          help="random: the RPQ default (train from scratch); kmeans: fit codebooks and codes to "
                               "the model's weights by k-means (default: %(default)s)")
