@@ -1,0 +1,162 @@
+"""``rpq_fx::conv``: a convolution whose weight is expanded a block of output channels at a time.
+
+``conv(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups)`` is
+``F.conv{1,2,3}d(input, expand(codebooks, codes).view(weight_shape), bias, ...)`` (the weight's rows are
+its output channels), computed with stock torch ops: for each block of output channels (whole groups),
+the block's rows are expanded and convolved, and the blocks' outputs concatenated. Its backward rebuilds
+each block the same way; no dense weight is kept for it.
+
+Why blocks (benchmarks/model_speed.py, timm resnet50's 512x512x3x3 convolutions under ``rpq_fx.RPQ``):
+a weight expanded whole is a fresh 9.4 MB tensor every call, and oneDNN reorders it into another
+fresh buffer. glibc returns buffers that large to the system when they are freed, so every call pays
+~4600 page faults: 14-22 ms against the dense convolution's 1.8 ms (batch 1, one thread), though the
+expansion itself takes 0.2 ms. Blocks of at most :data:`BLOCK_BYTES` stay in the allocator's heap and
+cost no faults: 2.1 ms. A compressed-domain convolution (codewords as the filters of a grouped
+convolution, then a gather-sum over codes) needs slices that cover whole input channels, which
+``rpq_fx.RPQ``'s 64-value slices of 3x3 kernels do not, and costs ``K / out_channels`` of the dense
+products before its gather: with K = 256 it cannot beat the dense convolution on resnet50's layers.
+
+Only weights above :data:`BLOCK_BYTES` are worth the op (:func:`blocks_pay`): below it one block is
+the whole weight, which ``expand`` + ``F.conv`` compute the same way.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .autocast import AUTOCAST_KEYS, AUTOCAST_RULES, _rule
+from .checks import _require, check_devices, check_expand
+from .library import expand
+
+__all__ = ["conv", "BLOCK_BYTES", "blocks_pay"]
+
+# Expanded weight per block. Measured (resnet50's 512x512x3x3 conv, batch 1 and 32, one thread): blocks of
+# 2.4 MB and less cost no page faults; 4.7 MB blocks cost 77 per call, a 9.4 MB whole weight 4576.
+BLOCK_BYTES = 2 * 2**20
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def blocks_pay(weight_shape, dtype: torch.dtype) -> bool:
+    """Whether a weight of ``weight_shape`` expanded in ``dtype`` is big enough to be expanded in blocks."""
+    return math.prod(weight_shape) * dtype.itemsize > BLOCK_BYTES
+
+
+def _blocks(weight_shape: list[int], groups: int, itemsize: int) -> list[slice]:
+    """Output channels expanded at a time: whole groups, about :data:`BLOCK_BYTES` of weight each."""
+    out_channels, row = weight_shape[0], math.prod(weight_shape[1:])
+    unit = out_channels // groups if groups > 1 else 1  # a block never splits a group
+    rows = max(unit, BLOCK_BYTES // max(1, row * itemsize) // unit * unit)
+    return [slice(n, min(n + rows, out_channels)) for n in range(0, out_channels, rows)]
+
+
+def _parts(weight_shape: list[int], groups: int, itemsize: int) -> list[tuple[slice, slice, int]]:
+    """``(output channels, input channels, groups)`` of each block's convolution."""
+    if groups == 1:
+        return [(rows, slice(None), 1) for rows in _blocks(weight_shape, 1, itemsize)]
+    cin, per_group = weight_shape[1], weight_shape[0] // groups
+    return [(rows, slice(rows.start // per_group * cin, rows.stop // per_group * cin),
+             (rows.stop - rows.start) // per_group) for rows in _blocks(weight_shape, groups, itemsize)]
+
+
+def _check(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, weight_shape: list[int],
+           stride: list[int], padding: list[int], dilation: list[int], groups: int) -> int:
+    """Validate a call; returns the number of spatial dims."""
+    op = "rpq_fx conv"
+    check_devices(op, input=input, codebooks=codebooks, codes=codes, bias=bias)
+    check_expand(codebooks, codes, op)
+    dims = len(weight_shape) - 2
+    _require(dims in _CONV, lambda: f"{op}: weight_shape must be [out, in / groups, *kernel] with 1-3 kernel dims, "
+                                    f"got {list(weight_shape)}")
+    _require(all(isinstance(s, int) and s > 0 for s in weight_shape),
+             lambda: f"{op}: weight_shape must be positive ints, got {list(weight_shape)}")
+    row = math.prod(weight_shape[1:])
+    _require(codes.shape[1] == weight_shape[0] and codes.shape[0] * codebooks.shape[2] == row,
+             lambda: f"{op}: codes {tuple(codes.shape)} with codewords of {codebooks.shape[2]} values expand to "
+                     f"[{codes.shape[1]}, {codes.shape[0] * codebooks.shape[2]}], not weight_shape {list(weight_shape)}")
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        _require(len(value) == dims, lambda: f"{op}: {name} must have {dims} values, got {list(value)}")
+    _require(isinstance(groups, int) and groups >= 1 and weight_shape[0] % groups == 0,
+             lambda: f"{op}: groups must be a positive divisor of {weight_shape[0]} output channels, got {groups}")
+    _require(input.dim() in (dims + 1, dims + 2) and input.shape[-dims - 1] == weight_shape[1] * groups,
+             lambda: f"{op}: input {tuple(input.shape)} must be [batch, {weight_shape[1] * groups}, *{dims} dims] "
+                     f"(or unbatched) for weight_shape {list(weight_shape)} and groups={groups}")
+    _require(codebooks.dtype == input.dtype,
+             lambda: f"{op}: codebooks ({codebooks.dtype}) and input ({input.dtype}) must have one dtype")
+    _require(bias is None or tuple(bias.shape) == (weight_shape[0],),
+             lambda: f"{op}: bias must be [{weight_shape[0]}], got {None if bias is None else tuple(bias.shape)}")
+    return dims
+
+
+@torch.library.custom_op("rpq_fx::conv", mutates_args=())
+def conv(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, weight_shape: list[int],
+         stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    """``F.conv{n}d(input, expand(codebooks, codes).view(weight_shape), bias, stride, padding, dilation, groups)``,
+    the weight expanded a block of output channels at a time (see the module docstring)."""
+    dims = _check(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups)
+    unbatched = input.dim() == dims + 1
+    x = input.unsqueeze(0) if unbatched else input
+    outs = []
+    for rows, channels, block_groups in _parts(weight_shape, groups, input.element_size()):
+        weight = expand(codebooks, codes[:, rows]).view(rows.stop - rows.start, *weight_shape[1:])
+        outs.append(_CONV[dims](x[:, channels], weight, None if bias is None else bias[rows], stride, padding,
+                                dilation, block_groups))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return out.squeeze(0) if unbatched else out
+
+
+@conv.register_fake
+def _(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups):
+    dims = _check(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups)
+    return _CONV[dims](input, codebooks.new_empty(weight_shape), bias, stride, padding, dilation, groups)
+
+
+def _setup_context(ctx, inputs, output):
+    input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, codebooks, codes)  # reason: never the dense weight; backward rebuilds each block
+    ctx.args = (list(weight_shape), list(stride), list(padding), list(dilation), groups)
+
+
+def _backward(ctx, grad):
+    input, codebooks, codes = ctx.saved_tensors
+    weight_shape, stride, padding, dilation, groups = ctx.args
+    need_input, need_codebooks, _, need_bias = ctx.needs_input_grad[:4]
+    dims = len(weight_shape) - 2
+    unbatched = input.dim() == dims + 1
+    x, g = (input.unsqueeze(0), grad.unsqueeze(0)) if unbatched else (input, grad)
+    grad_x = torch.zeros_like(x) if need_input else None
+    grad_cb = torch.zeros_like(codebooks) if need_codebooks else None
+    if need_input or need_codebooks:
+        for rows, channels, block_groups in _parts(weight_shape, groups, input.element_size()):
+            weight = expand(codebooks, codes[:, rows]).view(rows.stop - rows.start, *weight_shape[1:])
+            gi, gw, _ = torch.ops.aten.convolution_backward(
+                g[:, rows].contiguous(), x[:, channels], weight, None, stride, padding, dilation, False, [0] * dims,
+                block_groups, [need_input, need_codebooks, False])
+            if need_input:
+                grad_x[:, channels] += gi
+            if need_codebooks:
+                torch.ops.rpq_fx._expand_backward_add(grad_cb, gw.reshape(rows.stop - rows.start, -1),
+                                                      codes[:, rows])
+    grad_bias = g.sum([0, *range(2, g.dim())]) if need_bias else None
+    if grad_x is not None and unbatched:
+        grad_x = grad_x.squeeze(0)
+    return grad_x, grad_cb, None, grad_bias, None, None, None, None, None
+
+
+conv.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_autocast() -> None:
+    """Cast as ``F.conv2d`` under autocast (input, codebooks and bias to the autocast dtype): the rule every
+    rpq_fx op has in :data:`~rpq_fx.ops.autocast.AUTOCAST_RULES`."""
+    AUTOCAST_RULES["conv"] = "lower"
+    lib = torch.library.Library("rpq_fx", "IMPL")
+    for device_type, key in AUTOCAST_KEYS.items():
+        lib.impl("conv", _rule(torch.ops.rpq_fx.conv.default, device_type, True), key, with_keyset=True)
+    _LIBS.append(lib)
+
+
+_LIBS: list = []  # reason: a torch.library.Library deregisters its kernels when it is garbage-collected
+_register_autocast()
