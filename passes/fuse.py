@@ -20,9 +20,21 @@ A weight with additive stages (``expand(...).add(expand(...))``, one ``add`` per
 fused node per stage, summed (the ops are linear in the weight; the bias goes to the first); its
 hot rows, if any, are added as above.
 
+A convolution (``F.conv1d/2d/3d``, their aten ops, ``aten.convolution`` not transposed) reading
+``expand(...).view(shape)`` becomes one ``rpq_fx::conv`` node, which expands the weight a block of output
+channels at a time (:mod:`rpq_fx.ops.conv`), where the weight is bigger than one block
+(:func:`~rpq_fx.ops.conv.blocks_pay`); a smaller one, or one with hot rows or additive stages, keeps
+its expansion::
+
+    conv_weight = torch.ops.rpq_fx.expand.default(conv_weight_codebooks, conv_weight_codes).view((512, 512, 3, 3))
+    conv = torch.conv2d(x, conv_weight, None, 1, 1, 1, 1)
+        ->
+    conv = torch.ops.rpq_fx.conv.default(x, conv_weight_codebooks, conv_weight_codes, None, [512, 512, 3, 3],
+                                         [1, 1], [1, 1], [1, 1], 1)
+
 An expansion is fused only when that op is its one user and reads it as its weight. Fused nodes
 hold no dense weight for backward, so the checkpoint pass (which wraps ``rpq_fx::expand`` nodes
-only) leaves them alone. Convolutions keep their expansion.
+only) leaves them alone.
 """
 
 import operator
@@ -33,6 +45,7 @@ import torch.nn.functional as F
 
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.ops import hot_embedding
+from rpq_fx.ops.conv import blocks_pay
 
 from .rewrite import additive_stages, is_expansion
 
@@ -41,6 +54,7 @@ __all__ = ["fuse"]
 aten = torch.ops.aten
 _LINEAR = torch.ops.rpq_fx.linear.default
 _EMBEDDING = torch.ops.rpq_fx.embedding.default
+_CONV = torch.ops.rpq_fx.conv.default
 
 # name, positional order and defaults of each op that can be fused
 _SIGNATURES = {
@@ -55,6 +69,15 @@ _SIGNATURES = {
                              {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False}),
 }
 _KEYWORD_ONLY = {"beta", "alpha"}
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
+                     "groups")
+# conv op -> its arguments by position, defaults
+_CONVS = {**{op: (_CONV_ARGS, _CONV_DEFAULTS) for op in (F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default,
+                                                           aten.conv2d.default, aten.conv3d.default)},
+          aten.convolution.default: (_CONVOLUTION_ARGS, {})}
 
 
 def _bind(node: fx.Node) -> dict | None:
@@ -145,6 +168,74 @@ def _fused_call(gm: fx.GraphModule, first: fx.Node, expansion: fx.Node,
     return user, _EMBEDDING, (args["indices"], codebooks, codes, padding_idx, args["scale_grad_by_freq"])
 
 
+def _dtype(gm: fx.GraphModule, node) -> torch.dtype | None:
+    """The dtype of the codebooks an expansion reads (a ``get_attr``, or its ``.to(dtype)``), where known."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to" and len(node.args) == 2 \
+            and isinstance(node.args[1], torch.dtype):
+        return node.args[1]
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = operator.attrgetter(node.target)(gm)
+        return value.dtype if isinstance(value, torch.Tensor) else None
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _ints(value, dims: int) -> list[int] | None:
+    """A conv's stride / padding / dilation as ``dims`` ints, or None (a string padding, a graph value)."""
+    values = [value] * dims if isinstance(value, int) else list(value) if isinstance(value, (tuple, list)) else None
+    ok = values is not None and len(values) == dims and all(isinstance(v, int) and not isinstance(v, bool)
+                                                             for v in values)
+    return values if ok else None
+
+
+def _conv_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, tuple] | None:
+    """``(conv node, rpq_fx::conv args)`` where ``expansion``'s one use is ``view(shape)`` read as the weight of
+    one convolution and the weight is big enough to pay for blocks, else None."""
+    if len(expansion.users) != 1:
+        return None
+    (view,) = expansion.users
+    if not (view.op == "call_method" and view.target == "view" and len(view.args) == 2 and not view.kwargs
+            and view.args[0] is expansion and len(view.users) == 1):
+        return None
+    shape = view.args[1]
+    if not (isinstance(shape, (tuple, list)) and 3 <= len(shape) <= 5 and all(type(s) is int for s in shape)):
+        return None
+    (user,) = view.users
+    if user.op != "call_function" or user.target not in _CONVS:
+        return None
+    names, defaults = _CONVS[user.target]
+    if len(user.args) > len(names) or any(key not in names[len(user.args):] for key in user.kwargs):
+        return None
+    args = {**defaults, **dict(zip(names, user.args)), **user.kwargs}
+    if any(name not in args for name in names) or args["weight"] is not view:
+        return None
+    if any(v is view for k, v in args.items() if k != "weight"):
+        return None
+    if args.get("transposed", False) is not False or any(args.get("output_padding", [0])):
+        return None
+    dims = len(shape) - 2
+    stride, padding, dilation = (_ints(args[k], dims) for k in ("stride", "padding", "dilation"))
+    codebooks, codes = expansion.args
+    dtype = _dtype(gm, codebooks)
+    if None in (stride, padding, dilation, dtype) or type(args["groups"]) is not int or not blocks_pay(shape, dtype):
+        return None
+    return user, (args["input"], codebooks, codes, args["bias"], list(shape), stride, padding, dilation,
+                  args["groups"])
+
+
+def _fuse_conv(graph: fx.Graph, expansion: fx.Node, user: fx.Node, args: tuple) -> None:
+    """Replace ``user`` (a conv reading ``expansion.view(shape)``) with one ``rpq_fx::conv`` node."""
+    (view,) = expansion.users
+    with graph.inserting_before(user):
+        new = graph.call_function(_CONV, args)
+    new.meta.update(user.meta)
+    user.replace_all_uses_with(new)
+    name = user.name
+    for node in (user, view, expansion):
+        graph.erase_node(node)
+    new.name = name  # reason: the fused call keeps the layer's name, so gm.code reads as before
+
+
 def _fusable(gm: fx.GraphModule, expansion: fx.Node,
              hot: tuple | None) -> tuple[fx.Node, object, tuple] | None:
     """:func:`_fused_call` of the first stage ``expansion``, but not for a weight with hot rows whose lookup
@@ -159,8 +250,8 @@ def _fusable(gm: fx.GraphModule, expansion: fx.Node,
 
 
 def fuse(gm: fx.GraphModule) -> int:
-    """Fuse every expansion read by one linear / embedding op, in every graph of ``gm``, in place;
-    returns how many were fused."""
+    """Fuse every expansion read by one linear / embedding op or (big enough) convolution, in every graph of
+    ``gm``, in place; returns how many were fused."""
     fused = 0
     for graph in graphs_of(gm):
         stage_expansions = set()
@@ -170,6 +261,11 @@ def fuse(gm: fx.GraphModule) -> int:
             head, stages = additive_stages(expansion)
             stage_expansions.update(stages)
             hot = _hot_part(head)
+            conv = None if stages or hot is not None else _conv_call(gm, expansion)
+            if conv is not None:
+                _fuse_conv(graph, expansion, *conv)
+                fused += 1
+                continue
             call = _fusable(gm, expansion, hot)
             if call is None:
                 continue

@@ -9,6 +9,8 @@ from torch import nn
 from ..ops import embedding as rpq_embedding
 from ..ops import hot_embedding
 from ..ops import linear as rpq_linear
+from ..ops.conv import blocks_pay
+from ..ops.conv import conv as rpq_conv
 from .weight import RPQWeight
 
 __all__ = ["RPQLinear", "RPQEmbedding", "RPQConv1d", "RPQConv2d", "RPQConv3d", "RPQ_LAYERS", "from_dense"]
@@ -122,8 +124,14 @@ class _RPQConvMixin:
         pass
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (self.padding_mode == "zeros" and not isinstance(self.padding, str) and weight.hot is None
+                and weight.additive is None and blocks_pay(weight.shape, weight.dtype)):
+            # a big weight is expanded a block of output channels at a time (rpq_fx.ops.conv)
+            return rpq_conv(input, weight.compute_codebooks(), weight.codes, self.bias, list(weight.shape),
+                            list(self.stride), list(self.padding), list(self.dilation), self.groups)
         # reason: torch's _conv_forward handles every padding_mode; reuse it rather than copy it
-        return self._conv_forward(input, self.weight(), self.bias)
+        return self._conv_forward(input, weight(), self.bias)
 
 
 def _conv_class(base: type[nn.Module]) -> type[nn.Module]:

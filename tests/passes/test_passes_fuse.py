@@ -279,3 +279,56 @@ def test_hand_built_graph_with_keywords_is_fused():
 
 def operator_add(a, b):
     return a + b
+
+
+# --------------------------------------------------------------------------- convolutions: rpq_fx::conv
+
+CONV = torch.ops.rpq_fx.conv.default
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 16 KiB of weight, so that the test models' convolutions are fused and run in several blocks."""
+    import rpq_fx.ops.conv
+
+    monkeypatch.setattr(rpq_fx.ops.conv, "BLOCK_BYTES", 16 * 2**10)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_big_convolutions_become_one_blocked_conv_node(check, zoo, small_blocks, mode):
+    model = zoo.ConvVariants().eval()
+    inputs = zoo.conv_inputs()
+    gm = rpq_fx.convert(model, codebook_dim=4, **({"example_inputs": inputs} if mode == "export" else {}))
+    fused = nodes(gm, CONV)
+    # padding="same" keeps its expansion (a string padding; export's aten.conv2d.padding is not converted at all);
+    # the reflect / circular ones are padded before the conv
+    assert len(fused) == 4 and len(nodes(gm, EXPAND)) == (1 if mode == "fx" else 0)
+    grouped = next(n for n in fused if n.args[8] == 4)
+    assert grouped.args[4:] == ([512, 128, 3, 3], [2, 2], [2, 2], [2, 2], 4)
+    check.matches_dense_reference(model, gm, *inputs)
+
+
+def test_only_convolutions_above_one_block_are_fused(zoo):
+    gm = rpq_fx.convert(zoo.ConvVariants(), codebook_dim=4)  # 2 MiB blocks: only the grouped 2.4 MB weight
+    assert [n.name for n in nodes(gm, CONV)] == ["grouped"] and len(nodes(gm, EXPAND)) == 4
+
+
+def test_fused_conv_gradients_equal_the_dense_reference(check, small_blocks):
+    model = ConvNet()
+    gm = rpq_fx.convert(model, codebook_dim=16)
+    assert [n.name for n in nodes(gm, CONV)] == ["conv"]
+    reference = check.dense_reference(model, gm)
+    x = torch.randn(2, 16, 7, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    gm(x).square().sum().backward()
+    reference(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+    rpq = gm.get_submodule("conv.weight")
+    expected = codebook_gradient(reference.conv.weight.grad.reshape(512, -1), rpq.codes, rpq.codebooks.shape[0],
+                                 rpq.num_codes)
+    torch.testing.assert_close(rpq.codebooks.grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(gm.conv.bias.grad, reference.conv.bias.grad, rtol=1e-4, atol=1e-5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        gm(x)
+    assert (512, 16, 3, 3) not in saved and (512, 144) not in saved, "no dense conv weight is kept for backward"
