@@ -5,18 +5,24 @@ crops and the digits CNN (``benchmarks/_quality/tasks.py``; the same selected we
 method). Peers (``benchmarks/_peers/methods.py``): torchao (Int8 / Intx weight-only, int4 tiles,
 its prototype codebook and LUT quantizers, GPTQ), optimum-quanto (qint8/4/2), HQQ (4/3/2 bits,
 group 64), GPTQModel and llmcompressor (data-aware GPTQ), quality.py's per-row RTN, and rpq_fx's
-data-aware conversion (d = 2, 4, 8, one shared codebook, K = 256) plus ``rpq_fx.allocate`` at 2.0
-bits on MiniLM. A peer that fails is a row with its error. Per row: stored bits per weight counted
-from the tensors the library keeps, layers covered, quality, model MiB, quantization wall / CPU
-seconds, and CPU latency over dense fp32 at batch 1 and 32, interleaved with dense.
+data-aware conversion (``benchmarks/_peers/rpq.py``: d = 2, 4, 8, one shared codebook, K = 256, a
+task's extra settings, ``rpq_fx.allocate`` at 2.0 bits on MiniLM). A peer that fails is a row with
+its error. Per row: stored bits per weight counted from the tensors the library keeps, layers
+covered, quality, model MiB, quantization wall / CPU seconds, and CPU latency over dense fp32 at
+batch 1 and 32, interleaved with dense, with the load average when it was timed.
 
 Writes ``peers.md``, ``peers.json`` and ``peers.png`` to ``benchmarks/results/`` (or ``--out``).
 
     python benchmarks/peers.py [--quick] [--tasks minilm efficientnet digits] [--no-allocate]
-                               [--rpq-dims 2 4 8] [--peers LIBRARY ...] [--add] [--out DIR]
+                               [--rpq-dims 2 4 8] [--peers LIBRARY ...] [--threads N] [--add] [--out DIR]
+    python benchmarks/peers.py --latency-only [--tasks ...] [--threads N]   # retime peers.json's rows
+    python benchmarks/peers.py --render
 
-``--add`` keeps the other tasks of an earlier ``peers.json`` in ``--out`` and writes them with this run's;
-``--render`` only rewrites ``peers.md`` / ``peers.png`` from ``peers.json``.
+``--add`` keeps the other tasks of an earlier ``peers.json`` in ``--out`` and writes them with this run's.
+``--latency-only`` keeps every quality and size number of ``peers.json`` and measures only the latency
+columns again (minutes, not the hour of fitting): rpq_fx rows are rebuilt from their stored config at
+random (same weights, shapes and forward paths), peers re-quantized; each rebuilt model must store the
+bits its row says. ``--render`` only rewrites ``peers.md`` / ``peers.png`` from ``peers.json``.
 """
 
 import argparse
@@ -24,6 +30,7 @@ import copy
 import datetime
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,14 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, command, load, machine, table, write  # noqa: E402
-from _peers import output  # noqa: E402
+from _peers import output, rpq  # noqa: E402
 from _peers.methods import PEERS  # noqa: E402
 from _peers.storage import covered, model_bytes, stored_bits_per_weight  # noqa: E402
 from _peers.timing import example, latency  # noqa: E402
 from _quality.methods import run_rtn, weight_filter  # noqa: E402
 from _quality.tasks import BUILDERS, SELECTION  # noqa: E402
-from fit_minilm import BASE as ALLOCATE_BASE  # noqa: E402
-from fit_minilm import SIZES as ALLOCATE_SIZES  # noqa: E402
 
 import rpq_fx  # noqa: E402
 
@@ -48,10 +53,15 @@ TASKS = {"minilm": dict(n_eval=1000, n_calib=256), "efficientnet": dict(n_eval=2
          "digits": dict()}
 QUICK_TASKS = {"minilm": dict(n_eval=64, n_calib=32), "efficientnet": dict(n_eval=16, n_calib=32),
                "digits": dict(epochs=3, n_calib=64)}
+# reason: a timing reads only the calibration inputs; EfficientNet's (crops drawn with seed 1) do not
+# depend on n_eval, MiniLM's lines do (they follow the evaluation lines), the digits CNN must be retrained
+LATENCY_TASKS = {**TASKS, "efficientnet": dict(n_eval=16, n_calib=128)}
 PLOT_METRIC = {"minilm": "cosine", "efficientnet": "top1", "digits": "accuracy"}
-RPQ_DIMS, QUICK_RPQ_DIMS = (2, 4, 8), (4,)
-RTN_BITS = (8, 4, 2)
-ALLOCATE_BITS = 2.0
+# budgets checked per task: the plotted quality metric, and on digits (450 test images, saturated)
+# agreement with the dense model's predictions as well
+TARGET_METRICS = {"digits": ("accuracy", "agreement")}
+RTN, RTN_BITS = "RTN (here)", (8, 4, 2)
+ROUNDS, QUICK_ROUNDS = 5, 2
 NOTES = "## Where a peer wins, and why"  # peers.md's hand-written section from here on survives a rewrite
 
 
@@ -66,29 +76,51 @@ def _short_error(error: BaseException, limit: int = 220) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
 class Runner:
     """One task: the dense reference, then one row per method, each measured the same way."""
 
-    def __init__(self, name: str, task, rounds: int):
+    def __init__(self, task, rounds: int):
         self.task, self.rounds, self.rows = task, rounds, []
         self.inputs = {1: example(task, 1), 32: example(task, 32)}
         self.numel = sum(p.numel() for p in task.weights.values())
-        dense = {"library": "dense", "version": torch.__version__, "method": "dense", "setting": "fp32",
-                 "short": "fp32", "bits_per_weight": 32.0, "covered": "—", "model_mib": model_bytes(task.model) / MIB,
-                 **task.evaluate(task.model)}
+        self.started = {"date": _now(), "command": command(), "threads": torch.get_num_threads(), "load_before": load()}
+
+    def timings(self, model) -> dict:
+        """Latency columns of ``model`` against the dense model (``model`` is the dense one: ratio 1), and
+        the 1-minute load average just before."""
+        out = {"lat_load": os.getloadavg()[0]}
         for batch, x in self.inputs.items():
-            t = latency(task.model, task.model, x, rounds=rounds)
-            dense.update({f"lat{batch}": 1.0, f"lat{batch}_ms": t["dense_ms"], f"lat{batch}_cpu_ms": t["dense_cpu_ms"]})
-        self.rows.append(dense)
+            t = latency(self.task.model, model, x, rounds=self.rounds)
+            mine = "dense_" if model is self.task.model else ""
+            out.update({f"lat{batch}": 1.0 if mine else t["ratio"], f"lat{batch}_ms": t[f"{mine}ms"],
+                        f"lat{batch}_cpu_ms": t[f"{mine}cpu_ms"]})
+        return out
+
+    def dense(self) -> None:
+        task = self.task
+        self.rows.append({"library": "dense", "version": torch.__version__, "method": "dense", "setting": "fp32",
+                          "short": "fp32", "bits_per_weight": 32.0, "covered": "—", "error": None,
+                          "model_mib": model_bytes(task.model) / MIB, **task.evaluate(task.model),
+                          **self.timings(task.model)})
+
+    def timing_meta(self) -> dict:
+        """When, with how many threads and at what load the latency columns were measured."""
+        loads = [r["lat_load"] for r in self.rows if r.get("lat_load") is not None]
+        return {**self.started, "load_after": load(), "lat_load_min": min(loads, default=None),
+                "lat_load_max": max(loads, default=None)}
 
     def measure(self, head: dict, build, rpq: bool = False) -> None:
-        """Quantize a copy of the dense model with ``build``, then evaluate, size and time it; an
-        exception anywhere makes the row an error row."""
+        """Quantize a copy of the dense model with ``build`` (returning the model and extra row fields),
+        then evaluate, size and time it; an exception anywhere makes the row an error row."""
         task, row, start = self.task, dict(head, error=None), time.perf_counter()
         label = f"{row['library']} {row['method']} {row['setting']}"
         try:
-            model, row["quant_s"], row["quant_cpu_s"] = _timed(
-                (lambda: build()) if rpq else (lambda: build(copy.deepcopy(task.model), task)))
+            (model, extra), row["quant_s"], row["quant_cpu_s"] = _timed(build)
+            row.update(extra)
             model.eval()
             row.update(task.evaluate(model))
             row["bits_per_weight"] = stored_bits_per_weight(task.model, model, task.weights)
@@ -101,9 +133,7 @@ class Runner:
             row["covered"] = f"{len(names)} of {len(task.weights)}"
             row["covered_weights"] = sum(task.weights[n].numel() for n in names if n in task.weights) / self.numel
             row["model_mib"] = model_bytes(model) / MIB
-            for batch, x in self.inputs.items():
-                t = latency(task.model, model, x, rounds=self.rounds)
-                row.update({f"lat{batch}": t["ratio"], f"lat{batch}_ms": t["ms"], f"lat{batch}_cpu_ms": t["cpu_ms"]})
+            row.update(self.timings(model))
             del model
         except Exception as error:  # a peer that fails is a result: its row says why
             row["error"] = _short_error(error)
@@ -119,7 +149,7 @@ class Runner:
     def rtn(self, bits: int) -> None:
         start = time.perf_counter()
         base = run_rtn(self.task, bits)
-        self.rows.append({"library": "RTN (here)", "version": "benchmarks/_quality/rtn.py", "error": None,
+        self.rows.append({"library": RTN, "version": "benchmarks/_quality/rtn.py", "error": None,
                           "method": "per-row symmetric RTN (fake-quantised)",
                           "setting": f"int{bits}, fp32 scale per row",
                           "short": f"int{bits}", "bits_per_weight": base["bits_per_weight"],
@@ -129,40 +159,80 @@ class Runner:
                           "seconds": time.perf_counter() - start})
 
 
-def run_task(name: str, quick: bool, allocate: bool, peers: list, dims) -> dict:
-    start = time.perf_counter()
-    task = BUILDERS[name](**(QUICK_TASKS if quick else TASKS)[name])
-    runner = Runner(name, task, rounds=2 if quick else 5)
-    chosen = weight_filter(task.weights)
-    print(f"== {name}: built in {time.perf_counter() - start:.0f} s; {len(task.weights)} weights", flush=True)
-    version = rpq_fx.__version__
-    for d in dims:
-        head = {"library": "rpq_fx", "version": version, "method": "convert, data-aware (calibration=)",
-                "setting": f"d={d}, K=256, one shared codebook", "short": f"d={d}"}
-        runner.measure(head, lambda d=d: rpq_fx.convert(
-            task.model, codebook_dim=d, num_codes=256, shared_codebooks=True, init="kmeans",
-            calibration=task.calibration, filter_fn=chosen, seed=0, progress=False), rpq=True)
-    if allocate and name == "minilm":
-        head = {"library": "rpq_fx", "version": version, "method": f"allocate({ALLOCATE_BITS}) then convert",
-                "setting": f"{len(ALLOCATE_SIZES)} sizes (d=8..2, hot rows), fp16 codebooks", "short": "allocate"}
+def _peer_head(peer) -> dict:
+    return {"library": peer.library, "version": peer.version, "method": peer.method, "setting": peer.setting,
+            "short": peer.setting.split(",")[0].split(" (")[0], "data_aware": peer.data_aware}
 
-        def allocated():
-            config = rpq_fx.allocate(task.model, ALLOCATE_BITS, task.calibration, sizes=ALLOCATE_SIZES,
-                                     config=rpq_fx.RPQConfig.from_dict(ALLOCATE_BASE), filter_fn=chosen, progress=False)
-            return rpq_fx.convert(task.model, config=config, calibration=task.calibration, filter_fn=chosen,
-                                  progress=False)
-        runner.measure(head, allocated, rpq=True)
-    for bits in RTN_BITS:
-        runner.rtn(bits)
-    for peer in peers:
-        head = {"library": peer.library, "version": peer.version, "method": peer.method, "setting": peer.setting,
-                "short": peer.setting.split(",")[0].split(" (")[0], "data_aware": peer.data_aware}
-        runner.measure(head, peer.run)
+
+def _key(row: dict) -> tuple:
+    return row["library"], row["method"], row["setting"]
+
+
+def _task_entry(name: str, task, runner: Runner, seconds: float) -> dict:
     numel, total = runner.numel, sum(p.numel() for p in task.model.parameters())
     notes = (f"{task.notes} Selected weights: {len(task.weights)}, {numel:,} of the model's {total:,} parameters; "
              "stored bits are counted over these, a selected weight a peer leaves dense counting its 32 bits.")
     return {"name": name, "title": task.title, "notes": notes, "metrics": task.metrics,
-            "plot_metric": PLOT_METRIC[name], "rows": runner.rows, "seconds": time.perf_counter() - start}
+            "plot_metric": PLOT_METRIC[name], "target_metrics": list(TARGET_METRICS.get(name, [PLOT_METRIC[name]])),
+            "rows": runner.rows, "latency": runner.timing_meta(), "seconds": seconds}
+
+
+def run_task(name: str, quick: bool, allocate: bool, peers: list, dims) -> dict:
+    start = time.perf_counter()
+    task = BUILDERS[name](**(QUICK_TASKS if quick else TASKS)[name])
+    runner = Runner(task, rounds=QUICK_ROUNDS if quick else ROUNDS)
+    runner.dense()
+    chosen = weight_filter(task.weights)
+    print(f"== {name}: built in {time.perf_counter() - start:.0f} s; {len(task.weights)} weights", flush=True)
+    for row in rpq.rows(name, dims, allocate):
+        def fitted(row=row):
+            model, config = rpq.fit(row, task, chosen)
+            return model, {"config": config}
+        runner.measure(row.head(), fitted, rpq=True)
+    for bits in RTN_BITS:
+        runner.rtn(bits)
+    for peer in peers:
+        runner.measure(_peer_head(peer), lambda peer=peer: (peer.run(copy.deepcopy(task.model), task), {}))
+    return _task_entry(name, task, runner, time.perf_counter() - start)
+
+
+def refresh_latency(entry: dict, quick: bool = False) -> None:
+    """Measure ``entry``'s (a task of ``peers.json``) latency columns again, in place: every row that
+    ran, rebuilt (rpq_fx at random from its config, peers re-quantized) and checked to store the bits
+    its row says; a row that cannot be rebuilt keeps no latency and says why (``lat_error``)."""
+    name = entry["name"]
+    task = BUILDERS[name](**(QUICK_TASKS if quick else LATENCY_TASKS)[name])
+    runner = Runner(task, rounds=QUICK_ROUNDS if quick else ROUNDS)
+    chosen, peers = weight_filter(task.weights), {_key(_peer_head(p)): p for p in PEERS}
+    print(f"== {name}: retiming {len(entry['rows'])} rows", flush=True)
+    for row in entry["rows"]:
+        if row.get("error") or row["library"] == RTN:
+            continue  # failed rows, and RTN's fake-quantised ones, have no latency
+        row.pop("lat_error", None)
+        try:
+            if row["library"] == "dense":
+                model = task.model
+            elif row["library"] == "rpq_fx":
+                if not isinstance(row.get("config"), dict):
+                    raise ValueError("the row keeps no rpq_fx config (an older run): rerun its task to store one")
+                model = rpq.rebuild(row["config"], task, chosen)
+            elif _key(row) in peers:
+                model = peers[_key(row)].run(copy.deepcopy(task.model), task)
+            else:
+                raise ValueError(f"no peer in _peers/methods.py is {_key(row)}")
+            model.eval()
+            bits = stored_bits_per_weight(task.model, model, task.weights)
+            if abs(bits - row["bits_per_weight"]) > 1e-6:
+                raise ValueError(f"the rebuilt model stores {bits:.6f} bits per weight, "
+                                 f"the row {row['bits_per_weight']:.6f}")
+            row.update(runner.timings(model))
+        except Exception as error:
+            row.update({"lat1": None, "lat32": None, "lat_load": None, "lat_error": _short_error(error)})
+        runner.rows.append(row)
+        print(f"  {row['library']} {row['setting']}: " + (f"ERROR {row['lat_error']}" if row.get("lat_error") else
+              f"latency b1 {row['lat1']:.2f} b32 {row['lat32']:.2f} (load {row['lat_load']:.2f})"), flush=True)
+        gc.collect()
+    entry["latency"] = runner.timing_meta()
 
 
 def main() -> None:
@@ -172,22 +242,38 @@ def main() -> None:
     parser.add_argument("--no-allocate", action="store_true", help="skip rpq_fx.allocate on MiniLM (~7 CPU-min)")
     parser.add_argument("--peers", nargs="+", metavar="LIBRARY", help="only these peer libraries (e.g. hqq torchao)")
     parser.add_argument("--rpq-dims", nargs="*", type=int,
-                        help=f"rpq_fx's codebook_dim values (default {RPQ_DIMS}; none: no rpq_fx rows)")
+                        help=f"rpq_fx's codebook_dim values (default {rpq.RPQ_DIMS}; none: no rpq_fx rows)")
     parser.add_argument("--add", action="store_true", help="keep the other tasks of an earlier peers.json in --out")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="retime the rows of --out's peers.json (of --tasks), keeping every other number")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md / .png from peers.json")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.render:
-        earlier = json.loads((args.out / "peers.json").read_text())
-        return render(args.out, earlier["meta"], earlier["tasks"], load())
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    started = load()
+    if args.render or args.latency_only:
+        path = args.out / "peers.json"
+        if not path.exists():
+            parser.error(f"{path} does not exist: run the tasks first")
+        earlier = json.loads(path.read_text())
+        if args.latency_only:
+            for entry in earlier["tasks"]:
+                if entry["name"] in args.tasks:
+                    refresh_latency(entry, args.quick)
+            output.write_json(path, earlier["meta"], earlier["tasks"])
+        return render(args.out, earlier["meta"], earlier["tasks"], started)
     peers = [p for p in PEERS if not args.peers or p.library in args.peers]
-    started, start, cpu = load(), time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(0)
-    dims = args.rpq_dims if args.rpq_dims is not None else (QUICK_RPQ_DIMS if args.quick else RPQ_DIMS)
+    dims = args.rpq_dims if args.rpq_dims is not None else (rpq.QUICK_RPQ_DIMS if args.quick else rpq.RPQ_DIMS)
     tasks = [run_task(name, args.quick, not (args.quick or args.no_allocate), peers, dims) for name in args.tasks]
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     run = {"command": command(), "tasks": args.tasks, "wall_s": wall, "cpu_s": cpu, "load_before": started,
-           "load_after": load(), "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick}
+           "load_after": load(), "date": _now(), "quick": args.quick, "threads": torch.get_num_threads()}
     meta = {"machine": machine(), "torch": torch.__version__, "selection": SELECTION, "runs": [run]}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.add and (args.out / "peers.json").exists():
@@ -202,8 +288,11 @@ def render(out: Path, meta: dict, tasks: list[dict], started: str) -> None:
     """peers.png and peers.md from the runs' ``meta`` and ``tasks``."""
     output.plot(out / "peers.png", tasks)
     runs = "\n".join(f"- `{r['command']}` ({', '.join(r['tasks'])}): {r['date']}, wall {r['wall_s'] / 60:.1f} min, "
-                      f"CPU {r['cpu_s'] / 60:.1f} min, load average {r['load_before']} before, {r['load_after']} after"
+                      f"CPU {r['cpu_s'] / 60:.1f} min"
+                      + (f", {r['threads']} threads" if r.get("threads") else "")
+                      + f", load average {r['load_before']} before, {r['load_after']} after"
                       + (" (--quick)" if r["quick"] else "") for r in meta["runs"])
+    targets = [output.targets_text(t, key) for t in tasks for key in t.get("target_metrics", [t["plot_metric"]])]
     body = (f"Runs:\n\n{runs}\n\n"
             "Raw numbers: `peers.json`; plot: `peers.png`.\n\n![quality against stored bits](peers.png)\n\n"
             f"**Weights quantised** (every method is offered the same ones): {SELECTION}. A library that handles "
@@ -217,8 +306,11 @@ def render(out: Path, meta: dict, tasks: list[dict], started: str) -> None:
             "RTN is fake-quantised here: its bits are what it would store (`bits` + a fp32 scale per row), no "
             "latency. `quantize s`: wall (CPU) seconds of the quantization call(s), calibration included. Latency "
             "ratios: median per-call wall time over dense fp32's, the two measured in alternating blocks in this "
-            "process (inputs: the first calibration inputs, batch 1 and 32).\n\n**Targets**\n\n"
-            + "\n".join(output.targets_text(t) for t in tasks) + "\n"
+            "process (inputs: the first calibration inputs, batch 1 and 32); each task says when they were timed, "
+            "with how many threads and at what load. On a shared machine they are noise: `python "
+            "benchmarks/peers.py --latency-only` retimes every row on a quiet one in minutes, keeping the other "
+            "numbers (rpq_fx rows rebuilt at random from their stored config: the same shapes and forward paths; "
+            "peers re-quantized).\n\n**Targets**\n\n" + "\n".join(targets) + "\n"
             + "\n".join(output.task_table(t, table) for t in tasks))
     previous = out / "peers.md"
     notes = previous.read_text().partition(NOTES)[2] if previous.exists() else ""

@@ -1,6 +1,7 @@
 """benchmarks/peers.py's accounting: stored bits from the tensors a model really keeps, the
 weights a peer covered, and the budget check behind its targets."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -90,3 +91,92 @@ def test_budget_check_finds_where_a_peer_wins():
     rows.append(_row("torchao", 2.0, 0.9))
     assert not {round(c["budget"], 1): c for c in budget_check(rows, "q")}[2.1]["holds"]
     assert [r["library"] for r in above(rows, "q", 0.85, 2.2)] == ["rpq_fx", "torchao"]
+
+
+# --- rpq_fx's rows: stored configs, rebuilt at random for a retiming ---------------------------------
+
+def _tiny_task(name: str = "digits"):
+    from _quality.tasks import Task
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    x = torch.randn(96, 32)
+    reference = model(x).detach()
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"accuracy": float(torch.nn.functional.cosine_similarity(m(x), reference).mean()),
+                    "agreement": 1.0}
+
+    task = Task(name, "tiny", model, evaluate, {"accuracy": "cosine", "agreement": "agreement"},
+                list(x.split(32)), "a tiny task")
+    task.weights = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    return task
+
+
+def test_rebuild_at_random_stores_what_the_fit_stores():
+    from _peers import rpq
+    from _quality.methods import weight_filter
+
+    task = _tiny_task()
+    chosen = weight_filter(task.weights)
+    plans = rpq.rows("digits", (4,), allocate=False)
+    assert [p.short for p in plans] == ["d=4", "d=4 fp16", "d=8 M=3"]  # the digits extras, after the dims
+    assert plans[2].config["additive_codebooks"] == 3 and plans[2].config["codebook_dtype"] == "float16"
+    # reason: the additive fit at K=256 takes 20 CPU-s on this tiny model; K=16 keeps its format's parts
+    for plan in (plans[0], dataclasses.replace(plans[2], config={**plans[2].config, "num_codes": 16})):
+        fitted, config = rpq.fit(plan, task, chosen)
+        assert config["init"] == "kmeans" and config["codebook_dim"] == plan.config["codebook_dim"]
+        rebuilt = rpq.rebuild(config, task, chosen)
+        assert stored_bits_per_weight(task.model, rebuilt, task.weights) == \
+            stored_bits_per_weight(task.model, fitted, task.weights)
+        assert [type(m).__name__ for m in rebuilt.modules()] == [type(m).__name__ for m in fitted.modules()]
+        assert rebuilt.code == fitted.code  # the same graph: the same forward paths
+        # drawn at random, not fitted: far from the dense output where the fit is close to it
+        assert task.evaluate(rebuilt)["accuracy"] < 0.5 < task.evaluate(fitted)["accuracy"]
+    overrides = {**plans[0].config, "overrides": {"2.weight": {"codebook_dim": 8, "init": "kmeans"}}}
+    mixed = rpq.rebuild(overrides, task, chosen)
+    assert {r["layer"]: r["init"] for r in __import__("rpq_fx").report(mixed).rows if r["init"]} == \
+        {"0.weight": "random", "2.weight": "random"}
+    with pytest.raises(ValueError, match="config must be a dict"):
+        rpq.rebuild(None, task, chosen)
+
+
+def test_latency_only_retimes_rows_and_keeps_every_other_number(monkeypatch):
+    import peers
+    from _peers import rpq
+    from _quality.methods import weight_filter
+
+    task = _tiny_task()
+    monkeypatch.setitem(peers.BUILDERS, "digits", lambda **_: task)
+    chosen = weight_filter(task.weights)
+    model, config = rpq.fit(rpq.rows("digits", (4,), False)[0], task, chosen)
+    bits = stored_bits_per_weight(task.model, model, task.weights)
+
+    def row(library, setting, **extra):
+        return {"library": library, "method": "m", "setting": setting, "version": "v", "error": None,
+                "bits_per_weight": 32.0, "accuracy": 0.5, "covered": "2 of 2", "model_mib": 0.1,
+                "lat1": 9.0, "lat32": 9.0, **extra}
+
+    rows = [row("dense", "fp32"), row("rpq_fx", "d=4", config=config, bits_per_weight=bits),
+            row("rpq_fx", "wrong bits", config=config, bits_per_weight=bits + 0.5),
+            row("rpq_fx", "old run", bits_per_weight=bits),
+            row("RTN (here)", "int2", lat1=None, lat32=None), row("hqq", "2 bits", error="boom")]
+    entry = {"name": "digits", "rows": rows}
+    peers.refresh_latency(entry, quick=True)
+    dense, good, wrong, old, rtn, failed = rows
+    assert dense["lat1"] == dense["lat32"] == 1.0 and dense["lat1_ms"] > 0
+    assert 0 < good["lat1"] != 9.0 and good["lat32_ms"] > 0 and good["lat_load"] >= 0
+    assert all(r["accuracy"] == 0.5 for r in rows)  # quality is never re-measured
+    assert wrong["lat1"] is None and "stores" in wrong["lat_error"]
+    assert old["lat1"] is None and "no rpq_fx config" in old["lat_error"]
+    assert rtn["lat1"] is None and "lat_error" not in rtn and failed["lat1"] == 9.0  # neither is timed
+    assert entry["latency"]["threads"] == torch.get_num_threads()
+    assert entry["latency"]["lat_load_min"] <= entry["latency"]["lat_load_max"]
+    from _peers.output import task_table, timing_text
+    from tabulate import tabulate
+
+    text = task_table({**entry, "title": "t", "notes": "", "metrics": {"accuracy": "cosine"}},
+                      lambda r, h, **o: tabulate(r, h, **o))
+    assert "could not be measured again: ValueError: the rebuilt model stores" in text
+    assert timing_text(entry["latency"]) in text and "threads, load average" in text

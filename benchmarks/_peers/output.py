@@ -45,6 +45,9 @@ def task_table(task: dict, table) -> str:
         if r.get("error"):
             errors.append(f"- {r['library']} {r['version']}, {r['method']}, {r['setting']}: {r['error']}")
             continue
+        if r.get("lat_error"):
+            errors.append(f"- {r['library']} {r['version']}, {r['method']}, {r['setting']}: ran, but its latency "
+                          f"could not be measured again: {r['lat_error']}")
         share = r.get("covered_weights")
         rows.append([r["library"], r["version"], r["method"], r["setting"], f"{r['bits_per_weight']:.3f}",
                      r["covered"] if share is None else f"{r['covered']} ({100 * share:.0f}%)",
@@ -55,7 +58,7 @@ def task_table(task: dict, table) -> str:
     text = (f"## {task['title']}\n\n{task['notes']}\n\nDense fp32 latency in this process: batch 1 "
             f"{dense['lat1_ms']:.2f} ms ({dense['lat1_cpu_ms']:.2f} ms CPU), batch 32 {dense['lat32_ms']:.1f} ms "
             f"({dense['lat32_cpu_ms']:.1f} ms CPU); `latency` columns are each method's time over dense's "
-            "(below 1 is faster), measured interleaved with dense.\n\n"
+            f"(below 1 is faster), measured interleaved with dense{timing_text(task.get('latency'))}.\n\n"
             + table(rows, headers, disable_numparse=True, colalign=["left"] * 4 + ["right"] * (len(headers) - 4))
             + "\n")
     if errors:
@@ -64,8 +67,19 @@ def task_table(task: dict, table) -> str:
     return text
 
 
-def targets_text(task: dict) -> str:
-    key = task["plot_metric"]
+def timing_text(meta: dict | None) -> str:
+    """When, how and at what load a task's latency columns were measured (older runs kept none)."""
+    if not meta:
+        return ""
+    low, high = meta.get("lat_load_min"), meta.get("lat_load_max")
+    during = "" if low is None else f", {low:.2f}-{high:.2f} (1 min) while timing"
+    return (f"; timed {meta['date']} by `{meta['command']}` with {meta['threads']} threads, load average "
+            f"{meta['load_before']} before{during}, {meta['load_after']} after")
+
+
+def targets_text(task: dict, key: str | None = None) -> str:
+    """The budget check of ``task`` on metric ``key`` (default: the plotted one) as a Markdown table."""
+    key = key or task["plot_metric"]
     label = task["metrics"][key]
     lines = []
     for c in budget_check(task["rows"], key):
