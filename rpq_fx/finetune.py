@@ -14,13 +14,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from ._progress import progress_bar
 
+from ._code_step import code_step
 from ._model import input_items, model_device, run_inputs, training_mode
 from .config import check_int
 from .distributed import (RPQDistributedError, average_gradients, check_codes_in_sync, check_in_sync,
                           is_data_parallel, is_sharded)
 from .fit.calibrate import drop_padding, padding_mask
 from .loss import default_loss, distillation_loss, mean_loss, model_output
-from .nn.weight import RPQWeight
+from .nn.weight import RPQWeight, rpq_weights
 
 __all__ = ["param_groups", "float32_codebooks", "finetune"]
 
@@ -203,7 +204,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
              loss: Callable | None = None, layers: Sequence[str] = (), layer_weight: float = 1.0,
              validation: Iterable | None = None, validate_every: int = 10,
              optimizer: torch.optim.Optimizer | None = None, train_dense: bool = True,
-             progress: bool = True) -> list[float]:
+             code_every: int | None = None, code_step_size: float = 0.05, progress: bool = True) -> list[float]:
     """Train ``model`` (converted) to reproduce ``teacher`` (the dense original) on ``data``; returns the losses.
 
     ``data`` holds model inputs as for ``convert(calibration=...)`` (tensors, tuples of positional
@@ -221,6 +222,13 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     over :func:`param_groups` unless ``optimizer`` is given; float16 / bfloat16 codebooks train in
     float32 (:func:`float32_codebooks`).
 
+    ``code_every`` (off by default) adds PV-tuning's discrete step: after every ``code_every``-th step the
+    codes are re-picked toward the loss gradient's direction (a move of ``code_step_size`` of each weight's
+    RMS) and kept only where the loss on that step's item drops (:mod:`rpq_fx._code_step`; ``layers`` do
+    not enter it, weights with hot rows keep their codes, and the teacher must hold each weight under the
+    name :func:`~rpq_fx.decompress` gives it, as a model converted in place does). The best state kept
+    for ``validation`` then includes the codes. One process only.
+
     Distributed: where a ``torch.distributed`` process group of several ranks is initialised, every
     rank calls ``finetune`` with its own share of the data (``data`` and ``validation``: equally
     many validation items per rank) and the same model, plain or wrapped in DDP / FSDP2. Each step
@@ -233,6 +241,11 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     """
     check_int("finetune", "steps", steps, 1)
     check_int("finetune", "validate_every", validate_every, 1)
+    if code_every is not None:
+        check_int("finetune", "code_every", code_every, 1)
+        if isinstance(code_step_size, bool) or not isinstance(code_step_size, (int, float)) or not (
+                0 < code_step_size < float("inf")):
+            raise ValueError(f"finetune: code_step_size must be a positive finite number, got {code_step_size!r}")
     items = input_items(data, "finetune: data")
     held_out = None if validation is None else input_items(validation, "finetune: validation")
     if not items:
@@ -250,8 +263,11 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
         targets: dict[int, tuple] = {}
         losses = []
         trained = [p for group in optimizer.param_groups for p in group["params"]]
-        best = _Best(trained)
+        codes = [s.codes for _, w in rpq_weights(model) for s in w.stages()] if code_every else []
+        best = _Best(trained + codes)  # reason: codebooks put back without the codes they trained with would not fit
         ranks = _ranks(model, trained, loss is not None, held_out)
+        if ranks and code_every:
+            raise RPQDistributedError("finetune: code_every= runs in one process; leave it None with several ranks")
         validate = ranks.validation_loss if ranks else mean_loss
         if held_out is not None:
             with torch.no_grad():
@@ -279,6 +295,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
             if ranks:
                 ranks.reduce()
             optimizer.step()
+            if code_every and (step + 1) % code_every == 0:
+                code_step(model, teacher, items[index], out, objective, device, step=code_step_size)
             losses.append(ranks.mean(float(value.detach())) if ranks else float(value.detach()))
             if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
                 best.offer(validate(model, held_out, held_targets, objective, device))

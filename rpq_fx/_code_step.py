@@ -1,0 +1,105 @@
+"""PV-tuning's discrete step for :func:`~rpq_fx.finetune.finetune`: codes re-picked during fine-tuning.
+
+Fine-tuning trains the codebooks with the codes fixed; PV-tuning (Malinovskii et al., 2024) alternates that
+with a step on the codes. Here: the gradient of the loss with respect to each RPQ weight's dense value
+``W`` (the teacher's architecture run on the converted model's dense weights, :func:`~rpq_fx.decompress`)
+gives a target ``W - η ∇W``, its move scaled to ``step`` of ``W``'s RMS; every slice's codes become those
+whose codewords (summed over the stages) lie nearest the target, searched from the current codes (one code:
+the nearest codeword; M codes: :func:`~rpq_fx.fit.additive.beam_codes`). The step is kept only if the loss
+on the same item drops; otherwise every code goes back.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._model import run_inputs
+from .decompress import decompress
+from .fit.additive import beam_codes
+from .fit.kmeans import nearest
+from .nn.weight import RPQWeight, rpq_weights
+
+__all__ = ["code_step"]
+
+
+def _reserved(weight: RPQWeight) -> Tensor | None:
+    """The rows that read the last codeword in every stage and slice while it is zero everywhere (an
+    embedding's padding row, :meth:`RPQWeight.reset_parameters`'s ``zero_rows``): their codes stay, and no
+    other row may take that codeword (its zero would then train)."""
+    last = weight.num_codes - 1
+    if any(stage.codebooks[:, last].any() for stage in weight.stages()):
+        return None
+    rows = torch.ones(weight.num_vectors, dtype=torch.bool, device=weight.codes.device)
+    for stage in weight.stages():
+        rows &= (stage.codes.long() % weight.num_codes == last).all(0)
+    return rows if rows.any() else None
+
+
+def _repick(weight: RPQWeight, target: Tensor, beam: int) -> int:
+    """Set ``weight``'s codes to those nearest ``target [N, C*d]`` (see the module docstring); how many changed."""
+    stages = weight.stages()
+    k, c, d = weight.num_codes, weight.num_codebooks, weight.codebook_dim
+    codes = torch.stack([s.codes.long() % k for s in stages])  # [M, C, N]
+    reserved = _reserved(weight)
+    slices = target.float().reshape(-1, c, d)
+    new = codes.clone()
+    for slot in range(weight.codebooks.shape[0]):  # one shared codebook, or one per slice position
+        positions = slice(None) if weight.codebooks.shape[0] == 1 else slice(slot, slot + 1)
+        words = torch.stack([s.codebooks[slot].detach().float() for s in stages])  # [M, K, d]
+        if reserved is not None:
+            # reason: far enough never to be nearest, near enough that squared distances stay finite in float32
+            words[:, -1] = 1e18
+        points = slices[:, positions].transpose(0, 1).reshape(-1, d)  # (slice, row) order, as codes[:, positions]
+        current = codes[:, positions].reshape(len(stages), -1).t()
+        if len(stages) == 1:
+            found = nearest(points.unsqueeze(0), words)[0].long().view(-1, 1)
+            before = (points - words[0][current[:, 0]]).square().sum(1)
+            after = (points - words[0][found[:, 0]]).square().sum(1)
+            found = torch.where((after < before).unsqueeze(1), found, current)
+        else:
+            found = beam_codes(points, words, current, beam)
+        new[:, positions] = found.t().reshape(len(stages), -1, weight.num_vectors)
+    if reserved is not None:
+        new[:, :, reserved] = codes[:, :, reserved]
+    changed = int((new != codes).sum())
+    for stage, value in zip(stages, new):
+        stage.codes.copy_(value.to(stage.codes.dtype))
+    return changed
+
+
+def code_step(model: nn.Module, teacher: nn.Module, item, target, objective: Callable, device, *,
+              step: float, beam: int = 8) -> tuple[float, float, int]:
+    """One discrete step on ``model``'s codes against ``teacher``'s output ``target`` on ``item`` (see the module
+    docstring); returns the loss before and after and how many codes changed (0 where it was undone). Weights
+    with hot rows keep their codes."""
+    weights = {name: w for name, w in rpq_weights(model) if w.hot is None}
+    with torch.no_grad():
+        before = float(objective(run_inputs(model, item, device), target, item))
+    dense = decompress(model)
+    leaves = {id(v): v.detach().clone().requires_grad_() for v in dense.values()}
+    teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
+    # reason: the converted model's trained dense leftovers (biases, norms) under the teacher's names, where they match
+    swapped = {name: p for name, p in model.named_parameters()
+               if name in teacher_params and teacher_params[name].shape == p.shape}
+    swapped.update({name: leaves[id(value)] for name, value in dense.items() if name in teacher_params})
+    loss = objective(run_inputs(teacher, item, device, swapped), target, item)
+    loss.backward()
+    saved = {name: [s.codes.clone() for s in w.stages()] for name, w in weights.items()}
+    changed = 0
+    with torch.no_grad():
+        for name, weight in weights.items():
+            grad = leaves[id(dense[name])].grad if name in dense else None
+            if grad is None:  # reason: a weight the teacher does not hold under that name gets no gradient
+                continue
+            rows = weight.expand_rows().float()
+            grad = (grad.t() if weight.transposed else grad).reshape(rows.shape).float()
+            scale = step * rows.square().mean().sqrt() / grad.square().mean().sqrt().clamp_min(1e-30)
+            changed += _repick(weight, rows - scale * grad, beam)
+        after = float(objective(run_inputs(model, item, device), target, item)) if changed else before
+        if after >= before:
+            for name, codes in saved.items():
+                for stage, value in zip(weights[name].stages(), codes):
+                    stage.codes.copy_(value)
+            return before, before, 0
+    return before, after, changed
