@@ -70,8 +70,8 @@ def test_conv_forward_and_backward_equal_the_dense_convolution(case):
 
 
 def test_blocks_cover_whole_groups(monkeypatch):
-    assert conv_module._blocks([512, 512, 3, 3], 1, 4) == [slice(n, n + 113) if n < 452 else slice(452, 512)
-                                                           for n in range(0, 512, 113)]
+    # 1 MiB holds 56 rows of 4608 float32 values: 48, a multiple of 16
+    assert conv_module._blocks([512, 512, 3, 3], 1, 4) == [slice(n, min(n + 48, 512)) for n in range(0, 512, 48)]
     monkeypatch.setattr(conv_module, "BLOCK_BYTES", 5 * 36 * 4)  # 5 rows of 36 float32 values
     assert conv_module._blocks([12, 4, 3, 3], 1, 4) == [slice(0, 5), slice(5, 10), slice(10, 12)]
     assert conv_module._blocks([12, 4, 3, 3], 3, 4) == [slice(0, 4), slice(4, 8), slice(8, 12)]  # 4 per group
@@ -139,3 +139,4 @@ def test_bad_arguments_name_the_value(bad, message):
 def test_blocks_pay_only_above_one_block():
     assert not conv_module.blocks_pay([64, 64, 3, 3], torch.float32)  # 147 KB: one block
     assert conv_module.blocks_pay([512, 512, 3, 3], torch.float32)  # 9.4 MB: resnet50's layer4 conv
+    assert not conv_module.blocks_pay([256, 256, 2, 2], torch.float32)  # exactly 1 MiB: one block

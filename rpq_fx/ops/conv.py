@@ -11,7 +11,7 @@ a weight expanded whole is a fresh 9.4 MB tensor every call, and oneDNN reorders
 fresh buffer. glibc returns buffers that large to the system when they are freed, so every call pays
 ~4600 page faults: 14-22 ms against the dense convolution's 1.8 ms (batch 1, one thread), though the
 expansion itself takes 0.2 ms. Blocks of at most :data:`BLOCK_BYTES` stay in the allocator's heap and
-cost no faults: 2.1 ms. A compressed-domain convolution (codewords as the filters of a grouped
+cost few faults or none: 2.1-2.3 ms (see :data:`BLOCK_BYTES`). A compressed-domain convolution (codewords as the filters of a grouped
 convolution, then a gather-sum over codes) needs slices that cover whole input channels, which
 ``rpq_fx.RPQ``'s 64-value slices of 3x3 kernels do not, and costs ``K / out_channels`` of the dense
 products before its gather: with K = 256 it cannot beat the dense convolution on resnet50's layers.
@@ -32,9 +32,12 @@ from .library import expand
 
 __all__ = ["conv", "BLOCK_BYTES", "blocks_pay"]
 
-# Expanded weight per block. Measured (resnet50's 512x512x3x3 conv, batch 1 and 32, one thread): blocks of
-# 2.4 MB and less cost no page faults; 4.7 MB blocks cost 77 per call, a 9.4 MB whole weight 4576.
-BLOCK_BYTES = 2 * 2**20
+# Expanded weight per block. Measured on resnet50's 512x512x3x3 conv (batch 1 and 32, one thread, page faults per
+# call): the whole 9.4 MB weight 4576; in a fresh process blocks of 2 MiB 1062-1614, 1 MiB 5-224, 0.5 MiB 25-28
+# (glibc hands a block back to the system when the heap's free top outgrows its trim threshold, which rises
+# with the largest block freed so far: in a whole model, with its activations, fewer faults at every size).
+BLOCK_BYTES = 2**20
+_ROW_MULTIPLE = 16  # output channels per block, where a block holds more: oneDNN's vector width in float32
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -48,7 +51,10 @@ def _blocks(weight_shape: list[int], groups: int, itemsize: int) -> list[slice]:
     """Output channels expanded at a time: whole groups, about :data:`BLOCK_BYTES` of weight each."""
     out_channels, row = weight_shape[0], math.prod(weight_shape[1:])
     unit = out_channels // groups if groups > 1 else 1  # a block never splits a group
-    rows = max(unit, BLOCK_BYTES // max(1, row * itemsize) // unit * unit)
+    rows = BLOCK_BYTES // max(1, row * itemsize) // unit * unit
+    if rows > _ROW_MULTIPLE and unit == 1:
+        rows = rows // _ROW_MULTIPLE * _ROW_MULTIPLE
+    rows = max(unit, rows)
     return [slice(n, min(n + rows, out_channels)) for n in range(0, out_channels, rows)]
 
 
