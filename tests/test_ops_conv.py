@@ -62,6 +62,7 @@ def test_conv_forward_and_backward_equal_the_dense_convolution(case):
     wanted = torch.autograd.grad(expected, inputs, grad)
     with pytest.MonkeyPatch.context() as patch:  # blocks of a few output channels (whole groups): several run
         patch.setattr(conv_module, "BLOCK_BYTES", case["block_rows"] * math.prod(case["shape"][1:]) * 8)
+        patch.setattr(conv_module, "INPUT_RATIO", 0)  # blocks whatever the input's size
         out = conv(x, codebooks, codes, bias, *args)
         actual = torch.autograd.grad(out, inputs, grad)
     torch.testing.assert_close(out, expected)
@@ -78,7 +79,12 @@ def test_blocks_cover_whole_groups(monkeypatch):
     assert conv_module._blocks([12, 4, 3, 3], 2, 4) == [slice(0, 6), slice(6, 12)]  # one group is 6 > 5 rows
 
 
-def test_gradcheck_with_blocks_and_groups(monkeypatch):
+@pytest.fixture
+def blocks_always(monkeypatch):
+    monkeypatch.setattr(conv_module, "INPUT_RATIO", 0)
+
+
+def test_gradcheck_with_blocks_and_groups(monkeypatch, blocks_always):
     monkeypatch.setattr(conv_module, "BLOCK_BYTES", 2 * 12 * 8)
     case = dict(dims=2, groups=2, shape=[6, 2, 2, 3], d=4, shared=False, num_codes=4, batch=2, size=[5, 6],
                 stride=[2, 1], padding=[1, 0], dilation=[1, 2], bias=True)
@@ -87,7 +93,7 @@ def test_gradcheck_with_blocks_and_groups(monkeypatch):
     assert torch.autograd.gradcheck(lambda x, cb, b: conv(x, cb, codes, b, *args), (x, codebooks, bias))
 
 
-def test_opcheck_schema_fake_and_autograd(monkeypatch):
+def test_opcheck_schema_fake_and_autograd(monkeypatch, blocks_always):
     monkeypatch.setattr(conv_module, "BLOCK_BYTES", 3 * 18 * 4)
     codebooks = torch.randn(9, 16, 2, requires_grad=True)
     codes = torch.randint(0, 16, (9, 8), dtype=torch.uint8)
@@ -96,7 +102,7 @@ def test_opcheck_schema_fake_and_autograd(monkeypatch):
     torch.library.opcheck(conv, (x, codebooks, codes, bias, [8, 2, 3, 3], [1, 1], [1, 1], [1, 1], 1))
 
 
-def test_float32_and_bfloat16_blocks_match_the_dense_convolution(monkeypatch):
+def test_float32_and_bfloat16_blocks_match_the_dense_convolution(monkeypatch, blocks_always):
     monkeypatch.setattr(conv_module, "BLOCK_BYTES", 4096)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         codebooks = torch.randn(72, 32, 8, dtype=dtype)
@@ -134,6 +140,16 @@ def test_bad_arguments_name_the_value(bad, message):
     codes = torch.randint(0, 16, (9, 8), dtype=torch.uint8)
     with pytest.raises((RuntimeError, ValueError), match=message):
         conv(args["x"], codebooks, codes, args["bias"], args["shape"], args["stride"], [0, 0], [1, 1], args["groups"])
+
+
+def test_blocks_only_where_the_input_is_small_beside_the_weight():
+    shape = [512, 512, 3, 3]  # 9.4 MB
+    assert conv_module._blocked(torch.empty(1, 512, 7, 7), shape)  # 100 KB: resnet50's layer4 at batch 1
+    assert conv_module._blocked(torch.empty(8, 512, 7, 7), shape)
+    assert not conv_module._blocked(torch.empty(32, 512, 7, 7), shape)  # 3.2 MB: 4x that is above the weight
+    assert not conv_module._blocked(torch.empty(1, 64, 7, 7), [64, 64, 3, 3])  # 147 KB: one block
+    assert len(conv_module._parts(torch.empty(32, 512, 7, 7), shape, 1)) == 1
+    assert len(conv_module._parts(torch.empty(1, 512, 7, 7), shape, 1)) == 11
 
 
 def test_blocks_pay_only_above_one_block():

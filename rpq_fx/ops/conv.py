@@ -8,13 +8,19 @@ each block the same way; no dense weight is kept for it.
 
 Why blocks (benchmarks/model_speed.py, timm resnet50's 512x512x3x3 convolutions under ``rpq_fx.RPQ``):
 a weight expanded whole is a fresh 9.4 MB tensor every call, and oneDNN reorders it into another
-fresh buffer. glibc returns buffers that large to the system when they are freed, so every call pays
-~4600 page faults: 14-22 ms against the dense convolution's 1.8 ms (batch 1, one thread), though the
-expansion itself takes 0.2 ms. Blocks of at most :data:`BLOCK_BYTES` stay in the allocator's heap and
-cost few faults or none: 2.1-2.3 ms (see :data:`BLOCK_BYTES`). A compressed-domain convolution (codewords as the filters of a grouped
-convolution, then a gather-sum over codes) needs slices that cover whole input channels, which
-``rpq_fx.RPQ``'s 64-value slices of 3x3 kernels do not, and costs ``K / out_channels`` of the dense
-products before its gather: with K = 256 it cannot beat the dense convolution on resnet50's layers.
+fresh buffer. glibc hands buffers that large back to the system when they are freed (until a larger one
+has been freed: its thresholds rise with the largest), so such a call can pay ~4600 page faults: 14-22 ms
+against the dense convolution's 1.8 ms (batch 1, one thread), though the expansion itself takes 0.2 ms.
+Blocks of :data:`BLOCK_BYTES` stay in the heap: 2.1-2.3 ms. Each block reads the whole input again, so
+blocks are used only where the call's input is small beside the weight (:func:`_blocked`); a large input
+means the process has freed buffers larger than the weight already, which glibc then keeps.
+
+A compressed-domain convolution (codewords as the filters of a grouped convolution, one per slice of whole
+input channels, then a gather-sum over the codes) computes ``K / out_channels`` of the dense products
+before its gather; measured on that 512x512x3x3 layer (slices of 8 channels, K = 256, one thread) its
+grouped convolution alone took 0.8x the dense convolution at batch 1 and 5.6x at batch 32, the gather-sum
+brought batch 1 to 1.4x: it does not pay here, and ``rpq_fx.RPQ``'s 64-value slices of 3x3 kernels do not
+cover whole channels anyway.
 
 Only weights above :data:`BLOCK_BYTES` are worth the op (:func:`blocks_pay`): below it one block is
 the whole weight, which ``expand`` + ``F.conv`` compute the same way.
@@ -38,6 +44,10 @@ __all__ = ["conv", "BLOCK_BYTES", "blocks_pay"]
 # with the largest block freed so far: in a whole model, with its activations, fewer faults at every size).
 BLOCK_BYTES = 2**20
 _ROW_MULTIPLE = 16  # output channels per block, where a block holds more: oneDNN's vector width in float32
+# Blocks only where input bytes * INPUT_RATIO < weight bytes. resnet50 at batch 32 (load 16): every conv expanded
+# whole ran at 1.08x dense, with 2 MiB blocks 1.16x; at batch 1 whole 1.20x, blocked 1.42x at that load but
+# 0.98-1.05x against whole's 1.36-1.40x at load 7 (one thread).
+INPUT_RATIO = 4
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -58,8 +68,18 @@ def _blocks(weight_shape: list[int], groups: int, itemsize: int) -> list[slice]:
     return [slice(n, min(n + rows, out_channels)) for n in range(0, out_channels, rows)]
 
 
-def _parts(weight_shape: list[int], groups: int, itemsize: int) -> list[tuple[slice, slice, int]]:
-    """``(output channels, input channels, groups)`` of each block's convolution."""
+def _blocked(input: Tensor, weight_shape: list[int]) -> bool:
+    """Whether this call expands its weight in blocks: a weight above one block, and an input small beside it."""
+    weight = math.prod(weight_shape) * input.element_size()
+    return weight > BLOCK_BYTES and input.numel() * input.element_size() * INPUT_RATIO < weight
+
+
+def _parts(input: Tensor, weight_shape: list[int], groups: int) -> list[tuple[slice, slice, int]]:
+    """``(output channels, input channels, groups)`` of each block's convolution (one block unless
+    :func:`_blocked`)."""
+    itemsize = input.element_size()
+    if not _blocked(input, weight_shape):
+        return [(slice(0, weight_shape[0]), slice(None), groups)]
     if groups == 1:
         return [(rows, slice(None), 1) for rows in _blocks(weight_shape, 1, itemsize)]
     cin, per_group = weight_shape[1], weight_shape[0] // groups
@@ -81,7 +101,8 @@ def _check(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
     row = math.prod(weight_shape[1:])
     _require(codes.shape[1] == weight_shape[0] and codes.shape[0] * codebooks.shape[2] == row,
              lambda: f"{op}: codes {tuple(codes.shape)} with codewords of {codebooks.shape[2]} values expand to "
-                     f"[{codes.shape[1]}, {codes.shape[0] * codebooks.shape[2]}], not weight_shape {list(weight_shape)}")
+                     f"[{codes.shape[1]}, {codes.shape[0] * codebooks.shape[2]}], not weight_shape "
+                     f"{list(weight_shape)}")
     for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
         _require(len(value) == dims, lambda: f"{op}: {name} must have {dims} values, got {list(value)}")
     _require(isinstance(groups, int) and groups >= 1 and weight_shape[0] % groups == 0,
@@ -105,7 +126,7 @@ def conv(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, w
     unbatched = input.dim() == dims + 1
     x = input.unsqueeze(0) if unbatched else input
     outs = []
-    for rows, channels, block_groups in _parts(weight_shape, groups, input.element_size()):
+    for rows, channels, block_groups in _parts(x, weight_shape, groups):
         weight = expand(codebooks, codes[:, rows]).view(rows.stop - rows.start, *weight_shape[1:])
         outs.append(_CONV[dims](x[:, channels], weight, None if bias is None else bias[rows], stride, padding,
                                 dilation, block_groups))
@@ -135,7 +156,7 @@ def _backward(ctx, grad):
     grad_x = torch.zeros_like(x) if need_input else None
     grad_cb = torch.zeros_like(codebooks) if need_codebooks else None
     if need_input or need_codebooks:
-        for rows, channels, block_groups in _parts(weight_shape, groups, input.element_size()):
+        for rows, channels, block_groups in _parts(x, weight_shape, groups):
             weight = expand(codebooks, codes[:, rows]).view(rows.stop - rows.start, *weight_shape[1:])
             gi, gw, _ = torch.ops.aten.convolution_backward(
                 g[:, rows].contiguous(), x[:, channels], weight, None, stride, padding, dilation, False, [0] * dims,

@@ -17,6 +17,7 @@ from rpq_fx.nn import RPQConv1d, RPQConv2d
 ])
 def test_blocked_layer_matches_the_expanded_weight(monkeypatch, layer, x, functional):
     monkeypatch.setattr(conv_module, "BLOCK_BYTES", 64)  # a few output channels per block
+    monkeypatch.setattr(conv_module, "INPUT_RATIO", 0)  # whatever the input's size
     conv = layer()
     calls = []
     monkeypatch.setattr("rpq_fx.nn.layers.rpq_conv", lambda *a: calls.append(a) or conv_module.conv(*a))

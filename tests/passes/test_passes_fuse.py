@@ -288,10 +288,12 @@ CONV = torch.ops.rpq_fx.conv.default
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 16 KiB of weight, so that the test models' convolutions are fused and run in several blocks."""
+    """Blocks of 16 KiB of weight whatever the input's size, so that the test models' convolutions are fused and
+    run in several blocks."""
     import rpq_fx.ops.conv
 
     monkeypatch.setattr(rpq_fx.ops.conv, "BLOCK_BYTES", 16 * 2**10)
+    monkeypatch.setattr(rpq_fx.ops.conv, "INPUT_RATIO", 0)
 
 
 @pytest.mark.parametrize("mode", ["fx", "export"])
