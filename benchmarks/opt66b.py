@@ -8,12 +8,24 @@ storage and a random RPQ init (random codes, codebooks drawn like the dense init
 token. Every linear layer is one ``rpq_fx::linear`` (at batch 1 the compressed-domain path: the
 264 GB of dense weights never exist, not even one layer at a time).
 
-Writes ``benchmarks/results/opt66b.md``.
+Decode is bound by memory bandwidth: each token reads every codebook and code of every layer once
+(codebooks + codes of each ``rpq_fx::linear``, the dense norms and biases, the KV cache; an embedding lookup
+only its rows). The run also measures this machine's bandwidth, a STREAM-like copy (``dst.copy_(src)`` of
+two buffers far larger than the caches, counted as bytes read + written; best of the repeats, as STREAM
+reports) and a read-only sum, and reports decode time over ``bytes per token / bandwidth`` (issue 23's
+target: within 1.3x).
 
-    python benchmarks/opt66b.py [--prompt 8] [--new-tokens 8]
+``--quick`` (``--layers 8 --prompt 4 --new-tokens 4``): the first 8 of the 64 decoder layers, everything
+else as in the full model (the same layers, embedding and head), so the ratio is measured honestly on fewer
+layers; a minute or two and ~1.3 GB.
+
+Writes ``benchmarks/results/opt66b.md`` (``opt66b_quick.md`` with ``--quick`` or ``--layers``).
+
+    python benchmarks/opt66b.py [--prompt 8] [--new-tokens 8] [--layers 64] [--quick] [--stream-mib 1024]
 """
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -26,6 +38,9 @@ from _common import load, table, write  # noqa: E402
 from static_sizes import materialise, opt_66b  # noqa: E402
 
 import rpq_fx  # noqa: E402
+from rpq_fx.nn import RPQLinear  # noqa: E402
+
+LAYERS = 64
 
 
 def rss_mib() -> float:
@@ -43,16 +58,60 @@ class PeakRSS(threading.Thread):
             self.peak = max(self.peak, rss_mib())
 
 
+def bandwidth(mib: int, repeats: int = 5) -> tuple[float, float]:
+    """``(copy, read)`` bytes per second, best of ``repeats``: ``dst.copy_(src)`` counted as bytes read + written
+    (STREAM's copy), and ``src.sum()`` (reads only), on float32 buffers of ``mib`` MiB with torch's threads."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.zeros_like(src)  # every page touched before timing
+    copy = read = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        copy = min(copy, time.perf_counter() - start)
+        start = time.perf_counter()
+        src.sum()
+        read = min(read, time.perf_counter() - start)
+    return 2 * src.nbytes / copy, src.nbytes / read
+
+
+def weight_bytes_per_token(model: torch.nn.Module, lookups: set[str]) -> int:
+    """Bytes of the model's tensors one decode token must read: every parameter and buffer, except an RPQ
+    weight read only by embedding lookups (every alias in ``lookups``): of those, one row (C codes and C
+    codewords)."""
+    total = sum(t.nbytes for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    for layer in rpq_fx.conversion_record(model).layers:
+        if layer.converted and set(layer.aliases) <= lookups:
+            weight = model.get_submodule(layer.aliases[0])
+            total -= weight.codebooks.nbytes + weight.codes.nbytes
+            total += weight.codes.shape[0] * (weight.codes.element_size()
+                                              + weight.codebooks.shape[2] * weight.codebooks.element_size())
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers kept, the first ones (of 64)")
+    parser.add_argument("--quick", action="store_true", help="--layers 8 --prompt 4 --new-tokens 4")
+    parser.add_argument("--stream-mib", type=int, default=1024, help="size of each bandwidth buffer (MiB)")
     args = parser.parse_args()
+    if args.quick:
+        args.layers, args.prompt, args.new_tokens = 8, 4, 4
+    if not 1 <= args.layers <= LAYERS:
+        parser.error(f"--layers must be in 1..{LAYERS}, got {args.layers}")
     started = load()
+    cpu0 = time.process_time()
+    stream_before = bandwidth(args.stream_mib)
     watch = PeakRSS()
     watch.start()
     t0 = time.perf_counter()
-    model = rpq_fx.convert(opt_66b(), num_codebooks=72)
+    dense = opt_66b()
+    if args.layers < LAYERS:  # reason: on the meta device, nothing to free; the config sizes the KV cache
+        dense.model.decoder.layers = dense.model.decoder.layers[:args.layers]
+        dense.config.num_hidden_layers = args.layers
+    lookups = {f"{name}.weight" for name, m in dense.named_modules() if isinstance(m, torch.nn.Embedding)}
+    model = rpq_fx.convert(dense, num_codebooks=72)
     t1 = time.perf_counter()
     before = rss_mib()
     materialise(model)
@@ -60,13 +119,16 @@ def main() -> None:
     t2 = time.perf_counter()
     held = rss_mib() - before
     size = rpq_fx.model_size(model)
-    fused = sum(1 for m in model.modules() if isinstance(m, torch.fx.GraphModule)
-                for n in m.graph.nodes if n.target is torch.ops.rpq_fx.linear.default)
+    # reason: transformers models are converted layer by layer: an nn.Linear becomes an RPQLinear (its forward is
+    # one rpq_fx::linear), other layers a GraphModule
+    fused = sum(isinstance(m, RPQLinear) for m in model.modules()) + sum(
+        1 for m in model.modules() if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.nodes if n.target is torch.ops.rpq_fx.linear.default)
     expands = sum(1 for m in model.modules() if isinstance(m, torch.fx.GraphModule)
                   for n in m.graph.nodes if n.target is torch.ops.rpq_fx.expand.default)
     torch.manual_seed(0)
     prompt = torch.randint(0, 50272, (1, args.prompt))
-    steps = []
+    steps, step_cpu = [], []
     with torch.inference_mode():
         start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
@@ -74,24 +136,57 @@ def main() -> None:
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         assert torch.isfinite(out.logits).all()
         for _ in range(args.new_tokens):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             steps.append(time.perf_counter() - start)
+            step_cpu.append(time.process_time() - cpu)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         assert torch.isfinite(out.logits).all()
     watch.done.set()
     watch.join()
     steps.sort()
+    step_cpu.sort()
+    decode_cpu = time.process_time() - cpu0
+    stream_after = bandwidth(args.stream_mib)
+    copy_bw, read_bw = (max(a, b) for a, b in zip(stream_before, stream_after))
+    config = model.config
+    # the KV cache a decode step reads: keys and values of every layer, prompt and tokens so far (mean over steps)
+    seq = args.prompt + (args.new_tokens + 1) / 2
+    kv = 2 * args.layers * seq * config.hidden_size * 4
+    weights = weight_bytes_per_token(model, lookups)
+    per_token = weights + kv
+    median = steps[len(steps) // 2]
+    limit_copy, limit_read = per_token / copy_bw, per_token / read_bw
+    rows_bw = [
+        ["bytes one decode token reads", f"{per_token / 2**20:.1f} MiB (weights, norms, biases "
+                                         f"{weights / 2**20:.1f} MiB; KV cache {kv / 2**20:.1f} MiB)"],
+        ["STREAM-like copy, before / after the model ran", f"{stream_before[0] / 1e9:.2f} / "
+                                                           f"{stream_after[0] / 1e9:.2f} GB/s (read + written)"],
+        ["read-only sum, before / after", f"{stream_before[1] / 1e9:.2f} / {stream_after[1] / 1e9:.2f} GB/s"],
+        ["bandwidth limit per token: bytes / best copy, / best read",
+         f"{limit_copy:.3f} s, {limit_read:.3f} s"],
+        ["decode median / that limit (target <= 1.3)",
+         f"{median / limit_copy:.2f}x (copy), {median / limit_read:.2f}x (read)"],
+        ["decode fastest / that limit", f"{steps[0] / limit_copy:.2f}x (copy), {steps[0] / limit_read:.2f}x (read)"],
+        ["decode median CPU time / threads / that limit (what a quiet machine would show, roughly)",
+         f"{step_cpu[len(step_cpu) // 2] / torch.get_num_threads() / limit_copy:.2f}x (copy)"],
+        ["process CPU time (bandwidth, build, run)", f"{decode_cpu:.1f} s"]]
     rows = [["convert on meta", f"{t1 - t0:.1f} s"], ["materialise + random RPQ init", f"{t2 - t1:.1f} s"],
             ["model_size", f"{size:.1f} MiB"], ["resident-set growth when materialised", f"{held:.1f} MiB"],
-            ["fused rpq_fx::linear nodes / expansions left", f"{fused} / {expands}"],
+            ["rpq_fx::linear layers / expansions left", f"{fused} / {expands}"],
             [f"prefill, {args.prompt} tokens", f"{prefill:.2f} s ({prefill / args.prompt:.2f} s per token)"],
             [f"decode, median of {len(steps)} tokens (KV cache)", f"{steps[len(steps) // 2]:.2f} s per token"],
             ["decode, fastest / slowest token", f"{steps[0]:.2f} / {steps[-1]:.2f} s"],
-            ["peak resident set of the process", f"{watch.peak / 1024:.2f} GiB"]]
-    body = ("OPT-66b (fp32, 65.7 B parameters, 264 GB dense) as RPQ with 72 codebooks, on the CPU of this "
-            "machine.\n\n" + table(rows, ["", ""]) + "\n")
-    write("opt66b", "OPT-66b as RPQ: materialised and run on a 2-core, 24 GB machine", body, started)
+            ["decode, median process CPU time per token (all threads)", f"{step_cpu[len(step_cpu) // 2]:.2f} s"],
+            ["peak resident set of the process", f"{watch.peak / 1024:.2f} GiB"], *rows_bw]
+    whole = args.layers == LAYERS
+    what = ("OPT-66b (fp32, 65.7 B parameters, 264 GB dense)" if whole else
+            f"OPT-66b's first {args.layers} of 64 decoder layers, its embedding and head")
+    body = (f"{what} as RPQ with 72 codebooks, on the CPU of this machine ({torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} cores).\n\n" + table(rows, ["", ""]) + "\n")
+    write("opt66b" if whole else "opt66b_quick",
+          "OPT-66b as RPQ: materialised and run on a 2-core, 24 GB machine" if whole else
+          f"OPT-66b as RPQ, {args.layers} of 64 layers: decode against the memory-bandwidth limit", body, started)
 
 
 if __name__ == "__main__":
