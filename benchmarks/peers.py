@@ -185,10 +185,7 @@ def run_task(name: str, quick: bool, allocate: bool, peers: list, dims) -> dict:
     chosen = weight_filter(task.weights)
     print(f"== {name}: built in {time.perf_counter() - start:.0f} s; {len(task.weights)} weights", flush=True)
     for row in rpq.rows(name, dims, allocate):
-        def fitted(row=row):
-            model, config = rpq.fit(row, task, chosen)
-            return model, {"config": config}
-        runner.measure(row.head(), fitted, rpq=True)
+        runner.measure(row.head(), lambda row=row: rpq.fit(row, task, chosen), rpq=True)
     for bits in RTN_BITS:
         runner.rtn(bits)
     for peer in peers:
@@ -204,7 +201,7 @@ def refresh_latency(entry: dict, quick: bool = False) -> None:
     task = BUILDERS[name](**(QUICK_TASKS if quick else LATENCY_TASKS)[name])
     runner = Runner(task, rounds=QUICK_ROUNDS if quick else ROUNDS)
     chosen, peers = weight_filter(task.weights), {_key(_peer_head(p)): p for p in PEERS}
-    print(f"== {name}: retiming {len(entry['rows'])} rows", flush=True)
+    print(f"== {name}: retiming its rows", flush=True)
     for row in entry["rows"]:
         if row.get("error") or row["library"] == RTN:
             continue  # failed rows, and RTN's fake-quantised ones, have no latency

@@ -121,11 +121,14 @@ def test_rebuild_at_random_stores_what_the_fit_stores():
     task = _tiny_task()
     chosen = weight_filter(task.weights)
     plans = rpq.rows("digits", (4,), allocate=False)
-    assert [p.short for p in plans] == ["d=4", "d=4 fp16", "d=8 M=3"]  # the digits extras, after the dims
+    assert [p.short for p in plans] == ["d=4", "d=4 fp16", "d=8 M=3", "allocate", "d=4 tuned"]  # extras after dims
     assert plans[2].config["additive_codebooks"] == 3 and plans[2].config["codebook_dtype"] == "float16"
     # reason: the additive fit at K=256 takes 20 CPU-s on this tiny model; K=16 keeps its format's parts
-    for plan in (plans[0], dataclasses.replace(plans[2], config={**plans[2].config, "num_codes": 16})):
-        fitted, config = rpq.fit(plan, task, chosen)
+    for plan in (plans[0], dataclasses.replace(plans[2], config={**plans[2].config, "num_codes": 16}),
+                 dataclasses.replace(plans[4], finetune_steps=4)):
+        fitted, extra = rpq.fit(plan, task, chosen)
+        config = extra["config"]
+        assert extra.get("finetune_steps") == (plan.finetune_steps or None)
         assert config["init"] == "kmeans" and config["codebook_dim"] == plan.config["codebook_dim"]
         rebuilt = rpq.rebuild(config, task, chosen)
         assert stored_bits_per_weight(task.model, rebuilt, task.weights) == \
@@ -150,7 +153,8 @@ def test_latency_only_retimes_rows_and_keeps_every_other_number(monkeypatch):
     task = _tiny_task()
     monkeypatch.setitem(peers.BUILDERS, "digits", lambda **_: task)
     chosen = weight_filter(task.weights)
-    model, config = rpq.fit(rpq.rows("digits", (4,), False)[0], task, chosen)
+    model, extra = rpq.fit(rpq.rows("digits", (4,), False)[0], task, chosen)
+    config = extra["config"]
     bits = stored_bits_per_weight(task.model, model, task.weights)
 
     def row(library, setting, **extra):
