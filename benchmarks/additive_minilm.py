@@ -34,6 +34,14 @@ _FFN_OUT = "encoder.layer.?.output.dense"  # reason: fnmatch's * crosses dots, a
 CONFIGS = {
     "d=4 shared everywhere (one codebook: the baseline)": {"codebook_dim": 4, **_FP16},
     "d=8 M=2 shared everywhere (2.11 bits: over the budget)": {"codebook_dim": 8, "additive_codebooks": 2, **_FP16},
+    "word embedding d=8 + 6144 hot rows at d=4, others d=4 (one codebook)": {
+        "codebook_dim": 4, **_FP16, "overrides": {_WORD: {"codebook_dim": 8, "hot_rows": 6144, "hot_codebook_dim": 4}}},
+    "word embedding d=8 + 6144 hot rows at d=4, others d=8 M=2": {
+        "codebook_dim": 8, "additive_codebooks": 2, **_FP16,
+        "overrides": {_WORD: {"additive_codebooks": 1, "hot_rows": 6144, "hot_codebook_dim": 4}}},
+    "word embedding d=12 M=2 + 4096 hot rows at d=4, others d=8 M=2": {
+        "codebook_dim": 8, "additive_codebooks": 2, **_FP16,
+        "overrides": {_WORD: {"codebook_dim": 12, "hot_rows": 4096, "hot_codebook_dim": 4}}},
     "word embedding d=16 M=3, others d=8 M=2": {
         "codebook_dim": 8, "additive_codebooks": 2, **_FP16,
         "overrides": {_WORD: {"codebook_dim": 16, "additive_codebooks": 3}}},

@@ -301,9 +301,10 @@ def test_residual_fit_beats_one_stage_and_refinement_never_hurts():
     hessian = inputs.T @ inputs
     one = fit_rows(rows, 8, 16, True, hessian=hessian)
     kept = hessian.clone()
-    stages, error = fit_additive(rows, 2, 8, 16, True, hessian=hessian, damp=0.01, rounds=0)
+    greedy = dict(joint_rounds=0, product_start=False)  # the residual fit and its refits alone
+    stages, error = fit_additive(rows, 2, 8, 16, True, hessian=hessian, damp=0.01, rounds=0, **greedy)
     assert torch.equal(hessian, kept), "the Gram matrix is read, not overwritten"
-    refined, refined_error = fit_additive(rows, 2, 8, 16, True, hessian=hessian, damp=0.01, rounds=2)
+    refined, refined_error = fit_additive(rows, 2, 8, 16, True, hessian=hessian, damp=0.01, rounds=2, **greedy)
     summed = sum(stage_rows(s.codebooks.float(), s.codes) for s in refined)
     delta = rows - summed
     assert refined_error == pytest.approx(float(((delta @ hessian) * delta).sum() / ((rows @ hessian) * rows).sum()),
