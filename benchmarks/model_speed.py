@@ -5,7 +5,8 @@ about 2 bits (one shared codebook of d = 4, k-means, the quality benchmark's 38 
 ``resnet50`` / ``convnext_tiny`` (``pretrained=False``: speed only) under ``rpq_fx.RPQ``'s defaults. Issue 23's
 targets: every converted model at most dense's time at batch 1 and 32.
 
-Every variant of a model is timed in one process, interleaved call by call (dense, converted, ...), under
+Every variant of a model is timed in one process (a fresh one per model: glibc's memory thresholds depend on
+what the process has freed before), interleaved call by call (dense, converted, ...), under
 ``torch.inference_mode()`` with the machine's threads; each cell is the median wall time of the repeats, with
 the process CPU time per call beside it (all threads; on a loaded machine wall time waits, CPU time less so)
 and the minor page faults per call (a fresh multi-megabyte buffer that glibc maps anew costs one per 4 KiB page).
@@ -26,6 +27,7 @@ Writes ``benchmarks/results/model_speed.md`` and ``.json``.
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -135,6 +137,41 @@ def op_profile(variants: dict, args, kwargs, top: int) -> list[list]:
                     sum(per["converted"].values()) - sum(per["dense"].values())]]
 
 
+def run_model(name: str, quick: bool, batches: list[int], repeats: int | None, threads: int | None):
+    """Time one model's variants at every batch (in a process of its own); returns its rows and profiles."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    variants, how, inputs, kind = build(name, quick)
+    if kind == "linear" and not quick:
+        converted = variants["converted"]
+
+        def expand_path(*a, **k):
+            with rpq_fx.compute_path("expand"):
+                return converted(*a, **k)
+        variants["expand path"] = expand_path
+    results, profiles = [], []
+    for batch in batches:
+        count = repeats or ((5 if batch > 8 else 9) if quick else (7 if batch > 8 else 15))
+        a, k = inputs(batch)
+        with torch.inference_mode():
+            before = os.getloadavg()[0]
+            calls = time_variants(variants, a, k, count)
+            after = os.getloadavg()[0]
+            profiles.append((batch, op_profile(variants, a, k, 8)))
+        dense_wall = statistics.median(calls["dense"]["wall"])
+        dense_cpu = statistics.median(calls["dense"]["cpu"])
+        for variant, c in calls.items():
+            wall, cpu = statistics.median(c["wall"]), statistics.median(c["cpu"])
+            results.append({"model": name, "batch": batch, "variant": variant, "setting": how, "repeats": count,
+                            "threads": torch.get_num_threads(), "wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3,
+                            "wall_min_ms": min(c["wall"]) * 1e3, "faults": statistics.median(c["faults"]),
+                            "ratio": wall / dense_wall, "cpu_ratio": cpu / dense_cpu, "load_before": before,
+                            "load_after": after})
+            print(json.dumps(results[-1]), flush=True)
+    return results, (name, how, profiles)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -144,50 +181,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the cores)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
     unknown = set(models) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     batches = [int(b) for b in args.batches.split(",")]
     started = load()
-    torch.manual_seed(0)
     results, sections = [], []
+    # reason: one fresh process per model: glibc's thresholds for handing memory back to the system rise with the
+    # largest buffer freed so far, so a model run after another (MiniLM's batch-32 activations) would inherit them
+    spawn = multiprocessing.get_context("spawn")
     for name in models:
-        variants, how, inputs, kind = build(name, args.quick)
-        if kind == "linear" and not args.quick:
-            converted = variants["converted"]
-
-            def expand_path(*a, _model=converted, **k):
-                with rpq_fx.compute_path("expand"):
-                    return _model(*a, **k)
-            variants["expand path"] = expand_path
-        profiles = []
-        for batch in batches:
-            repeats = args.repeats or ((5 if batch > 8 else 9) if args.quick else (7 if batch > 8 else 15))
-            a, k = inputs(batch)
-            with torch.inference_mode():
-                before = os.getloadavg()[0]
-                calls = time_variants(variants, a, k, repeats)
-                after = os.getloadavg()[0]
-                profiles.append((batch, op_profile(variants, a, k, 8)))
-            dense_wall = statistics.median(calls["dense"]["wall"])
-            dense_cpu = statistics.median(calls["dense"]["cpu"])
-            for variant, c in calls.items():
-                wall, cpu = statistics.median(c["wall"]), statistics.median(c["cpu"])
-                results.append({"model": name, "batch": batch, "variant": variant, "setting": how,
-                                "repeats": repeats, "wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3,
-                                "wall_min_ms": min(c["wall"]) * 1e3, "faults": statistics.median(c["faults"]),
-                                "ratio": wall / dense_wall,
-                                "cpu_ratio": cpu / dense_cpu, "load_before": before, "load_after": after})
-                print(json.dumps(results[-1]), flush=True)
-        sections.append((name, how, profiles))
-        del variants
+        with spawn.Pool(1) as pool:
+            model_results, section = pool.apply(run_model, (name, args.quick, batches, args.repeats, args.threads))
+        results += model_results
+        sections.append(section)
     rows = [[r["model"], r["batch"], r["variant"], r["wall_ms"], r["cpu_ms"], r["wall_min_ms"], r["ratio"],
              r["cpu_ratio"], f"{r['faults']:.0f}", f"{r['load_before']:.1f} / {r['load_after']:.1f}"] for r in results]
     body = (f"Targets (issue 23 section 2): converted at most dense's time (ratio <= 1) at batch 1 and 32.\n"
-            f"Median of the repeats, interleaved in one process; ratio = converted / dense (wall; CPU time of "
+            f"Median of the repeats, interleaved in one process per model; ratio = converted / dense (wall; CPU time of "
             f"all threads beside it); page faults: the median of the process's minor page faults per call. MiniLM: "
             f"batches of {SEQ_LEN} tokens.\n\n"
             + table(rows, ["model", "batch", "variant", "wall ms", "CPU ms", "fastest ms", "time / dense",

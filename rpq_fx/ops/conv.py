@@ -39,10 +39,12 @@ from .library import expand
 __all__ = ["conv", "BLOCK_BYTES", "blocks_pay"]
 
 # Expanded weight per block. Measured on resnet50's 512x512x3x3 conv (batch 1 and 32, one thread, page faults per
-# call): the whole 9.4 MB weight 4576; in a fresh process blocks of 2 MiB 1062-1614, 1 MiB 5-224, 0.5 MiB 25-28
-# (glibc hands a block back to the system when the heap's free top outgrows its trim threshold, which rises
-# with the largest block freed so far: in a whole model, with its activations, fewer faults at every size).
-BLOCK_BYTES = 2**20
+# call): the whole 9.4 MB weight 4576. Alone in a fresh process, blocks of 2 MiB still cost 1062-1614 (1 MiB 5-224)
+# (glibc hands a block back to the system when the heap's free top outgrows its trim threshold, which rises with
+# the largest block freed so far); in the whole model, with its activations, 2 MiB blocks cost 157-361 a call
+# (all layers) against 13728 unfused, and each block more costs a convolution call: 1 MiB blocks ran resnet50 at
+# batch 1 at 1.35x dense where unfused ran 1.07x, in a process whose thresholds had already risen (no faults).
+BLOCK_BYTES = 2 * 2**20
 _ROW_MULTIPLE = 16  # output channels per block, where a block holds more: oneDNN's vector width in float32
 # Blocks only where input bytes * INPUT_RATIO < weight bytes. resnet50 at batch 32 (load 16): every conv expanded
 # whole ran at 1.08x dense, with 2 MiB blocks 1.16x; at batch 1 whole 1.20x, blocked 1.42x at that load but

@@ -311,7 +311,7 @@ def test_big_convolutions_become_one_blocked_conv_node(check, zoo, small_blocks,
 
 
 def test_only_convolutions_above_one_block_are_fused(zoo):
-    gm = rpq_fx.convert(zoo.ConvVariants(), codebook_dim=4)  # 1 MiB blocks: only the grouped 2.4 MB weight
+    gm = rpq_fx.convert(zoo.ConvVariants(), codebook_dim=4)  # 2 MiB blocks: only the grouped 2.4 MB weight
     assert [n.name for n in nodes(gm, CONV)] == ["grouped"] and len(nodes(gm, EXPAND)) == 4
 
 
