@@ -20,6 +20,7 @@ from ._progress import progress_bar
 from .config import SIZE_SETTINGS, SPLITS, RPQConfig
 from .convert import FilterFn, convert
 from .decompress import decompress
+from .fit.sequential import BlockReplay, block_split
 from .loss import default_loss, mean_loss
 from .report import report
 
@@ -91,6 +92,31 @@ class SizeCosts:
                             "overrides": {**self.base.overrides, **overrides}})
 
 
+def _costs(model: nn.Module, items: Sequence, targets: list, swaps: dict[str, dict[str, torch.Tensor]],
+           blocks: str | None) -> dict[str, float]:
+    """What each swap (weight name -> the model's parameters it replaces) costs ``model``'s output on
+    ``items`` (:func:`default_loss` against ``targets``). With ``blocks`` (:func:`block_split`) a swap
+    inside them runs the model from the first block it touches on, the blocks before it replaying
+    the dense model's outputs there (:class:`BlockReplay`): the same output, without running them."""
+    if blocks is None:
+        return {name: mean_loss(model, items, targets, default_loss, model_device(model), replaced)
+                for name, replaced in swaps.items()}
+    prefix = f"{blocks}."
+
+    def first(replaced: dict[str, torch.Tensor]) -> int:
+        # reason: a weight outside the blocks (an embedding before them, a head after them) runs the whole model
+        return min(int(name[len(prefix):].partition(".")[0]) if name.startswith(prefix) else 0 for name in replaced)
+
+    costs = {}
+    with BlockReplay(model, blocks, items) as replay:
+        for name, replaced in sorted(swaps.items(), key=lambda swap: first(swap[1])):
+            while replay.start < first(replaced):
+                replay.advance()
+            costs[name] = sum(float(default_loss(replay.run(i, replaced), target, item))
+                              for i, (item, target) in enumerate(zip(items, targets))) / len(items)
+    return costs
+
+
 @torch.no_grad()
 def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict] = DEFAULT_SIZES,
                config: RPQConfig | None = None, filter_fn: FilterFn | None = None,
@@ -104,7 +130,8 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
     :func:`convert`. ``validation``: other inputs to measure the costs on (default: the calibration
     inputs). A fit is best on the inputs it was fitted to, hot rows most of all (they are the rows
     those inputs look up), so costs measured there favour it. It costs one data-aware conversion
-    per size and, per weight and size, one pass of the model over the inputs costs are measured on.
+    per size and, per weight and size, one pass of the model over the inputs costs are measured on
+    (from the weight's block on, where the model's blocks allow: :func:`~rpq_fx.fit.sequential.block_split`).
     The model is left as it was.
     """
     if not sizes or not all(isinstance(size, dict) for size in sizes):
@@ -124,11 +151,13 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
     params = dict(model.named_parameters(remove_duplicate=False))
     options: dict[str, list[SizeOption]] = {}
     values: dict[str, int] = {}
+    blocks = block_split(model, measured[0])
     with training_mode(model, False):
         targets = [run_inputs(model, item, device) for item in measured]
         for size, candidate in zip(progress_bar(sizes, desc="rpq_fx allocate", unit="size", enabled=progress), candidates):
             converted = convert(model, config=candidate, calibration=items, filter_fn=filter_fn, progress=False)
             dense = decompress(converted)
+            swaps, bits = {}, {}
             for row in report(converted).rows:
                 if row["init"] is None:
                     continue
@@ -137,8 +166,10 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
                 if not replaced:  # reason: a cost measured on the untouched model would be 0, and wrong
                     raise RuntimeError(f"allocate: no parameter of the model is named like the weight '{row['layer']}'")
                 values[row["layer"]] = value.numel()
-                cost = mean_loss(model, measured, targets, default_loss, device, replaced)
-                options.setdefault(row["layer"], []).append(SizeOption(size, row["bits/w"] * value.numel(), cost))
+                swaps[row["layer"]], bits[row["layer"]] = replaced, row["bits/w"] * value.numel()
+            costs = _costs(model, measured, targets, swaps, blocks)
+            for name in swaps:
+                options.setdefault(name, []).append(SizeOption(size, bits[name], costs[name]))
     if not options:
         raise ValueError("allocate: no weight of the model was converted at any of the sizes")
     return SizeCosts(base, list(sizes), options, values)

@@ -139,7 +139,7 @@ def _fit(plan: LayerPlan, weight: RPQWeight, stats: LayerStats | None, seed: int
 
 
 def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQWeight], calibration=None, *,
-                seed: int = 0, progress: bool = True) -> dict[str, FitOutcome]:
+                seed: int = 0, progress: bool = True, by_blocks: bool = True) -> dict[str, FitOutcome]:
     """Fit every converted plan whose init is ``"kmeans"`` (its ``RPQWeight`` in ``weights`` by plan
     name) to ``model``'s trained weights, and say how each was fitted (by plan name); a progress bar
     shows when it takes a while.
@@ -150,6 +150,12 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
     so each fit corrects the error that reaches it. Layers reading the same input (a block's query,
     key and value) share one pass. Layers no hook can observe
     (functional calls, attention modules) get plain k-means.
+
+    Where the model's blocks allow it (:func:`~rpq_fx.fit.sequential.block_split`; ``by_blocks``), each
+    block's statistics come from running that block alone on the hidden states the blocks before it
+    gave, kept per calibration item (:func:`~rpq_fx.fit.sequential.fit_blocks`): the same statistics,
+    without running the blocks before it again for every group of layers. ``by_blocks=False`` always
+    runs the whole model (the reference the tests hold the block-by-block path to).
     """
     todo = [plan for plan in plans if plan.converted and plan.settings.init == "kmeans"]
     order = {plan.name: i for i, plan in enumerate(todo)}
@@ -159,6 +165,13 @@ def fit_weights(model: nn.Module, plans: list[LayerPlan], weights: dict[str, RPQ
                          "sequence, or an iterator or generator already used up); pass example inputs (tensors, "
                          "tuples of positional inputs or dicts of keyword inputs), or calibration=None for a plain "
                          "k-means fit")
+    if items and by_blocks:
+        from .sequential import block_split, fit_blocks  # reason: sequential imports _fit from this module
+
+        blocks = block_split(model, items[0], todo)
+        if blocks is not None:
+            seeds = {plan.name: seed + order[plan.name] for plan in todo}
+            return fit_blocks(model, blocks, todo, weights, items, seeds, _fit, progress=progress)
     groups, once = call_groups(model, todo, items[0]) if items else ([], set())
     observed = {plan.name for group in groups for plan in group}
     groups += [[plan] for plan in todo if plan.name not in observed]

@@ -1,21 +1,25 @@
-"""Data-aware k-means fits of a model bigger than memory, one block at a time (GPTQ's sequential order).
+"""Data-aware k-means fits one block at a time (GPTQ's sequential order), of a model bigger than memory
+(:func:`fit_sequential`) or in memory (:func:`fit_blocks`, what ``convert`` runs where :func:`block_split`
+finds that the model's blocks chain: each block then runs once per group of its layers, not the model).
 
-The model is the architecture on the meta device; its dense tensors are read by name when needed.
-Everything outside the blocks (embeddings, final norm, head) is materialised for the whole fit; of
-the blocks (the model's one ``nn.ModuleList``) only the one being fitted. The model itself runs each
+For :func:`fit_sequential` the model is the architecture on the meta device; its dense tensors are read
+by name when needed. Everything outside the blocks (embeddings, final norm, head) is materialised for the
+whole fit; of the blocks (the model's one ``nn.ModuleList``) only the one being fitted. The model itself runs each
 calibration item, its blocks swapped for stand-ins: the blocks already fitted replay the hidden
 states the last of them gave (stored per item), the block being fitted runs, the blocks after it
 end the forward. Hidden states are carried twice where a layer fits asymmetrically: as the
 already-quantised blocks give them and as the dense model gives them (the asymmetric target's
-input). Each layer is then fitted exactly as :func:`rpq_fx.fit.fit_weights` fits it in the whole
-model: the same groups, order, statistics and seeds (``tests/fit/test_fit_sequential.py``).
+input). Each layer is then fitted exactly as :func:`rpq_fx.fit.fit_weights` fits it running the whole
+model: the same groups, order, statistics and seeds (``tests/fit/test_fit_sequential.py``,
+``tests/fit/test_fit_blocks.py``). :class:`BlockReplay` runs a model from one block on the same way
+(``allocate``'s costs).
 """
 
 import copy
 import ctypes
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 
 import torch
@@ -27,9 +31,9 @@ from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
 from ..record import FitOutcome, LayerPlan
 from . import _fit
-from .calibrate import _Enough, call_groups, collect_stats
+from .calibrate import _Enough, _layers, call_groups, collect_stats
 
-__all__ = ["fit_sequential", "find_blocks", "materialise"]
+__all__ = ["fit_sequential", "fit_blocks", "block_split", "BlockReplay", "find_blocks", "materialise"]
 
 _log = logging.getLogger(__name__)  # one line per block fitted: progress where no terminal shows the bar
 
@@ -134,7 +138,7 @@ def _stage_items(items: Sequence) -> list:
     statistics leave padding positions out, as in the whole model)."""
     out = []
     for i, item in enumerate(items):
-        mask = item.get("attention_mask") if isinstance(item, dict) else None
+        mask = item.get("attention_mask") if isinstance(item, Mapping) else None
         out.append({"rpq_index": i, "attention_mask": mask} if isinstance(mask, Tensor) and mask.dim() == 2 else (i,))
     return out
 
@@ -170,13 +174,37 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
                          "used up); pass example inputs, or calibration=None for a plain k-means fit")
     blocks = find_blocks(model)
     shell = copy.deepcopy(model)
-    originals = list(shell.get_submodule(blocks))
     todo = [plan for plan in plans if plan.name in seeds]
-    owners = _owners(todo, blocks)
+    owners = _owners(todo, blocks)  # reason: before reading anything, a weight shared across blocks is refused
     materialise(shell, read, names, skip=lambda name: name.startswith(f"{blocks}."))
-    stage = _Stage(shell, items, blocks)
+
+    def load(index: int, block: nn.Module) -> None:
+        materialise(block, read, names, prefix=f"{blocks}.{index}.")
+
+    def unload(block: nn.Module) -> None:
+        block.to_empty(device="meta")  # frees its dense tensors
+        _give_back()
+
+    return fit_blocks(shell, blocks, todo, weights, items, seeds, _fit, progress=progress, load=load,
+                      unload=unload, dense=lambda plan: read(_stored_name(plan, names)))
+
+
+def fit_blocks(model: nn.Module, blocks: str, plans: list[LayerPlan], weights: dict[str, RPQWeight], items: Sequence,
+               seeds: dict[str, int], fit: Callable, *, progress: bool = True,
+               load: Callable[[int, nn.Module], None] = lambda index, block: None,
+               unload: Callable[[nn.Module], None] = lambda block: None,
+               dense: Callable[[LayerPlan], Tensor] | None = None) -> dict[str, FitOutcome]:
+    """Fit ``plans`` data-aware on calibration ``items`` block by block (``model.<blocks>``), each with
+    ``fit(plan, weight, stats, seed)``, and say how each was fitted (by plan name): each block's
+    statistics come from running that block alone on the hidden states the blocks before it gave
+    (kept per item), not the model from its input. ``load(index, block)`` / ``unload(block)`` give a
+    block its tensors before its fit and take them after; ``dense(plan)`` is a layer's dense weight
+    (default: the plan's own). The model's blocks and modes are as they were after.
+    """
+    owners = _owners(plans, blocks)
+    dense_weight = dense or (lambda plan: plan.param)
     stage_items = _stage_items(items)
-    carry_dense = any(plan.settings.asymmetric for plan in todo)
+    carry_dense = any(plan.settings.asymmetric for plan in plans)
     fits: dict[str, FitOutcome] = {}
     replaced: dict[str, Tensor] = {}  # the fitted weights the quantised stream runs with (this stage's)
     flag = {_FLAG: torch.tensor(True)}
@@ -194,8 +222,8 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
             for plan in group:
                 bar.set_postfix_str(plan.name, refresh=False)
                 dense = stage.get_parameter(plan.name)
-                fits[plan.name] = _fit(_with_param(plan, dense), weights[plan.name], stats.pop(plan.name, None),
-                                       seeds[plan.name])
+                fits[plan.name] = fit(_with_param(plan, dense), weights[plan.name], stats.pop(plan.name, None),
+                                      seeds[plan.name])
                 with torch.no_grad():
                     replaced.update(dict.fromkeys(plan.aliases, weights[plan.name]()))
                 fits_calibrated[0] += 1
@@ -227,33 +255,156 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
         stage._rpq_stored = outputs
 
     fits_calibrated = [0]
-    stand_ins = [(_StandIn(block, stage, replay=True), _StandIn(block, stage, replay=False)) for block in originals]
-    container = stage._rpq_blocks
-    with progress_bar(total=len(todo), desc="rpq_fx fit", unit="layer", delay=2, enabled=progress) as bar:
-        for i in range(len(originals)):
-            container[i] = stand_ins[i][1]
-        fit_stage([plan for plan in todo if owners[plan.name] is None], bar)  # the layers before the blocks
-        head = dict(replaced)
-        for i, block in enumerate(originals):
-            materialise(block, read, names, prefix=f"{blocks}.{i}.")
-            container[i] = block
-            fit_stage([plan for plan in todo if owners[plan.name] == i and plan.name not in fits], bar)
-            carry(block)
-            container[i] = stand_ins[i][0]
-            block.to_empty(device="meta")  # frees its dense tensors
-            replaced.clear()
-            replaced.update(head)
-            _give_back()
-            _log.info("fit_sequential: block %d of %d fitted (%d of %d layers)", i + 1, len(originals), len(fits),
-                      len(todo))
-        rest = [plan for plan in todo if owners[plan.name] is None and plan.name not in fits]
-        fit_stage(rest, bar)  # the layers after the blocks
-        for plan in todo:  # reason: layers no hook observes get a plain k-means fit, as in the whole model
-            if plan.name not in fits:
-                fits[plan.name] = _fit(_with_param(plan, read(_stored_name(plan, names))), weights[plan.name], None,
-                                       seeds[plan.name])
-                bar.update()
+    with training_mode(model, False):
+        stage = _Stage(model, items, blocks)
+        container = stage._rpq_blocks
+        originals = list(container)
+        stand_ins = [(_StandIn(block, stage, replay=True), _StandIn(block, stage, replay=False))
+                     for block in originals]
+        try:
+            with progress_bar(total=len(plans), desc="rpq_fx fit", unit="layer", delay=2, enabled=progress) as bar:
+                for i in range(len(originals)):
+                    container[i] = stand_ins[i][1]
+                fit_stage([plan for plan in plans if owners[plan.name] is None], bar)  # the layers before the blocks
+                head = dict(replaced)
+                for i, block in enumerate(originals):
+                    load(i, block)
+                    container[i] = block
+                    fit_stage([plan for plan in plans if owners[plan.name] == i and plan.name not in fits], bar)
+                    carry(block)
+                    container[i] = stand_ins[i][0]
+                    unload(block)
+                    replaced.clear()
+                    replaced.update(head)
+                    _log.info("fit_sequential: block %d of %d fitted (%d of %d layers)", i + 1, len(originals),
+                              len(fits), len(plans))
+                rest = [plan for plan in plans if owners[plan.name] is None and plan.name not in fits]
+                fit_stage(rest, bar)  # the layers after the blocks
+                for plan in plans:  # reason: layers no hook observes get a plain k-means fit, as in the whole model
+                    if plan.name not in fits:
+                        fits[plan.name] = fit(_with_param(plan, dense_weight(plan)), weights[plan.name], None,
+                                              seeds[plan.name])
+                        bar.update()
+        finally:
+            for i, block in enumerate(originals):  # reason: the stand-ins took the model's own blocks' places
+                container[i] = block
     return fits
+
+
+def block_split(model: nn.Module, item, plans: Sequence[LayerPlan] = ()) -> str | None:
+    """The name of ``model``'s blocks (:func:`find_blocks`) where running the model block by block, each
+    block on the hidden states the one before it gave, is running it whole: on calibration ``item``
+    each block is called once, in order; the model's output is the same when every block replays the
+    last one's output (nothing after the blocks reads an earlier block's output); and each of ``plans``
+    outside the blocks is called only before the first block or only after the last one (not between
+    blocks, not both: a tied ``lm_head``), none shared across blocks. Else None (run the model whole)."""
+    try:
+        blocks = find_blocks(model)
+        owners = _owners(list(plans), blocks)
+    except RPQConversionError:
+        return None
+    container = model.get_submodule(blocks)
+    originals = list(container)
+    events: list[tuple] = []
+    handles = []
+    for i, block in enumerate(originals):
+        handles.append(block.register_forward_pre_hook(lambda module, args, i=i: events.append(("enter", i))))
+        handles.append(block.register_forward_hook(lambda module, args, out, i=i: events.append(("exit", i, out))))
+    outside = [plan for plan in plans if owners[plan.name] is None]
+    for plan in outside:
+        for layer in _layers(model, plan):
+            handles.append(layer.register_forward_pre_hook(lambda module, args, name=plan.name: events.append(
+                ("layer", name))))
+    device = model_device(model)
+    with training_mode(model, False), torch.no_grad():
+        try:
+            want = run_inputs(model, item, device)
+        except Exception:  # reason: the whole-model fit runs the item again and names it and the layer in its error
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
+        blockwise = [event[:2] for event in events if event[0] != "layer"]
+        if blockwise != [(kind, i) for i in range(len(originals)) for kind in ("enter", "exit")]:
+            return None
+        first = events.index(("enter", 0))
+        last = max(j for j, event in enumerate(events) if event[0] == "exit")
+        for plan in outside:
+            at = [j for j, event in enumerate(events) if event == ("layer", plan.name)]
+            if not (all(j < first for j in at) or all(j > last for j in at)):
+                return None
+        stage = _Stage(model, [item], blocks)
+        stage._rpq_stored = {False: [], True: [events[last][2]]}
+        try:
+            for i, block in enumerate(originals):
+                container[i] = _StandIn(block, stage, replay=True)
+            got = run_inputs(stage, _stage_items([item])[0], device)
+        except Exception:  # reason: a model the stand-ins cannot run is one to run whole (it raises its own errors)
+            return None
+        finally:
+            for i, block in enumerate(originals):
+                container[i] = block
+    return blocks if _same(got, want) else None
+
+
+class BlockReplay:
+    """Run ``model`` on calibration ``items`` from block ``start`` on (``model.<blocks>``, :func:`block_split`):
+    the blocks before it replay the outputs block ``start - 1`` gave on each item, kept, so a weight
+    in block ``start`` or after it changes the output of a run of those blocks alone, not of the whole
+    model. :meth:`advance` runs block ``start`` on what it is given and keeps its outputs instead (one
+    block's outputs per item are held). A context manager: the model's blocks are put back on exit."""
+
+    def __init__(self, model: nn.Module, blocks: str, items: Sequence):
+        self.stage = _Stage(model, items, blocks)  # reason: in eval mode; the caller keeps the modes (training_mode)
+        self.items = _stage_items(items)
+        self.originals = list(self.stage._rpq_blocks)
+        self.device = model_device(model)
+        self.start = 0
+
+    def __enter__(self) -> "BlockReplay":
+        return self
+
+    def __exit__(self, *error) -> None:
+        for i, block in enumerate(self.originals):
+            self.stage._rpq_blocks[i] = block
+
+    def run(self, index: int, replaced: dict[str, Tensor] | None = None):
+        """The model's output on item ``index``, the parameters ``replaced`` names (by the model's names) swapped in."""
+        return run_inputs(self.stage, self.items[index], self.device, replaced)
+
+    def advance(self) -> None:
+        """Keep block ``start``'s outputs on every item (the dense model's) and replay them from now on."""
+        block, outputs = self.originals[self.start], []
+
+        def keep(module, args, output):
+            outputs.append(output)
+            raise _Enough  # reason: the rest of the model is not needed
+
+        handle = block.register_forward_hook(keep)
+        try:
+            for item in self.items:
+                try:
+                    run_inputs(self.stage, item, self.device)
+                except _Enough:
+                    pass
+        finally:
+            handle.remove()
+        self.stage._rpq_stored = {False: [], True: outputs}
+        self.stage._rpq_blocks[self.start] = _StandIn(block, self.stage, replay=True)
+        self.start += 1
+
+
+def _same(got, want) -> bool:
+    """Whether two model outputs (tensors, or sequences and mappings of them) hold the same values, to rounding;
+    other objects are not compared (a key-value cache: the stand-ins add nothing to it, and no later layer reads it)."""
+    if isinstance(want, Tensor):
+        return isinstance(got, Tensor) and got.shape == want.shape and bool(torch.allclose(
+            got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()) if want.numel() else 0.0, equal_nan=True))
+    if isinstance(want, Mapping):
+        return isinstance(got, Mapping) and got.keys() == want.keys() and all(_same(got[k], want[k]) for k in want)
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(want) and all(map(_same, got, want))
+    return True
 
 
 def _give_back() -> None:

@@ -57,6 +57,7 @@ def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, m
         return outcome
 
     monkeypatch.setattr(rpq_fx.fit, "_fit", record)
+    monkeypatch.setattr(sequential, "block_split", lambda *args, **kwargs: None)  # the whole model, every group
     # reason: call_groups groups consecutive layers by their input's data_ptr; a freed input's memory can come
     # back as the next layer's input and join two groups at random (reported): holding every input avoids it
     held = []
