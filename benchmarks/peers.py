@@ -286,7 +286,7 @@ def render(out: Path, meta: dict, tasks: list[dict], started: str) -> None:
     output.plot(out / "peers.png", tasks)
     runs = "\n".join(f"- `{r['command']}` ({', '.join(r['tasks'])}): {r['date']}, wall {r['wall_s'] / 60:.1f} min, "
                       f"CPU {r['cpu_s'] / 60:.1f} min"
-                      + (f", {r['threads']} threads" if r.get("threads") else "")
+                      + (f", torch threads {r['threads']}" if r.get("threads") else "")
                       + f", load average {r['load_before']} before, {r['load_after']} after"
                       + (" (--quick)" if r["quick"] else "") for r in meta["runs"])
     targets = [output.targets_text(t, key) for t in tasks for key in t.get("target_metrics", [t["plot_metric"]])]
