@@ -38,17 +38,14 @@ from .library import expand
 
 __all__ = ["conv", "BLOCK_BYTES", "blocks_pay"]
 
-# Expanded weight per block. Measured on resnet50's 512x512x3x3 conv (batch 1 and 32, one thread, page faults per
-# call): the whole 9.4 MB weight 4576. Alone in a fresh process, blocks of 2 MiB still cost 1062-1614 (1 MiB 5-224)
-# (glibc hands a block back to the system when the heap's free top outgrows its trim threshold, which rises with
-# the largest block freed so far); in the whole model, with its activations, 2 MiB blocks cost 157-361 a call
-# (all layers) against 13728 unfused, and each block more costs a convolution call: 1 MiB blocks ran resnet50 at
-# batch 1 at 1.35x dense where unfused ran 1.07x, in a process whose thresholds had already risen (no faults).
+# Expanded weight per block (benchmarks/results/model_speed.md). resnet50 at batch 1, one thread: with every conv
+# expanded whole 11616 page faults a call and 1.25x dense; in 2 MiB blocks none and 1.04x. Smaller blocks fault less
+# alone in a fresh process (2 MiB 1062-1614 a call there, 1 MiB 5-224: glibc's trim threshold rises with the largest
+# block freed so far) but each block more is one more convolution call: 1 MiB blocks ran resnet50 at 1.35x dense.
 BLOCK_BYTES = 2 * 2**20
 _ROW_MULTIPLE = 16  # output channels per block, where a block holds more: oneDNN's vector width in float32
-# Blocks only where input bytes * INPUT_RATIO < weight bytes. resnet50 at batch 32 (load 16): every conv expanded
-# whole ran at 1.08x dense, with 2 MiB blocks 1.16x; at batch 1 whole 1.20x, blocked 1.42x at that load but
-# 0.98-1.05x against whole's 1.36-1.40x at load 7 (one thread).
+# Blocks only where input bytes * INPUT_RATIO < weight bytes: each block reads the whole input again. resnet50 at
+# batch 32 (two threads, load 16): every conv expanded whole 1.08x dense, its big ones in 2 MiB blocks 1.16x.
 INPUT_RATIO = 4
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
