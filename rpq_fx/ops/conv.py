@@ -41,7 +41,9 @@ __all__ = ["conv", "BLOCK_BYTES", "blocks_pay"]
 # Expanded weight per block (benchmarks/results/model_speed.md). resnet50 at batch 1, one thread: with every conv
 # expanded whole 11616 page faults a call and 1.25x dense; in 2 MiB blocks none and 1.04x. Smaller blocks fault less
 # alone in a fresh process (2 MiB 1062-1614 a call there, 1 MiB 5-224: glibc's trim threshold rises with the largest
-# block freed so far) but each block more is one more convolution call: 1 MiB blocks ran resnet50 at 1.35x dense.
+# block freed so far) but each block more is one more convolution call, one more barrier for two threads: on the
+# shared, loaded machine, two threads, resnet50 at batch 1 ran 1.33-1.35x dense in 1 or 2 MiB blocks, 1.02-1.07x
+# unfused (to be retimed quiet).
 BLOCK_BYTES = 2 * 2**20
 _ROW_MULTIPLE = 16  # output channels per block, where a block holds more: oneDNN's vector width in float32
 # Blocks only where input bytes * INPUT_RATIO < weight bytes: each block reads the whole input again. resnet50 at
