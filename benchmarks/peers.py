@@ -177,7 +177,20 @@ def _task_entry(name: str, task, runner: Runner, seconds: float) -> dict:
             "rows": runner.rows, "latency": runner.timing_meta(), "seconds": seconds}
 
 
-def run_task(name: str, quick: bool, allocate: bool, peers: list, dims) -> dict:
+def _chosen(head: dict, only) -> bool:
+    """Whether a row is in this run: every row, or those whose "library method setting" holds one of ``only``."""
+    return not only or any(o in f"{head['library']} {head['method']} {head['setting']}" for o in only)
+
+
+def merge_rows(earlier: dict, new: dict) -> dict:
+    """``earlier`` (a task of peers.json) with ``new``'s rows (dense aside) in place of those of the same
+    library, method and setting, the others kept; each row keeps its ratios to its own run's dense."""
+    fresh = {_key(r): r for r in new["rows"] if r["library"] != "dense"}
+    rows = [fresh.pop(_key(r), r) for r in earlier["rows"]]
+    return {**earlier, "rows": rows + list(fresh.values())}
+
+
+def run_task(name: str, quick: bool, allocate: bool, peers: list, dims, only=()) -> dict:
     start = time.perf_counter()
     task = BUILDERS[name](**(QUICK_TASKS if quick else TASKS)[name])
     runner = Runner(task, rounds=QUICK_ROUNDS if quick else ROUNDS)
@@ -185,11 +198,13 @@ def run_task(name: str, quick: bool, allocate: bool, peers: list, dims) -> dict:
     chosen = weight_filter(task.weights)
     print(f"== {name}: built in {time.perf_counter() - start:.0f} s; {len(task.weights)} weights", flush=True)
     for row in rpq.rows(name, dims, allocate):
-        runner.measure(row.head(), lambda row=row: rpq.fit(row, task, chosen), rpq=True)
-    for bits in RTN_BITS:
+        if _chosen(row.head(), only):
+            runner.measure(row.head(), lambda row=row: rpq.fit(row, task, chosen), rpq=True)
+    for bits in RTN_BITS if not only else ():
         runner.rtn(bits)
     for peer in peers:
-        runner.measure(_peer_head(peer), lambda peer=peer: (peer.run(copy.deepcopy(task.model), task), {}))
+        if _chosen(_peer_head(peer), only):
+            runner.measure(_peer_head(peer), lambda peer=peer: (peer.run(copy.deepcopy(task.model), task), {}))
     return _task_entry(name, task, runner, time.perf_counter() - start)
 
 
@@ -241,6 +256,9 @@ def main() -> None:
     parser.add_argument("--rpq-dims", nargs="*", type=int,
                         help=f"rpq_fx's codebook_dim values (default {rpq.RPQ_DIMS}; none: no rpq_fx rows)")
     parser.add_argument("--add", action="store_true", help="keep the other tasks of an earlier peers.json in --out")
+    parser.add_argument("--rows", nargs="+", metavar="TEXT",
+                        help="only the rows whose 'library method setting' holds one of these; with --add they "
+                             "replace the same rows of the earlier peers.json's task, keeping its others")
     parser.add_argument("--latency-only", action="store_true",
                         help="retime the rows of --out's peers.json (of --tasks), keeping every other number")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md / .png from peers.json")
@@ -267,16 +285,24 @@ def main() -> None:
     start, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(0)
     dims = args.rpq_dims if args.rpq_dims is not None else (rpq.QUICK_RPQ_DIMS if args.quick else rpq.RPQ_DIMS)
-    tasks = [run_task(name, args.quick, not (args.quick or args.no_allocate), peers, dims) for name in args.tasks]
+    tasks = [run_task(name, args.quick, not (args.quick or args.no_allocate), peers, dims, args.rows or ())
+             for name in args.tasks]
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     run = {"command": command(), "tasks": args.tasks, "wall_s": wall, "cpu_s": cpu, "load_before": started,
-           "load_after": load(), "date": _now(), "quick": args.quick, "threads": torch.get_num_threads()}
+           "load_after": load(), "date": _now(), "quick": args.quick, "threads": torch.get_num_threads(),
+           "rows": args.rows}
     meta = {"machine": machine(), "torch": torch.__version__, "selection": SELECTION, "runs": [run]}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.add and (args.out / "peers.json").exists():
         earlier = json.loads((args.out / "peers.json").read_text())
-        meta["runs"] = [r for r in earlier["meta"]["runs"] if set(r["tasks"]) - set(args.tasks)] + meta["runs"]
-        tasks = [t for t in earlier["tasks"] if t["name"] not in args.tasks] + tasks
+        if args.rows:  # some rows again: the earlier runs made the rest
+            meta["runs"] = earlier["meta"]["runs"] + meta["runs"]
+            new = {t["name"]: t for t in tasks}
+            tasks = [merge_rows(t, new.pop(t["name"])) if t["name"] in new else t for t in earlier["tasks"]]
+            tasks += list(new.values())
+        else:
+            meta["runs"] = [r for r in earlier["meta"]["runs"] if set(r["tasks"]) - set(args.tasks)] + meta["runs"]
+            tasks = [t for t in earlier["tasks"] if t["name"] not in args.tasks] + tasks
     output.write_json(args.out / "peers.json", meta, tasks)
     render(args.out, meta, tasks, started)
 
@@ -288,7 +314,8 @@ def render(out: Path, meta: dict, tasks: list[dict], started: str) -> None:
                       f"CPU {r['cpu_s'] / 60:.1f} min"
                       + (f", torch threads {r['threads']}" if r.get("threads") else "")
                       + f", load average {r['load_before']} before, {r['load_after']} after"
-                      + (" (--quick)" if r["quick"] else "") for r in meta["runs"])
+                      + (" (--quick)" if r["quick"] else "")
+                      + (f"; only the rows matching {r['rows']}" if r.get("rows") else "") for r in meta["runs"])
     targets = [output.targets_text(t, key) for t in tasks for key in t.get("target_metrics", [t["plot_metric"]])]
     body = (f"Runs:\n\n{runs}\n\n"
             "Raw numbers: `peers.json`; plot: `peers.png`.\n\n![quality against stored bits](peers.png)\n\n"

@@ -184,3 +184,21 @@ def test_latency_only_retimes_rows_and_keeps_every_other_number(monkeypatch):
                       lambda r, h, **o: tabulate(r, h, **o))
     assert "could not be measured again: ValueError: the rebuilt model stores" in text
     assert timing_text(entry["latency"]) in text and "threads, load average" in text
+
+
+def test_rows_of_a_partial_run_replace_their_namesakes_only():
+    import peers
+
+    def row(library, setting, q):
+        return {"library": library, "method": "m", "setting": setting, "q": q}
+
+    earlier = {"name": "t", "notes": "kept", "rows": [row("dense", "fp32", 1), row("torchao", "a", 0.1),
+                                                      row("hqq", "b", 0.2)]}
+    new = {"name": "t", "rows": [row("dense", "fp32", 2), row("torchao", "a", 0.3), row("torchao", "c", 0.4)]}
+    merged = peers.merge_rows(earlier, new)
+    assert [(r["library"], r["setting"], r["q"]) for r in merged["rows"]] == [
+        ("dense", "fp32", 1), ("torchao", "a", 0.3), ("hqq", "b", 0.2), ("torchao", "c", 0.4)]
+    assert merged["notes"] == "kept" and earlier["rows"][1]["q"] == 0.1  # the earlier task is not modified
+    head = {"library": "torchao", "method": "codebook_weight_only (prototype)", "setting": "uint4 codes"}
+    assert peers._chosen(head, ()) and peers._chosen(head, ["codebook_weight", "hqq"])
+    assert not peers._chosen(head, ["HQQLinear"])
