@@ -36,8 +36,18 @@ def _reserved(weight: RPQWeight) -> Tensor | None:
     return rows if rows.any() else None
 
 
-def _repick(weight: RPQWeight, target: Tensor, beam: int) -> int:
-    """Set ``weight``'s codes to those nearest ``target [N, C*d]`` (see the module docstring); how many changed."""
+def _sum_words(weight: RPQWeight, codes: Tensor) -> Tensor:
+    """``[N, C, d]``: each slice's codewords summed over the stages, for ``codes [M, C, N]``."""
+    stages = weight.stages()
+    c = weight.num_codebooks
+    group = torch.arange(c, device=codes.device).view(-1, 1) if weight.codebooks.shape[0] > 1 else 0
+    return sum(s.codebooks.detach().float()[group, codes[m]] for m, s in enumerate(stages)).transpose(0, 1)
+
+
+def _repick(weight: RPQWeight, target: Tensor, grad: Tensor, beam: int, fraction: float) -> int:
+    """Set ``weight``'s codes to those nearest ``target [N, C*d]`` (see the module docstring) on the ``fraction``
+    of its slices where the move gains most to first order (``grad [N, C*d]``: the loss's gradient); how many
+    codes changed."""
     stages = weight.stages()
     k, c, d = weight.num_codes, weight.num_codebooks, weight.codebook_dim
     codes = torch.stack([s.codes.long() % k for s in stages])  # [M, C, N]
@@ -62,6 +72,18 @@ def _repick(weight: RPQWeight, target: Tensor, beam: int) -> int:
         new[:, positions] = found.t().reshape(len(stages), -1, weight.num_vectors)
     if reserved is not None:
         new[:, :, reserved] = codes[:, :, reserved]
+    # reason: a code flip moves its slice by a whole codeword gap, far past where the gradient's linear model holds;
+    # PV-tuning likewise updates only a small subspace of the codes per step
+    moved = _sum_words(weight, new) - _sum_words(weight, codes)  # [N, C, d]
+    gain = (moved * grad.float().reshape(moved.shape)).sum(-1)  # [N, C]: the loss's first-order change
+    keep = int(fraction * gain.numel())
+    flat = gain.view(-1)
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if keep:
+        best = flat.topk(keep, largest=False).indices
+        chosen[best[flat[best] < 0]] = True
+    chosen = chosen.view(gain.shape).t()  # [C, N]
+    new = torch.where(chosen.unsqueeze(0), new, codes)
     changed = int((new != codes).sum())
     for stage, value in zip(stages, new):
         stage.codes.copy_(value.to(stage.codes.dtype))
@@ -69,9 +91,10 @@ def _repick(weight: RPQWeight, target: Tensor, beam: int) -> int:
 
 
 def code_step(model: nn.Module, teacher: nn.Module, item, target, objective: Callable, device, *,
-              step: float, beam: int = 8) -> tuple[float, float, int]:
+              step: float, fraction: float = 1e-3, beam: int = 8) -> tuple[float, float, int]:
     """One discrete step on ``model``'s codes against ``teacher``'s output ``target`` on ``item`` (see the module
-    docstring); returns the loss before and after and how many codes changed (0 where it was undone). Weights
+    docstring); returns the loss before, the loss with the new codes and how many codes changed (0 where the
+    step was undone: the loss did not drop). Weights
     with hot rows keep their codes."""
     weights = {name: w for name, w in rpq_weights(model) if w.hot is None}
     with torch.no_grad():
@@ -95,11 +118,11 @@ def code_step(model: nn.Module, teacher: nn.Module, item, target, objective: Cal
             rows = weight.expand_rows().float()
             grad = (grad.t() if weight.transposed else grad).reshape(rows.shape).float()
             scale = step * rows.square().mean().sqrt() / grad.square().mean().sqrt().clamp_min(1e-30)
-            changed += _repick(weight, rows - scale * grad, beam)
+            changed += _repick(weight, rows - scale * grad, grad, beam, fraction)
         after = float(objective(run_inputs(model, item, device), target, item)) if changed else before
         if after >= before:
             for name, codes in saved.items():
                 for stage, value in zip(weights[name].stages(), codes):
                     stage.codes.copy_(value)
-            return before, before, 0
+            return before, after, 0
     return before, after, changed

@@ -204,7 +204,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
              loss: Callable | None = None, layers: Sequence[str] = (), layer_weight: float = 1.0,
              validation: Iterable | None = None, validate_every: int = 10,
              optimizer: torch.optim.Optimizer | None = None, train_dense: bool = True,
-             code_every: int | None = None, code_step_size: float = 0.05, progress: bool = True) -> list[float]:
+             code_every: int | None = None, code_step_size: float = 0.05, code_fraction: float = 1e-3,
+             progress: bool = True) -> list[float]:
     """Train ``model`` (converted) to reproduce ``teacher`` (the dense original) on ``data``; returns the losses.
 
     ``data`` holds model inputs as for ``convert(calibration=...)`` (tensors, tuples of positional
@@ -224,7 +225,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
 
     ``code_every`` (off by default) adds PV-tuning's discrete step: after every ``code_every``-th step the
     codes are re-picked toward the loss gradient's direction (a move of ``code_step_size`` of each weight's
-    RMS) and kept only where the loss on that step's item drops (:mod:`rpq_fx._code_step`; ``layers`` do
+    RMS; only the ``code_fraction`` of slices that gain most to first order) and kept only where the loss on
+    that step's item drops (:mod:`rpq_fx._code_step`; ``layers`` do
     not enter it, weights with hot rows keep their codes, and the teacher must hold each weight under the
     name :func:`~rpq_fx.decompress` gives it, as a model converted in place does). The best state kept
     for ``validation`` then includes the codes. One process only.
@@ -246,6 +248,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
         if isinstance(code_step_size, bool) or not isinstance(code_step_size, (int, float)) or not (
                 0 < code_step_size < float("inf")):
             raise ValueError(f"finetune: code_step_size must be a positive finite number, got {code_step_size!r}")
+        if isinstance(code_fraction, bool) or not isinstance(code_fraction, (int, float)) or not 0 < code_fraction <= 1:
+            raise ValueError(f"finetune: code_fraction must be in (0, 1], got {code_fraction!r}")
     items = input_items(data, "finetune: data")
     held_out = None if validation is None else input_items(validation, "finetune: validation")
     if not items:
@@ -296,7 +300,8 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
                 ranks.reduce()
             optimizer.step()
             if code_every and (step + 1) % code_every == 0:
-                code_step(model, teacher, items[index], out, objective, device, step=code_step_size)
+                code_step(model, teacher, items[index], out, objective, device, step=code_step_size,
+                          fraction=code_fraction)
             losses.append(ranks.mean(float(value.detach())) if ranks else float(value.detach()))
             if held_out is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
                 best.offer(validate(model, held_out, held_targets, objective, device))

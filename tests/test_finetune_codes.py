@@ -68,7 +68,7 @@ def test_a_kept_step_changes_codes_and_lowers_the_loss_an_undone_one_changes_not
                 torch.testing.assert_close(student(x), dense_reference(teacher, student)(x), atol=1e-5, rtol=1e-5)
             assert float(default_loss(student(x), target, x)) == pytest.approx(after, rel=1e-5)
         else:
-            assert after == before and all(torch.equal(a, b) for a, b in zip(codes, codes_of(student)))
+            assert after >= before and all(torch.equal(a, b) for a, b in zip(codes, codes_of(student)))
     assert kept, "no step size lowered the loss"
 
 
@@ -101,7 +101,7 @@ def test_finetune_with_code_steps_changes_codes_and_ends_no_worse():
 
     initial = loss_on(student)
     rpq_fx.finetune(student, teacher, data, steps=8, lr=1e-3, validation=validation, validate_every=2,
-                    code_every=2, progress=False)
+                    code_every=2, code_step_size=0.2, code_fraction=0.01, progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(start, codes_of(student)))
     assert loss_on(student) <= initial
     with torch.no_grad():  # the best state put back holds codebooks and codes of one step, consistent
@@ -111,3 +111,5 @@ def test_finetune_with_code_steps_changes_codes_and_ends_no_worse():
         rpq_fx.finetune(student, teacher, data, steps=1, code_every=0, progress=False)
     with pytest.raises(ValueError, match="code_step_size must be a positive finite number, got -1"):
         rpq_fx.finetune(student, teacher, data, steps=1, code_every=1, code_step_size=-1, progress=False)
+    with pytest.raises(ValueError, match="code_fraction must be in"):
+        rpq_fx.finetune(student, teacher, data, steps=1, code_every=1, code_fraction=0, progress=False)
