@@ -51,7 +51,7 @@ def _tensors(case, dtype=torch.float64):
     return x, codebooks, codes, bias
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(case=cases())
 def test_conv_forward_and_backward_equal_the_dense_convolution(case):
     x, codebooks, codes, bias = _tensors(case)
@@ -86,7 +86,7 @@ def blocks_always(monkeypatch):
 
 def test_gradcheck_with_blocks_and_groups(monkeypatch, blocks_always):
     monkeypatch.setattr(conv_module, "BLOCK_BYTES", 2 * 12 * 8)
-    case = dict(dims=2, groups=2, shape=[6, 2, 2, 3], d=4, shared=False, num_codes=4, batch=2, size=[5, 6],
+    case = dict(dims=2, groups=2, shape=[6, 2, 2, 3], d=4, shared=False, num_codes=4, batch=1, size=[4, 5],
                 stride=[2, 1], padding=[1, 0], dilation=[1, 2], bias=True)
     x, codebooks, codes, bias = _tensors(case)
     args = (case["shape"], case["stride"], case["padding"], case["dilation"], case["groups"])
