@@ -199,8 +199,8 @@ def main() -> None:
     rows = [[r["model"], r["batch"], r["variant"], r["wall_ms"], r["cpu_ms"], r["wall_min_ms"], r["ratio"],
              r["cpu_ratio"], f"{r['faults']:.0f}", f"{r['load_before']:.1f} / {r['load_after']:.1f}"] for r in results]
     body = (f"Targets (issue 23 section 2): converted at most dense's time (ratio <= 1) at batch 1 and 32.\n"
-            f"Median of the repeats, interleaved in one process per model; ratio = converted / dense (wall; CPU time of "
-            f"all threads beside it); page faults: the median of the process's minor page faults per call. MiniLM: "
+            f"Median of the repeats, interleaved in one process per model; ratio = converted / dense (wall; CPU "
+            f"time of all threads beside it); page faults: the median of the process's minor page faults per call. MiniLM: "
             f"batches of {SEQ_LEN} tokens.\n\n"
             + table(rows, ["model", "batch", "variant", "wall ms", "CPU ms", "fastest ms", "time / dense",
                            "CPU / dense", "page faults / call", "load (1 min) before / after"]) + "\n")
