@@ -1,6 +1,7 @@
 """The data-aware fit on a whole real model: all-MiniLM-L6-v2, time, throughput and quality (issue 23 section 3).
 
     python benchmarks/fit_minilm.py [--cases convert allocate] [--out benchmarks/results] [--threads N]
+                                     [--whole-model]
 
 ``convert``: ``rpq_fx.convert(model, codebook_dim=4, shared_codebooks=True, init="kmeans",
 calibration=<256 lines>)`` over the quality benchmark's weights (``benchmarks/_quality``: the same
@@ -11,11 +12,13 @@ CPU seconds (``time.process_time``: on a machine shared with other work the wall
 the CPU time much less), the load average around it, the parameters fitted per wall second (for
 ``allocate``: the model's converted parameters over the whole call, which fits each once per
 size), the hours 7e9 parameters would take at that rate, and the mean cosine / top-10 neighbour
-agreement with the dense embeddings on 2000 held-out lines. Writes ``results/fit_minilm.md``, keeping
-its hand-written ``## Notes`` section.
+agreement with the dense embeddings on 2000 held-out lines. ``--whole-model``: the reference path
+(the whole model run for every group of layers and every cost), for a same-machine comparison.
+Writes ``results/fit_minilm.md``, keeping its hand-written ``## Notes`` section.
 """
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -25,6 +28,9 @@ from _quality import methods, tasks  # noqa: E402
 
 import rpq_fx  # noqa: E402
 import torch  # noqa: E402
+from rpq_fx.fit import sequential  # noqa: E402
+
+allocate_module = importlib.import_module("rpq_fx.allocate")  # reason: rpq_fx.allocate is also the function
 
 BASE = {"codebook_dim": 4, "shared_codebooks": True, "init": "kmeans", "codebook_dtype": "float16"}  # allocate's
 SEVEN_B = 7e9
@@ -36,9 +42,15 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["convert", "allocate"], choices=["convert", "allocate"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--whole-model", action="store_true",
+                        help="run the whole model for every group of layers and every cost, as before the "
+                             "block-by-block fit (the reference to compare with)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.whole_model:  # reason: block_split finding no blocks is the whole-model path (convert and allocate)
+        sequential.block_split = allocate_module.block_split = lambda *args, **kwargs: None
+    label = " (whole model per group)" if args.whole_model else ""
     notes = _notes(args.out / "fit_minilm.md")
     started = load()
     task = tasks.build_minilm()
@@ -50,7 +62,7 @@ def main() -> None:
             task.model, codebook_dim=4, shared_codebooks=True, init="kmeans", calibration=task.calibration,
             filter_fn=chosen, progress=False).eval())
         quality = task.evaluate(model)
-        rows.append(["convert, d=4 shared, data-aware, 256 lines", wall, cpu, params / wall / 1e6,
+        rows.append([f"convert, d=4 shared, data-aware, 256 lines{label}", wall, cpu, params / wall / 1e6,
                      SEVEN_B / params * wall / 3600,
                      rpq_fx.report(model).totals["bits_per_weight"], quality["cosine"], quality["nn_agreement"],
                      f"{before:.1f} / {after:.1f}"])
@@ -62,7 +74,7 @@ def main() -> None:
         model = rpq_fx.convert(task.model, config=config, calibration=task.calibration, filter_fn=chosen,
                                progress=False).eval()
         quality = task.evaluate(model)
-        rows.append([f"allocate for 2.0 bits, {len(SIZES)} sizes, 256 lines (then convert)", wall, cpu,
+        rows.append([f"allocate for 2.0 bits, {len(SIZES)} sizes, 256 lines (then convert){label}", wall, cpu,
                      params * len(SIZES) / wall / 1e6, SEVEN_B / params * wall / 3600,
                      rpq_fx.report(model).totals["bits_per_weight"],
                      quality["cosine"], quality["nn_agreement"], f"{before:.1f} / {after:.1f}"])
