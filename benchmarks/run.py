@@ -28,6 +28,7 @@ SCRIPTS = {
     # MiniLM at about 2 bits: per-group loss, mixed configurations
     "minilm_low_bits": ([], ["--steps", "2", "--sizes", "6", "3", "--finetune-lines", "64",
                              "--calibration-lines", "512"]),
+    "model_speed": ([], ["--quick"]),  # MiniLM at 2 bits, resnet50 and convnext_tiny under RPQ, against dense
     "damp": ([], ["--damps", "0.01", "0.1", "--wide-lines", "512"]),  # the calibrated fit's damping, per task
 }
 

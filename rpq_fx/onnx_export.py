@@ -84,7 +84,16 @@ def _embedding_onnx(indices, codebooks, codes, padding_idx=None, scale_grad_by_f
     return op.Reshape(values, op.Concat(op.Shape(indices), width, axis=0))
 
 
-_TRANSLATIONS = {"expand": _expand_onnx, "linear": _linear_onnx, "embedding": _embedding_onnx}
+def _conv_onnx(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups):
+    """ONNX for ``rpq_fx::conv``: the weight expanded as above, viewed to its shape, then ``Conv``."""
+    from onnxscript import opset18 as op
+
+    weight = op.Reshape(_expand_onnx(codebooks, codes), op.Constant(value_ints=[int(s) for s in weight_shape]))
+    options = dict(strides=list(stride), pads=[*padding, *padding], dilations=list(dilation), group=groups)
+    return op.Conv(input, weight, **options) if bias is None else op.Conv(input, weight, bias, **options)
+
+
+_TRANSLATIONS = {"expand": _expand_onnx, "linear": _linear_onnx, "embedding": _embedding_onnx, "conv": _conv_onnx}
 
 
 def onnx_translation_table() -> dict:

@@ -1,6 +1,8 @@
 """Deployment exports: torch.export keeps the expansion as one named op; ONNX lowers it to Gather,
 stays compressed on disk and computes in onnxruntime what PyTorch computes."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,20 @@ def test_onnx_adds_the_hot_rows_and_stores_them_compressed(tmp_path):
         expected = gm(tokens).numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
     assert path.stat().st_size < 1.2 * (model_bytes(gm) + 4 * 50000)  # + each row's hot slot, folded
+
+
+def test_onnx_of_a_fused_convolution_matches_the_dense_reference(tmp_path):
+    net = nn.Sequential(nn.Conv2d(512, 288, 3, stride=2, padding=1, groups=2), nn.ReLU()).eval()  # 2.65 MB weight
+    gm = rpq_fx.convert(copy.deepcopy(net), num_codebooks=24).eval()
+    assert [n.target for n in gm.graph.nodes if is_rpq_op(n)] == [torch.ops.rpq_fx.conv.default], \
+        "a weight above 2 MiB is one rpq_fx::conv node"
+    dense = copy.deepcopy(net)  # the original architecture running the expanded weights
+    dense.load_state_dict(rpq_fx.decompress(gm), strict=False)
+    x = torch.randn(2, 512, 9, 11)
+    path = rpq_fx.export_onnx(gm, (x,), tmp_path / "conv.onnx")
+    assert "Conv" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not any(shape == (288, 256, 3, 3) for _, shape in initializers(path).values()), "no dense weight on disk"
+    with torch.no_grad():
+        expected = dense(x)
+    (actual,) = run_onnx(path, x)
+    np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-4, atol=1e-4)
