@@ -28,16 +28,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>  // also for the VBMI kernel, compiled for that target whatever the build's flags
 #endif
 
 namespace {
@@ -717,6 +719,314 @@ Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t c
   return out;
 }
 
+// ------------------------------------------------------------------ quantised lookup tables (small batches)
+// One batch row at a time (T-MAC, faiss fast-scan): the row's table T[c, k] = codebooks[g(c), k] . x[c-th slice]
+// (float32) is quantised per group of kLutGroup slices to unsigned fixed point of 8 * P bits around each slice's centre,
+//   T[c, k] ~= m[c] + s * (q[c, k] - h),   m[c] = (min_k T[c, k] + max_k T[c, k]) / 2,   h = 2^(8P - 1),
+// s = the group's largest range / (2^(8P) - 2), q stored as P byte planes of 256 entries (most significant first).
+// Then per output row n
+//   y[n] = sum_groups s * (sum_{c in group} q[c, codes[c, n]] - h * slices) + sum_c m[c]
+// the group sums exact integers, each added in float32 by one fused multiply-add, groups in order, then the centres
+// (summed in float32 over c ascending; centred, the terms stay the size of the result: offsets at each slice's
+// minimum made sums C times larger than the result, and float32 lost 1e-5 of it). Each lookup is off by at most
+// s / 2: P = 3 (24 bits) is as
+// close as float32 (the automatic path); P = 1 and 2 (8- and 16-bit tables) are what `path="lut8"` / `"lut16"` ask.
+// With AVX-512 VBMI a slice's table plane sits in four registers and `vpermi2b` looks up 64 codes at once (a mask on
+// the code's top bit picks the half), summed in 16-bit lanes; elsewhere a scalar loop computes the same integers
+// and the same float operations, so both give the same bits.
+constexpr int64_t kLutGroup = 64;  // slices per scale; 255 * 64 fits the 16-bit lane sums
+constexpr int64_t kLutMaxRows = 2;  // batches up to this many rows take the 24-bit tables when the kernel is exact
+
+bool has_vbmi() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Quantise the table of one batch row's group of slices: T rows at T + c * tc (K floats), planes into q [cg, P, 256]
+// (entries past K are zero), the slices' centres into lo [cg]; returns the group's scale. A slice with a value that is
+// not finite gets a NaN centre, so that every output of the row is NaN (the float32 path gives NaN or inf there).
+template <int P>
+struct LutLevels {
+  static constexpr double levels = double((uint64_t(1) << (8 * P)) - 1);
+  static constexpr int32_t half = int32_t(1) << (8 * P - 1), top = static_cast<int32_t>(levels);
+  // scale and its inverse for a group's largest range
+  static std::pair<float, float> scale(float range) {
+    const float s = static_cast<float>(range / (levels - 1));
+    return {s, s > 0.0f ? static_cast<float>((levels - 1) / range) : 0.0f};
+  }
+};
+
+template <int P>
+float lut_quantise_scalar(const float* __restrict T, int64_t tc, int64_t cg, int64_t K, uint8_t* __restrict q,
+                          float* __restrict lo) {
+  using L = LutLevels<P>;
+  float range = 0.0f;
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* __restrict t = T + c * tc;
+    float mn = t[0], mx = t[0];
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      mn = std::min(mn, t[k]);
+      mx = std::max(mx, t[k]);
+      finite = finite && std::fabs(t[k]) <= std::numeric_limits<float>::max();
+    }
+    lo[c] = finite ? 0.5f * (mn + mx) : std::numeric_limits<float>::quiet_NaN();
+    if (finite) range = std::max(range, mx - mn);
+  }
+  const auto [scale, inv] = L::scale(range);
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* __restrict t = T + c * tc;
+    uint8_t* __restrict qc = q + c * P * 256;
+    for (int64_t k = 0; k < 256; ++k) {
+      int32_t v = 0;
+      if (k < K && !std::isnan(lo[c]))
+        v = std::clamp(static_cast<int32_t>(std::nearbyint((t[k] - lo[c]) * inv)) + L::half, 0, L::top);
+      for (int p = 0; p < P; ++p) qc[p * 256 + k] = static_cast<uint8_t>(v >> (8 * (P - 1 - p)));
+    }
+  }
+  return scale;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same with AVX-512 (the same operations: cvtps2dq rounds to nearest even, as nearbyint does by default).
+template <int P>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+float lut_quantise_avx512(const float* __restrict T, int64_t tc, int64_t cg, int64_t K, uint8_t* __restrict q,
+                          float* __restrict lo) {
+  using L = LutLevels<P>;
+  const __m512 huge = _mm512_set1_ps(std::numeric_limits<float>::max());
+  float range = 0.0f;
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* t = T + c * tc;
+    __m512 mn = _mm512_set1_ps(t[0]), mx = mn;
+    __mmask16 finite = 0xFFFF;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(m, t + k);
+      mn = _mm512_mask_min_ps(mn, m, mn, v);
+      mx = _mm512_mask_max_ps(mx, m, mx, v);
+      finite &= _mm512_cmp_ps_mask(_mm512_abs_ps(v), huge, _CMP_LE_OQ) | __mmask16(~m);
+    }
+    const float a = _mm512_reduce_min_ps(mn), b = _mm512_reduce_max_ps(mx);
+    const bool ok = finite == 0xFFFF;
+    lo[c] = ok ? 0.5f * (a + b) : std::numeric_limits<float>::quiet_NaN();
+    if (ok) range = std::max(range, b - a);
+  }
+  const auto [scale, inv] = L::scale(range);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i half = _mm512_set1_epi32(L::half), top = _mm512_set1_epi32(L::top), zero = _mm512_setzero_si512();
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* t = T + c * tc;
+    uint8_t* qc = q + c * P * 256;
+    const __m512 centre = _mm512_set1_ps(lo[c]);
+    const bool ok = !std::isnan(lo[c]);
+    for (int64_t k = 0; k < 256; k += 16) {
+      const __mmask16 m = !ok || k >= K ? __mmask16(0) : K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(m, t + k);
+      __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, centre), vinv)), half);
+      r = _mm512_maskz_mov_epi32(m, _mm512_min_epi32(_mm512_max_epi32(r, zero), top));
+      for (int p = 0; p < P; ++p)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qc + p * 256 + k),
+                         _mm512_cvtepi32_epi8(_mm512_srli_epi32(r, 8 * (P - 1 - p))));
+    }
+  }
+  return scale;
+}
+#endif
+
+template <int P>
+float lut_quantise(const float* T, int64_t tc, int64_t cg, int64_t K, uint8_t* q, float* lo, bool vector) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vector && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return lut_quantise_avx512<P>(T, tc, cg, K, q, lo);
+#endif
+  return lut_quantise_scalar<P>(T, tc, cg, K, q, lo);
+}
+
+// acc[i] = fma(scale, sum_c value(c, codes[c * N + i]) - h * cg, acc[i]) for i < nn: the group's exact integer sums,
+// scalar.
+template <int P>
+void lut_group_scalar(const uint8_t* __restrict q, const uint8_t* __restrict codes, int64_t N, int64_t cg,
+                      int64_t nn, float scale, float* __restrict acc) {
+  for (int64_t i = 0; i < nn; ++i) {
+    int32_t v = -static_cast<int32_t>(cg << (8 * P - 1));
+    for (int64_t c = 0; c < cg; ++c) {
+      const uint8_t* qc = q + c * P * 256 + codes[c * N + i];
+      for (int p = 0; p < P; ++p) v += static_cast<int32_t>(qc[p * 256]) << (8 * (P - 1 - p));
+    }
+    acc[i] = std::fma(scale, static_cast<float>(v), acc[i]);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same for nn rows, nn a multiple of 64: R blocks of 64 rows at a time, their sums in registers over the group.
+template <int P, int R, int KW>  // KW: registers per table plane (1: K <= 64, 2: K <= 128, 4: K <= 256)
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")))
+void lut_blocks_vbmi(const uint8_t* __restrict q, const uint8_t* __restrict codes, int64_t N, int64_t cg,
+                     float scale, float* __restrict acc) {
+  __m512i lo16[R][P], hi16[R][P];  // 16-bit lanes: lane j sums (even row) + 256 * (odd row), and the odd row
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) lo16[r][p] = hi16[r][p] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < cg; ++c) {
+    const uint8_t* qc = q + c * P * 256;
+    __m512i t[P][KW];
+    for (int p = 0; p < P; ++p)
+      for (int w = 0; w < KW; ++w) t[p][w] = _mm512_loadu_si512(qc + p * 256 + w * 64);
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_loadu_si512(codes + c * N + r * 64);
+      __mmask64 upper = 0;
+      if constexpr (KW == 4) upper = _mm512_movepi8_mask(v);
+      for (int p = 0; p < P; ++p) {
+        __m512i sel;
+        if constexpr (KW == 1) {
+          sel = _mm512_permutexvar_epi8(v, t[p][0]);
+        } else if constexpr (KW == 2) {
+          sel = _mm512_permutex2var_epi8(t[p][0], v, t[p][1]);
+        } else {
+          sel = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t[p][0], v, t[p][1]),
+                                       _mm512_permutex2var_epi8(t[p][2], v, t[p][3]));
+        }
+        lo16[r][p] = _mm512_add_epi16(lo16[r][p], sel);
+        hi16[r][p] = _mm512_add_epi16(hi16[r][p], _mm512_srli_epi16(sel, 8));
+      }
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r) {
+    const __m512i centre = _mm512_set1_epi32(-static_cast<int32_t>(cg << (8 * P - 1)));
+    __m512i even[2] = {centre, centre}, odd[2] = {centre, centre};
+    for (int p = 0; p < P; ++p) {
+      const __m512i e = _mm512_sub_epi16(lo16[r][p], _mm512_slli_epi16(hi16[r][p], 8));
+      const int shift = 8 * (P - 1 - p);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i eh = h ? _mm512_extracti64x4_epi64(e, 1) : _mm512_castsi512_si256(e);
+        const __m256i oh = h ? _mm512_extracti64x4_epi64(hi16[r][p], 1) : _mm512_castsi512_si256(hi16[r][p]);
+        even[h] = _mm512_add_epi32(even[h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(eh), shift));
+        odd[h] = _mm512_add_epi32(odd[h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(oh), shift));
+      }
+    }
+    // even[h] holds rows 32h + 2j, odd[h] rows 32h + 2j + 1 (j < 16): interleaved back into row order
+    for (int h = 0; h < 2; ++h) {
+      float* a = acc + r * 64 + h * 32;
+      const __m512i v0 = _mm512_permutex2var_epi32(even[h], first, odd[h]);
+      const __m512i v1 = _mm512_permutex2var_epi32(even[h], second, odd[h]);
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(v0), _mm512_loadu_ps(a)));
+      _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(v1), _mm512_loadu_ps(a + 16)));
+    }
+  }
+}
+
+template <int P, int KW>
+void lut_group_vbmi(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t cg, int64_t nn, float scale,
+                    float* acc) {
+  constexpr int R = P == 1 ? 4 : 2;
+  int64_t i = 0;
+  for (; i + 64 * R <= nn; i += 64 * R) lut_blocks_vbmi<P, R, KW>(q, codes + i, N, cg, scale, acc + i);
+  for (; i + 64 <= nn; i += 64) lut_blocks_vbmi<P, 1, KW>(q, codes + i, N, cg, scale, acc + i);
+  lut_group_scalar<P>(q, codes + i, N, cg, nn - i, scale, acc + i);
+}
+#endif
+
+// acc (+)= the group's sums for rows [0, nn) of codes (row stride N), by VBMI permutes where `vector` and the CPU has
+// them, else the scalar loop: the same bits either way.
+template <int P>
+void lut_group(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t cg, int64_t K, int64_t nn, float scale,
+               float* acc, bool vector) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vector && has_vbmi()) {
+    if (K <= 64) return lut_group_vbmi<P, 1>(q, codes, N, cg, nn, scale, acc);
+    if (K <= 128) return lut_group_vbmi<P, 2>(q, codes, N, cg, nn, scale, acc);
+    return lut_group_vbmi<P, 4>(q, codes, N, cg, nn, scale, acc);
+  }
+#endif
+  lut_group_scalar<P>(q, codes, N, cg, nn, scale, acc);
+}
+
+// y [B, N] (float32) from the rows' float32 tables T (row b, slice c at T + b * tb + c * tc, K values) and uint8
+// codes [C, N], through P-byte tables.
+template <int P>
+void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, int64_t K, const uint8_t* codes,
+                 int64_t N, float* y, bool vector) {
+  const int64_t groups = (C + kLutGroup - 1) / kLutGroup;
+  // reason: reused by the thread's next call: a fresh buffer of this size (768 KiB at C = 1024, 24 bits) is a fresh
+  // mapping whose page faults cost as much as the quantisation
+  thread_local std::vector<uint8_t> q_buffer;
+  thread_local std::vector<float> lo_buffer, scale_buffer;
+  if (q_buffer.size() < static_cast<size_t>(B * C * P * 256)) q_buffer.resize(B * C * P * 256);
+  if (lo_buffer.size() < static_cast<size_t>(B * C)) lo_buffer.resize(B * C);
+  if (scale_buffer.size() < static_cast<size_t>(B * groups)) scale_buffer.resize(B * groups);
+  // reason: the worker threads below must see this thread's buffers, not their own thread_locals
+  uint8_t* q = q_buffer.data();
+  float* lo = lo_buffer.data();
+  float* scale = scale_buffer.data();
+  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
+      scale[t] = lut_quantise<P>(T + b * tb + c0 * tc, tc, cg, K, q + (b * C + c0) * P * 256,
+                                 lo + b * C + c0, vector);
+    }
+  });
+  // bands of rows, whole blocks of 64 (the lookups' width), about four per thread
+  const int64_t threads = at::get_num_threads();
+  const int64_t band = std::max<int64_t>(64, (N / std::max<int64_t>(1, 4 * threads / B) + 63) / 64 * 64);
+  const int64_t bands = (N + band - 1) / band;
+  at::parallel_for(0, B * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(band);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * kLutGroup;
+        lut_group<P>(q + (b * C + c0) * P * 256, codes + c0 * N + n0, N, std::min(kLutGroup, C - c0), K, nn,
+                     scale[b * groups + g], acc.data(), vector);
+      }
+      float offset = 0.0f;
+      for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
+      float* __restrict out = y + b * N + n0;
+      for (int64_t i = 0; i < nn; ++i) out[i] = acc[i] + offset;
+    }
+  });
+}
+
+// Whether the quantised-table kernel takes this call: uint8 codes, at most 256 codewords, float32 or bfloat16.
+bool lut_supports(const Tensor& x, const Tensor& codebooks, const Tensor& codes) {
+  return codes.scalar_type() == at::kByte && codebooks.size(1) <= 256 &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+         codebooks.scalar_type() == x.scalar_type();
+}
+
+// y [B, N] = x W^T through bits-bit tables (8, 16 or 24), into `out` (x's dtype): x [B, in], codes contiguous and
+// checked. The float32 tables come from ATen's (b)mm, in float32 whatever x's dtype.
+void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, int64_t bits, bool vector, Tensor& out) {
+  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1);
+  const int64_t G = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
+  const Tensor xf = x.to(at::kFloat).contiguous(), cbf = codebooks.to(at::kFloat);
+  Tensor T;
+  int64_t tb, tc;
+  if (G == 1) {  // [B * C, d] @ [d, K]: row (b, c) at (b * C + c) * K
+    T = at::mm(xf.view({B * C, d}), cbf[0].t()).contiguous();
+    tb = C * K, tc = K;
+  } else {  // [C, B, d] @ [C, d, K]: row (b, c) at (c * B + b) * K
+    T = at::bmm(xf.view({B, C, d}).transpose(0, 1), cbf.transpose(1, 2)).contiguous();
+    tb = K, tc = B * K;
+  }
+  Tensor y = out.scalar_type() == at::kFloat && out.is_contiguous() ? out : at::empty({B, N}, xf.options());
+  const uint8_t* codes_p = codes.data_ptr<uint8_t>();
+  switch (bits) {
+    case 8: lut_forward<1>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 16: lut_forward<2>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    default: lut_forward<3>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+  }
+  if (!y.is_same(out)) out.copy_(y);
+}
+
 // y [B, N] = x [B, in] @ W^T, W never built; written into `out` when given.
 Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor& codes_in,
                       const c10::optional<Tensor>& out_in) {
@@ -727,6 +1037,11 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
   Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, "rpq_fx linear_forward");
   if (!fast_dtypes({x.scalar_type(), codebooks.scalar_type()})) {
     linear_forward_aten(x, codebooks, codes, out);
+    return out;
+  }
+  // one or two rows, K beyond the one-register permutes: 24-bit tables in registers (as close as float32)
+  if (x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() && lut_supports(x, codebooks, codes)) {
+    lut_linear(x, codebooks, codes, 24, true, out);
     return out;
   }
   const at::ScalarType products = product_type(x.scalar_type());
@@ -855,8 +1170,34 @@ std::tuple<Tensor, Tensor> linear_compressed_backward_op(const Tensor& grad, con
   return {grad_x, need_cb ? std::get<1>(result) : at::empty({0}, codebooks.options())};
 }
 
+// rpq_fx::_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized) -> Tensor: x [..., in] ->
+// y [..., N] through `bits`-bit lookup tables (8, 16 or 24); `vectorized=False` runs the scalar loop (the tests
+// compare the two). uint8 codes, K <= 256, float32 or bfloat16 only.
+Tensor linear_lut_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes_in, int64_t bits, bool vectorized) {
+  const char* what = "rpq_fx linear_lut";
+  TORCH_CHECK(x.dim() >= 1 && codes_in.dim() == 2, what, ": x [..., in] and codes [C, N]");
+  Tensor x_2d = x.reshape({-1, x.size(-1)});
+  check(x_2d, codebooks, codes_in, what);
+  TORCH_CHECK(bits == 8 || bits == 16 || bits == 24, what, ": bits must be 8, 16 or 24, got ", bits);
+  TORCH_CHECK(lut_supports(x_2d, codebooks, codes_in), what, ": takes uint8 codes, at most 256 codewords and "
+              "float32 or bfloat16 x and codebooks (one dtype), got codes ", codes_in.scalar_type(), ", ",
+              codebooks.size(1), " codewords, x ", x.scalar_type(), " and codebooks ", codebooks.scalar_type());
+  at::NoGradGuard no_grad;
+  Tensor codes = codes_in.contiguous();
+  check_codes(codes, codebooks.size(1), what);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = codes.size(1);
+  Tensor out = at::empty(shape, x.options());
+  Tensor out_2d = out.view({-1, codes.size(1)});
+  if (out_2d.numel() > 0) lut_linear(x_2d, codebooks, codes, bits, vectorized, out_2d);
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
   m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
+  m.def("_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized=True) -> Tensor");
+  // batches up to this many rows compute with 24-bit tables on this CPU (0: never), for the cost model (policy.py)
+  m.def("_lut_max_rows() -> int", [] { return has_vbmi() ? kLutMaxRows : int64_t(0); });
 }
 
 TORCH_LIBRARY_IMPL(rpq_fx, CPU, m) {
@@ -865,4 +1206,5 @@ TORCH_LIBRARY_IMPL(rpq_fx, CPU, m) {
   m.impl("_linear_compressed", &linear_compressed_op);
   m.impl("_linear_compressed_backward", &linear_compressed_backward_op);
   m.impl("_nearest", &nearest);
+  m.impl("_linear_lut", &linear_lut_op);
 }
