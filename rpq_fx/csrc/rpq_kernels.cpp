@@ -719,6 +719,16 @@ Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t c
   return out;
 }
 
+// f(t) for t < tasks, the threads claiming tasks one at a time: a thread slowed by a busy machine takes fewer, where
+// at::parallel_for's equal shares would make the others wait for it.
+template <typename F>
+void claim_tasks(int64_t tasks, F&& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) f(t);
+  });
+}
+
 // ------------------------------------------------------------------ quantised lookup tables (small batches)
 // One batch row at a time (T-MAC, faiss fast-scan): the row's table T[c, k] = codebooks[g(c), k] . x[c-th slice]
 // (float32) is quantised per group of kLutGroup slices to unsigned fixed point of 8 * P bits around each slice's centre,
@@ -966,32 +976,28 @@ void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, i
   uint8_t* q = q_buffer.data();
   float* lo = lo_buffer.data();
   float* scale = scale_buffer.data();
-  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
-      scale[t] = lut_quantise<P>(T + b * tb + c0 * tc, tc, cg, K, q + (b * C + c0) * P * 256,
-                                 lo + b * C + c0, vector);
-    }
+  claim_tasks(B * groups, [&](int64_t t) {
+    const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
+    scale[t] = lut_quantise<P>(T + b * tb + c0 * tc, tc, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0, vector);
   });
-  // bands of rows, whole blocks of 64 (the lookups' width), about four per thread
+  // bands of rows, whole blocks of 64 (the lookups' width), about eight per thread, at least 256 rows (each band
+  // reads every slice's table planes once from L2)
   const int64_t threads = at::get_num_threads();
-  const int64_t band = std::max<int64_t>(64, (N / std::max<int64_t>(1, 4 * threads / B) + 63) / 64 * 64);
+  const int64_t band = std::max<int64_t>(256, (N / std::max<int64_t>(1, 8 * threads / B) + 63) / 64 * 64);
   const int64_t bands = (N + band - 1) / band;
-  at::parallel_for(0, B * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(band);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t c0 = g * kLutGroup;
-        lut_group<P>(q + (b * C + c0) * P * 256, codes + c0 * N + n0, N, std::min(kLutGroup, C - c0), K, nn,
-                     scale[b * groups + g], acc.data(), vector);
-      }
-      float offset = 0.0f;
-      for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
-      float* __restrict out = y + b * N + n0;
-      for (int64_t i = 0; i < nn; ++i) out[i] = acc[i] + offset;
+  claim_tasks(B * bands, [&](int64_t t) {
+    thread_local std::vector<float> acc;
+    acc.assign(band, 0.0f);
+    const int64_t b = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * kLutGroup;
+      lut_group<P>(q + (b * C + c0) * P * 256, codes + c0 * N + n0, N, std::min(kLutGroup, C - c0), K, nn,
+                   scale[b * groups + g], acc.data(), vector);
     }
+    float offset = 0.0f;
+    for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
+    float* __restrict out = y + b * N + n0;
+    for (int64_t i = 0; i < nn; ++i) out[i] = acc[i] + offset;
   });
 }
 
