@@ -1,9 +1,9 @@
 """The quantised lookup-table forward of the C++ kernels (``csrc/rpq_kernels.cpp``, ``lut_forward``).
 
-Batches of one or two rows with 33-256 codewords and uint8 codes compute through 24-bit tables (the automatic
+Batches of one or two rows with 33-256 codewords and uint8 codes compute through 32-bit tables (the automatic
 ``"compressed"`` path where the CPU has AVX-512 VBMI); ``path="lut8"`` / ``"lut16"`` opt in to 8- and 16-bit tables.
 Checked: the VBMI permutes against the scalar loop (the same bits), each width against an exact float64 reference
-within the bound its quantisation allows, the 24-bit path within float32's tolerance against the stock-op kernels
+within the bound its quantisation allows, the 32-bit path within float32's tolerance against the stock-op kernels
 (forward and backward, float32 and bfloat16), and the opt-in paths' routing.
 """
 
@@ -41,7 +41,7 @@ def _quantisation_bound(x, codebooks, C: int, bits: int) -> torch.Tensor:
 
 @settings(max_examples=30, deadline=None)
 @given(C=st.integers(1, 70), K=st.integers(2, 256), d=st.sampled_from([1, 2, 3, 4, 8]), N=st.integers(1, 300),
-       B=st.integers(1, 3), shared=st.booleans(), bits=st.sampled_from([8, 16, 24]),
+       B=st.integers(1, 3), shared=st.booleans(), bits=st.sampled_from([8, 16, 24, 32]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_tables_are_within_their_quantisation_bound_and_simd_equals_scalar(C, K, d, N, B, shared, bits, dtype, seed):
     codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float32, seed)
@@ -76,7 +76,7 @@ def test_a_wrong_lookup_breaks_the_bound():
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_automatic_small_batch_path_matches_the_stock_ops(d, K, shared, dtype):
-    """Batches of one and two rows (24-bit tables where the CPU has VBMI) against the stock-op kernels, forward and
+    """Batches of one and two rows (32-bit tables where the CPU has VBMI) against the stock-op kernels, forward and
     backward: within float32's tolerance (bfloat16: one rounding of the result)."""
     C, N = 131, 203  # several groups of 64 slices, a last group of 3; blocks of 64 rows and a tail of 11
     codebooks, _, codes = make_case(C, K, d, N, shared, torch.float32, d * K)
@@ -131,7 +131,7 @@ def test_lut_paths_fall_back_where_the_kernel_does_not_apply():
     with pytest.raises(RuntimeError, match="uint8 codes, at most 256 codewords"):
         lut(x, wide_cb, wide_codes, 8)
     cb, _, codes = make_case(3, 40, 2, 40, True, torch.float32, 1)
-    with pytest.raises(RuntimeError, match="bits must be 8, 16 or 24, got 12"):
+    with pytest.raises(RuntimeError, match="bits must be 8, 16, 24 or 32, got 12"):
         lut(x, cb, codes, 12)
     bad = codes.clone()
     bad[1, 5] = 40
@@ -139,7 +139,7 @@ def test_lut_paths_fall_back_where_the_kernel_does_not_apply():
         lut(x, cb, bad, 8)
 
 
-@pytest.mark.parametrize("bits", [8, 24])
+@pytest.mark.parametrize("bits", [8, 32])
 def test_a_non_finite_input_makes_its_row_nan(bits):
     cb, _, codes = make_case(70, 64, 2, 130, False, torch.float32, 2)
     x = torch.randn(2, 140)

@@ -736,16 +736,18 @@ void claim_tasks(int64_t tasks, F&& f) {
 // s = the group's largest range / (2^(8P) - 2), q stored as P byte planes of 256 entries (most significant first).
 // Then per output row n
 //   y[n] = sum_groups s * (sum_{c in group} q[c, codes[c, n]] - h * slices) + sum_c m[c]
-// the group sums exact integers, each added in float32 by one fused multiply-add, groups in order, then the centres
-// (summed in float32 over c ascending; centred, the terms stay the size of the result: offsets at each slice's
-// minimum made sums C times larger than the result, and float32 lost 1e-5 of it). Each lookup is off by at most
-// s / 2: P = 3 (24 bits) is as
-// close as float32 (the automatic path); P = 1 and 2 (8- and 16-bit tables) are what `path="lut8"` / `"lut16"` ask.
-// With AVX-512 VBMI a slice's table plane sits in four registers and `vpermi2b` looks up 64 codes at once (a mask on
-// the code's top bit picks the half), summed in 16-bit lanes; elsewhere a scalar loop computes the same integers
-// and the same float operations, so both give the same bits.
+// the group sums exact integers (the planes summed in 16-bit lanes, then words of two planes in 32 bits), each word
+// added in float32 by one fused multiply-add, groups in order, then the centres (summed in float32 over c ascending;
+// centred, the terms stay the size of the result: offsets at each slice's minimum made sums C times larger than the
+// result, and float32 lost 1e-5 of it). Each lookup is off by at most s / 2, s set by the widest table of the group:
+// P = 4 (32 bits) is as close as float32's own tables on the fitted MiniLM layers (benchmarks/lut_error.py; 24 bits
+// was 10x further off where a shared codebook holds outlier codewords) and is the automatic path; P = 1 and 2 (8-
+// and 16-bit tables) are what `path="lut8"` / `"lut16"` ask. With AVX-512 VBMI a slice's table plane sits in four
+// registers and `vpermi2b` looks up 64 codes at once (a mask on the code's top bit picks the half); elsewhere a scalar
+// loop computes the same integers and the same float operations, so both give the same bits.
 constexpr int64_t kLutGroup = 64;  // slices per scale; 255 * 64 fits the 16-bit lane sums
-constexpr int64_t kLutMaxRows = 2;  // batches up to this many rows take the 24-bit tables when the kernel is exact
+constexpr int64_t kLutMaxRows = 2;  // batches up to this many rows take the 32-bit tables when the kernel is exact
+constexpr int64_t kLutAutoBits = 32;
 
 bool has_vbmi() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -762,11 +764,11 @@ bool has_vbmi() {
 template <int P>
 struct LutLevels {
   static constexpr double levels = double((uint64_t(1) << (8 * P)) - 1);
-  static constexpr int32_t half = int32_t(1) << (8 * P - 1), top = static_cast<int32_t>(levels);
-  // scale and its inverse for a group's largest range
-  static std::pair<float, float> scale(float range) {
-    const float s = static_cast<float>(range / (levels - 1));
-    return {s, s > 0.0f ? static_cast<float>((levels - 1) / range) : 0.0f};
+  static constexpr int64_t half = int64_t(1) << (8 * P - 1);
+  static constexpr int E0 = P < 2 ? P : 2;  // planes in the first word (the second holds the rest)
+  // scale and its inverse (in double: a 32-bit code needs more than float32's 24 bits) for a group's largest range
+  static std::pair<float, double> scale(float range) {
+    return {static_cast<float>(range / (levels - 1)), range > 0.0f ? (levels - 1) / range : 0.0};
   }
 };
 
@@ -792,9 +794,11 @@ float lut_quantise_scalar(const float* __restrict T, int64_t tc, int64_t cg, int
     const float* __restrict t = T + c * tc;
     uint8_t* __restrict qc = q + c * P * 256;
     for (int64_t k = 0; k < 256; ++k) {
-      int32_t v = 0;
+      int64_t r = 0;  // the code less h, clamped to [-h, h - 1] (the centre is rounded), then rounded to nearest even
       if (k < K && !std::isnan(lo[c]))
-        v = std::clamp(static_cast<int32_t>(std::nearbyint((t[k] - lo[c]) * inv)) + L::half, 0, L::top);
+        r = static_cast<int64_t>(std::nearbyint(std::clamp((double(t[k]) - double(lo[c])) * inv, -double(L::half),
+                                                           double(L::half - 1))));
+      const uint32_t v = static_cast<uint32_t>(r + L::half);
       for (int p = 0; p < P; ++p) qc[p * 256 + k] = static_cast<uint8_t>(v >> (8 * (P - 1 - p)));
     }
   }
@@ -802,7 +806,7 @@ float lut_quantise_scalar(const float* __restrict T, int64_t tc, int64_t cg, int
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The same with AVX-512 (the same operations: cvtps2dq rounds to nearest even, as nearbyint does by default).
+// The same with AVX-512 (the same operations in the same precision).
 template <int P>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 float lut_quantise_avx512(const float* __restrict T, int64_t tc, int64_t cg, int64_t K, uint8_t* __restrict q,
@@ -827,18 +831,26 @@ float lut_quantise_avx512(const float* __restrict T, int64_t tc, int64_t cg, int
     if (ok) range = std::max(range, b - a);
   }
   const auto [scale, inv] = L::scale(range);
-  const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i half = _mm512_set1_epi32(L::half), top = _mm512_set1_epi32(L::top), zero = _mm512_setzero_si512();
+  const __m512d vinv = _mm512_set1_pd(inv);
+  // clamped to [-h, h - 1] before cvtpd2dq (out of int32's range it gives INT32_MIN), then + h as unsigned
+  const __m512d low = _mm512_set1_pd(-double(L::half)), high = _mm512_set1_pd(double(L::half - 1));
+  const __m512i half = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(L::half)));
   for (int64_t c = 0; c < cg; ++c) {
     const float* t = T + c * tc;
     uint8_t* qc = q + c * P * 256;
-    const __m512 centre = _mm512_set1_ps(lo[c]);
+    const __m512d centre = _mm512_set1_pd(double(lo[c]));
     const bool ok = !std::isnan(lo[c]);
     for (int64_t k = 0; k < 256; k += 16) {
       const __mmask16 m = !ok || k >= K ? __mmask16(0) : K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(m, t + k);
-      __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, centre), vinv)), half);
-      r = _mm512_maskz_mov_epi32(m, _mm512_min_epi32(_mm512_max_epi32(r, zero), top));
+      const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d d1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      const __m256i r0 = _mm512_cvtpd_epi32(
+          _mm512_min_pd(_mm512_max_pd(_mm512_mul_pd(_mm512_sub_pd(d0, centre), vinv), low), high));
+      const __m256i r1 = _mm512_cvtpd_epi32(
+          _mm512_min_pd(_mm512_max_pd(_mm512_mul_pd(_mm512_sub_pd(d1, centre), vinv), low), high));
+      __m512i r = _mm512_maskz_mov_epi32(m, _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1));  // past K, or a non-finite slice: the code h (r = 0)
+      r = _mm512_add_epi32(r, half);
       for (int p = 0; p < P; ++p)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qc + p * 256 + k),
                          _mm512_cvtepi32_epi8(_mm512_srli_epi32(r, 8 * (P - 1 - p))));
@@ -858,18 +870,25 @@ float lut_quantise(const float* T, int64_t tc, int64_t cg, int64_t K, uint8_t* q
   return lut_quantise_scalar<P>(T, tc, cg, K, q, lo);
 }
 
-// acc[i] = fma(scale, sum_c value(c, codes[c * N + i]) - h * cg, acc[i]) for i < nn: the group's exact integer sums,
-// scalar.
+// acc[i] (+)= the group's sums for rows i < nn, scalar: per word of planes (the first centred by h * cg), an exact
+// int32 sum, added by acc = fma(scale * weight, sum, acc), the first word first.
 template <int P>
 void lut_group_scalar(const uint8_t* __restrict q, const uint8_t* __restrict codes, int64_t N, int64_t cg,
                       int64_t nn, float scale, float* __restrict acc) {
+  constexpr int E0 = LutLevels<P>::E0;
+  const float s0 = std::ldexp(scale, 8 * (P - E0));
   for (int64_t i = 0; i < nn; ++i) {
-    int32_t v = -static_cast<int32_t>(cg << (8 * P - 1));
+    int32_t w0 = -static_cast<int32_t>(cg << (8 * E0 - 1)), w1 = 0;
     for (int64_t c = 0; c < cg; ++c) {
       const uint8_t* qc = q + c * P * 256 + codes[c * N + i];
-      for (int p = 0; p < P; ++p) v += static_cast<int32_t>(qc[p * 256]) << (8 * (P - 1 - p));
+      for (int p = 0; p < P; ++p) {
+        if (p < E0) w0 += static_cast<int32_t>(qc[p * 256]) << (8 * (E0 - 1 - p));
+        else w1 += static_cast<int32_t>(qc[p * 256]) << (8 * (P - 1 - p));
+      }
     }
-    acc[i] = std::fma(scale, static_cast<float>(v), acc[i]);
+    float a = std::fma(s0, static_cast<float>(w0), acc[i]);
+    if (P > E0) a = std::fma(scale, static_cast<float>(w1), a);
+    acc[i] = a;
   }
 }
 
@@ -906,29 +925,36 @@ void lut_blocks_vbmi(const uint8_t* __restrict q, const uint8_t* __restrict code
       }
     }
   }
+  constexpr int E0 = LutLevels<P>::E0, words = P > E0 ? 2 : 1;
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512 s = _mm512_set1_ps(scale);
+  const __m512 weight[2] = {_mm512_set1_ps(std::ldexp(scale, 8 * (P - E0))), _mm512_set1_ps(scale)};
+  const __m512i centre = _mm512_set1_epi32(-static_cast<int32_t>(cg << (8 * E0 - 1)));
   for (int r = 0; r < R; ++r) {
-    const __m512i centre = _mm512_set1_epi32(-static_cast<int32_t>(cg << (8 * P - 1)));
-    __m512i even[2] = {centre, centre}, odd[2] = {centre, centre};
+    // even[w][h] holds word w of rows 32h + 2j, odd[w][h] of rows 32h + 2j + 1 (j < 16)
+    __m512i even[2][2], odd[2][2];
+    for (int w = 0; w < 2; ++w)
+      for (int h = 0; h < 2; ++h) even[w][h] = odd[w][h] = w == 0 ? centre : _mm512_setzero_si512();
     for (int p = 0; p < P; ++p) {
       const __m512i e = _mm512_sub_epi16(lo16[r][p], _mm512_slli_epi16(hi16[r][p], 8));
-      const int shift = 8 * (P - 1 - p);
+      const int w = p < E0 ? 0 : 1, shift = 8 * ((w == 0 ? E0 : P) - 1 - p);
       for (int h = 0; h < 2; ++h) {
         const __m256i eh = h ? _mm512_extracti64x4_epi64(e, 1) : _mm512_castsi512_si256(e);
         const __m256i oh = h ? _mm512_extracti64x4_epi64(hi16[r][p], 1) : _mm512_castsi512_si256(hi16[r][p]);
-        even[h] = _mm512_add_epi32(even[h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(eh), shift));
-        odd[h] = _mm512_add_epi32(odd[h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(oh), shift));
+        even[w][h] = _mm512_add_epi32(even[w][h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(eh), shift));
+        odd[w][h] = _mm512_add_epi32(odd[w][h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(oh), shift));
       }
     }
-    // even[h] holds rows 32h + 2j, odd[h] rows 32h + 2j + 1 (j < 16): interleaved back into row order
+    // interleaved back into row order, each word added by one fused multiply-add, the first word first
     for (int h = 0; h < 2; ++h) {
       float* a = acc + r * 64 + h * 32;
-      const __m512i v0 = _mm512_permutex2var_epi32(even[h], first, odd[h]);
-      const __m512i v1 = _mm512_permutex2var_epi32(even[h], second, odd[h]);
-      _mm512_storeu_ps(a, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(v0), _mm512_loadu_ps(a)));
-      _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(v1), _mm512_loadu_ps(a + 16)));
+      __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+      for (int w = 0; w < words; ++w) {
+        a0 = _mm512_fmadd_ps(weight[w], _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even[w][h], first, odd[w][h])), a0);
+        a1 = _mm512_fmadd_ps(weight[w], _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even[w][h], second, odd[w][h])), a1);
+      }
+      _mm512_storeu_ps(a, a0);
+      _mm512_storeu_ps(a + 16, a1);
     }
   }
 }
@@ -965,7 +991,7 @@ template <int P>
 void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, int64_t K, const uint8_t* codes,
                  int64_t N, float* y, bool vector) {
   const int64_t groups = (C + kLutGroup - 1) / kLutGroup;
-  // reason: reused by the thread's next call: a fresh buffer of this size (768 KiB at C = 1024, 24 bits) is a fresh
+  // reason: reused by the thread's next call: a fresh buffer of this size (1 MiB at C = 1024, 32 bits) is a fresh
   // mapping whose page faults cost as much as the quantisation
   thread_local std::vector<uint8_t> q_buffer;
   thread_local std::vector<float> lo_buffer, scale_buffer;
@@ -1008,7 +1034,7 @@ bool lut_supports(const Tensor& x, const Tensor& codebooks, const Tensor& codes)
          codebooks.scalar_type() == x.scalar_type();
 }
 
-// y [B, N] = x W^T through bits-bit tables (8, 16 or 24), into `out` (x's dtype): x [B, in], codes contiguous and
+// y [B, N] = x W^T through bits-bit tables (8, 16, 24 or 32), into `out` (x's dtype): x [B, in], codes contiguous and
 // checked. The float32 tables come from ATen's (b)mm, in float32 whatever x's dtype.
 void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, int64_t bits, bool vector, Tensor& out) {
   const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1);
@@ -1028,7 +1054,8 @@ void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, i
   switch (bits) {
     case 8: lut_forward<1>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
     case 16: lut_forward<2>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
-    default: lut_forward<3>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 24: lut_forward<3>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    default: lut_forward<4>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
   }
   if (!y.is_same(out)) out.copy_(y);
 }
@@ -1045,9 +1072,9 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
     linear_forward_aten(x, codebooks, codes, out);
     return out;
   }
-  // one or two rows, K beyond the one-register permutes: 24-bit tables in registers (as close as float32)
+  // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32)
   if (x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() && lut_supports(x, codebooks, codes)) {
-    lut_linear(x, codebooks, codes, 24, true, out);
+    lut_linear(x, codebooks, codes, kLutAutoBits, true, out);
     return out;
   }
   const at::ScalarType products = product_type(x.scalar_type());
@@ -1177,14 +1204,14 @@ std::tuple<Tensor, Tensor> linear_compressed_backward_op(const Tensor& grad, con
 }
 
 // rpq_fx::_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized) -> Tensor: x [..., in] ->
-// y [..., N] through `bits`-bit lookup tables (8, 16 or 24); `vectorized=False` runs the scalar loop (the tests
+// y [..., N] through `bits`-bit lookup tables (8, 16, 24 or 32); `vectorized=False` runs the scalar loop (the tests
 // compare the two). uint8 codes, K <= 256, float32 or bfloat16 only.
 Tensor linear_lut_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes_in, int64_t bits, bool vectorized) {
   const char* what = "rpq_fx linear_lut";
   TORCH_CHECK(x.dim() >= 1 && codes_in.dim() == 2, what, ": x [..., in] and codes [C, N]");
   Tensor x_2d = x.reshape({-1, x.size(-1)});
   check(x_2d, codebooks, codes_in, what);
-  TORCH_CHECK(bits == 8 || bits == 16 || bits == 24, what, ": bits must be 8, 16 or 24, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 16 || bits == 24 || bits == 32, what, ": bits must be 8, 16, 24 or 32, got ", bits);
   TORCH_CHECK(lut_supports(x_2d, codebooks, codes_in), what, ": takes uint8 codes, at most 256 codewords and "
               "float32 or bfloat16 x and codebooks (one dtype), got codes ", codes_in.scalar_type(), ", ",
               codebooks.size(1), " codewords, x ", x.scalar_type(), " and codebooks ", codebooks.scalar_type());
@@ -1202,7 +1229,7 @@ Tensor linear_lut_op(const Tensor& x, const Tensor& codebooks, const Tensor& cod
 TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
   m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
   m.def("_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized=True) -> Tensor");
-  // batches up to this many rows compute with 24-bit tables on this CPU (0: never), for the cost model (policy.py)
+  // batches up to this many rows compute with 32-bit tables on this CPU (0: never), for the cost model (policy.py)
   m.def("_lut_max_rows() -> int", [] { return has_vbmi() ? kLutMaxRows : int64_t(0); });
 }
 

@@ -4,11 +4,12 @@ A rough CPU cost model (:func:`choose_path`) picks the cheaper path for each cal
 kernels, a batch-size rule that no GPU has timed yet); ``RPQ_FX_PATH`` (read once, when rpq_fx is
 imported) or :func:`compute_path` (a block of code) force one.
 
-Paths: ``"compressed"`` (the weight never built; on the CPU, batches of one or two rows use 24-bit lookup tables
+Paths: ``"compressed"`` (the weight never built; on the CPU, batches of one or two rows use 32-bit lookup tables
 where the CPU has AVX-512 VBMI, as close to the exact result as float32 is), ``"expand"``, and two opt-in paths that
 trade accuracy for speed: ``"lut8"`` / ``"lut16"``, the compressed forward through 8- / 16-bit lookup tables
-(about 1e-2 / 5e-5 of the output's norm added; the C++ kernels, uint8 codes, float32 or bfloat16 only; elsewhere,
-and for the backward, they compute as ``"compressed"``). ``"auto"`` never picks an opt-in path.
+(on fitted MiniLM layers, batch 1: 8-bit tables added 1-8% of the output's norm on average, 16-bit 1e-4 to 3e-4,
+``benchmarks/results/lut_error.md``; the C++ kernels, uint8 codes, float32 or bfloat16 only; elsewhere, and for the
+backward, they compute as ``"compressed"``). ``"auto"`` never picks an opt-in path.
 """
 
 import os
@@ -123,20 +124,20 @@ def _compressed_forward_ns(batch: int, in_features: int, out_features: int, num_
     gather = pair * blocks * num_codebooks * out_features
     tables = _TABLE_MAC_NS * blocks * bands * num_codes * in_features * width
     if 32 < num_codes <= 256 and batch <= _lut_max_rows():
-        # 24-bit tables in registers, row by row: lookups per (slice, output row), the table's quantisation per entry
+        # 32-bit tables in registers, row by row: lookups per (slice, output row), the table's quantisation per entry
         gather = batch * _LUT_PAIR_NS * num_codebooks * out_features
         tables = batch * (_TABLE_MAC_NS * num_codes * in_features + _LUT_ENTRY_NS * num_codebooks * num_codes)
     return (gather + tables) / 2 + 2e3
 
 
-# The 24-bit lookup-table forward (one or two rows): per (slice, output row) and per table entry quantised, one thread
+# The 32-bit lookup-table forward (one or two rows): per (slice, output row) and per table entry quantised, one thread
 # (the same machine, 4096x4096 at d = 2, 4, 8, medians of CPU time on a loaded machine).
-_LUT_PAIR_NS = 0.06
+_LUT_PAIR_NS = 0.07
 _LUT_ENTRY_NS = 0.4
 
 
 def _lut_max_rows() -> int:
-    """Batches up to this many rows take the C++ kernels' 24-bit lookup tables (0 without AVX-512 VBMI)."""
+    """Batches up to this many rows take the C++ kernels' 32-bit lookup tables (0 without AVX-512 VBMI)."""
     if "lut_rows" not in _cache:
         _cache["lut_rows"] = int(torch.ops.rpq_fx._lut_max_rows()) if _kernels.serving() else 0
     return _cache["lut_rows"] if _kernels.serving() else 0
