@@ -737,11 +737,12 @@ void claim_tasks(int64_t tasks, F&& f) {
 // Then per output row n
 //   y[n] = sum_groups s * (sum_{c in group} q[c, codes[c, n]] - h * slices) + sum_c m[c]
 // the group sums exact integers (the planes summed in 16-bit lanes, then words of two planes in 32 bits), each word
-// added in float32 by one fused multiply-add, groups in order, then the centres (summed in float32 over c ascending;
-// centred, the terms stay the size of the result: offsets at each slice's minimum made sums C times larger than the
-// result, and float32 lost 1e-5 of it). Each lookup is off by at most s / 2, s set by the widest table of the group:
-// P = 4 (32 bits) is as close as float32's own tables on the fitted MiniLM layers (benchmarks/lut_error.py; 24 bits
-// was 10x further off where a shared codebook holds outlier codewords) and is the automatic path; P = 1 and 2 (8-
+// added by one fused multiply-add in double, groups in order, then the centres (summed in double over c ascending),
+// rounded to float32 once. (In float32 these sums lost up to 2.4e-5 of max|y| on MiniLM's layer-0 output
+// projection: its shared codebook's outlier codewords put every slice's centre far from the values picked, so the two
+// sums cancel; double keeps them exact enough.) Each lookup is off by at most s / 2, s set by the widest table of the
+// group: P = 4 (32 bits) is as close as float32's own tables (benchmarks/lut_error.py) and is the automatic path;
+// P = 1 and 2 (8-
 // and 16-bit tables) are what `path="lut8"` / `"lut16"` ask. With AVX-512 VBMI a slice's table plane sits in four
 // registers and `vpermi2b` looks up 64 codes at once (a mask on the code's top bit picks the half); elsewhere a scalar
 // loop computes the same integers and the same float operations, so both give the same bits.
@@ -874,9 +875,9 @@ float lut_quantise(const float* T, int64_t tc, int64_t cg, int64_t K, uint8_t* q
 // int32 sum, added by acc = fma(scale * weight, sum, acc), the first word first.
 template <int P>
 void lut_group_scalar(const uint8_t* __restrict q, const uint8_t* __restrict codes, int64_t N, int64_t cg,
-                      int64_t nn, float scale, float* __restrict acc) {
+                      int64_t nn, float scale, double* __restrict acc) {
   constexpr int E0 = LutLevels<P>::E0;
-  const float s0 = std::ldexp(scale, 8 * (P - E0));
+  const double s0 = std::ldexp(double(scale), 8 * (P - E0));
   for (int64_t i = 0; i < nn; ++i) {
     int32_t w0 = -static_cast<int32_t>(cg << (8 * E0 - 1)), w1 = 0;
     for (int64_t c = 0; c < cg; ++c) {
@@ -886,8 +887,8 @@ void lut_group_scalar(const uint8_t* __restrict q, const uint8_t* __restrict cod
         else w1 += static_cast<int32_t>(qc[p * 256]) << (8 * (P - 1 - p));
       }
     }
-    float a = std::fma(s0, static_cast<float>(w0), acc[i]);
-    if (P > E0) a = std::fma(scale, static_cast<float>(w1), a);
+    double a = std::fma(s0, static_cast<double>(w0), acc[i]);
+    if (P > E0) a = std::fma(double(scale), static_cast<double>(w1), a);
     acc[i] = a;
   }
 }
@@ -897,7 +898,7 @@ void lut_group_scalar(const uint8_t* __restrict q, const uint8_t* __restrict cod
 template <int P, int R, int KW>  // KW: registers per table plane (1: K <= 64, 2: K <= 128, 4: K <= 256)
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")))
 void lut_blocks_vbmi(const uint8_t* __restrict q, const uint8_t* __restrict codes, int64_t N, int64_t cg,
-                     float scale, float* __restrict acc) {
+                     float scale, double* __restrict acc) {
   __m512i lo16[R][P], hi16[R][P];  // 16-bit lanes: lane j sums (even row) + 256 * (odd row), and the odd row
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) lo16[r][p] = hi16[r][p] = _mm512_setzero_si512();
@@ -928,7 +929,7 @@ void lut_blocks_vbmi(const uint8_t* __restrict q, const uint8_t* __restrict code
   constexpr int E0 = LutLevels<P>::E0, words = P > E0 ? 2 : 1;
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512 weight[2] = {_mm512_set1_ps(std::ldexp(scale, 8 * (P - E0))), _mm512_set1_ps(scale)};
+  const __m512d weight[2] = {_mm512_set1_pd(std::ldexp(double(scale), 8 * (P - E0))), _mm512_set1_pd(scale)};
   const __m512i centre = _mm512_set1_epi32(-static_cast<int32_t>(cg << (8 * E0 - 1)));
   for (int r = 0; r < R; ++r) {
     // even[w][h] holds word w of rows 32h + 2j, odd[w][h] of rows 32h + 2j + 1 (j < 16)
@@ -945,23 +946,26 @@ void lut_blocks_vbmi(const uint8_t* __restrict q, const uint8_t* __restrict code
         odd[w][h] = _mm512_add_epi32(odd[w][h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(oh), shift));
       }
     }
-    // interleaved back into row order, each word added by one fused multiply-add, the first word first
+    // interleaved back into row order, each word added by one fused multiply-add in double, the first word first
     for (int h = 0; h < 2; ++h) {
-      float* a = acc + r * 64 + h * 32;
-      __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+      double* a = acc + r * 64 + h * 32;
+      __m512d part[4] = {_mm512_loadu_pd(a), _mm512_loadu_pd(a + 8), _mm512_loadu_pd(a + 16), _mm512_loadu_pd(a + 24)};
       for (int w = 0; w < words; ++w) {
-        a0 = _mm512_fmadd_ps(weight[w], _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even[w][h], first, odd[w][h])), a0);
-        a1 = _mm512_fmadd_ps(weight[w], _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even[w][h], second, odd[w][h])), a1);
+        const __m512i v[2] = {_mm512_permutex2var_epi32(even[w][h], first, odd[w][h]),
+                              _mm512_permutex2var_epi32(even[w][h], second, odd[w][h])};
+        for (int j = 0; j < 4; ++j) {
+          const __m256i half8 = j % 2 ? _mm512_extracti64x4_epi64(v[j / 2], 1) : _mm512_castsi512_si256(v[j / 2]);
+          part[j] = _mm512_fmadd_pd(weight[w], _mm512_cvtepi32_pd(half8), part[j]);
+        }
       }
-      _mm512_storeu_ps(a, a0);
-      _mm512_storeu_ps(a + 16, a1);
+      for (int j = 0; j < 4; ++j) _mm512_storeu_pd(a + 8 * j, part[j]);
     }
   }
 }
 
 template <int P, int KW>
 void lut_group_vbmi(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t cg, int64_t nn, float scale,
-                    float* acc) {
+                    double* acc) {
   constexpr int R = P == 1 ? 4 : 2;
   int64_t i = 0;
   for (; i + 64 * R <= nn; i += 64 * R) lut_blocks_vbmi<P, R, KW>(q, codes + i, N, cg, scale, acc + i);
@@ -974,7 +978,7 @@ void lut_group_vbmi(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t c
 // them, else the scalar loop: the same bits either way.
 template <int P>
 void lut_group(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t cg, int64_t K, int64_t nn, float scale,
-               float* acc, bool vector) {
+               double* acc, bool vector) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (vector && has_vbmi()) {
     if (K <= 64) return lut_group_vbmi<P, 1>(q, codes, N, cg, nn, scale, acc);
@@ -1012,18 +1016,18 @@ void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, i
   const int64_t band = std::max<int64_t>(256, (N / std::max<int64_t>(1, 8 * threads / B) + 63) / 64 * 64);
   const int64_t bands = (N + band - 1) / band;
   claim_tasks(B * bands, [&](int64_t t) {
-    thread_local std::vector<float> acc;
-    acc.assign(band, 0.0f);
+    thread_local std::vector<double> acc;
+    acc.assign(band, 0.0);
     const int64_t b = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t c0 = g * kLutGroup;
       lut_group<P>(q + (b * C + c0) * P * 256, codes + c0 * N + n0, N, std::min(kLutGroup, C - c0), K, nn,
                    scale[b * groups + g], acc.data(), vector);
     }
-    float offset = 0.0f;
+    double offset = 0.0;
     for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
     float* __restrict out = y + b * N + n0;
-    for (int64_t i = 0; i < nn; ++i) out[i] = acc[i] + offset;
+    for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset);
   });
 }
 
