@@ -7,8 +7,8 @@ imported) or :func:`compute_path` (a block of code) force one.
 Paths: ``"compressed"`` (the weight never built; on the CPU, batches of one or two rows use 32-bit lookup tables
 where the CPU has AVX-512 VBMI, as close to the exact result as float32 is), ``"expand"``, and two opt-in paths that
 trade accuracy for speed: ``"lut8"`` / ``"lut16"``, the compressed forward through 8- / 16-bit lookup tables
-(on fitted MiniLM layers, batch 1: 8-bit tables added 1-8% of the output's norm on average, 16-bit 1e-4 to 3e-4,
-``benchmarks/results/lut_error.md``; the C++ kernels, uint8 codes, float32 or bfloat16 only; elsewhere, and for the
+(on fitted MiniLM layers at batch 1, 8-bit tables added 4-8% of the output's norm on average and up to 56% on one
+row, 16-bit 2e-4 to 3e-4: ``benchmarks/results/lut_error.md``; the C++ kernels, uint8 codes, float32 or bfloat16 only; elsewhere, and for the
 backward, they compute as ``"compressed"``). ``"auto"`` never picks an opt-in path.
 """
 
