@@ -99,10 +99,19 @@ def _build_spec() -> tuple[str, list[str], list[str]]:
     return f"rpq_fx_kernels_{capability.lower()}_{digest}", cflags, ldflags
 
 
-# reason: torch's FileBaton (cpp_extension.load) waits forever, polling, while the build folder holds a `lock` file,
-# and a build that was killed leaves it behind: the next `import rpq_fx` hung at 0% CPU. We record the building
-# process's id beside it and clear a lock whose builder is gone (or, with no record, one older than this).
+# reason: torch builds that lock with FileBaton (cpp_extension.load) wait forever, polling, while the build folder
+# holds a `lock` file, and a build that was killed leaves it behind: the next `import rpq_fx` hung at 0% CPU. Where
+# torch does, we record the building process's id beside it and clear a lock whose builder is gone (or, with no
+# record, one older than this). Newer torch (2.14 here) holds an OS advisory lock on that file instead, released when
+# its holder dies; the file stays between builds and must not be removed (a live builder may hold it).
 _STALE_LOCK_S = 300.0
+
+
+def _lock_is_a_baton() -> bool:
+    """Whether torch's extension builder locks with FileBaton (the lock file's mere existence blocks)."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
 
 
 def _alive(pid: int) -> bool:
@@ -151,10 +160,11 @@ def _build() -> str:
     if not (folder / f"{name}.so").exists():
         print(f"rpq_fx: building the C++ kernels for {_capability()} into {folder} (once per torch version and "
               "source, about a minute)", file=sys.stderr, flush=True)
-    _clear_stale_lock(folder)
     owner = folder / "lock.owner"
-    if not (folder / "lock").exists():
-        owner.write_text(str(os.getpid()))
+    if _lock_is_a_baton():
+        _clear_stale_lock(folder)
+        if not (folder / "lock").exists():
+            owner.write_text(str(os.getpid()))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reason: "No CUDA runtime is found" is noise for a CPU-only build

@@ -124,9 +124,16 @@ def test_a_stale_build_lock_is_cleared_and_a_live_one_kept(tmp_path, capsys):
     assert not lock.exists()
 
 
-def test_a_load_after_a_killed_build_does_not_wait_on_its_lock(fresh, monkeypatch):
+@pytest.mark.parametrize("baton", [True, False])
+def test_a_load_after_a_killed_build_does_not_wait_on_its_lock(fresh, monkeypatch, baton):
+    """Where torch locks with FileBaton, a dead builder's lock is cleared before the build; where it holds an OS lock
+    on the file (released when its holder dies), the file is left alone: a live builder may hold it."""
     import torch.utils.cpp_extension as cpp_extension
 
+    if baton:
+        monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)
+    else:
+        monkeypatch.delattr(cpp_extension, "FileBaton", raising=False)
     name = _kernels._build_spec()[0]
     folder = fresh / name
     folder.mkdir()
@@ -141,5 +148,8 @@ def test_a_load_after_a_killed_build_does_not_wait_on_its_lock(fresh, monkeypatc
 
     monkeypatch.setattr(cpp_extension, "load", fake_build)
     assert _kernels._build() == str(folder / f"{name}.so")
-    assert seen == {"lock": False, "owner": str(os.getpid())}
-    assert not (folder / "lock.owner").exists()  # removed once the build is done
+    if baton:
+        assert seen == {"lock": False, "owner": str(os.getpid())}
+        assert not (folder / "lock.owner").exists()  # removed once the build is done
+    else:
+        assert seen["lock"] and (folder / "lock").exists()
