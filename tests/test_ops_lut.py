@@ -106,6 +106,8 @@ def test_lut_paths_are_opt_in_and_their_backward_is_exact():
         assert choose_path(x, codebooks, codes, path) in ("compressed", "expand")  # never an approximate path
     assert choose_path(x, codebooks, codes, "lut8") == "lut8"
     assert choose_path(x, codebooks, codes, "lut8", backward=True) == "compressed"
+    assert choose_path(x.expand(8, -1), codebooks, codes, "lut16") == "lut16"
+    assert choose_path(x.expand(9, -1), codebooks, codes, "lut16") == "compressed"  # row by row: slower there
     grad = torch.randn(1, 512)
     got = []
     for path in ("lut8", "compressed"):

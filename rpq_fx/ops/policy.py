@@ -9,7 +9,7 @@ where the CPU has AVX-512 VBMI, as close to the exact result as float32 is), ``"
 trade accuracy for speed: ``"lut8"`` / ``"lut16"``, the compressed forward through 8- / 16-bit lookup tables
 (on fitted MiniLM layers at batch 1, 8-bit tables added 4-8% of the output's norm on average and up to 56% on one
 row, 16-bit 2e-4 to 3e-4: ``benchmarks/results/lut_error.md``; the C++ kernels, uint8 codes, float32 or bfloat16 only; elsewhere, and for the
-backward, they compute as ``"compressed"``). ``"auto"`` never picks an opt-in path.
+backward and above 8 rows, they compute as ``"compressed"``). ``"auto"`` never picks an opt-in path.
 """
 
 import os
@@ -25,6 +25,10 @@ __all__ = ["PATHS", "LUT_BITS", "choose_path", "compute_path", "forced_path", "l
 
 PATHS = ("auto", "compressed", "expand", "lut8", "lut16")
 LUT_BITS = {"lut8": 8, "lut16": 16}  # the opt-in paths' table widths
+# The opt-in lookup-table paths compute row by row: above this many rows the blocked float32 kernel was as fast or
+# faster (lut8 at d = 4: 7.3 ms against 7.4 at batch 8, 13.2 against 7.2 at 16, one thread), so they compute as
+# "compressed" there.
+_LUT_MAX_ROWS = 8
 _PATH_ENV = "RPQ_FX_PATH"
 
 
@@ -151,7 +155,9 @@ def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "au
     ``RPQ_FX_PATH`` override ``"auto"``)."""
     path = forced_path(path)
     if path in LUT_BITS:
-        return path if not backward and lut_applies(input, codebooks, codes) else "compressed"
+        rows = input.numel() // max(1, input.shape[-1])
+        return path if not backward and rows <= _LUT_MAX_ROWS and lut_applies(input, codebooks, codes) \
+            else "compressed"
     if path != "auto":
         return path
     num_codebooks, out_features = codes.shape
