@@ -23,7 +23,8 @@ neither side pays for accumulating into an old gradient.
 
 Writes ``benchmarks/results/linear_<device>.md`` and ``linear_<device>.png`` (latency against batch).
 
-    python benchmarks/linear.py [--quick] [--min-run-time 0.2] [--device cpu] [--layers 0,2]
+    python benchmarks/linear.py [--quick] [--min-run-time 0.2] [--device cpu] [--layers 0,2] [--batches 1,2]
+                                [--threads 1]
 """
 
 import argparse
@@ -141,8 +142,11 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--quick", action="store_true", help="batches 1, 2, 8, 16, 64, 512 only, shorter runs")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (overrides --quick's)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared machine")
     parser.add_argument("--layers", default=None, help="comma-separated indices into LAYERS (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     chosen = range(len(LAYERS)) if args.layers is None else [int(i) for i in args.layers.split(",")]
     device = torch.device(args.device)
     batches = [1, 2, 8, 16, 64, 512] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
