@@ -747,7 +747,7 @@ void claim_tasks(int64_t tasks, F&& f) {
 // registers and `vpermi2b` looks up 64 codes at once (a mask on the code's top bit picks the half); elsewhere a scalar
 // loop computes the same integers and the same float operations, so both give the same bits.
 constexpr int64_t kLutGroup = 64;  // slices per scale; 255 * 64 fits the 16-bit lane sums
-constexpr int64_t kLutMaxRows = 2;  // batches up to this many rows take the 32-bit tables when the kernel is exact
+constexpr int64_t kLutMaxRows = 2;  // batches up to this many rows take the 32-bit tables (policy.py's _LUT_AUTO_ROWS)
 constexpr int64_t kLutAutoBits = 32;
 
 bool has_vbmi() {
@@ -1233,8 +1233,6 @@ Tensor linear_lut_op(const Tensor& x, const Tensor& codebooks, const Tensor& cod
 TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
   m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
   m.def("_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized=True) -> Tensor");
-  // batches up to this many rows compute with 32-bit tables on this CPU (0: never), for the cost model (policy.py)
-  m.def("_lut_max_rows() -> int", [] { return has_vbmi() ? kLutMaxRows : int64_t(0); });
 }
 
 TORCH_LIBRARY_IMPL(rpq_fx, CPU, m) {

@@ -12,6 +12,7 @@ row, 16-bit 2e-4 to 3e-4: ``benchmarks/results/lut_error.md``; the C++ kernels, 
 backward and above 8 rows, they compute as ``"compressed"``). ``"auto"`` never picks an opt-in path.
 """
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,14 +141,23 @@ _LUT_PAIR_NS = 0.07
 _LUT_ENTRY_NS = 0.4
 
 
+_LUT_AUTO_ROWS = 2  # the C++ kernels' kLutMaxRows
+
+
 def _lut_max_rows() -> int:
-    """Batches up to this many rows take the C++ kernels' 32-bit lookup tables (0 without AVX-512 VBMI)."""
-    if "lut_rows" not in _cache:
-        _cache["lut_rows"] = int(torch.ops.rpq_fx._lut_max_rows()) if _kernels.serving() else 0
-    return _cache["lut_rows"] if _kernels.serving() else 0
+    """Batches up to this many rows take the C++ kernels' 32-bit lookup tables: where they serve and the CPU has
+    AVX-512 VBMI (the kernels check the same flag)."""
+    return _LUT_AUTO_ROWS if _kernels.serving() and _cpu_has_vbmi() else 0
 
 
-_cache: dict[str, int] = {}
+@functools.cache
+def _cpu_has_vbmi() -> bool:
+    # reason: torch reports only AVX512 / AVX2 (torch.backends.cpu.get_cpu_capability), not VBMI; Linux's flags
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and "avx512vbmi" in line.split() for line in info)
+    except OSError:
+        return False
 
 
 def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "auto", backward: bool = False) -> str:
