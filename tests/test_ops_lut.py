@@ -15,6 +15,7 @@ import rpq_fx.ops as ops
 from conftest import make_case, reference_expand
 from rpq_fx import _kernels
 from rpq_fx.ops import compute_path, linear
+from rpq_fx.ops import policy
 from rpq_fx.ops.policy import choose_path
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}")
@@ -122,9 +123,15 @@ def test_lut_paths_are_opt_in_and_their_backward_is_exact():
     torch.testing.assert_close(linear(x, codebooks, codes, None, "lut16"), lut(x, codebooks, codes, 16), rtol=0, atol=0)
 
 
-def test_lut_paths_fall_back_where_the_kernel_does_not_apply():
+def test_lut_paths_fall_back_where_the_kernel_does_not_apply(monkeypatch):
     wide_cb, _, wide_codes = make_case(3, 300, 2, 40, True, torch.float32, 1)  # int16 codes
     x = torch.randn(1, 6)
+    narrow_cb, _, narrow_codes = make_case(3, 40, 2, 40, True, torch.float32, 1)
+    assert choose_path(x, narrow_cb, narrow_codes, "lut8") == "lut8"
+    with monkeypatch.context() as patch:
+        patch.setattr(policy, "_cpu_has_vbmi", lambda: False)  # the scalar loop would be slower than float32's kernel
+        assert choose_path(x, narrow_cb, narrow_codes, "lut8") == "compressed"
+        assert policy._lut_max_rows() == 0
     assert choose_path(x, wide_cb, wide_codes, "lut8") == "compressed"
     torch.testing.assert_close(linear(x, wide_cb, wide_codes, None, "lut8"),
                                linear(x, wide_cb, wide_codes, None, "compressed"), rtol=0, atol=0)

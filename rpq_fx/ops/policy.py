@@ -8,8 +8,9 @@ Paths: ``"compressed"`` (the weight never built; on the CPU, batches of one or t
 where the CPU has AVX-512 VBMI, as close to the exact result as float32 is), ``"expand"``, and two opt-in paths that
 trade accuracy for speed: ``"lut8"`` / ``"lut16"``, the compressed forward through 8- / 16-bit lookup tables
 (on fitted MiniLM layers at batch 1, 8-bit tables added 4-8% of the output's norm on average and up to 56% on one
-row, 16-bit 2e-4 to 3e-4: ``benchmarks/results/lut_error.md``; the C++ kernels, uint8 codes, float32 or bfloat16 only; elsewhere, and for the
-backward and above 8 rows, they compute as ``"compressed"``). ``"auto"`` never picks an opt-in path.
+row, 16-bit 2e-4 to 3e-4: ``benchmarks/results/lut_error.md``; the C++ kernels on a CPU with AVX-512 VBMI, uint8
+codes, float32 or bfloat16 only; elsewhere, for the backward and above 8 rows, they compute as ``"compressed"``).
+``"auto"`` never picks an opt-in path.
 """
 
 import functools
@@ -203,10 +204,11 @@ _FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # 
 
 
 def lut_applies(x: Tensor, codebooks: Tensor, codes: Tensor) -> bool:
-    """Whether the C++ lookup-table kernel can compute this call: CPU, uint8 codes, at most 256 codewords, float32 or
-    bfloat16 (one dtype)."""
+    """Whether the C++ lookup-table kernel computes this call fast: CPU with AVX-512 VBMI (elsewhere its scalar loop
+    is slower than the float32 kernel), uint8 codes, at most 256 codewords, float32 or bfloat16 (one dtype)."""
     return (x.device.type == "cpu" and codes.dtype == torch.uint8 and codebooks.shape[1] <= 256
-            and x.dtype in (torch.float32, torch.bfloat16) and codebooks.dtype == x.dtype and _kernels.serving())
+            and x.dtype in (torch.float32, torch.bfloat16) and codebooks.dtype == x.dtype and _kernels.serving()
+            and _cpu_has_vbmi())
 
 
 def _fast_kernels_apply(x: Tensor, codebooks: Tensor) -> bool:
