@@ -720,9 +720,14 @@ Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t c
 }
 
 // f(t) for t < tasks, the threads claiming tasks one at a time: a thread slowed by a busy machine takes fewer, where
-// at::parallel_for's equal shares would make the others wait for it.
+// at::parallel_for's equal shares would make the others wait for it. `inline_only`: on this thread (work too small to
+// pay for waking the others, or for waiting on one the scheduler has put aside).
 template <typename F>
-void claim_tasks(int64_t tasks, F&& f) {
+void claim_tasks(int64_t tasks, F&& f, bool inline_only = false) {
+  if (inline_only) {
+    for (int64_t t = 0; t < tasks; ++t) f(t);
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
     for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) f(t);
@@ -1006,10 +1011,13 @@ void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, i
   uint8_t* q = q_buffer.data();
   float* lo = lo_buffer.data();
   float* scale = scale_buffer.data();
+  // reason: below about 1M lookups (~0.1 ms) a parallel region's wake-up and join cost more than they save, and on a
+  // busy machine the join waits for a descheduled thread (RPQ C = 16, d = 256: 64K lookups, 40 ms at load 7)
+  const bool small = B * C * N < (int64_t(1) << 20);
   claim_tasks(B * groups, [&](int64_t t) {
     const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
     scale[t] = lut_quantise<P>(T + b * tb + c0 * tc, tc, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0, vector);
-  });
+  }, small);
   // bands of rows, whole blocks of 64 (the lookups' width), about eight per thread, at least 256 rows (each band
   // reads every slice's table planes once from L2)
   const int64_t threads = at::get_num_threads();
@@ -1028,7 +1036,7 @@ void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, i
     for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
     float* __restrict out = y + b * N + n0;
     for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset);
-  });
+  }, small);
 }
 
 // Whether the quantised-table kernel takes this call: uint8 codes, at most 256 codewords, float32 or bfloat16.
