@@ -994,11 +994,50 @@ void lut_group(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t cg, in
   lut_group_scalar<P>(q, codes, N, cg, nn, scale, acc);
 }
 
-// y [B, N] (float32) from the rows' float32 tables T (row b, slice c at T + b * tb + c * tc, K values) and uint8
-// codes [C, N], through P-byte tables.
+// What a row's float32 tables are made of: x [B, C * d], the codebooks [G, K, d] and, for one shared codebook, it
+// transposed [d, K].
+struct LutInputs {
+  const float* x;
+  const float* codebooks;
+  const float* shared_t;  // null for one codebook per slice
+  int64_t d, row_len;
+};
+
+// T[c - c0, k] = codebooks[g(c), k] . x[b, c-th slice] for the slices [c0, c0 + cg), in float32 over the slice in
+// order. reason: computed here, on the calling thread, not by ATen's mm: its parallel region's join waited on a
+// descheduled thread on a busy machine
+void lut_tables(const LutInputs& in, int64_t b, int64_t c0, int64_t cg, int64_t K, float* __restrict T) {
+  const int64_t d = in.d;
+  for (int64_t c = c0; c < c0 + cg; ++c) {
+    float* __restrict t = T + (c - c0) * K;
+    const float* __restrict xs = in.x + b * in.row_len + c * d;
+    if (in.shared_t != nullptr) {
+      const float x0 = xs[0];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) t[k] = in.shared_t[k] * x0;
+      for (int64_t j = 1; j < d; ++j) {
+        const float v = xs[j];
+        const float* __restrict row = in.shared_t + j * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) t[k] += row[k] * v;
+      }
+    } else {
+      const float* __restrict w = in.codebooks + c * K * d;
+      for (int64_t k = 0; k < K; ++k) {
+        float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+        for (int64_t j = 0; j < d; ++j) a += w[k * d + j] * xs[j];
+        t[k] = a;
+      }
+    }
+  }
+}
+
+// y [B, N] (float32) from each row's tables (built a group of slices at a time, then quantised) and uint8 codes [C, N],
+// through P-byte tables.
 template <int P>
-void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, int64_t K, const uint8_t* codes,
-                 int64_t N, float* y, bool vector) {
+void lut_forward(const LutInputs& in, int64_t B, int64_t C, int64_t K, const uint8_t* codes, int64_t N, float* y,
+                 bool vector) {
   const int64_t groups = (C + kLutGroup - 1) / kLutGroup;
   // reason: reused by the thread's next call: a fresh buffer of this size (1 MiB at C = 1024, 32 bits) is a fresh
   // mapping whose page faults cost as much as the quantisation
@@ -1011,12 +1050,17 @@ void lut_forward(const float* T, int64_t tb, int64_t tc, int64_t B, int64_t C, i
   uint8_t* q = q_buffer.data();
   float* lo = lo_buffer.data();
   float* scale = scale_buffer.data();
-  // reason: below about 1M lookups (~0.1 ms) a parallel region's wake-up and join cost more than they save, and on a
-  // busy machine the join waits for a descheduled thread (RPQ C = 16, d = 256: 64K lookups, 40 ms at load 7)
-  const bool small = B * C * N < (int64_t(1) << 20);
+  // reason: below 64M lookups (about 4 ms on one thread) the work runs on the calling thread: on a busy machine each
+  // parallel region's join waited for a descheduled thread (4096x4096 at d = 4, batch 1: 48 ms a call at load 5
+  // with ATen's mm and two regions, 0.5 ms on one thread; d = 2 at batch 2, 16.7M lookups: 40 ms), where a quiet
+  // machine's second thread would save half of it
+  const bool small = B * C * N < (int64_t(1) << 26);
   claim_tasks(B * groups, [&](int64_t t) {
     const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
-    scale[t] = lut_quantise<P>(T + b * tb + c0 * tc, tc, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0, vector);
+    thread_local std::vector<float> table;
+    table.resize(kLutGroup * K);
+    lut_tables(in, b, c0, cg, K, table.data());
+    scale[t] = lut_quantise<P>(table.data(), K, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0, vector);
   }, small);
   // bands of rows, whole blocks of 64 (the lookups' width), about eight per thread, at least 256 rows (each band
   // reads every slice's table planes once from L2)
@@ -1047,27 +1091,20 @@ bool lut_supports(const Tensor& x, const Tensor& codebooks, const Tensor& codes)
 }
 
 // y [B, N] = x W^T through bits-bit tables (8, 16, 24 or 32), into `out` (x's dtype): x [B, in], codes contiguous and
-// checked. The float32 tables come from ATen's (b)mm, in float32 whatever x's dtype.
+// checked. The tables are built in float32 whatever x's dtype.
 void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, int64_t bits, bool vector, Tensor& out) {
   const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1);
   const int64_t G = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
-  const Tensor xf = x.to(at::kFloat).contiguous(), cbf = codebooks.to(at::kFloat);
-  Tensor T;
-  int64_t tb, tc;
-  if (G == 1) {  // [B * C, d] @ [d, K]: row (b, c) at (b * C + c) * K
-    T = at::mm(xf.view({B * C, d}), cbf[0].t()).contiguous();
-    tb = C * K, tc = K;
-  } else {  // [C, B, d] @ [C, d, K]: row (b, c) at (c * B + b) * K
-    T = at::bmm(xf.view({B, C, d}).transpose(0, 1), cbf.transpose(1, 2)).contiguous();
-    tb = K, tc = B * K;
-  }
+  const Tensor xf = x.to(at::kFloat).contiguous(), cbf = codebooks.to(at::kFloat).contiguous();
+  const Tensor cbt = G == 1 ? cbf[0].t().contiguous() : Tensor();  // [d, K]
+  const LutInputs in{xf.data_ptr<float>(), cbf.data_ptr<float>(), G == 1 ? cbt.data_ptr<float>() : nullptr, d, C * d};
   Tensor y = out.scalar_type() == at::kFloat && out.is_contiguous() ? out : at::empty({B, N}, xf.options());
   const uint8_t* codes_p = codes.data_ptr<uint8_t>();
   switch (bits) {
-    case 8: lut_forward<1>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
-    case 16: lut_forward<2>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
-    case 24: lut_forward<3>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
-    default: lut_forward<4>(T.data_ptr<float>(), tb, tc, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 8: lut_forward<1>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 16: lut_forward<2>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 24: lut_forward<3>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    default: lut_forward<4>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
   }
   if (!y.is_same(out)) out.copy_(y);
 }
@@ -1084,7 +1121,8 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
     linear_forward_aten(x, codebooks, codes, out);
     return out;
   }
-  // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32)
+  // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
+  // looked up on this thread (robust on a busy machine, see lut_forward)
   if (x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() && lut_supports(x, codebooks, codes)) {
     lut_linear(x, codebooks, codes, kLutAutoBits, true, out);
     return out;

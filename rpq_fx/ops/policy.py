@@ -4,8 +4,8 @@ A rough CPU cost model (:func:`choose_path`) picks the cheaper path for each cal
 kernels, a batch-size rule that no GPU has timed yet); ``RPQ_FX_PATH`` (read once, when rpq_fx is
 imported) or :func:`compute_path` (a block of code) force one.
 
-Paths: ``"compressed"`` (the weight never built; on the CPU, batches of one or two rows use 32-bit lookup tables
-where the CPU has AVX-512 VBMI, as close to the exact result as float32 is), ``"expand"``, and two opt-in paths that
+Paths: ``"compressed"`` (the weight never built; on the CPU, batches of one or two rows with 33-256 codewords use
+32-bit lookup tables where the CPU has AVX-512 VBMI, as close to the exact result as float32 is), ``"expand"``, and two opt-in paths that
 trade accuracy for speed: ``"lut8"`` / ``"lut16"``, the compressed forward through 8- / 16-bit lookup tables
 (on fitted MiniLM layers at batch 1, 8-bit tables added 4-8% of the output's norm on average and up to 56% on one
 row, 16-bit 2e-4 to 3e-4: ``benchmarks/results/lut_error.md``; the C++ kernels on a CPU with AVX-512 VBMI, uint8
