@@ -9,6 +9,12 @@ and converted models do) picks by a cost model. Every variant is timed in one pr
 the compressed-domain op: ``F.linear(x, rpq_fx::expand(codebooks, codes), bias)`` under autograd
 (which keeps the expanded weight for backward).
 
+Calls are interleaved (each round times every variant once, in turn), so that a machine shared with other work
+slows them alike; each figure is the median over the rounds of wall time, and the table gives the CPU time of
+dense and auto beside it and the load average of each row. ``lut8`` is the opt-in forward through 8-bit lookup
+tables (``path="lut8"``: 4-8% of the output's norm on fitted MiniLM layers, ``benchmarks/results/lut_error.md``;
+its backward is the compressed one), never chosen by ``auto``.
+
 Five layers: RPQ settings (4096x4096, 16 codebooks, d = 256, issue 19's targets) and the
 product-quantization settings that fitting produces (4096x4096, one shared codebook of d = 8, 4
 or 2 with 256 codewords, and d = 4 with 16; issue 23's targets: d = 4 at least 4x faster than
@@ -17,18 +23,22 @@ neither side pays for accumulating into an old gradient.
 
 Writes ``benchmarks/results/linear_<device>.md`` and ``linear_<device>.png`` (latency against batch).
 
-    python benchmarks/linear.py [--quick] [--min-run-time 0.2] [--device cpu] [--layers 0,2]
+    python benchmarks/linear.py [--quick] [--min-run-time 0.2] [--device cpu] [--layers 0,2] [--batches 1,2]
+                                [--threads 1]
 """
 
 import argparse
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, load, median_ms, table, write  # noqa: E402
+from _common import RESULTS, load, table, write  # noqa: E402
 
 from rpq_fx.nn import RPQLinear  # noqa: E402
 from rpq_fx.ops import choose_path, expand, linear  # noqa: E402
@@ -41,13 +51,32 @@ LAYERS = [
     ("PQ 4096x4096, d=2 shared", 4096, 4096, 2048, True, 256),
     ("PQ 4096x4096, d=4 shared, K=16", 4096, 4096, 1024, True, 16),
 ]
-VARIANTS = ("expand", "compressed", "auto")
+VARIANTS = ("expand", "compressed", "auto", "lut8")
 TARGETS = {  # (layer index, mode, batch) -> minimum dense / auto speed-up, from issues 19 and 23
     (0, "inference", 1): 5.0, (0, "inference", 8): 5.0, (0, "inference", 512): 4.0,
     (0, "forward+backward", 512): 2.0, (2, "inference", 1): 4.0,
     **{(2, "inference", b): 1.0 for b in (2, 4, 8, 16, 32, 64)},
     **{(i, "inference", b): 1.0 for i in (1, 3) for b in (1, 2, 4, 8, 16)},
 }
+
+
+def interleaved_ms(calls: dict, min_run_time: float, min_rounds: int = 7) -> dict:
+    """``{name: (median wall ms, median CPU ms)}``: rounds that call each function once in turn, after one warm-up
+    call each, until every function has run ``min_run_time`` seconds and ``min_rounds`` rounds."""
+    for fn in calls.values():
+        fn()
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    spent = dict.fromkeys(calls, 0.0)
+    while min(len(v) for v in wall.values()) < min_rounds or min(spent.values()) < min_run_time:
+        for name, fn in calls.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            c, w = time.process_time() - c, time.perf_counter() - w
+            wall[name].append(w)
+            cpu[name].append(c)
+            spent[name] += w
+    return {name: (statistics.median(wall[name]) * 1e3, statistics.median(cpu[name]) * 1e3) for name in calls}
 
 
 def timings(layer: RPQLinear, dense: nn.Linear, batch: int, device, min_run_time: float) -> dict:
@@ -66,11 +95,13 @@ def timings(layer: RPQLinear, dense: nn.Linear, batch: int, device, min_run_time
 
     calls = {"dense": dense, "unfused": lambda x: torch.nn.functional.linear(x, expand(cb, codes), bias),
              **{v: (lambda x, v=v: linear(x, cb, codes, bias, v)) for v in VARIANTS}}
-    out = {}
-    for name, fn in calls.items():
-        with torch.inference_mode():
-            out[("inference", name)] = median_ms(lambda fn=fn: fn(x), min_run_time)
-        out[("forward+backward", name)] = median_ms(step(fn), min_run_time)
+    out = {"load": os.getloadavg()[0]}
+    with torch.inference_mode():
+        for name, (wall, cpu) in interleaved_ms({n: (lambda fn=fn: fn(x)) for n, fn in calls.items()},
+                                                min_run_time).items():
+            out[("inference", name)], out[("inference cpu", name)] = wall, cpu
+    for name, (wall, cpu) in interleaved_ms({n: step(fn) for n, fn in calls.items()}, min_run_time).items():
+        out[("forward+backward", name)], out[("forward+backward cpu", name)] = wall, cpu
     out["choice"] = (choose_path(x, cb, codes), choose_path(x, cb, codes, backward=True))
     return out
 
@@ -82,7 +113,7 @@ def plot(results: dict, batches: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     styles = {"dense": ("k", "o"), "unfused": ("tab:gray", "x"), "expand": ("tab:orange", "s"),
-              "compressed": ("tab:blue", "^"), "auto": ("tab:green", "")}
+              "compressed": ("tab:blue", "^"), "auto": ("tab:green", ""), "lut8": ("tab:red", "v")}
     labels = [label for label, *_rest in LAYERS if label in results]
     fig, axes = plt.subplots(len(labels), 2, figsize=(11, 4.2 * len(labels)), squeeze=False)
     for row, label in enumerate(labels):
@@ -90,8 +121,9 @@ def plot(results: dict, batches: list[int], path: Path) -> None:
             ax = axes[row][col]
             for name, (color, marker) in styles.items():
                 ys = [results[label][b][(mode, name)] for b in batches]
-                ax.plot(batches, ys, color=color, marker=marker or None, label=f"{name} (chosen per call)"
-                        if name == "auto" else name, linestyle="--" if name == "auto" else "-", linewidth=1.5)
+                legend = {"auto": "auto (chosen per call)", "lut8": "lut8 (opt-in, approximate)"}.get(name, name)
+                ax.plot(batches, ys, color=color, marker=marker or None, label=legend,
+                        linestyle="--" if name == "auto" else "-", linewidth=1.5)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("batch size")
@@ -108,12 +140,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument("--quick", action="store_true", help="batches 1, 8, 64, 512 only, shorter runs")
+    parser.add_argument("--quick", action="store_true", help="batches 1, 2, 8, 16, 64, 512 only, shorter runs")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (overrides --quick's)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared machine")
     parser.add_argument("--layers", default=None, help="comma-separated indices into LAYERS (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     chosen = range(len(LAYERS)) if args.layers is None else [int(i) for i in args.layers.split(",")]
     device = torch.device(args.device)
-    batches = [1, 8, 64, 512] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    batches = [1, 2, 8, 16, 64, 512] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
     min_run_time = 0.05 if args.quick else args.min_run_time
     started = load()
     torch.manual_seed(0)
@@ -133,19 +171,26 @@ def main() -> None:
                 target = TARGETS.get((index, mode, batch))
                 speedup = t[(mode, "dense")] / t[(mode, "auto")]
                 rows.append([label, mode, batch, t[(mode, "dense")], t[(mode, "unfused")], t[(mode, "expand")],
-                             t[(mode, "compressed")], t[(mode, "auto")], t["choice"][mode != "inference"], speedup,
+                             t[(mode, "compressed")], t[(mode, "auto")], t[(mode, "lut8")],
+                             t["choice"][mode != "inference"], speedup,
+                             t[(mode + " cpu", "dense")] / t[(mode + " cpu", "auto")],
                              t[(mode, "auto")] / min(t[(mode, "expand")], t[(mode, "compressed")]),
-                             t[(mode, "auto")] / t[(mode, "unfused")],
+                             t[(mode, "auto")] / t[(mode, "unfused")], t[(mode, "dense")] / t[(mode, "lut8")],
+                             t["load"],
                              "" if target is None else f">= {target:g}x: {'met' if speedup >= target else 'MISSED'}"])
                 print(rows[-1], flush=True)
     headers = ["layer", "mode", "batch", "dense ms", "unfused ms", "expand ms", "compressed ms", "auto ms",
-               "auto chose", "dense / auto", "auto / best path", "auto / unfused", "target"]
+               "lut8 ms (opt-in)", "auto chose", "dense / auto", "dense / auto, CPU time", "auto / best path",
+               "auto / unfused", "dense / lut8", "load (1 min)", "target"]
     body = ("Latency per call (median). `unfused`: `F.linear(x, rpq_fx::expand(...), b)` under autograd, as "
             "before this op; `expand`: `rpq_fx::linear` forced to expand (the weight rebuilt in backward, never "
             "kept); `compressed`: forced to the compressed domain (the weight never built); `auto`: what "
             "`RPQLinear` and converted models do (the path it chose is given). `dense / auto` above 1 means "
             "faster than `nn.Linear`; `auto / best path` near 1 means the per-call choice picked well; "
-            "`auto / unfused` at or below 1 means never slower than expand-then-matmul.\n\n"
+            "`auto / unfused` at or below 1 means never slower than expand-then-matmul; `dense / auto, CPU time`: the "
+            "same ratio in process CPU time (less disturbed by other work on the machine); `load`: the 1-minute load "
+            "average when the row was timed. Batches of one or two rows compute through 32-bit lookup tables "
+            "(as close as float32) where the CPU has AVX-512 VBMI; `lut8` is the opt-in 8-bit one.\n\n"
             + table(rows, headers) + f"\n\n![latency vs batch](linear_{device.type}.png)\n")
     write(f"linear_{device.type}", f"RPQ linear vs dense nn.Linear ({device.type}, fp32)", body, started)
     plot(results, batches, RESULTS / f"linear_{device.type}.png")

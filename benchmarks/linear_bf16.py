@@ -1,6 +1,8 @@
 """bfloat16 RPQ linear on the CPU against dense ``F.linear`` in float32 and in bfloat16.
 
-One RPQ layer (4096x4096, 16 codebooks, d = 256). Each call is timed in one process: the median
+Two layers, 4096x4096 with 256 codewords: the RPQ setting (16 codebooks, d = 256) and the fitted product-quantization
+setting (one shared codebook, d = 4: batches of one or two rows compute through 32-bit lookup tables in registers
+where the CPU has AVX-512 VBMI, bfloat16 as float32). Each call is timed in one process: the median
 wall time (``torch.utils.benchmark``) and the CPU time per call (``time.process_time`` over as
 many calls: on a shared machine the wall time includes waiting for a core, the CPU time does not).
 Variants: dense ``F.linear`` (float32, bfloat16), ``rpq_fx::linear`` in float32 and bfloat16 as
@@ -27,7 +29,8 @@ from _common import load, median_ms, table, write  # noqa: E402
 from rpq_fx.nn import RPQLinear  # noqa: E402
 from rpq_fx.ops import choose_path, linear, stock_ops  # noqa: E402
 
-IN, OUT, C = 4096, 4096, 16
+IN, OUT = 4096, 4096
+LAYERS = [("RPQ C=16 (d=256)", 16, False), ("PQ d=4 shared", 1024, True)]  # label, codebooks, shared
 
 
 def cpu_ms(fn, calls: int) -> float:
@@ -53,8 +56,22 @@ def main() -> None:
     batches = [1, 8, 512] if args.quick else [1, 8, 64, 512]
     min_run_time = 0.1 if args.quick else 0.3
     started = load()
+    rows = []
+    for label, C, shared in LAYERS:
+        rows += layer_rows(label, C, shared, batches, min_run_time)
+    headers = ["layer", "batch", "mode", "dense fp32 ms", "rpq fp32 ms", "dense bf16 ms", "rpq bf16 ms",
+               "rpq bf16 stock ops ms", "bf16 auto chose", "dense fp32 / rpq bf16", "dense bf16 / rpq bf16",
+               "stock / C++ (bf16)"]
+    body = (f"Layers {IN}x{OUT}, K=256. Each cell: median wall ms per call (CPU ms per call "
+            "in brackets: above the wall time when several threads compute; below it when the machine is shared and "
+            "the call waits for a core). Ratios are of CPU times; above 1: the RPQ bf16 call is faster.\n\n"
+            + table(rows, headers, floatfmt=".2f"))
+    write("linear_bf16_cpu", "bfloat16 RPQ linear vs dense F.linear (cpu)", body, started)
+
+
+def layer_rows(label: str, C: int, shared: bool, batches: list[int], min_run_time: float) -> list[list]:
     torch.manual_seed(0)
-    layer = RPQLinear(IN, OUT, C)
+    layer = RPQLinear(IN, OUT, C, shared_codebooks=shared)
     cb32, codes, bias32 = layer.weight.codebooks.detach(), layer.weight.codes, layer.bias.detach()
     w32 = layer.weight().detach()
     tensors = {torch.float32: (cb32, bias32, w32),
@@ -81,17 +98,11 @@ def main() -> None:
                     t[name] = measure(fns[index], min_run_time)
             with stock_ops(), torch.inference_mode(mode == "inference"):
                 t["rpq bf16 stock ops"] = measure(calls["rpq bf16"][index], min_run_time)
-            rows.append([batch, mode, *(f"{w:.3f} ({c:.3f})" for w, c in t.values()), chosen[mode],
+            rows.append([label, batch, mode, *(f"{w:.3f} ({c:.3f})" for w, c in t.values()), chosen[mode],
                          t["dense fp32"][1] / t["rpq bf16"][1], t["dense bf16"][1] / t["rpq bf16"][1],
                          t["rpq bf16 stock ops"][1] / t["rpq bf16"][1]])
             print(rows[-1], flush=True)
-    headers = ["batch", "mode", *(f"{n} ms" for n in t), "bf16 auto chose", "dense fp32 / rpq bf16",
-               "dense bf16 / rpq bf16", "stock / C++ (bf16)"]
-    body = (f"Layer {IN}x{OUT}, C={C} (d={IN // C}), K=256. Each cell: median wall ms per call (CPU ms per call "
-            "in brackets: above the wall time when several threads compute; below it when the machine is shared and "
-            "the call waits for a core). Ratios are of CPU times; above 1: the RPQ bf16 call is faster.\n\n"
-            + table(rows, headers, floatfmt=".2f"))
-    write("linear_bf16_cpu", "bfloat16 RPQ linear vs dense F.linear (cpu)", body, started)
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 import warnings
 from pathlib import Path
 from contextlib import contextmanager
@@ -98,6 +99,52 @@ def _build_spec() -> tuple[str, list[str], list[str]]:
     return f"rpq_fx_kernels_{capability.lower()}_{digest}", cflags, ldflags
 
 
+# reason: torch builds that lock with FileBaton (cpp_extension.load) wait forever, polling, while the build folder
+# holds a `lock` file, and a build that was killed leaves it behind: the next `import rpq_fx` hung at 0% CPU. Where
+# torch does, we record the building process's id beside it and clear a lock whose builder is gone (or, with no
+# record, one older than this). Newer torch (2.14 here) holds an OS advisory lock on that file instead, released when
+# its holder dies; the file stays between builds and must not be removed (a live builder may hold it).
+_STALE_LOCK_S = 300.0
+
+
+def _lock_is_a_baton() -> bool:
+    """Whether torch's extension builder locks with FileBaton (the lock file's mere existence blocks)."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # reason: another user's live process
+        return True
+    return True
+
+
+def _clear_stale_lock(folder: Path) -> None:
+    """Remove ``folder/lock`` left by a killed build: its recorded builder (``lock.owner``) is no longer running, or,
+    with no record, it is older than ``_STALE_LOCK_S``. A lock whose builder runs is left alone (the build waits)."""
+    lock, owner = folder / "lock", folder / "lock.owner"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    try:
+        pid = int(owner.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        pid = None
+    if (pid is not None and _alive(pid)) or (pid is None and age < _STALE_LOCK_S):
+        return
+    why = f"its build (process {pid}) is not running" if pid is not None else f"it is {age:.0f} s old"
+    print(f"rpq_fx: removing the stale build lock {lock} ({why}; a build was interrupted)", file=sys.stderr,
+          flush=True)
+    lock.unlink(missing_ok=True)
+    owner.unlink(missing_ok=True)
+
+
 def _build() -> str:
     """Build (if needed) and load the kernels into the dispatcher; the shared library's path."""
     import logging
@@ -113,10 +160,19 @@ def _build() -> str:
     if not (folder / f"{name}.so").exists():
         print(f"rpq_fx: building the C++ kernels for {_capability()} into {folder} (once per torch version and "
               "source, about a minute)", file=sys.stderr, flush=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reason: "No CUDA runtime is found" is noise for a CPU-only build
-        return build_and_load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-                              build_directory=str(folder), is_python_module=False, verbose=False)
+    owner = folder / "lock.owner"
+    if _lock_is_a_baton():
+        _clear_stale_lock(folder)
+        if not (folder / "lock").exists():
+            owner.write_text(str(os.getpid()))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reason: "No CUDA runtime is found" is noise for a CPU-only build
+            return build_and_load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                                  build_directory=str(folder), is_python_module=False, verbose=False)
+    finally:
+        if owner.exists() and owner.read_text().strip() == str(os.getpid()):
+            owner.unlink(missing_ok=True)
 
 
 def _turned_off() -> bool:

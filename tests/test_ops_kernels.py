@@ -5,7 +5,10 @@ never rebuild each other's; it goes into the virtual environment; a build says s
 without a compiler runs on stock ops and says why.
 """
 
+import os
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -91,3 +94,62 @@ def test_a_build_says_so_once(fresh, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("rpq_fx: building the C++ kernels") == 1 and str(fresh) in err
     assert _kernels.status().startswith("C++ kernels for ")
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_stale_build_lock_is_cleared_and_a_live_one_kept(tmp_path, capsys):
+    """A killed build leaves torch's FileBaton ``lock`` behind, and the next load would wait on it forever."""
+    lock, owner = tmp_path / "lock", tmp_path / "lock.owner"
+    lock.touch()
+    owner.write_text(str(_dead_pid()))
+    _kernels._clear_stale_lock(tmp_path)
+    assert not lock.exists() and not owner.exists()
+    assert "removing the stale build lock" in capsys.readouterr().err
+
+    lock.touch()
+    owner.write_text(str(os.getpid()))  # its builder runs: the build waits for it
+    _kernels._clear_stale_lock(tmp_path)
+    assert lock.exists() and owner.exists()
+
+    owner.unlink()  # no record (an older rpq_fx built): cleared only once it is old
+    _kernels._clear_stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - _kernels._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    _kernels._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("baton", [True, False])
+def test_a_load_after_a_killed_build_does_not_wait_on_its_lock(fresh, monkeypatch, baton):
+    """Where torch locks with FileBaton, a dead builder's lock is cleared before the build; where it holds an OS lock
+    on the file (released when its holder dies), the file is left alone: a live builder may hold it."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    if baton:
+        monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)
+    else:
+        monkeypatch.delattr(cpp_extension, "FileBaton", raising=False)
+    name = _kernels._build_spec()[0]
+    folder = fresh / name
+    folder.mkdir()
+    (folder / "lock").touch()
+    (folder / "lock.owner").write_text(str(_dead_pid()))
+    seen = {}
+
+    def fake_build(**kwargs):  # reason: a real build takes a minute; torch's would wait while `lock` exists
+        seen["lock"] = (folder / "lock").exists()
+        seen["owner"] = (folder / "lock.owner").read_text()
+        return str(folder / f"{name}.so")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    assert _kernels._build() == str(folder / f"{name}.so")
+    if baton:
+        assert seen == {"lock": False, "owner": str(os.getpid())}
+        assert not (folder / "lock.owner").exists()  # removed once the build is done
+    else:
+        assert seen["lock"] and (folder / "lock").exists()

@@ -35,7 +35,7 @@ def test_rpq_fx_path_is_read_once_at_import():
     assert done.stdout.split() == ["expand", "expand"]  # set at import; a change later is not read per call
     bad = _run("import rpq_fx.ops", RPQ_FX_PATH="fastest")
     assert bad.returncode != 0
-    assert "RPQ_FX_PATH must be one of ('auto', 'compressed', 'expand'), got 'fastest'" in bad.stderr
+    assert "RPQ_FX_PATH must be one of ('auto', 'compressed', 'expand', 'lut8', 'lut16'), got 'fastest'" in bad.stderr
 
 
 def test_compute_path_forces_auto_calls_in_its_block_and_nests():

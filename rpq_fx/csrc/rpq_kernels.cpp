@@ -28,16 +28,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>  // also for the VBMI kernel, compiled for that target whatever the build's flags
 #endif
 
 namespace {
@@ -717,6 +719,396 @@ Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t c
   return out;
 }
 
+// f(t) for t < tasks, the threads claiming tasks one at a time: a thread slowed by a busy machine takes fewer, where
+// at::parallel_for's equal shares would make the others wait for it. `inline_only`: on this thread (work too small to
+// pay for waking the others, or for waiting on one the scheduler has put aside).
+template <typename F>
+void claim_tasks(int64_t tasks, F&& f, bool inline_only = false) {
+  if (inline_only) {
+    for (int64_t t = 0; t < tasks; ++t) f(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) f(t);
+  });
+}
+
+// ------------------------------------------------------------------ quantised lookup tables (small batches)
+// One batch row at a time (T-MAC, faiss fast-scan): the row's table T[c, k] = codebooks[g(c), k] . x[c-th slice]
+// (float32) is quantised per group of kLutGroup slices to unsigned fixed point of 8 * P bits around each slice's centre,
+//   T[c, k] ~= m[c] + s * (q[c, k] - h),   m[c] = (min_k T[c, k] + max_k T[c, k]) / 2,   h = 2^(8P - 1),
+// s = the group's largest range / (2^(8P) - 2), q stored as P byte planes of 256 entries (most significant first).
+// Then per output row n
+//   y[n] = sum_groups s * (sum_{c in group} q[c, codes[c, n]] - h * slices) + sum_c m[c]
+// the group sums exact integers (the planes summed in 16-bit lanes, then words of two planes in 32 bits), each word
+// added by one fused multiply-add in double, groups in order, then the centres (summed in double over c ascending),
+// rounded to float32 once. (In float32 these sums lost up to 2.4e-5 of max|y| on MiniLM's layer-0 output
+// projection: its shared codebook's outlier codewords put every slice's centre far from the values picked, so the two
+// sums cancel; double keeps them exact enough.) Each lookup is off by at most s / 2, s set by the widest table of the
+// group: P = 4 (32 bits) is as close as float32's own tables (benchmarks/lut_error.py) and is the automatic path;
+// P = 1 and 2 (8-
+// and 16-bit tables) are what `path="lut8"` / `"lut16"` ask. With AVX-512 VBMI a slice's table plane sits in four
+// registers and `vpermi2b` looks up 64 codes at once (a mask on the code's top bit picks the half); elsewhere a scalar
+// loop computes the same integers and the same float operations, so both give the same bits.
+constexpr int64_t kLutGroup = 64;  // slices per scale; 255 * 64 fits the 16-bit lane sums
+constexpr int64_t kLutMaxRows = 2;  // batches up to this many rows take the 32-bit tables (policy.py's _LUT_AUTO_ROWS)
+constexpr int64_t kLutAutoBits = 32;
+
+bool has_vbmi() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Quantise the table of one batch row's group of slices: T rows at T + c * tc (K floats), planes into q [cg, P, 256]
+// (entries past K are zero), the slices' centres into lo [cg]; returns the group's scale. A slice with a value that is
+// not finite gets a NaN centre, so that every output of the row is NaN (the float32 path gives NaN or inf there).
+template <int P>
+struct LutLevels {
+  static constexpr double levels = double((uint64_t(1) << (8 * P)) - 1);
+  static constexpr int64_t half = int64_t(1) << (8 * P - 1);
+  static constexpr int E0 = P < 2 ? P : 2;  // planes in the first word (the second holds the rest)
+  // scale and its inverse (in double: a 32-bit code needs more than float32's 24 bits) for a group's largest range
+  static std::pair<float, double> scale(float range) {
+    return {static_cast<float>(range / (levels - 1)), range > 0.0f ? (levels - 1) / range : 0.0};
+  }
+};
+
+template <int P>
+float lut_quantise_scalar(const float* __restrict T, int64_t tc, int64_t cg, int64_t K, uint8_t* __restrict q,
+                          float* __restrict lo) {
+  using L = LutLevels<P>;
+  float range = 0.0f;
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* __restrict t = T + c * tc;
+    float mn = t[0], mx = t[0];
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      mn = std::min(mn, t[k]);
+      mx = std::max(mx, t[k]);
+      finite = finite && std::fabs(t[k]) <= std::numeric_limits<float>::max();
+    }
+    lo[c] = finite ? 0.5f * (mn + mx) : std::numeric_limits<float>::quiet_NaN();
+    if (finite) range = std::max(range, mx - mn);
+  }
+  const auto [scale, inv] = L::scale(range);
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* __restrict t = T + c * tc;
+    uint8_t* __restrict qc = q + c * P * 256;
+    for (int64_t k = 0; k < 256; ++k) {
+      int64_t r = 0;  // the code less h, clamped to [-h, h - 1] (the centre is rounded), then rounded to nearest even
+      if (k < K && !std::isnan(lo[c]))
+        r = static_cast<int64_t>(std::nearbyint(std::clamp((double(t[k]) - double(lo[c])) * inv, -double(L::half),
+                                                           double(L::half - 1))));
+      const uint32_t v = static_cast<uint32_t>(r + L::half);
+      for (int p = 0; p < P; ++p) qc[p * 256 + k] = static_cast<uint8_t>(v >> (8 * (P - 1 - p)));
+    }
+  }
+  return scale;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same with AVX-512 (the same operations in the same precision).
+template <int P>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+float lut_quantise_avx512(const float* __restrict T, int64_t tc, int64_t cg, int64_t K, uint8_t* __restrict q,
+                          float* __restrict lo) {
+  using L = LutLevels<P>;
+  const __m512 huge = _mm512_set1_ps(std::numeric_limits<float>::max());
+  float range = 0.0f;
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* t = T + c * tc;
+    __m512 mn = _mm512_set1_ps(t[0]), mx = mn;
+    __mmask16 finite = 0xFFFF;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(m, t + k);
+      mn = _mm512_mask_min_ps(mn, m, mn, v);
+      mx = _mm512_mask_max_ps(mx, m, mx, v);
+      finite &= _mm512_cmp_ps_mask(_mm512_abs_ps(v), huge, _CMP_LE_OQ) | __mmask16(~m);
+    }
+    const float a = _mm512_reduce_min_ps(mn), b = _mm512_reduce_max_ps(mx);
+    const bool ok = finite == 0xFFFF;
+    lo[c] = ok ? 0.5f * (a + b) : std::numeric_limits<float>::quiet_NaN();
+    if (ok) range = std::max(range, b - a);
+  }
+  const auto [scale, inv] = L::scale(range);
+  const __m512d vinv = _mm512_set1_pd(inv);
+  // clamped to [-h, h - 1] before cvtpd2dq (out of int32's range it gives INT32_MIN), then + h as unsigned
+  const __m512d low = _mm512_set1_pd(-double(L::half)), high = _mm512_set1_pd(double(L::half - 1));
+  const __m512i half = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(L::half)));
+  for (int64_t c = 0; c < cg; ++c) {
+    const float* t = T + c * tc;
+    uint8_t* qc = q + c * P * 256;
+    const __m512d centre = _mm512_set1_pd(double(lo[c]));
+    const bool ok = !std::isnan(lo[c]);
+    for (int64_t k = 0; k < 256; k += 16) {
+      const __mmask16 m = !ok || k >= K ? __mmask16(0) : K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(m, t + k);
+      const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d d1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      const __m256i r0 = _mm512_cvtpd_epi32(
+          _mm512_min_pd(_mm512_max_pd(_mm512_mul_pd(_mm512_sub_pd(d0, centre), vinv), low), high));
+      const __m256i r1 = _mm512_cvtpd_epi32(
+          _mm512_min_pd(_mm512_max_pd(_mm512_mul_pd(_mm512_sub_pd(d1, centre), vinv), low), high));
+      __m512i r = _mm512_maskz_mov_epi32(m, _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1));  // past K, or a non-finite slice: the code h (r = 0)
+      r = _mm512_add_epi32(r, half);
+      for (int p = 0; p < P; ++p)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qc + p * 256 + k),
+                         _mm512_cvtepi32_epi8(_mm512_srli_epi32(r, 8 * (P - 1 - p))));
+    }
+  }
+  return scale;
+}
+#endif
+
+template <int P>
+float lut_quantise(const float* T, int64_t tc, int64_t cg, int64_t K, uint8_t* q, float* lo, bool vector) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vector && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return lut_quantise_avx512<P>(T, tc, cg, K, q, lo);
+#endif
+  return lut_quantise_scalar<P>(T, tc, cg, K, q, lo);
+}
+
+// acc[i] (+)= the group's sums for rows i < nn, scalar: per word of planes (the first centred by h * cg), an exact
+// int32 sum, added by acc = fma(scale * weight, sum, acc), the first word first.
+template <int P>
+void lut_group_scalar(const uint8_t* __restrict q, const uint8_t* __restrict codes, int64_t N, int64_t cg,
+                      int64_t nn, float scale, double* __restrict acc) {
+  constexpr int E0 = LutLevels<P>::E0;
+  const double s0 = std::ldexp(double(scale), 8 * (P - E0));
+  for (int64_t i = 0; i < nn; ++i) {
+    int32_t w0 = -static_cast<int32_t>(cg << (8 * E0 - 1)), w1 = 0;
+    for (int64_t c = 0; c < cg; ++c) {
+      const uint8_t* qc = q + c * P * 256 + codes[c * N + i];
+      for (int p = 0; p < P; ++p) {
+        if (p < E0) w0 += static_cast<int32_t>(qc[p * 256]) << (8 * (E0 - 1 - p));
+        else w1 += static_cast<int32_t>(qc[p * 256]) << (8 * (P - 1 - p));
+      }
+    }
+    double a = std::fma(s0, static_cast<double>(w0), acc[i]);
+    if (P > E0) a = std::fma(double(scale), static_cast<double>(w1), a);
+    acc[i] = a;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same for nn rows, nn a multiple of 64: R blocks of 64 rows at a time, their sums in registers over the group.
+template <int P, int R, int KW>  // KW: registers per table plane (1: K <= 64, 2: K <= 128, 4: K <= 256)
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")))
+void lut_blocks_vbmi(const uint8_t* __restrict q, const uint8_t* __restrict codes, int64_t N, int64_t cg,
+                     float scale, double* __restrict acc) {
+  __m512i lo16[R][P], hi16[R][P];  // 16-bit lanes: lane j sums (even row) + 256 * (odd row), and the odd row
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) lo16[r][p] = hi16[r][p] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < cg; ++c) {
+    const uint8_t* qc = q + c * P * 256;
+    __m512i t[P][KW];
+    for (int p = 0; p < P; ++p)
+      for (int w = 0; w < KW; ++w) t[p][w] = _mm512_loadu_si512(qc + p * 256 + w * 64);
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_loadu_si512(codes + c * N + r * 64);
+      __mmask64 upper = 0;
+      if constexpr (KW == 4) upper = _mm512_movepi8_mask(v);
+      for (int p = 0; p < P; ++p) {
+        __m512i sel;
+        if constexpr (KW == 1) {
+          sel = _mm512_permutexvar_epi8(v, t[p][0]);
+        } else if constexpr (KW == 2) {
+          sel = _mm512_permutex2var_epi8(t[p][0], v, t[p][1]);
+        } else {
+          sel = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t[p][0], v, t[p][1]),
+                                       _mm512_permutex2var_epi8(t[p][2], v, t[p][3]));
+        }
+        lo16[r][p] = _mm512_add_epi16(lo16[r][p], sel);
+        hi16[r][p] = _mm512_add_epi16(hi16[r][p], _mm512_srli_epi16(sel, 8));
+      }
+    }
+  }
+  constexpr int E0 = LutLevels<P>::E0, words = P > E0 ? 2 : 1;
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512d weight[2] = {_mm512_set1_pd(std::ldexp(double(scale), 8 * (P - E0))), _mm512_set1_pd(scale)};
+  const __m512i centre = _mm512_set1_epi32(-static_cast<int32_t>(cg << (8 * E0 - 1)));
+  for (int r = 0; r < R; ++r) {
+    // even[w][h] holds word w of rows 32h + 2j, odd[w][h] of rows 32h + 2j + 1 (j < 16)
+    __m512i even[2][2], odd[2][2];
+    for (int w = 0; w < 2; ++w)
+      for (int h = 0; h < 2; ++h) even[w][h] = odd[w][h] = w == 0 ? centre : _mm512_setzero_si512();
+    for (int p = 0; p < P; ++p) {
+      const __m512i e = _mm512_sub_epi16(lo16[r][p], _mm512_slli_epi16(hi16[r][p], 8));
+      const int w = p < E0 ? 0 : 1, shift = 8 * ((w == 0 ? E0 : P) - 1 - p);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i eh = h ? _mm512_extracti64x4_epi64(e, 1) : _mm512_castsi512_si256(e);
+        const __m256i oh = h ? _mm512_extracti64x4_epi64(hi16[r][p], 1) : _mm512_castsi512_si256(hi16[r][p]);
+        even[w][h] = _mm512_add_epi32(even[w][h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(eh), shift));
+        odd[w][h] = _mm512_add_epi32(odd[w][h], _mm512_slli_epi32(_mm512_cvtepu16_epi32(oh), shift));
+      }
+    }
+    // interleaved back into row order, each word added by one fused multiply-add in double, the first word first
+    for (int h = 0; h < 2; ++h) {
+      double* a = acc + r * 64 + h * 32;
+      __m512d part[4] = {_mm512_loadu_pd(a), _mm512_loadu_pd(a + 8), _mm512_loadu_pd(a + 16), _mm512_loadu_pd(a + 24)};
+      for (int w = 0; w < words; ++w) {
+        const __m512i v[2] = {_mm512_permutex2var_epi32(even[w][h], first, odd[w][h]),
+                              _mm512_permutex2var_epi32(even[w][h], second, odd[w][h])};
+        for (int j = 0; j < 4; ++j) {
+          const __m256i half8 = j % 2 ? _mm512_extracti64x4_epi64(v[j / 2], 1) : _mm512_castsi512_si256(v[j / 2]);
+          part[j] = _mm512_fmadd_pd(weight[w], _mm512_cvtepi32_pd(half8), part[j]);
+        }
+      }
+      for (int j = 0; j < 4; ++j) _mm512_storeu_pd(a + 8 * j, part[j]);
+    }
+  }
+}
+
+template <int P, int KW>
+void lut_group_vbmi(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t cg, int64_t nn, float scale,
+                    double* acc) {
+  constexpr int R = P == 1 ? 4 : 2;
+  int64_t i = 0;
+  for (; i + 64 * R <= nn; i += 64 * R) lut_blocks_vbmi<P, R, KW>(q, codes + i, N, cg, scale, acc + i);
+  for (; i + 64 <= nn; i += 64) lut_blocks_vbmi<P, 1, KW>(q, codes + i, N, cg, scale, acc + i);
+  lut_group_scalar<P>(q, codes + i, N, cg, nn - i, scale, acc + i);
+}
+#endif
+
+// acc (+)= the group's sums for rows [0, nn) of codes (row stride N), by VBMI permutes where `vector` and the CPU has
+// them, else the scalar loop: the same bits either way.
+template <int P>
+void lut_group(const uint8_t* q, const uint8_t* codes, int64_t N, int64_t cg, int64_t K, int64_t nn, float scale,
+               double* acc, bool vector) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vector && has_vbmi()) {
+    if (K <= 64) return lut_group_vbmi<P, 1>(q, codes, N, cg, nn, scale, acc);
+    if (K <= 128) return lut_group_vbmi<P, 2>(q, codes, N, cg, nn, scale, acc);
+    return lut_group_vbmi<P, 4>(q, codes, N, cg, nn, scale, acc);
+  }
+#endif
+  lut_group_scalar<P>(q, codes, N, cg, nn, scale, acc);
+}
+
+// What a row's float32 tables are made of: x [B, C * d], the codebooks [G, K, d] and, for one shared codebook, it
+// transposed [d, K].
+struct LutInputs {
+  const float* x;
+  const float* codebooks;
+  const float* shared_t;  // null for one codebook per slice
+  int64_t d, row_len;
+};
+
+// T[c - c0, k] = codebooks[g(c), k] . x[b, c-th slice] for the slices [c0, c0 + cg), in float32 over the slice in
+// order. reason: computed here, on the calling thread, not by ATen's mm: its parallel region's join waited on a
+// descheduled thread on a busy machine
+void lut_tables(const LutInputs& in, int64_t b, int64_t c0, int64_t cg, int64_t K, float* __restrict T) {
+  const int64_t d = in.d;
+  for (int64_t c = c0; c < c0 + cg; ++c) {
+    float* __restrict t = T + (c - c0) * K;
+    const float* __restrict xs = in.x + b * in.row_len + c * d;
+    if (in.shared_t != nullptr) {
+      const float x0 = xs[0];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) t[k] = in.shared_t[k] * x0;
+      for (int64_t j = 1; j < d; ++j) {
+        const float v = xs[j];
+        const float* __restrict row = in.shared_t + j * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) t[k] += row[k] * v;
+      }
+    } else {
+      const float* __restrict w = in.codebooks + c * K * d;
+      for (int64_t k = 0; k < K; ++k) {
+        float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+        for (int64_t j = 0; j < d; ++j) a += w[k * d + j] * xs[j];
+        t[k] = a;
+      }
+    }
+  }
+}
+
+// y [B, N] (float32) from each row's tables (built a group of slices at a time, then quantised) and uint8 codes [C, N],
+// through P-byte tables.
+template <int P>
+void lut_forward(const LutInputs& in, int64_t B, int64_t C, int64_t K, const uint8_t* codes, int64_t N, float* y,
+                 bool vector) {
+  const int64_t groups = (C + kLutGroup - 1) / kLutGroup;
+  // reason: reused by the thread's next call: a fresh buffer of this size (1 MiB at C = 1024, 32 bits) is a fresh
+  // mapping whose page faults cost as much as the quantisation
+  thread_local std::vector<uint8_t> q_buffer;
+  thread_local std::vector<float> lo_buffer, scale_buffer;
+  if (q_buffer.size() < static_cast<size_t>(B * C * P * 256)) q_buffer.resize(B * C * P * 256);
+  if (lo_buffer.size() < static_cast<size_t>(B * C)) lo_buffer.resize(B * C);
+  if (scale_buffer.size() < static_cast<size_t>(B * groups)) scale_buffer.resize(B * groups);
+  // reason: the worker threads below must see this thread's buffers, not their own thread_locals
+  uint8_t* q = q_buffer.data();
+  float* lo = lo_buffer.data();
+  float* scale = scale_buffer.data();
+  // reason: below 64M lookups (about 4 ms on one thread) the work runs on the calling thread: on a busy machine each
+  // parallel region's join waited for a descheduled thread (4096x4096 at d = 4, batch 1: 48 ms a call at load 5
+  // with ATen's mm and two regions, 0.5 ms on one thread; d = 2 at batch 2, 16.7M lookups: 40 ms), where a quiet
+  // machine's second thread would save half of it
+  const bool small = B * C * N < (int64_t(1) << 26);
+  claim_tasks(B * groups, [&](int64_t t) {
+    const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
+    thread_local std::vector<float> table;
+    table.resize(kLutGroup * K);
+    lut_tables(in, b, c0, cg, K, table.data());
+    scale[t] = lut_quantise<P>(table.data(), K, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0, vector);
+  }, small);
+  // bands of rows, whole blocks of 64 (the lookups' width), about eight per thread, at least 256 rows (each band
+  // reads every slice's table planes once from L2)
+  const int64_t threads = at::get_num_threads();
+  const int64_t band = std::max<int64_t>(256, (N / std::max<int64_t>(1, 8 * threads / B) + 63) / 64 * 64);
+  const int64_t bands = (N + band - 1) / band;
+  claim_tasks(B * bands, [&](int64_t t) {
+    thread_local std::vector<double> acc;
+    acc.assign(band, 0.0);
+    const int64_t b = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * kLutGroup;
+      lut_group<P>(q + (b * C + c0) * P * 256, codes + c0 * N + n0, N, std::min(kLutGroup, C - c0), K, nn,
+                   scale[b * groups + g], acc.data(), vector);
+    }
+    double offset = 0.0;
+    for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
+    float* __restrict out = y + b * N + n0;
+    for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset);
+  }, small);
+}
+
+// Whether the quantised-table kernel takes this call: uint8 codes, at most 256 codewords, float32 or bfloat16.
+bool lut_supports(const Tensor& x, const Tensor& codebooks, const Tensor& codes) {
+  return codes.scalar_type() == at::kByte && codebooks.size(1) <= 256 &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+         codebooks.scalar_type() == x.scalar_type();
+}
+
+// y [B, N] = x W^T through bits-bit tables (8, 16, 24 or 32), into `out` (x's dtype): x [B, in], codes contiguous and
+// checked. The tables are built in float32 whatever x's dtype.
+void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, int64_t bits, bool vector, Tensor& out) {
+  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1);
+  const int64_t G = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
+  const Tensor xf = x.to(at::kFloat).contiguous(), cbf = codebooks.to(at::kFloat).contiguous();
+  const Tensor cbt = G == 1 ? cbf[0].t().contiguous() : Tensor();  // [d, K]
+  const LutInputs in{xf.data_ptr<float>(), cbf.data_ptr<float>(), G == 1 ? cbt.data_ptr<float>() : nullptr, d, C * d};
+  Tensor y = out.scalar_type() == at::kFloat && out.is_contiguous() ? out : at::empty({B, N}, xf.options());
+  const uint8_t* codes_p = codes.data_ptr<uint8_t>();
+  switch (bits) {
+    case 8: lut_forward<1>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 16: lut_forward<2>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 24: lut_forward<3>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    default: lut_forward<4>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+  }
+  if (!y.is_same(out)) out.copy_(y);
+}
+
 // y [B, N] = x [B, in] @ W^T, W never built; written into `out` when given.
 Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor& codes_in,
                       const c10::optional<Tensor>& out_in) {
@@ -727,6 +1119,12 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
   Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, "rpq_fx linear_forward");
   if (!fast_dtypes({x.scalar_type(), codebooks.scalar_type()})) {
     linear_forward_aten(x, codebooks, codes, out);
+    return out;
+  }
+  // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
+  // looked up on this thread (robust on a busy machine, see lut_forward)
+  if (x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() && lut_supports(x, codebooks, codes)) {
+    lut_linear(x, codebooks, codes, kLutAutoBits, true, out);
     return out;
   }
   const at::ScalarType products = product_type(x.scalar_type());
@@ -855,8 +1253,32 @@ std::tuple<Tensor, Tensor> linear_compressed_backward_op(const Tensor& grad, con
   return {grad_x, need_cb ? std::get<1>(result) : at::empty({0}, codebooks.options())};
 }
 
+// rpq_fx::_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized) -> Tensor: x [..., in] ->
+// y [..., N] through `bits`-bit lookup tables (8, 16, 24 or 32); `vectorized=False` runs the scalar loop (the tests
+// compare the two). uint8 codes, K <= 256, float32 or bfloat16 only.
+Tensor linear_lut_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes_in, int64_t bits, bool vectorized) {
+  const char* what = "rpq_fx linear_lut";
+  TORCH_CHECK(x.dim() >= 1 && codes_in.dim() == 2, what, ": x [..., in] and codes [C, N]");
+  Tensor x_2d = x.reshape({-1, x.size(-1)});
+  check(x_2d, codebooks, codes_in, what);
+  TORCH_CHECK(bits == 8 || bits == 16 || bits == 24 || bits == 32, what, ": bits must be 8, 16, 24 or 32, got ", bits);
+  TORCH_CHECK(lut_supports(x_2d, codebooks, codes_in), what, ": takes uint8 codes, at most 256 codewords and "
+              "float32 or bfloat16 x and codebooks (one dtype), got codes ", codes_in.scalar_type(), ", ",
+              codebooks.size(1), " codewords, x ", x.scalar_type(), " and codebooks ", codebooks.scalar_type());
+  at::NoGradGuard no_grad;
+  Tensor codes = codes_in.contiguous();
+  check_codes(codes, codebooks.size(1), what);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = codes.size(1);
+  Tensor out = at::empty(shape, x.options());
+  Tensor out_2d = out.view({-1, codes.size(1)});
+  if (out_2d.numel() > 0) lut_linear(x_2d, codebooks, codes, bits, vectorized, out_2d);
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
   m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
+  m.def("_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rpq_fx, CPU, m) {
@@ -865,4 +1287,5 @@ TORCH_LIBRARY_IMPL(rpq_fx, CPU, m) {
   m.impl("_linear_compressed", &linear_compressed_op);
   m.impl("_linear_compressed_backward", &linear_compressed_backward_op);
   m.impl("_nearest", &nearest);
+  m.impl("_linear_lut", &linear_lut_op);
 }

@@ -27,7 +27,7 @@ from .. import _kernels
 from . import stock
 from .checks import (check_codes, check_devices, check_embedding, check_expand, check_expand_backward, check_indices,
                      check_linear, check_linear_backward, _require)
-from .policy import choose_path, forced_path
+from .policy import LUT_BITS, choose_path, forced_path
 
 __all__ = ["expand", "expand_backward", "linear", "linear_backward", "embedding", "hot_embedding", "stock_ops"]
 
@@ -163,12 +163,16 @@ def linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None 
 
     ``path="compressed"`` never builds the weight; ``"expand"`` builds it and calls ``F.linear``;
     ``"auto"`` picks the cheaper by :func:`choose_path`, unless :func:`compute_path` or ``RPQ_FX_PATH`` force one.
+    ``"lut8"`` / ``"lut16"`` (opt-in, approximate): the compressed forward through 8- / 16-bit lookup tables
+    (:mod:`.policy`).
     """
     check_linear(input, codebooks, codes, bias)
     out_features = codes.shape[1]
     x = input.reshape(-1, input.shape[-1])
-    if x.shape[0] > 0 and choose_path(input, codebooks, codes, path) == "compressed":
-        out = torch.ops.rpq_fx._linear_compressed(input, codebooks, codes)
+    chosen = choose_path(input, codebooks, codes, path) if x.shape[0] > 0 else "expand"
+    if chosen in LUT_BITS or chosen == "compressed":
+        out = (torch.ops.rpq_fx._linear_lut(input, codebooks, codes, LUT_BITS[chosen]) if chosen in LUT_BITS
+               else torch.ops.rpq_fx._linear_compressed(input, codebooks, codes))
         if bias is not None:
             out.add_(bias)
         return out
@@ -216,7 +220,9 @@ def _(grad, input, codebooks, codes, need_input, need_codebooks, path="auto"):
 def _linear_setup_context(ctx, inputs, output):
     input, codebooks, codes, bias, path = inputs
     ctx.save_for_backward(input, codebooks, codes)  # reason: never the dense weight; backward rebuilds what it needs
-    ctx.path = forced_path(path)  # the path compute_path forced when the forward ran, for a backward run after it
+    # the path compute_path forced when the forward ran, for a backward run after it; the backward of an opt-in
+    # lookup-table forward is the exact compressed one
+    ctx.path = "compressed" if forced_path(path) in LUT_BITS else forced_path(path)
 
 
 def _linear_autograd(ctx, grad):

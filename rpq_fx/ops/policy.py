@@ -3,8 +3,17 @@
 A rough CPU cost model (:func:`choose_path`) picks the cheaper path for each call (on CUDA with the Triton
 kernels, a batch-size rule that no GPU has timed yet); ``RPQ_FX_PATH`` (read once, when rpq_fx is
 imported) or :func:`compute_path` (a block of code) force one.
+
+Paths: ``"compressed"`` (the weight never built; on the CPU, batches of one or two rows with 33-256 codewords use
+32-bit lookup tables where the CPU has AVX-512 VBMI, as close to the exact result as float32 is), ``"expand"``, and two opt-in paths that
+trade accuracy for speed: ``"lut8"`` / ``"lut16"``, the compressed forward through 8- / 16-bit lookup tables
+(on fitted MiniLM layers at batch 1, 8-bit tables added 4-8% of the output's norm on average and up to 56% on one
+row, 16-bit 2e-4 to 3e-4: ``benchmarks/results/lut_error.md``; the C++ kernels on a CPU with AVX-512 VBMI, uint8
+codes, float32 or bfloat16 only; elsewhere, for the backward and above 8 rows, they compute as ``"compressed"``).
+``"auto"`` never picks an opt-in path.
 """
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +23,14 @@ from torch import Tensor
 
 from .. import _kernels, _triton
 
-__all__ = ["PATHS", "choose_path", "compute_path", "forced_path"]
+__all__ = ["PATHS", "LUT_BITS", "choose_path", "compute_path", "forced_path", "lut_applies"]
 
-PATHS = ("auto", "compressed", "expand")
+PATHS = ("auto", "compressed", "expand", "lut8", "lut16")
+LUT_BITS = {"lut8": 8, "lut16": 16}  # the opt-in paths' table widths
+# The opt-in lookup-table paths compute row by row: above this many rows the blocked float32 kernel was as fast or
+# faster (lut8 at d = 4: 7.3 ms against 7.4 at batch 8, 13.2 against 7.2 at 16, one thread), so they compute as
+# "compressed" there.
+_LUT_MAX_ROWS = 8
 _PATH_ENV = "RPQ_FX_PATH"
 
 
@@ -115,13 +129,46 @@ def _compressed_forward_ns(batch: int, in_features: int, out_features: int, num_
     pair = 0.08 if width == 1 and num_codes <= 32 else _PAIR_NS[width]  # one-row lookups by permutes: no gather
     gather = pair * blocks * num_codebooks * out_features
     tables = _TABLE_MAC_NS * blocks * bands * num_codes * in_features * width
+    if 32 < num_codes <= 256 and batch <= _lut_max_rows():
+        # 32-bit tables in registers, row by row: lookups per (slice, output row), the table's quantisation per entry
+        gather = batch * _LUT_PAIR_NS * num_codebooks * out_features
+        tables = batch * (_TABLE_MAC_NS * num_codes * in_features + _LUT_ENTRY_NS * num_codebooks * num_codes)
     return (gather + tables) / 2 + 2e3
+
+
+# The 32-bit lookup-table forward (one or two rows): per (slice, output row) and per table entry quantised, one thread
+# (the same machine, 4096x4096 at d = 2, 4, 8, medians of CPU time on a loaded machine).
+_LUT_PAIR_NS = 0.07
+_LUT_ENTRY_NS = 0.4
+
+
+_LUT_AUTO_ROWS = 2  # the C++ kernels' kLutMaxRows
+
+
+def _lut_max_rows() -> int:
+    """Batches up to this many rows take the C++ kernels' 32-bit lookup tables: where they serve and the CPU has
+    AVX-512 VBMI (the kernels check the same flag)."""
+    return _LUT_AUTO_ROWS if _kernels.serving() and _cpu_has_vbmi() else 0
+
+
+@functools.cache
+def _cpu_has_vbmi() -> bool:
+    # reason: torch reports only AVX512 / AVX2 (torch.backends.cpu.get_cpu_capability), not VBMI; Linux's flags
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and "avx512vbmi" in line.split() for line in info)
+    except OSError:
+        return False
 
 
 def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "auto", backward: bool = False) -> str:
     """``"compressed"`` or ``"expand"`` for one linear call (``path`` forces it; :func:`compute_path` and
     ``RPQ_FX_PATH`` override ``"auto"``)."""
     path = forced_path(path)
+    if path in LUT_BITS:
+        rows = input.numel() // max(1, input.shape[-1])
+        return path if not backward and rows <= _LUT_MAX_ROWS and lut_applies(input, codebooks, codes) \
+            else "compressed"
     if path != "auto":
         return path
     num_codebooks, out_features = codes.shape
@@ -154,6 +201,14 @@ def _triton_applies(x: Tensor, codebooks: Tensor) -> bool:
 
 
 _FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # 16-bit floats summed in float32
+
+
+def lut_applies(x: Tensor, codebooks: Tensor, codes: Tensor) -> bool:
+    """Whether the C++ lookup-table kernel computes this call fast: CPU with AVX-512 VBMI (elsewhere its scalar loop
+    is slower than the float32 kernel), uint8 codes, at most 256 codewords, float32 or bfloat16 (one dtype)."""
+    return (x.device.type == "cpu" and codes.dtype == torch.uint8 and codebooks.shape[1] <= 256
+            and x.dtype in (torch.float32, torch.bfloat16) and codebooks.dtype == x.dtype and _kernels.serving()
+            and _cpu_has_vbmi())
 
 
 def _fast_kernels_apply(x: Tensor, codebooks: Tensor) -> bool:

@@ -1,0 +1,159 @@
+"""The quantised lookup-table forward of the C++ kernels (``csrc/rpq_kernels.cpp``, ``lut_forward``).
+
+Batches of one or two rows with 33-256 codewords and uint8 codes compute through 32-bit tables (the automatic
+``"compressed"`` path where the CPU has AVX-512 VBMI); ``path="lut8"`` / ``"lut16"`` opt in to 8- and 16-bit tables.
+Checked: the VBMI permutes against the scalar loop (the same bits), each width against an exact float64 reference
+within the bound its quantisation allows, the 32-bit path within float32's tolerance against the stock-op kernels
+(forward and backward, float32 and bfloat16), and the opt-in paths' routing.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import rpq_fx.ops as ops
+from conftest import make_case, reference_expand
+from rpq_fx import _kernels
+from rpq_fx.ops import compute_path, linear
+from rpq_fx.ops import policy
+from rpq_fx.ops.policy import choose_path
+
+pytestmark = pytest.mark.skipif(not _kernels.available(), reason=f"C++ kernels not built: {_kernels.build_error()}")
+
+lut = torch.ops.rpq_fx._linear_lut if _kernels.available() else None
+# the slices that share one scale (kLutGroup in the kernel); the bound below holds for any grouping
+GROUP = 64
+
+
+def _tables(x: torch.Tensor, codebooks: torch.Tensor, C: int) -> torch.Tensor:
+    """Each row's table T[b, c, k] = codebooks[g(c), k] . x[b, c-th slice], in float64."""
+    B, d = x.shape[0], codebooks.shape[2]
+    cb = codebooks.double().expand(C, -1, -1)
+    return torch.einsum("bcd,ckd->bck", x.double().view(B, C, d), cb)
+
+
+def _quantisation_bound(x, codebooks, C: int, bits: int) -> torch.Tensor:
+    """Per batch row: the most the quantised tables can move an output, C lookups each off by at most half a step of
+    the widest slice's range over 2^bits - 2 steps (a group's step is at most that)."""
+    T = _tables(x, codebooks, C)
+    widest = (T.amax(-1) - T.amin(-1)).amax(-1)  # [B]
+    return C * widest / (2 ** bits - 2) / 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(C=st.integers(1, 70), K=st.integers(2, 256), d=st.sampled_from([1, 2, 3, 4, 8]), N=st.integers(1, 300),
+       B=st.integers(1, 3), shared=st.booleans(), bits=st.sampled_from([8, 16, 24, 32]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_tables_are_within_their_quantisation_bound_and_simd_equals_scalar(C, K, d, N, B, shared, bits, dtype, seed):
+    codebooks, ucodes, codes = make_case(C, K, d, N, shared, torch.float32, seed)
+    codebooks = codebooks.to(dtype)
+    x = torch.randn(B, C * d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    out = lut(x, codebooks, codes, bits)
+    assert out.shape == (B, N) and out.dtype == dtype
+    assert torch.equal(out, lut(x, codebooks, codes, bits, False))  # VBMI permutes and the scalar loop: same bits
+
+    exact = x.double() @ reference_expand(codebooks.double(), ucodes).t()
+    magnitude = x.double().abs() @ reference_expand(codebooks.double(), ucodes).abs().t()
+    # float32 sums (and the bfloat16 result's one rounding) on top of the quantisation
+    rounding = 1e-6 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
+    bound = _quantisation_bound(x, codebooks, C, bits).unsqueeze(1) * 1.001 + rounding + 1e-30
+    assert (out.double() - exact).abs().le(bound).all()
+
+
+def test_a_wrong_lookup_breaks_the_bound():
+    """The bound is tight enough to catch one entry looked up at the wrong code."""
+    codebooks, ucodes, codes = make_case(4, 256, 4, 200, True, torch.float32, 3)
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(4))
+    wrong = ucodes.clone()
+    wrong[2, 7] = (wrong[2, 7] + 128) % 256
+    exact_wrong = x.double() @ reference_expand(codebooks.double(), wrong).t()
+    out = lut(x, codebooks, codes, 8)
+    bound = _quantisation_bound(x, codebooks, 4, 8)
+    assert (out.double() - exact_wrong).abs().amax() > 3 * bound.item()
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 8])
+@pytest.mark.parametrize("K", [48, 256])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_automatic_small_batch_path_matches_the_stock_ops(d, K, shared, dtype):
+    """Batches of one and two rows (32-bit tables where the CPU has VBMI) against the stock-op kernels, forward and
+    backward: within float32's tolerance (bfloat16: one rounding of the result)."""
+    C, N = 131, 203  # several groups of 64 slices, a last group of 3; blocks of 64 rows and a tail of 11
+    codebooks, _, codes = make_case(C, K, d, N, shared, torch.float32, d * K)
+    codebooks = codebooks.to(dtype)
+    for B in (1, 2):
+        x = torch.randn(B, C * d, generator=torch.Generator().manual_seed(B)).to(dtype)
+        grad = torch.randn(B, N, generator=torch.Generator().manual_seed(B + 9)).to(dtype)
+        results = []
+        for stock in (False, True):
+            xs, cbs = x.clone().requires_grad_(), codebooks.clone().requires_grad_()
+            with ops.stock_ops() if stock else compute_path("auto"):
+                out = linear(xs, cbs, codes, None, "compressed")
+                out.backward(grad)
+            results.append((out.detach(), xs.grad, cbs.grad))
+        (out, gx, gcb), (ref, rgx, rgcb) = results
+        tol = dict(rtol=1e-4, atol=1e-5 * ref.abs().max().item()) if dtype == torch.float32 else \
+            dict(rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+        torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(gx, rgx, **tol)
+        torch.testing.assert_close(gcb, rgcb, rtol=tol["rtol"], atol=tol["rtol"] * rgcb.abs().max().item())
+
+
+def test_lut_paths_are_opt_in_and_their_backward_is_exact():
+    codebooks, _, codes = make_case(256, 256, 4, 512, True, torch.float32, 0)
+    x = torch.randn(1, 1024)
+    for path in ("auto", "compressed", "expand"):
+        assert choose_path(x, codebooks, codes, path) in ("compressed", "expand")  # never an approximate path
+    assert choose_path(x, codebooks, codes, "lut8") == "lut8"
+    assert choose_path(x, codebooks, codes, "lut8", backward=True) == "compressed"
+    assert choose_path(x.expand(8, -1), codebooks, codes, "lut16") == "lut16"
+    assert choose_path(x.expand(9, -1), codebooks, codes, "lut16") == "compressed"  # row by row: slower there
+    grad = torch.randn(1, 512)
+    got = []
+    for path in ("lut8", "compressed"):
+        xs, cbs = x.clone().requires_grad_(), codebooks.clone().requires_grad_()
+        with compute_path(path):
+            out = linear(xs, cbs, codes)
+        out.backward(grad)
+        got.append((out.detach(), xs.grad, cbs.grad))
+    assert torch.equal(got[0][0], lut(x, codebooks, codes, 8))  # the forward is the 8-bit kernel's
+    assert not torch.equal(got[0][0], got[1][0])  # and it is approximate
+    assert torch.equal(got[0][1], got[1][1]) and torch.equal(got[0][2], got[1][2])  # the backward is not
+    torch.testing.assert_close(linear(x, codebooks, codes, None, "lut16"), lut(x, codebooks, codes, 16), rtol=0, atol=0)
+
+
+def test_lut_paths_fall_back_where_the_kernel_does_not_apply(monkeypatch):
+    wide_cb, _, wide_codes = make_case(3, 300, 2, 40, True, torch.float32, 1)  # int16 codes
+    x = torch.randn(1, 6)
+    narrow_cb, _, narrow_codes = make_case(3, 40, 2, 40, True, torch.float32, 1)
+    assert choose_path(x, narrow_cb, narrow_codes, "lut8") == "lut8"
+    with monkeypatch.context() as patch:
+        patch.setattr(policy, "_cpu_has_vbmi", lambda: False)  # the scalar loop would be slower than float32's kernel
+        assert choose_path(x, narrow_cb, narrow_codes, "lut8") == "compressed"
+        assert policy._lut_max_rows() == 0
+    assert choose_path(x, wide_cb, wide_codes, "lut8") == "compressed"
+    torch.testing.assert_close(linear(x, wide_cb, wide_codes, None, "lut8"),
+                               linear(x, wide_cb, wide_codes, None, "compressed"), rtol=0, atol=0)
+    x64 = torch.randn(1, 6, dtype=torch.float64)
+    assert choose_path(x64, wide_cb.double(), wide_codes, "lut16") == "compressed"
+    with pytest.raises(RuntimeError, match="uint8 codes, at most 256 codewords"):
+        lut(x, wide_cb, wide_codes, 8)
+    cb, _, codes = make_case(3, 40, 2, 40, True, torch.float32, 1)
+    with pytest.raises(RuntimeError, match="bits must be 8, 16, 24 or 32, got 12"):
+        lut(x, cb, codes, 12)
+    bad = codes.clone()
+    bad[1, 5] = 40
+    with pytest.raises(IndexError, match="code 40 is out of range for 40 codewords"):
+        lut(x, cb, bad, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+def test_a_non_finite_input_makes_its_row_nan(bits):
+    cb, _, codes = make_case(70, 64, 2, 130, False, torch.float32, 2)
+    x = torch.randn(2, 140)
+    x[1, 77] = float("inf")
+    out = lut(x, cb, codes, bits)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    x[1, 77] = float("nan")
+    assert torch.isnan(lut(x, cb, codes, bits, False)[1]).all()
