@@ -2,7 +2,8 @@
 
 Under ``torch.autocast(device, dtype)`` each op casts as its dense counterpart would:
 
-- ``"lower"`` (``rpq_fx::linear`` and its kernels, as ``F.linear`` / ``mm`` / ``bmm``): every
+- ``"lower"`` (``rpq_fx::linear`` and its kernels, as ``F.linear`` / ``mm`` / ``bmm``; ``rpq_fx::conv``, as
+  ``F.conv2d``): every
   floating-point input on that device that is not float64 (input, codebooks, bias, grad) is cast
   to the autocast dtype, then the op runs with autocast off. The codebooks are cast, not the
   dense weight: ``C*K*d`` values, and the weight is never built in float32.
@@ -23,7 +24,7 @@ __all__ = ["AUTOCAST_RULES", "AUTOCAST_KEYS"]
 # op name (namespace rpq_fx) -> rule; every op of the namespace has one (tests/test_ops_autocast.py checks)
 AUTOCAST_RULES = {
     "linear": "lower", "linear_backward": "lower", "_linear_compressed": "lower",
-    "_linear_compressed_backward": "lower",
+    "_linear_compressed_backward": "lower", "_linear_lut": "lower", "conv": "lower",
     "expand": "keep", "expand_backward": "keep", "_expand_backward_add": "keep", "embedding": "keep",
     "_nearest": "keep",
 }

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autocast import AUTOCAST_KEYS, AUTOCAST_RULES, _rule
 from .checks import _require, check_devices, check_expand
 from .library import expand
 
@@ -174,17 +173,3 @@ def _backward(ctx, grad):
 
 
 conv.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _register_autocast() -> None:
-    """Cast as ``F.conv2d`` under autocast (input, codebooks and bias to the autocast dtype): the rule every
-    rpq_fx op has in :data:`~rpq_fx.ops.autocast.AUTOCAST_RULES`."""
-    AUTOCAST_RULES["conv"] = "lower"
-    lib = torch.library.Library("rpq_fx", "IMPL")
-    for device_type, key in AUTOCAST_KEYS.items():
-        lib.impl("conv", _rule(torch.ops.rpq_fx.conv.default, device_type, True), key, with_keyset=True)
-    _LIBS.append(lib)
-
-
-_LIBS: list = []  # reason: a torch.library.Library deregisters its kernels when it is garbage-collected
-_register_autocast()
