@@ -70,8 +70,8 @@ def _blocks(weight_shape: list[int], groups: int, itemsize: int) -> list[slice]:
 
 def _blocked(input: Tensor, weight_shape: list[int]) -> bool:
     """Whether this call expands its weight in blocks: a weight above one block, and an input small beside it."""
-    weight = math.prod(weight_shape) * input.element_size()
-    return weight > BLOCK_BYTES and input.numel() * input.element_size() * INPUT_RATIO < weight
+    return (blocks_pay(weight_shape, input.dtype)
+            and input.numel() * INPUT_RATIO < math.prod(weight_shape))  # both sizes in input.dtype's items
 
 
 def _parts(input: Tensor, weight_shape: list[int], groups: int) -> list[tuple[slice, slice, int]]:
