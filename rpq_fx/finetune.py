@@ -3,7 +3,8 @@
 Codes stay fixed (they are buffers); the codebooks and, by default, the dense leftovers (biases,
 norms) train. :func:`param_groups` gives the parameter groups for any torch optimizer,
 :func:`float32_codebooks` the float32 master copies that float16 / bfloat16 codebooks train in;
-:func:`finetune` is the whole loop with AdamW.
+:func:`finetune` is the whole loop with AdamW; :func:`code_step`, PV-tuning's discrete step on the codes,
+is what its ``code_every`` adds.
 """
 
 import contextlib
@@ -12,18 +13,19 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from ._progress import progress_bar
 
-from ._code_step import code_step
 from ._model import input_items, model_device, run_inputs, training_mode
+from ._progress import progress_bar
 from .config import check_int
+from .decompress import decompress
 from .distributed import (RPQDistributedError, average_gradients, check_codes_in_sync, check_in_sync,
                           is_data_parallel, is_sharded)
 from .fit.calibrate import drop_padding, padding_mask
+from .fit.repick import repick_codes
 from .loss import default_loss, distillation_loss, mean_loss, model_output
 from .nn.weight import RPQWeight, rpq_weights
 
-__all__ = ["param_groups", "float32_codebooks", "finetune"]
+__all__ = ["param_groups", "float32_codebooks", "finetune", "code_step"]
 
 
 def _uses_per_codeword(weight: RPQWeight) -> float:
@@ -76,6 +78,48 @@ def float32_codebooks(model: nn.Module):
         for codebooks, dtype in low:
             codebooks.data = codebooks.data.to(dtype)
             codebooks.grad = None
+
+
+def code_step(model: nn.Module, teacher: nn.Module, item, target, objective: Callable, device, *,
+              step: float, fraction: float = 1e-3, beam: int = 8) -> tuple[float, float, int]:
+    """PV-tuning's discrete step (Malinovskii et al., 2024) on ``model``'s codes against ``teacher``'s output
+    ``target`` on ``item``: the gradient of the loss with respect to each RPQ weight's dense value ``W`` (the
+    teacher's architecture run on the converted model's dense weights, :func:`~rpq_fx.decompress`) gives a
+    target ``W - η ∇W``, its move scaled to ``step`` of ``W``'s RMS, toward which
+    :func:`~rpq_fx.fit.repick.repick_codes` moves the ``fraction`` of slices that gain most. The step is kept
+    only if the loss on the same item drops; otherwise every code goes back. Returns the loss before, the
+    loss with the new codes and how many codes changed (0 where the step was undone). Weights with hot rows
+    keep their codes."""
+    weights = {name: w for name, w in rpq_weights(model) if w.hot is None}
+    with torch.no_grad():
+        before = float(objective(run_inputs(model, item, device), target, item))
+    dense = decompress(model)
+    leaves = {id(v): v.detach().clone().requires_grad_() for v in dense.values()}
+    teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
+    # reason: the converted model's trained dense leftovers (biases, norms) under the teacher's names, where they match
+    swapped = {name: p for name, p in model.named_parameters()
+               if name in teacher_params and teacher_params[name].shape == p.shape}
+    swapped.update({name: leaves[id(value)] for name, value in dense.items() if name in teacher_params})
+    loss = objective(run_inputs(teacher, item, device, swapped), target, item)
+    loss.backward()
+    saved = {name: [s.codes.clone() for s in w.stages()] for name, w in weights.items()}
+    changed = 0
+    with torch.no_grad():
+        for name, weight in weights.items():
+            grad = leaves[id(dense[name])].grad if name in dense else None
+            if grad is None:  # reason: a weight the teacher does not hold under that name gets no gradient
+                continue
+            rows = weight.expand_rows().float()
+            grad = (grad.t() if weight.transposed else grad).reshape(rows.shape).float()
+            scale = step * rows.square().mean().sqrt() / grad.square().mean().sqrt().clamp_min(1e-30)
+            changed += repick_codes(weight, rows - scale * grad, grad, beam=beam, fraction=fraction)
+        after = float(objective(run_inputs(model, item, device), target, item)) if changed else before
+        if after >= before:
+            for name, codes in saved.items():
+                for stage, value in zip(weights[name].stages(), codes):
+                    stage.codes.copy_(value)
+            return before, after, 0
+    return before, after, changed
 
 
 class _Outputs:
@@ -226,7 +270,7 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     ``code_every`` (off by default) adds PV-tuning's discrete step: after every ``code_every``-th step the
     codes are re-picked toward the loss gradient's direction (a move of ``code_step_size`` of each weight's
     RMS; only the ``code_fraction`` of slices that gain most to first order) and kept only where the loss on
-    that step's item drops (:mod:`rpq_fx._code_step`; ``layers`` do
+    that step's item drops (:func:`code_step`; ``layers`` do
     not enter it, weights with hot rows keep their codes, and the teacher must hold each weight under the
     name :func:`~rpq_fx.decompress` gives it, as a model converted in place does). The best state kept
     for ``validation`` then includes the codes. One process only.

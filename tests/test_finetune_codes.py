@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import rpq_fx
-from rpq_fx._code_step import code_step
+from rpq_fx.finetune import code_step
 from rpq_fx.loss import default_loss
 from rpq_fx.nn.weight import rpq_weights
 

@@ -1,26 +1,20 @@
-"""PV-tuning's discrete step for :func:`~rpq_fx.finetune.finetune`: codes re-picked during fine-tuning.
+"""Codes re-picked toward a target weight, the codebooks fixed: PV-tuning's discrete step
+(:func:`~rpq_fx.finetune.code_step`, Malinovskii et al., 2024) on one RPQ weight.
 
-Fine-tuning trains the codebooks with the codes fixed; PV-tuning (Malinovskii et al., 2024) alternates that
-with a step on the codes. Here: the gradient of the loss with respect to each RPQ weight's dense value
-``W`` (the teacher's architecture run on the converted model's dense weights, :func:`~rpq_fx.decompress`)
-gives a target ``W - η ∇W``, its move scaled to ``step`` of ``W``'s RMS; every slice's codes become those
-whose codewords (summed over the stages) lie nearest the target, searched from the current codes (one code:
-the nearest codeword; M codes: :func:`~rpq_fx.fit.additive.beam_codes`). The step is kept only if the loss
-on the same item drops; otherwise every code goes back.
+:func:`repick_codes` sets every slice's codes to those whose codewords (summed over the stages) lie
+nearest the target, searched from the current codes (one code: the nearest codeword; M codes:
+:func:`~rpq_fx.fit.additive.beam_codes`), and keeps the change only on the slices where, to first order
+in the loss's gradient, it gains most.
 """
 
-from collections.abc import Callable
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._model import run_inputs
-from .decompress import decompress
-from .fit.additive import beam_codes
-from .fit.kmeans import nearest
-from .nn.weight import RPQWeight, rpq_weights
+from ..nn.weight import RPQWeight
+from .additive import beam_codes
+from .kmeans import nearest
 
-__all__ = ["code_step"]
+__all__ = ["repick_codes"]
 
 
 def _reserved(weight: RPQWeight) -> Tensor | None:
@@ -44,7 +38,7 @@ def _sum_words(weight: RPQWeight, codes: Tensor) -> Tensor:
     return sum(s.codebooks.detach().float()[group, codes[m]] for m, s in enumerate(stages)).transpose(0, 1)
 
 
-def _repick(weight: RPQWeight, target: Tensor, grad: Tensor, beam: int, fraction: float) -> int:
+def repick_codes(weight: RPQWeight, target: Tensor, grad: Tensor, *, beam: int, fraction: float) -> int:
     """Set ``weight``'s codes to those nearest ``target [N, C*d]`` (see the module docstring) on the ``fraction``
     of its slices where the move gains most to first order (``grad [N, C*d]``: the loss's gradient); how many
     codes changed."""
@@ -88,41 +82,3 @@ def _repick(weight: RPQWeight, target: Tensor, grad: Tensor, beam: int, fraction
     for stage, value in zip(stages, new):
         stage.codes.copy_(value.to(stage.codes.dtype))
     return changed
-
-
-def code_step(model: nn.Module, teacher: nn.Module, item, target, objective: Callable, device, *,
-              step: float, fraction: float = 1e-3, beam: int = 8) -> tuple[float, float, int]:
-    """One discrete step on ``model``'s codes against ``teacher``'s output ``target`` on ``item`` (see the module
-    docstring); returns the loss before, the loss with the new codes and how many codes changed (0 where the
-    step was undone: the loss did not drop). Weights
-    with hot rows keep their codes."""
-    weights = {name: w for name, w in rpq_weights(model) if w.hot is None}
-    with torch.no_grad():
-        before = float(objective(run_inputs(model, item, device), target, item))
-    dense = decompress(model)
-    leaves = {id(v): v.detach().clone().requires_grad_() for v in dense.values()}
-    teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
-    # reason: the converted model's trained dense leftovers (biases, norms) under the teacher's names, where they match
-    swapped = {name: p for name, p in model.named_parameters()
-               if name in teacher_params and teacher_params[name].shape == p.shape}
-    swapped.update({name: leaves[id(value)] for name, value in dense.items() if name in teacher_params})
-    loss = objective(run_inputs(teacher, item, device, swapped), target, item)
-    loss.backward()
-    saved = {name: [s.codes.clone() for s in w.stages()] for name, w in weights.items()}
-    changed = 0
-    with torch.no_grad():
-        for name, weight in weights.items():
-            grad = leaves[id(dense[name])].grad if name in dense else None
-            if grad is None:  # reason: a weight the teacher does not hold under that name gets no gradient
-                continue
-            rows = weight.expand_rows().float()
-            grad = (grad.t() if weight.transposed else grad).reshape(rows.shape).float()
-            scale = step * rows.square().mean().sqrt() / grad.square().mean().sqrt().clamp_min(1e-30)
-            changed += _repick(weight, rows - scale * grad, grad, beam, fraction)
-        after = float(objective(run_inputs(model, item, device), target, item)) if changed else before
-        if after >= before:
-            for name, codes in saved.items():
-                for stage, value in zip(weights[name].stages(), codes):
-                    stage.codes.copy_(value)
-            return before, after, 0
-    return before, after, changed
