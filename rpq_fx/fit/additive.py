@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..nn.weight import code_dtype
 from ..ops import expand
-from .quantize import FitResult, _solve_codebooks, fit_rows, row_errors
+from .quantize import FitResult, fit_rows, least_squares_codebooks, row_errors
 
 __all__ = ["fit_additive", "search_codes", "solve_codebooks", "beam_codes", "REFINE_ROUNDS", "JOINT_ROUNDS", "BEAM"]
 
@@ -216,8 +216,8 @@ def solve_codebooks(rows: Tensor, codebooks: list[Tensor], codes: Tensor, hessia
         virtual = codes.reshape(stages * num_codebooks, n).to(code_dtype(k))
     target = torch.zeros(n, stages * width, dtype=torch.float32, device=rows.device)
     target[:, :width] = rows.float()  # [W, 0, ...]: its product with M copies of x is W x
-    solved = _solve_codebooks(lambda s, e: target[s:e].clone(), n, stacked, virtual, tiled, iters=iters,
-                              tolerance=1e-9).double()
+    solved = least_squares_codebooks(lambda s, e: target[s:e].clone(), n, stacked, virtual, tiled, iters=iters,
+                                     tolerance=1e-9).double()
     if groups == 1:
         return [solved[:, m * k:(m + 1) * k] for m in range(stages)]
     return [solved[m * num_codebooks:(m + 1) * num_codebooks] for m in range(stages)]

@@ -22,7 +22,8 @@ from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..record import LayerPlan
 
-__all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask"]
+__all__ = ["LayerStats", "collect_stats", "call_groups", "drop_padding", "padding_mask", "weight_layers",
+           "StopForward"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MIN_ENERGY = 0.01  # of the median: an input row weighs at most 100x a typical one (robust to massive rows)
@@ -141,7 +142,7 @@ class _Recorder:
 
     def hook(self, layer: nn.Module, plan: LayerPlan):
         """A forward pre-hook adding each call's input to ``plan``'s statistics, or None for a layer kind
-        with no such statistic; it ends the forward (:class:`_Enough`) once every plan has been called,
+        with no such statistic; it ends the forward (:class:`StopForward`) once every plan has been called,
         with ``stop_early``."""
         if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
             def observe(module, args, kwargs):
@@ -159,7 +160,7 @@ class _Recorder:
             observe(module, args, kwargs)
             self.pending.discard(plan.name)
             if self.stop_early and not self.pending:
-                raise _Enough
+                raise StopForward
         return hook
 
     def _add_inputs(self, name: str, x: Tensor, energy: Tensor) -> None:
@@ -204,7 +205,7 @@ def padding_mask(inputs) -> Tensor | None:
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-def _layers(model: nn.Module, plan: LayerPlan):
+def weight_layers(model: nn.Module, plan: LayerPlan):
     """The layers of ``model`` that read ``plan``'s weight as their own ``weight``."""
     for alias in plan.aliases:
         owner, _, attribute = alias.rpartition(".")
@@ -212,7 +213,7 @@ def _layers(model: nn.Module, plan: LayerPlan):
             yield model.get_submodule(owner)
 
 
-class _Enough(Exception):
+class StopForward(Exception):
     """Raised by a hook once every layer of interest has seen the current item: the rest of the forward is skipped."""
 
 
@@ -246,7 +247,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
     """Run ``model`` in eval mode without grad on every calibration item, with ``hooks``
     (``(layer, pre-hook)``) attached and the parameters in ``replaced`` swapped in
     (``torch.func.functional_call``), leaving its modes and tensors as they were. A hook may
-    raise :class:`_Enough` to end the item's forward early. ``before_item(inputs, forward)`` runs
+    raise :class:`StopForward` to end the item's forward early. ``before_item(inputs, forward)`` runs
     first on each item; ``forward(replaced)`` runs the model on it. An item the model cannot take
     raises :class:`RPQConversionError` naming it and, where one raised, the layer."""
     inside, tracking = _innermost(model)  # reason: first, so a layer is entered before its own hooks can raise
@@ -260,7 +261,7 @@ def _run(model: nn.Module, calibration: Iterable, replaced: dict[str, Tensor], h
                     inside.clear()
                     try:
                         run_inputs(model, inputs, device, swapped)
-                    except _Enough:
+                    except StopForward:
                         pass
                     except RPQConversionError:
                         raise
@@ -304,7 +305,7 @@ def call_groups(model: nn.Module, plans: list[LayerPlan], inputs) -> tuple[list[
         return hook
 
     hooks = [(layer, watcher(plan)) for plan in plans if plan.converted
-             for layer in _layers(model, plan) if _observable(layer, plan)]
+             for layer in weight_layers(model, plan) if _observable(layer, plan)]
     _run(model, [inputs], {}, hooks, progress=False)
     return groups, {name for name, calls in seen.items() if calls == 1}
 
@@ -325,7 +326,7 @@ def collect_stats(model: nn.Module, plans: list[LayerPlan], calibration: Iterabl
     names = {plan.name for plan in plans if plan.converted}
     stats = {name: LayerStats() for name in names}
     recorder = _Recorder(stats, names, stop_early)
-    hooks = [(layer, hook) for plan in plans if plan.converted for layer in _layers(model, plan)
+    hooks = [(layer, hook) for plan in plans if plan.converted for layer in weight_layers(model, plan)
              if (hook := recorder.hook(layer, plan)) is not None]
     dense = asymmetric and bool(replaced)
 

@@ -30,7 +30,7 @@ from ..nn.weight import code_dtype
 from ..ops import expand, expand_backward
 from .kmeans import kmeans, lloyd_step, nearest
 
-__all__ = ["FitResult", "fit_rows", "row_errors"]
+__all__ = ["FitResult", "fit_rows", "row_errors", "least_squares_codebooks"]
 
 _MAX_POINTS_PER_CODE = 64  # k-means learns codewords on at most this many points each (faiss uses 256)
 _GROUP_ELEMENTS = 2**23  # k-means runs on about this many point values at a time (32 MiB fp32)
@@ -312,8 +312,8 @@ def _sequential(take, rows: int, factor: Tensor, codebooks: Tensor | None, num_c
     return codebooks, codes
 
 
-def _solve_codebooks(take, rows: int, codebooks: Tensor, codes: Tensor, hessian, iters: int = 8,
-                     tolerance: float = 1e-6) -> Tensor:
+def least_squares_codebooks(take, rows: int, codebooks: Tensor, codes: Tensor, hessian, iters: int = 8,
+                            tolerance: float = 1e-6) -> Tensor:
     """The codebooks minimising ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` for fixed codes, ``W``'s rows read a chunk at a
     time (``take(start, end)``): conjugate gradients on the normal equations ``Aᵀ H A x = Aᵀ H w`` (A:
     expansion, Aᵀ: its scatter), one product by ``H`` per iteration, preconditioned per codeword by
@@ -412,17 +412,17 @@ def _refine_codes(rows: Tensor, hessian: Tensor, codebooks: Tensor, codes: Tenso
 
 def _solve(rows: Tensor, columns: Tensor, codebooks: Tensor, codes: Tensor, hessian,
            generator: torch.Generator) -> Tensor:
-    """:func:`_solve_codebooks` for ``rows`` in the fit's column order; a shared codebook (``K*d``
+    """:func:`least_squares_codebooks` for ``rows`` in the fit's column order; a shared codebook (``K*d``
     values) on ``_SOLVE_ROWS`` of them, drawn at random, where there are more."""
     if codebooks.shape[0] > 1 or rows.shape[0] <= _SOLVE_ROWS:
-        return _solve_codebooks(lambda s, e: rows[s:e].index_select(1, columns).float(), rows.shape[0], codebooks,
-                                codes, hessian)
+        return least_squares_codebooks(lambda s, e: rows[s:e].index_select(1, columns).float(), rows.shape[0],
+                                       codebooks, codes, hessian)
     # reason: each of a few hundred codewords sees hundreds of thousands of slices in that many rows; a product
     # by H over all rows per iteration is the fit's largest cost on a big layer
     chosen = torch.randperm(rows.shape[0], generator=generator, device=rows.device)[:_SOLVE_ROWS].sort().values
     some = rows.index_select(0, chosen).index_select(1, columns).float()
     # reason: 4 iterations, not 8: on fit_big's data at 2048 x 2048 the fit error is the same to 4 digits (0.001937)
-    return _solve_codebooks(lambda s, e: some[s:e], len(chosen), codebooks, codes[:, chosen], hessian, iters=4)
+    return least_squares_codebooks(lambda s, e: some[s:e], len(chosen), codebooks, codes[:, chosen], hessian, iters=4)
 
 
 def _in_energy_order(rows: Tensor, hessian: Tensor, energy: Tensor, codebooks: Tensor | None, num_codebooks: int,

@@ -30,8 +30,8 @@ from .._progress import progress_bar
 from ..errors import RPQConversionError
 from ..nn.weight import RPQWeight
 from ..record import FitOutcome, LayerPlan
-from . import _fit
-from .calibrate import _Enough, _layers, call_groups, collect_stats
+from .calibrate import StopForward, call_groups, collect_stats, weight_layers
+from .layer import fit_layer
 
 __all__ = ["fit_sequential", "fit_blocks", "block_split", "BlockReplay", "find_blocks", "materialise"]
 
@@ -100,7 +100,7 @@ class _StandIn(nn.Module):
 
     def forward(self, *args, **kwargs):
         if not self._rpq_replay:
-            raise _Enough
+            raise StopForward
         return self._rpq_stage.replayed()
 
 
@@ -185,7 +185,7 @@ def fit_sequential(model: nn.Module, plans: list[LayerPlan], weights: dict[str, 
         block.to_empty(device="meta")  # frees its dense tensors
         _give_back()
 
-    return fit_blocks(shell, blocks, todo, weights, items, seeds, _fit, progress=progress, load=load,
+    return fit_blocks(shell, blocks, todo, weights, items, seeds, fit_layer, progress=progress, load=load,
                       unload=unload, dense=lambda plan: read(_stored_name(plan, names)))
 
 
@@ -237,7 +237,7 @@ def fit_blocks(model: nn.Module, blocks: str, plans: list[LayerPlan], weights: d
 
         def keep(module, args, output):
             outputs[current[0]].append(output)
-            raise _Enough  # reason: the rest of the model is not needed (the head after the last block)
+            raise StopForward  # reason: the rest of the model is not needed (the head after the last block)
 
         handle = block.register_forward_hook(keep)
         try:
@@ -248,7 +248,7 @@ def fit_blocks(model: nn.Module, blocks: str, plans: list[LayerPlan], weights: d
                     for item in stage_items:
                         try:
                             run_inputs(stage, item, model_device(stage), swapped)
-                        except _Enough:
+                        except StopForward:
                             pass
         finally:
             handle.remove()
@@ -312,7 +312,7 @@ def block_split(model: nn.Module, item, plans: Sequence[LayerPlan] = ()) -> str 
         handles.append(block.register_forward_hook(lambda module, args, out, i=i: events.append(("exit", i, out))))
     outside = [plan for plan in plans if owners[plan.name] is None]
     for plan in outside:
-        for layer in _layers(model, plan):
+        for layer in weight_layers(model, plan):
             handles.append(layer.register_forward_pre_hook(lambda module, args, name=plan.name: events.append(
                 ("layer", name))))
     device = model_device(model)
@@ -378,14 +378,14 @@ class BlockReplay:
 
         def keep(module, args, output):
             outputs.append(output)
-            raise _Enough  # reason: the rest of the model is not needed
+            raise StopForward  # reason: the rest of the model is not needed
 
         handle = block.register_forward_hook(keep)
         try:
             for item in self.items:
                 try:
                     run_inputs(self.stage, item, self.device)
-                except _Enough:
+                except StopForward:
                     pass
         finally:
             handle.remove()

@@ -66,7 +66,7 @@ def test_block_by_block_gives_each_fit_the_whole_model_fits_statistics(build, mo
     direct = "*.mlp.down_proj" if build is _llama else "*.output.dense"
     config = rpq_fx.RPQConfig(num_codebooks=4, num_codes=16, init="kmeans", seed=2,
                               overrides={direct: {"asymmetric": False}})
-    fit = rpq_fx.fit._fit
+    fit = rpq_fx.fit.fit_layer
     seen, fitted, got, calls = {}, {}, {}, []
 
     def record(plan, weight, stats, seed):
@@ -82,11 +82,11 @@ def test_block_by_block_gives_each_fit_the_whole_model_fits_statistics(build, mo
         return outcome
 
     with monkeypatch.context() as patch:
-        patch.setattr(rpq_fx.fit, "_fit", record)
+        patch.setattr(rpq_fx.fit, "fit_layer", record)
         patch.setattr(sequential, "block_split", lambda *args, **kwargs: None)  # the whole model, every group
         expected = rpq_fx.convert(model, config=config, calibration=_items(), progress=False)
     fit_blocks = sequential.fit_blocks
-    monkeypatch.setattr(rpq_fx.fit, "_fit", replay)
+    monkeypatch.setattr(rpq_fx.fit, "fit_layer", replay)
     monkeypatch.setattr(sequential, "fit_blocks", lambda *args, **kwargs: calls.append(args[1]) or fit_blocks(
         *args, **kwargs))
     out = rpq_fx.convert(model, config=config, calibration=_items(), progress=False)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpq_fx.fit import fit_rows
-from rpq_fx.fit.quantize import _damping, _Packed, _permute_, _refine_codes, _solve_codebooks
+from rpq_fx.fit.quantize import _damping, _Packed, _permute_, _refine_codes, least_squares_codebooks
 
 
 def expand_reference(codebooks, codes):
@@ -88,7 +88,7 @@ def test_codebooks_solved_for_fixed_codes_are_the_least_squares_optimum():
     lhs, rhs = a.t() @ metric @ a, a.t() @ metric @ weight.reshape(-1)
     expected = torch.linalg.lstsq(lhs, rhs.unsqueeze(1)).solution.view(num_codebooks, k, dim)
     start = torch.zeros(num_codebooks, k, dim, dtype=torch.float64)
-    solved = _solve_codebooks(lambda s, e: weight[s:e], rows, start, codes, hessian, iters=200, tolerance=0.0)
+    solved = least_squares_codebooks(lambda s, e: weight[s:e], rows, start, codes, hessian, iters=200, tolerance=0.0)
     used = torch.zeros(num_codebooks, k, dtype=torch.bool)
     for c in range(num_codebooks):
         used[c, codes[c]] = True

@@ -48,7 +48,7 @@ def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, m
     config = rpq_fx.RPQConfig(num_codebooks=4, num_codes=16, error_feedback=False, init="kmeans", seed=2,
                               overrides={"*.mlp.down_proj": {"asymmetric": False}})
     seen, fitted = {}, {}
-    fit = rpq_fx.fit._fit
+    fit = rpq_fx.fit.fit_layer
 
     def record(plan, weight, stats, seed):
         seen[plan.name] = (_statistics(stats), seed)
@@ -56,7 +56,7 @@ def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, m
         fitted[plan.name] = ({k: v.clone() for k, v in weight.state_dict().items()}, outcome)
         return outcome
 
-    monkeypatch.setattr(rpq_fx.fit, "_fit", record)
+    monkeypatch.setattr(rpq_fx.fit, "fit_layer", record)
     monkeypatch.setattr(sequential, "block_split", lambda *args, **kwargs: None)  # the whole model, every group
     # reason: call_groups groups consecutive layers by their input's data_ptr; a freed input's memory can come
     # back as the next layer's input and join two groups at random (reported): holding every input avoids it
@@ -72,7 +72,7 @@ def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, m
             weight.load_state_dict(state)
             return outcome
 
-        monkeypatch.setattr(sequential, "_fit", replay)
+        monkeypatch.setattr(sequential, "fit_layer", replay)
         read = DenseCheckpoint.read
         monkeypatch.setattr(DenseCheckpoint, "read", lambda self, name: reads.append(name) or read(self, name))
         with accelerate.init_empty_weights():
