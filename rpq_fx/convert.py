@@ -20,7 +20,7 @@ from .graph_module import RPQGraphModule, graphs_of
 from .nn.layers import RPQ_LAYERS, from_dense
 from .nn.weight import RPQWeight
 from .passes import (LayerPlan, capture_call, capture_export, capture_layer, check_strict, cleanup, fuse,
-                     insert_checkpoints, new_weights, plan_conversion, rewrite)
+                     inplace_adds, insert_checkpoints, new_weights, plan_conversion, rewrite)
 from .passes import capture as capture_fx
 from .passes.plan import parameter_at
 from .passes.weight_ops import LAYERS
@@ -85,6 +85,7 @@ def _finish(gm: RPQGraphModule, plans: list[LayerPlan], weights: dict, config: R
     """Rewrite, checkpoint and clean up one captured graph module."""
     rewrite(gm, plans, weights, prefix)
     fuse(gm)
+    inplace_adds(gm)
     if config.checkpoint:
         insert_checkpoints(gm)
     cleanup(gm)
