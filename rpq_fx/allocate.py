@@ -10,14 +10,14 @@ once for any number of budgets. :func:`allocate` is both in one call.
 """
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ._model import model_device, run_inputs, training_mode
 from ._progress import progress_bar
-from .config import SIZE_SETTINGS, SPLITS, RPQConfig
+from .config import SIZE_SETTINGS, SPLITS, RPQConfig, check_float
 from .convert import FilterFn, convert
 from .decompress import decompress
 from .fit.sequential import BlockReplay, block_split
@@ -58,8 +58,7 @@ def _choose(options: dict[str, list[SizeOption]], budget: float) -> dict[str, Si
 
 
 def _check_bits(bits) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0:
-        raise ValueError(f"allocate: bits must be a number > 0, got {bits!r}")
+    check_float("allocate", "bits", bits, 0, low_open=True)
 
 
 @dataclass
@@ -88,8 +87,7 @@ class SizeCosts:
         varied = {key for size in self.sizes for key in size} - set(SPLITS)
         base = self.base.to_dict()
         overrides = {name: {**{key: base[key] for key in varied}, **o.size} for name, o in chosen.items()}
-        return RPQConfig(**{**RPQConfig._apply(self.base.to_dict(), self.sizes[0]),
-                            "overrides": {**self.base.overrides, **overrides}})
+        return replace(self.base.with_settings(self.sizes[0]), overrides={**self.base.overrides, **overrides})
 
 
 def _costs(model: nn.Module, items: Sequence, targets: list, swaps: dict[str, dict[str, torch.Tensor]],
@@ -146,7 +144,7 @@ def size_costs(model: nn.Module, calibration: Iterable, *, sizes: Sequence[dict]
     if not measured:
         raise ValueError("allocate: validation is empty; the costs are measured on it")
     base = config or RPQConfig(codebook_dim=4, shared_codebooks=True, init="kmeans")
-    candidates = [RPQConfig(**RPQConfig._apply(base.to_dict(), size)) for size in sizes]
+    candidates = [base.with_settings(size) for size in sizes]
     device = model_device(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     options: dict[str, list[SizeOption]] = {}

@@ -2,12 +2,15 @@
 
 import dataclasses
 import fnmatch
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM", "dtype_name", "without_new_defaults"]
+__all__ = ["RPQConfig", "LayerSettings", "DAMP", "RPQ_MAX_CODEBOOK_DIM", "dtype_name", "without_new_defaults",
+           "check_int", "check_float"]
 
 SPLITS = ("num_codebooks", "codebook_dim", "max_codebook_dim")
 INITS = ("random", "kmeans")
@@ -30,6 +33,26 @@ def check_int(where: str, name: str, value: Any, low: int, high: int | None = No
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         accepted = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
         raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}")
+
+
+def check_float(where: str, name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite real number (not a bool) within ``[low, high]`` (``low_open`` /
+    ``high_open``: that bound excluded; None: unbounded), naming ``where``, ``name`` and the value."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if number and math.isfinite(value) and not (
+            low is not None and (value <= low if low_open else value < low)) and not (
+            high is not None and (value >= high if high_open else value > high)):
+        return
+    if low is not None and high is not None:
+        accepted = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None or high is not None:
+        accepted = f"a number {'>' if low_open else '>='} {low}" if low is not None else \
+            f"a number {'<' if high_open else '<='} {high}"
+    else:
+        accepted = "a finite number"
+    why = ", which is not finite" if number and not math.isfinite(value) else ""
+    raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}{why}")
 
 
 def dtype_name(value: Any) -> Any:
@@ -85,9 +108,7 @@ class LayerSettings:
         for name in ("error_feedback", "asymmetric"):
             if not isinstance(values[name], bool):
                 raise ValueError(f"{where}: {name} must be a bool, got {values[name]!r}")
-        damp = values["damp"]
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
-            raise ValueError(f"{where}: damp must be a number > 0, got {damp!r}")
+        check_float(where, "damp", values["damp"], 0, low_open=True)
         check_int(where, "hot_rows", values["hot_rows"], 0)
         check_int(where, "additive_codebooks", values["additive_codebooks"], 1, MAX_ADDITIVE)
         if values["hot_rows"] or values["hot_codebook_dim"] is not None:
@@ -188,6 +209,11 @@ class RPQConfig(LayerSettings):
             values.update(dict.fromkeys(SPLITS))
         values.update(override)
         return values
+
+    def with_settings(self, settings: dict[str, Any]) -> "RPQConfig":
+        """A copy (checked) whose defaults have ``settings`` on top, as an override applies them: one that names
+        a split replaces the split (``allocate``'s candidate sizes)."""
+        return type(self)(**self._apply(self.to_dict(), settings))
 
     def settings_for(self, *names: str) -> LayerSettings | None:
         """Settings for the layer known by ``names`` (weight and layer name), or None to skip it."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ._model import input_items, model_device, run_inputs, training_mode
 from ._progress import progress_bar
-from .config import check_int
+from .config import check_float, check_int
 from .decompress import decompress
 from .distributed import (RPQDistributedError, average_gradients, check_codes_in_sync, check_in_sync,
                           is_data_parallel, is_sharded)
@@ -45,6 +45,8 @@ def param_groups(model: nn.Module, lr: float, *, adaptive: bool = True, train_de
     get no weight decay. Codebooks stored in float16 / bfloat16: build and step the optimizer
     inside :func:`float32_codebooks`.
     """
+    check_float("param_groups", "lr", lr, 0)
+    check_float("param_groups", "weight_decay", weight_decay, 0)
     groups, seen = [], set()
     for name, module in model.named_modules():
         if isinstance(module, RPQWeight) and id(module) not in seen:
@@ -287,13 +289,13 @@ def finetune(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int
     """
     check_int("finetune", "steps", steps, 1)
     check_int("finetune", "validate_every", validate_every, 1)
+    if optimizer is None:  # reason: with an optimizer of the caller's, lr is not read
+        check_float("finetune", "lr", lr, 0)
+    check_float("finetune", "layer_weight", layer_weight, 0)
     if code_every is not None:
         check_int("finetune", "code_every", code_every, 1)
-        if isinstance(code_step_size, bool) or not isinstance(code_step_size, (int, float)) or not (
-                0 < code_step_size < float("inf")):
-            raise ValueError(f"finetune: code_step_size must be a positive finite number, got {code_step_size!r}")
-        if isinstance(code_fraction, bool) or not isinstance(code_fraction, (int, float)) or not 0 < code_fraction <= 1:
-            raise ValueError(f"finetune: code_fraction must be in (0, 1], got {code_fraction!r}")
+        check_float("finetune", "code_step_size", code_step_size, 0, low_open=True)
+        check_float("finetune", "code_fraction", code_fraction, 0, 1, low_open=True)
     items = input_items(data, "finetune: data")
     held_out = None if validation is None else input_items(validation, "finetune: validation")
     if not items:

@@ -1,10 +1,13 @@
 """RPQConfig and filter_fn: wrong values are refused up front, naming the value and the layer."""
 
 import dataclasses
+import math
+import re
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,7 +15,7 @@ from torch import nn
 import rpq_fx
 import rpq_fx.config
 from rpq_fx import LayerSettings, RPQConfig, RPQConversionError
-from rpq_fx.config import SPLITS, without_new_defaults
+from rpq_fx.config import SPLITS, check_float, without_new_defaults
 
 
 def _mlp() -> nn.Module:
@@ -149,3 +152,59 @@ def test_without_new_defaults_leaves_out_additive_codebooks_at_one_only():
     assert without_new_defaults(additive.to_dict())["additive_codebooks"] == 3
     for config in (plain, additive):
         assert RPQConfig.from_dict(without_new_defaults(config.to_dict())) == config
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_float: the float counterpart of check_int, for every float a user or a file gives
+
+def _message(where: str, name: str, accepted: str, value) -> str:
+    """check_float's message, as a regular expression."""
+    finite = isinstance(value, float) and not math.isfinite(value)
+    return re.escape(f"{where}: {name} must be {accepted}, got {value!r}{', which is not finite' if finite else ''}")
+
+
+@pytest.mark.parametrize("value", [True, False, float("nan"), float("inf"), float("-inf"), -0.5, "1.0", None, 1j,
+                                   torch.tensor(1.0)])
+def test_check_float_refuses_what_is_not_a_finite_number_in_range_naming_it(value):
+    with pytest.raises(ValueError, match=_message("where", "lr", "a number >= 0", value) + "$"):
+        check_float("where", "lr", value, 0)
+
+
+@pytest.mark.parametrize("value, low, high, low_open, high_open, accepted", [
+    (0, 0, None, True, False, "a number > 0"),
+    (0.0, 0, 1, True, False, "a number in (0, 1]"),
+    (1.0000001, 0, 1, True, False, "a number in (0, 1]"),
+    (float("nan"), 0, 1, True, False, "a number in (0, 1]"),
+    (1, 0, 1, False, True, "a number in [0, 1)"),
+    (-1e-9, 0, 1, False, False, "a number in [0, 1]"),
+    (2.5, None, 2, False, False, "a number <= 2"),
+    (2, None, 2, False, True, "a number < 2"),
+    (float("-inf"), None, 2, False, True, "a number < 2"),
+    (float("nan"), None, None, False, False, "a finite number")])
+def test_check_float_bounds_open_and_closed(value, low, high, low_open, high_open, accepted):
+    with pytest.raises(ValueError, match=_message("f", "x", accepted, value) + "$"):
+        check_float("f", "x", value, low, high, low_open=low_open, high_open=high_open)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1, 0.5, 1e-300, np.float32(0.25), np.float64(1.0)])
+def test_check_float_accepts_finite_numbers_in_range_bounds_included(value):
+    check_float("f", "x", value, 0, 1)
+    check_float("f", "x", value * 1e30, 0)
+    check_float("f", "x", -value, None, 0)
+
+
+@pytest.mark.parametrize("damp", [float("nan"), float("inf"), True, "0.1", -0.01, 0])
+def test_damp_refuses_non_finite_bool_and_non_positive_values(damp):
+    with pytest.raises(ValueError, match=_message("RPQConfig", "damp", "a number > 0", damp)):
+        RPQConfig(codebook_dim=4, damp=damp)
+    with pytest.raises(ValueError, match=_message("RPQConfig.overrides['fc1']", "damp", "a number > 0", damp)):
+        RPQConfig(codebook_dim=4, overrides={"fc1": {"damp": damp}})
+
+
+def test_with_settings_applies_settings_as_an_override_does_and_checks_them():
+    config = RPQConfig(codebook_dim=4, num_codes=16, overrides={"head": {"skip": True}})
+    sized = config.with_settings({"num_codebooks": 2, "hot_rows": 8, "hot_codebook_dim": 2})
+    assert (sized.num_codebooks, sized.codebook_dim, sized.hot_rows, sized.num_codes) == (2, None, 8, 16)
+    assert sized.overrides == config.overrides and config.codebook_dim == 4, "a copy; the config stays"
+    with pytest.raises(ValueError, match="RPQConfig: num_codes must be an int in"):
+        config.with_settings({"num_codes": 1})

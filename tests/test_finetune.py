@@ -1,6 +1,7 @@
 """finetune and param_groups: distillation trains codebooks (and dense leftovers), never codes or the teacher."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -121,6 +122,43 @@ def test_finetune_refuses_bad_arguments():
         rpq_fx.finetune(student, teacher, [torch.randn(2, 32)], steps=0)
     with pytest.raises(ValueError, match="data is empty"):
         rpq_fx.finetune(student, teacher, [], steps=1)
+    with pytest.raises(ValueError, match="code_every must be an int >= 1, got 0"):
+        rpq_fx.finetune(student, teacher, [torch.randn(2, 32)], steps=1, code_every=0)
+
+
+_NOT_FINITE = [float("nan"), float("inf"), float("-inf"), True, "0.1", None]
+
+
+@pytest.mark.parametrize("name, value, accepted", [
+    *[("lr", v, "a number >= 0") for v in (*_NOT_FINITE, -1e-3)],
+    *[("layer_weight", v, "a number >= 0") for v in (*_NOT_FINITE, -1)],
+    *[("code_step_size", v, "a number > 0") for v in (*_NOT_FINITE, 0, -1)],
+    *[("code_fraction", v, "a number in (0, 1]") for v in (*_NOT_FINITE, 0, 1.5)]])
+def test_finetune_refuses_each_bad_float_naming_it_before_touching_the_model(name, value, accepted):
+    teacher = mlp()
+    student = rpq_fx.convert(teacher, codebook_dim=8, progress=False)
+    before = copy.deepcopy(student.state_dict())
+    codes = {"code_every": 1} if name.startswith("code_") else {}
+    with pytest.raises(ValueError, match=re.escape(f"finetune: {name} must be {accepted}, got {value!r}")):
+        rpq_fx.finetune(student, teacher, [torch.randn(2, 32)], steps=1, progress=False, **codes, **{name: value})
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_finetune_reads_lr_only_where_it_builds_the_optimizer():
+    teacher = mlp()
+    student = rpq_fx.convert(teacher, codebook_dim=8, progress=False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    assert len(rpq_fx.finetune(student, teacher, [torch.randn(2, 32)], steps=1, lr=float("nan"),
+                               optimizer=optimizer, progress=False)) == 1
+
+
+@pytest.mark.parametrize("name, value", [("lr", float("nan")), ("lr", -1), ("weight_decay", float("inf")),
+                                         ("weight_decay", -0.1), ("lr", True)])
+def test_param_groups_refuse_bad_rates(name, value):
+    student = rpq_fx.convert(mlp(), codebook_dim=8, progress=False)
+    rates = {"lr": 0.1, **{name: value}}
+    with pytest.raises(ValueError, match=re.escape(f"param_groups: {name} must be a number >= 0, got {value!r}")):
+        rpq_fx.param_groups(student, **rates)
 
 
 def test_per_layer_distillation_on_a_model_converted_in_place_and_a_clear_error_where_layers_are_gone():
