@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import rpq_fx
 import rpq_fx.fit
@@ -20,16 +20,23 @@ from rpq_fx.loss import default_loss, mean_loss
 allocate_module = importlib.import_module("rpq_fx.allocate")  # reason: rpq_fx.allocate is also the function
 
 
-def _llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+@pytest.fixture
+def llama(tiny_llama):
+    def build():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(tiny_llama).eval()
+    return build
 
 
 def _bert():
     torch.manual_seed(0)
     return BertModel(BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                 num_attention_heads=4, max_position_embeddings=16), add_pooling_layer=True).train()
+
+
+@pytest.fixture(params=["llama", "bert"])
+def build(request, llama):
+    return llama if request.param == "llama" else _bert
 
 
 def _items(count: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -40,68 +47,30 @@ def _items(count: int = 3) -> list[dict[str, torch.Tensor]]:
     return items
 
 
-def _statistics(stats):
-    return None if stats is None else tuple(None if t is None else t.clone()
-                                            for t in (stats.hessian, stats.cross, stats.row_counts))
-
-
-@pytest.fixture
-def held():
-    # reason: call_groups groups consecutive layers by their input's data_ptr; a freed input's memory can come back
-    # as the next layer's input and join two groups at random: holding every input avoids it (test_fit_sequential)
-    inputs = []
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: inputs.append(args))
-    yield
-    hook.remove()
-
-
-@pytest.mark.parametrize("build", [_llama, _bert], ids=["llama", "bert"])
-def test_block_by_block_gives_each_fit_the_whole_model_fits_statistics(build, monkeypatch, held):
+def test_block_by_block_gives_each_fit_the_whole_model_fits_statistics(build, monkeypatch, held_inputs, fit_log):
     """Given the same fitted layers before it (the whole-model fit's, replayed: a k-means code can flip on a
     last-bit difference of a hidden state), each layer gets the same Gram matrix, cross-covariance and lookup
     counts as when every group of layers runs the whole model; the model's blocks, modes and weights stay."""
     model = build()
     before = copy.deepcopy(model.state_dict())
     blocks, modes = list(model.get_submodule(sequential.find_blocks(model))), [m.training for m in model.modules()]
-    direct = "*.mlp.down_proj" if build is _llama else "*.output.dense"
+    direct = "*.output.dense" if build is _bert else "*.mlp.down_proj"
     config = rpq_fx.RPQConfig(num_codebooks=4, num_codes=16, init="kmeans", seed=2,
                               overrides={direct: {"asymmetric": False}})
-    fit = rpq_fx.fit.fit_layer
-    seen, fitted, got, calls = {}, {}, {}, []
-
-    def record(plan, weight, stats, seed):
-        seen[plan.name] = (_statistics(stats), seed)
-        outcome = fit(plan, weight, stats, seed)
-        fitted[plan.name] = ({k: v.clone() for k, v in weight.state_dict().items()}, outcome)
-        return outcome
-
-    def replay(plan, weight, stats, seed):
-        got[plan.name] = (_statistics(stats), seed)
-        state, outcome = fitted[plan.name]
-        weight.load_state_dict(state)
-        return outcome
-
+    calls = []
     with monkeypatch.context() as patch:
-        patch.setattr(rpq_fx.fit, "fit_layer", record)
+        patch.setattr(rpq_fx.fit, "fit_layer", fit_log.record)
         patch.setattr(sequential, "block_split", lambda *args, **kwargs: None)  # the whole model, every group
         expected = rpq_fx.convert(model, config=config, calibration=_items(), progress=False)
     fit_blocks = sequential.fit_blocks
-    monkeypatch.setattr(rpq_fx.fit, "fit_layer", replay)
+    monkeypatch.setattr(rpq_fx.fit, "fit_layer", fit_log.replay)
     monkeypatch.setattr(sequential, "fit_blocks", lambda *args, **kwargs: calls.append(args[1]) or fit_blocks(
         *args, **kwargs))
     out = rpq_fx.convert(model, config=config, calibration=_items(), progress=False)
     assert calls == [sequential.find_blocks(model)], "the block-by-block path ran"
-    assert got.keys() == seen.keys() and len(seen) >= 15
-    for name, (want, want_seed) in seen.items():
-        stats, seed = got[name]
-        assert seed == want_seed, name
-        assert (stats is None) == (want is None), name
-        for value, reference in zip(stats or (), want or ()):
-            assert (value is None) == (reference is None), name
-            if value is not None:
-                torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-7 * reference.abs().max().item(),
-                                           msg=lambda text: f"{name}: {text}")
-    kinds = {name: tuple(t is not None for t in stats) for name, (stats, _) in seen.items() if stats is not None}
+    assert len(fit_log.seen) >= 15
+    fit_log.assert_same(rtol=1e-5, atol=1e-7)
+    kinds = fit_log.kinds()
     assert sum(kinds.values(), ()).count(True) >= len(kinds) and (True, True, False) in kinds.values()
     assert (True, False, False) in kinds.values() and (False, False, True) in kinds.values()
     assert rpq_fx.conversion_record(out).fits == rpq_fx.conversion_record(expected).fits
@@ -151,7 +120,7 @@ def test_models_whose_blocks_do_not_chain_are_run_whole(kind):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_tied_head_outside_the_blocks_is_fitted_on_the_whole_model(tied, monkeypatch, held):
+def test_a_tied_head_outside_the_blocks_is_fitted_on_the_whole_model(tied, monkeypatch, held_inputs):
     """GPT-2's lm_head is its token embedding: called before the blocks and after them, its fit reads both."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16,
@@ -167,7 +136,6 @@ def test_a_tied_head_outside_the_blocks_is_fitted_on_the_whole_model(tied, monke
         .filled == "kmeans+calibration"
 
 
-@pytest.mark.parametrize("build", [_llama, _bert], ids=["llama", "bert"])
 def test_costs_from_a_weights_block_on_equal_the_whole_models(build):
     """allocate's cost of a weight, measured with the blocks before it replaying the dense model's outputs,
     is the loss of the whole model with that weight swapped in (functional_call of the model itself)."""
@@ -190,10 +158,10 @@ def test_costs_from_a_weights_block_on_equal_the_whole_models(build):
     assert list(model.get_submodule(blocks)) == list(BlockReplay(model, blocks, items).originals)
 
 
-def test_allocate_chooses_the_same_sizes_with_costs_from_the_blocks_on(monkeypatch, held):
+def test_allocate_chooses_the_same_sizes_with_costs_from_the_blocks_on(monkeypatch, held_inputs, llama):
     """End to end on a small model: the same costs (to rounding), sizes and conversion as running the model whole
     for every cost; only the number of blocks run differs."""
-    model = _llama()
+    model = llama()
     sizes = [{"codebook_dim": 8}, {"codebook_dim": 2}]
     base = rpq_fx.RPQConfig(codebook_dim=4, num_codes=16, shared_codebooks=True, init="kmeans")
     items = _items(2)

@@ -12,17 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_model
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import rpq_fx
 import rpq_fx.fit
 from rpq_fx.fit import sequential
 from rpq_fx.fit.sequential import find_blocks
 from rpq_fx.stream import DenseCheckpoint, convert_checkpoint
-
-CONFIG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2)
-
 
 def calibration() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
@@ -32,71 +28,36 @@ def calibration() -> list[dict[str, torch.Tensor]]:
     return items
 
 
-def _statistics(stats) -> tuple | None:
-    return None if stats is None else tuple(None if t is None else t.clone()
-                                            for t in (stats.hessian, stats.cross, stats.row_counts))
-
-
-def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, monkeypatch):
+def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, monkeypatch, tiny_llama, held_inputs,
+                                                                     fit_log):
     """Each layer's fit gets the same statistics (Gram matrix, asymmetric cross-covariance, lookup counts)
     as in ``convert(..., calibration=...)``, given the same fitted layers before it. (Left to fit by
     itself, a k-means code can flip on a last-bit difference of a hidden state: CPU kernels do not give
     bit-identical sums on every call, and the flip then changes every later layer's inputs.)"""
     torch.manual_seed(0)
-    dense = LlamaForCausalLM(CONFIG).eval()
+    dense = LlamaForCausalLM(tiny_llama).eval()
     save_model(dense, str(tmp_path / "model.safetensors"))
     config = rpq_fx.RPQConfig(num_codebooks=4, num_codes=16, error_feedback=False, init="kmeans", seed=2,
                               overrides={"*.mlp.down_proj": {"asymmetric": False}})
-    seen, fitted = {}, {}
-    fit = rpq_fx.fit.fit_layer
-
-    def record(plan, weight, stats, seed):
-        seen[plan.name] = (_statistics(stats), seed)
-        outcome = fit(plan, weight, stats, seed)
-        fitted[plan.name] = ({k: v.clone() for k, v in weight.state_dict().items()}, outcome)
-        return outcome
-
-    monkeypatch.setattr(rpq_fx.fit, "fit_layer", record)
+    monkeypatch.setattr(rpq_fx.fit, "fit_layer", fit_log.record)
     monkeypatch.setattr(sequential, "block_split", lambda *args, **kwargs: None)  # the whole model, every group
-    # reason: call_groups groups consecutive layers by their input's data_ptr; a freed input's memory can come
-    # back as the next layer's input and join two groups at random (reported): holding every input avoids it
-    held = []
-    hold = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: held.append(args))
-    try:
-        expected = rpq_fx.convert(dense, config=config, calibration=calibration(), progress=False)
-        got_stats, reads = {}, []
-
-        def replay(plan, weight, stats, seed):
-            got_stats[plan.name] = (_statistics(stats), seed)
-            state, outcome = fitted[plan.name]
-            weight.load_state_dict(state)
-            return outcome
-
-        monkeypatch.setattr(sequential, "fit_layer", replay)
-        read = DenseCheckpoint.read
-        monkeypatch.setattr(DenseCheckpoint, "read", lambda self, name: reads.append(name) or read(self, name))
-        with accelerate.init_empty_weights():
-            model = LlamaForCausalLM(CONFIG).eval()
-        out = convert_checkpoint(model, tmp_path / "model.safetensors", tmp_path / "out.safetensors", config=config,
-                                 calibration=calibration(), progress=False)
-    finally:
-        hold.remove()
-    assert got_stats.keys() == seen.keys() and len(seen) > 10
-    for name, (want, want_seed) in seen.items():
-        stats, seed = got_stats[name]
-        assert seed == want_seed, name
-        assert (stats is None) == (want is None), name
-        for value, reference in zip(stats or (), want or ()):
-            assert (value is None) == (reference is None), name
-            if value is not None:
-                torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-9 * reference.abs().max().item(),
-                                           msg=lambda text: f"{name}: {text}")
-    kinds = {name: tuple(t is not None for t in stats) for name, (stats, _) in seen.items() if stats is not None}
+    expected = rpq_fx.convert(dense, config=config, calibration=calibration(), progress=False)
+    reads = []
+    monkeypatch.setattr(sequential, "fit_layer", fit_log.replay)
+    read = DenseCheckpoint.read
+    monkeypatch.setattr(DenseCheckpoint, "read", lambda self, name: reads.append(name) or read(self, name))
+    with accelerate.init_empty_weights():
+        model = LlamaForCausalLM(tiny_llama).eval()
+    out = convert_checkpoint(model, tmp_path / "model.safetensors", tmp_path / "out.safetensors", config=config,
+                             calibration=calibration(), progress=False)
+    assert len(fit_log.seen) > 10
+    fit_log.assert_same(rtol=1e-6, atol=1e-9)
+    kinds = fit_log.kinds()
     assert kinds["model.embed_tokens.weight"] == (False, False, True)  # lookup counts
     assert kinds["model.layers.1.self_attn.q_proj.weight"] == (True, True, False)  # asymmetric: cross-covariance
     assert kinds["model.layers.1.mlp.down_proj.weight"] == (True, False, False)  # asymmetric=False
     with accelerate.init_empty_weights():
-        model = LlamaForCausalLM(CONFIG).eval()
+        model = LlamaForCausalLM(tiny_llama).eval()
     got = rpq_fx.load(model, out)
     want = expected.state_dict()
     for name, tensor in got.state_dict().items():
@@ -109,9 +70,9 @@ def test_block_by_block_feeds_each_fit_what_the_whole_model_fit_does(tmp_path, m
     assert order == sorted(order) and len(in_blocks) == len(set(in_blocks)) and set(order) == {0, 1, 2}
 
 
-def test_find_blocks():
+def test_find_blocks(tiny_llama):
     with accelerate.init_empty_weights():
-        assert find_blocks(LlamaForCausalLM(CONFIG)) == "model.layers"
+        assert find_blocks(LlamaForCausalLM(tiny_llama)) == "model.layers"
         assert find_blocks(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2))) == "transformer.h"
     with pytest.raises(rpq_fx.RPQConversionError, match="Sequential has no nn.ModuleList of blocks"):
         find_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
