@@ -1,7 +1,6 @@
 """Hugging Face transformers, which torch.fx cannot trace: the in-place path (model object kept,
 generate() works) and the torch.export path, each against the decompressed dense reference."""
 
-import copy
 import os
 
 import pytest
@@ -170,3 +169,51 @@ def test_real_pretrained_minilm_converts_on_both_paths(check):
         reference = check.dense_reference(model, converted)
         with torch.no_grad():
             check.outputs_close(converted(**batch).last_hidden_state, reference(**batch).last_hidden_state)
+
+
+def _tiny_bert():
+    return BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=96, max_position_embeddings=32))
+
+
+def _tiny_llama():
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=96,
+                                        max_position_embeddings=32))
+
+
+def _output(model, tokens):
+    out = model(input_ids=tokens)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("build", [_tiny_bert, _tiny_llama], ids=["bert", "llama"])
+def test_resize_token_embeddings_of_a_converted_model(check, build):
+    """Resizing the vocabulary of a converted model: to its own size it is a no-op that works; to another size
+    transformers refuses the RPQ embedding (it resizes only nn.Embedding, by copying its dense rows; an RPQ
+    weight has none, and rows added to it have no codes) and the model is left whole; resizing the dense model
+    and then converting gives a model that computes the resized dense reference, the new tokens included."""
+    torch.manual_seed(0)
+    model = build().eval()
+    tokens = torch.randint(0, 96, (2, 6))
+    converted = rpq_fx.convert(model, **SETTINGS)
+    reference = check.dense_reference(model, converted)
+    before = check.snapshot(converted)
+    for size, multiple in ((None, None), (96, None), (None, 32), (90, 32)):  # 90 padded to a multiple of 32: 96
+        assert converted.resize_token_embeddings(size, pad_to_multiple_of=multiple) is \
+            converted.get_input_embeddings()
+    assert converted.config.vocab_size == 96
+    with pytest.raises(TypeError, match="RPQEmbedding'>, which is not an instance of .*Embedding"):
+        converted.resize_token_embeddings(100)
+    with pytest.raises(TypeError, match="RPQEmbedding'>, which is not an instance of .*Embedding"):
+        converted.resize_token_embeddings(64, mean_resizing=False)
+    check.unchanged(converted, before)
+    assert converted.config.vocab_size == 96
+    with torch.no_grad():
+        check.outputs_close(_output(converted, tokens), _output(reference, tokens))
+    model.resize_token_embeddings(100, mean_resizing=False)  # what to do instead: resize, then convert
+    resized = rpq_fx.convert(model, **SETTINGS)
+    assert resized.get_input_embeddings().weight.size() == torch.Size([100, 32])
+    new_tokens = torch.tensor([[96, 97, 98, 99, 5, 7]])
+    with torch.no_grad():
+        check.outputs_close(_output(resized, new_tokens), _output(check.dense_reference(model, resized), new_tokens))

@@ -15,7 +15,6 @@ dtype; other choices are refused before anything is read.
 """
 
 import copy
-import re
 import sys
 from collections.abc import Mapping
 from typing import Any
