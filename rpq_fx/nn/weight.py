@@ -170,10 +170,10 @@ class RPQWeight(nn.Module):
         """Refused with what to do instead: code that reads or writes ``weight.data`` (transformers'
         ``resize_token_embeddings``, weight copying) expects a dense tensor, and this weight has none."""
         # reason: an AttributeError here would be replaced by nn.Module.__getattr__'s bare "no attribute 'data'"
-        raise TypeError("RPQWeight is stored as codebooks and codes, not as a dense tensor, so it has no .data to "
-                        "read or overwrite (resize_token_embeddings copies it): resize or replace layers in the dense "
-                        "model, then convert it; for the dense values call the weight (weight()) or use "
-                        "rpq_fx.decompress(model)")
+        raise TypeError(f"this RPQWeight {list(self.shape)} is stored as codebooks and codes, not as a dense tensor, "
+                        "so it has no .data to read or overwrite (resize_token_embeddings copies it): resize or "
+                        "replace layers in the dense model, then convert it; for the dense values call the weight "
+                        "(weight()) or use rpq_fx.decompress(model)")
 
     @property
     def indices(self) -> torch.Tensor:
