@@ -11,8 +11,8 @@ what the process has freed before), interleaved call by call (dense, converted, 
 the process CPU time per call beside it (all threads; on a loaded machine wall time waits, CPU time less so)
 and the minor page faults per call (a fresh multi-megabyte buffer that glibc maps anew costs one per 4 KiB page).
 Variants: ``dense``; ``converted`` (what ``convert`` / ``RPQ`` give); for the CNNs ``convs unfused`` (every
-convolution as ``expand`` + ``F.conv2d``, as before ``rpq_fx::conv``); for the linear-heavy models
-``expand path`` (every ``rpq_fx::linear`` forced to expand its weight). One profiled call per model and
+convolution as ``expand`` + ``F.conv2d``, as before ``rpq_fx::conv``: no blocks, no pointwise path); for the
+linear-heavy models ``expand path`` (every ``rpq_fx::linear`` forced to expand its weight). One profiled call per model and
 batch (``torch.profiler``, self CPU time per op) shows where the converted model's extra time goes.
 
 ``--quick``: fewer repeats, MiniLM at random init in the same layout (d = 4 shared: the kernels' speed does
@@ -50,12 +50,14 @@ SEQ_LEN = 128
 
 @contextlib.contextmanager
 def unfused_convs():
-    """Convert with every convolution left as ``expand`` + ``F.conv2d`` (no weight is big enough for a block)."""
-    old, rpq_conv.BLOCK_BYTES = rpq_conv.BLOCK_BYTES, float("inf")
+    """Convert with every convolution left as ``expand`` + ``F.conv2d`` (no weight is big enough for a block, no
+    pointwise one saves enough to compute from its codes)."""
+    old = rpq_conv.BLOCK_BYTES, rpq_conv.MIN_SAVING
+    rpq_conv.BLOCK_BYTES = rpq_conv.MIN_SAVING = float("inf")
     try:
         yield
     finally:
-        rpq_conv.BLOCK_BYTES = old
+        rpq_conv.BLOCK_BYTES, rpq_conv.MIN_SAVING = old
 
 
 def minilm(quick: bool):

@@ -22,9 +22,9 @@ hot rows, if any, are added as above.
 
 A convolution (``F.conv1d/2d/3d``, their aten ops, ``aten.convolution`` not transposed) reading
 ``expand(...).view(shape)`` becomes one ``rpq_fx::conv`` node, which expands the weight a block of output
-channels at a time (:mod:`rpq_fx.ops.conv`), where the weight is bigger than one block
-(:func:`~rpq_fx.ops.conv.blocks_pay`); a smaller one, or one with hot rows or additive stages, keeps
-its expansion::
+channels at a time (:mod:`rpq_fx.ops.conv`), or computes a pointwise one in the compressed domain, where either
+pays (:func:`~rpq_fx.ops.conv.fused_pays`: a weight bigger than one block, or a 1x1 convolution whose codes save
+enough products); another, or one with hot rows or additive stages, keeps its expansion::
 
     conv_weight = torch.ops.rpq_fx.expand.default(conv_weight_codebooks, conv_weight_codes).view((512, 512, 3, 3))
     conv = torch.conv2d(x, conv_weight, None, 1, 1, 1, 1)
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.ops import hot_embedding
-from rpq_fx.ops.conv import blocks_pay
+from rpq_fx.ops.conv import fused_pays
 
 from .rewrite import additive_stages, is_expansion
 
@@ -190,7 +190,7 @@ def _ints(value, dims: int) -> list[int] | None:
 
 def _conv_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, tuple] | None:
     """``(conv node, rpq_fx::conv args)`` where ``expansion``'s one use is ``view(shape)`` read as the weight of
-    one convolution and the weight is big enough to pay for blocks, else None."""
+    one convolution that pays for ``rpq_fx::conv`` (:func:`~rpq_fx.ops.conv.fused_pays`), else None."""
     if len(expansion.users) != 1:
         return None
     (view,) = expansion.users
@@ -217,7 +217,8 @@ def _conv_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, tuple] 
     stride, padding, dilation = (_ints(args[k], dims) for k in ("stride", "padding", "dilation"))
     codebooks, codes = expansion.args
     dtype = _dtype(gm, codebooks)
-    if None in (stride, padding, dilation, dtype) or type(args["groups"]) is not int or not blocks_pay(shape, dtype):
+    if (None in (stride, padding, dilation, dtype) or type(args["groups"]) is not int
+            or not fused_pays(shape, dtype, padding, args["groups"], _shape(gm, codebooks))):
         return None
     return user, (args["input"], codebooks, codes, args["bias"], list(shape), stride, padding, dilation,
                   args["groups"])
@@ -250,7 +251,7 @@ def _fusable(gm: fx.GraphModule, expansion: fx.Node,
 
 
 def fuse(gm: fx.GraphModule) -> int:
-    """Fuse every expansion read by one linear / embedding op or (big enough) convolution, in every graph of
+    """Fuse every expansion read by one linear / embedding op or convolution that pays, in every graph of
     ``gm``, in place; returns how many were fused."""
     fused = 0
     for graph in graphs_of(gm):

@@ -9,7 +9,7 @@ from torch import nn
 from ..ops import embedding as rpq_embedding
 from ..ops import hot_embedding
 from ..ops import linear as rpq_linear
-from ..ops.conv import blocks_pay
+from ..ops.conv import fused_pays
 from ..ops.conv import conv as rpq_conv
 from .weight import RPQWeight
 
@@ -126,8 +126,10 @@ class _RPQConvMixin:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str) and weight.hot is None
-                and weight.additive is None and blocks_pay(weight.shape, weight.dtype)):
-            # a big weight is expanded a block of output channels at a time (rpq_fx.ops.conv)
+                and weight.additive is None and fused_pays(weight.shape, weight.dtype, self.padding, self.groups,
+                                                           tuple(weight.codebooks.shape))):
+            # a big weight is expanded a block of output channels at a time, a pointwise one can compute from its
+            # codes (rpq_fx.ops.conv)
             return rpq_conv(input, weight.compute_codebooks(), weight.codes, self.bias, list(weight.shape),
                             list(self.stride), list(self.padding), list(self.dilation), self.groups)
         # reason: torch's _conv_forward handles every padding_mode; reuse it rather than copy it

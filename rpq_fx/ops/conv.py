@@ -22,8 +22,22 @@ grouped convolution alone took 0.8x the dense convolution at batch 1 and 5.6x at
 brought batch 1 to 1.4x: it does not pay here, and ``rpq_fx.RPQ``'s 64-value slices of 3x3 kernels do not
 cover whole channels anyway.
 
-Only weights above :data:`BLOCK_BYTES` are worth the op (:func:`blocks_pay`): below it one block is
-the whole weight, which ``expand`` + ``F.conv`` compute the same way.
+A pointwise convolution (1x1 kernel, no padding, one group; a stride subsamples the input first) is different:
+its weight is a linear layer's, ``[out, in]`` split into slices of whole input channels, so it is computed in the
+compressed domain (:func:`_pointwise`) with no weight built, in the input's own layout: per slice ``c``, tables
+``T[c] = codebooks[c] @ x[c-th channels]`` (``[K, H*W]``, one batched matmul: ``K * in`` products per pixel),
+then for each output channel the sum of its ``C`` table rows (``F.embedding_bag``, ``C * out`` adds per pixel),
+against ``out * in`` products densely: ``1 / (K/out + 1/d)`` of the work. It computes where that saving is at least
+:data:`MIN_SAVING` (:func:`pointwise_pays`), unless :func:`~rpq_fx.ops.compute_path` forces a path. Measured
+(timm resnet50's 1x1 layers under ``rpq_fx.RPQ``, K = 256, d = 64, float32, two threads, fastest of 15 calls, CPU
+time against dense ``F.conv2d``): out = 1024 / 2048 (savings 3.8 / 7.1) took 0.15-0.78x dense at every batch from
+1 to 32; out = 512 (1.9) took 1.0-1.5x, so it keeps the expansion. ``rpq_fx::linear`` on the channels-last view
+(a permuted copy of the input and of the output) took 1.7x dense at out = 1024 and 0.8x at 2048, batch 1: the two
+copies cost more than its kernel saves there.
+
+Other weights are worth the op only above :data:`BLOCK_BYTES` (:func:`blocks_pay`): below it one block is
+the whole weight, which ``expand`` + ``F.conv`` compute the same way. :func:`fused_pays` says which layers to
+fuse into the op.
 """
 
 import math
@@ -32,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import _require, check_devices, check_expand
+from .checks import _require, check_codes, check_devices, check_expand
 from .library import expand
+from .policy import forced_path
 
-__all__ = ["conv", "BLOCK_BYTES", "blocks_pay"]
+__all__ = ["conv", "BLOCK_BYTES", "MIN_SAVING", "blocks_pay", "pointwise_pays", "fused_pays"]
 
 # Expanded weight per block (benchmarks/results/model_speed.md). resnet50 at batch 1, one thread: with every conv
 # expanded whole 11616 page faults a call and 1.25x dense; in 2 MiB blocks none and 1.04x. Smaller blocks fault less
@@ -49,12 +64,81 @@ _ROW_MULTIPLE = 16  # output channels per block, where a block holds more: oneDN
 # batch 32 (two threads, load 16): every conv expanded whole 1.08x dense, its big ones in 2 MiB blocks 1.16x.
 INPUT_RATIO = 4
 
+# A pointwise convolution computes in the compressed domain where dense products / compressed ones, 1 / (K/out + 1/d),
+# reach this (module docstring: it paid at 3.8 and 7.1, not at 1.9)
+MIN_SAVING = 3.0
+# Tables computed at a time by the pointwise path (whole images): a fresh buffer this small is recycled by glibc, a
+# bigger one can cost page faults each call (resnet50's layer3 at batch 32: 25 MB of tables in one go, 14 ms a call
+# with faults against 6 ms in 4 MiB parts)
+TABLE_BYTES = 4 * 2**20
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def blocks_pay(weight_shape, dtype: torch.dtype) -> bool:
     """Whether a weight of ``weight_shape`` expanded in ``dtype`` is big enough to be expanded in blocks."""
     return math.prod(weight_shape) * dtype.itemsize > BLOCK_BYTES
+
+
+def _is_pointwise(weight_shape, padding, groups) -> bool:
+    """A 1x1 kernel, no padding, one group: a linear layer applied at every (strided) position."""
+    return groups == 1 and all(k == 1 for k in weight_shape[2:]) and not any(padding)
+
+
+def pointwise_pays(weight_shape, padding, groups, num_codes: int, codebook_dim: int) -> bool:
+    """Whether a convolution is pointwise and saves at least :data:`MIN_SAVING` of its products computed from
+    ``num_codes`` codewords of ``codebook_dim`` values (the module docstring)."""
+    return (_is_pointwise(weight_shape, padding, groups)
+            and 1 / (num_codes / weight_shape[0] + 1 / codebook_dim) >= MIN_SAVING)
+
+
+def fused_pays(weight_shape, dtype: torch.dtype, padding, groups, codebooks_shape=None) -> bool:
+    """Whether a convolution is worth ``rpq_fx::conv`` rather than ``expand`` + ``F.conv``: a weight above one block
+    (:func:`blocks_pay`), or a pointwise one that pays (:func:`pointwise_pays`; ``codebooks_shape`` ``[G, K, d]``,
+    where known)."""
+    return blocks_pay(weight_shape, dtype) or (codebooks_shape is not None and pointwise_pays(
+        weight_shape, padding, groups, codebooks_shape[1], codebooks_shape[2]))
+
+
+def _compressed(input: Tensor, codebooks: Tensor, weight_shape, padding, groups) -> bool:
+    """Whether this call computes through :func:`_pointwise`: a pointwise convolution on a contiguous input, where
+    :func:`~rpq_fx.ops.compute_path` forces ``"compressed"``, or on the CPU in float32 / float64 where it pays."""
+    if not (_is_pointwise(weight_shape, padding, groups) and input.is_contiguous() and input.numel() > 0):
+        return False
+    path = forced_path("auto")
+    if path in ("compressed", "expand"):
+        return path == "compressed"
+    return (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+            and pointwise_pays(weight_shape, padding, groups, codebooks.shape[1], codebooks.shape[2]))
+
+
+def _pointwise(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, stride: list[int]) -> Tensor:
+    """A pointwise convolution of a batched input from codebooks and codes (module docstring): per slice of
+    channels a table ``codebooks[c] @ x[c-th channels]``, then each output channel the sum of its codes' rows."""
+    if any(s > 1 for s in stride):
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+    batch, _, *spatial = x.shape
+    num_codebooks, out_channels = codes.shape
+    num_codes, dim = codebooks.shape[1:]
+    check_codes(codes, num_codes, "rpq_fx conv")
+    pixels = math.prod(spatial)
+    images = max(1, min(batch, TABLE_BYTES // max(1, num_codebooks * num_codes * pixels * x.element_size())))
+    index = codes.to(torch.int64)
+    if codes.dtype == torch.int16:
+        index = index & 0xFFFF  # reason: codes above 32767 are stored as int16 bit patterns
+    # bag (image i, output channel n) sums table rows (i * C + c) * K + codes[c, n], c < C
+    offsets = torch.arange(0, images * num_codebooks * num_codes, num_codes, device=codes.device)
+    index = (index.t() + offsets.view(images, 1, num_codebooks)).reshape(images * out_channels, num_codebooks)
+    parts = []
+    for start in range(0, batch, images):
+        part = x[start:start + images]
+        count = part.shape[0]
+        tables = torch.matmul(codebooks, part.reshape(count, num_codebooks, dim, pixels))  # [count, C, K, pixels]
+        parts.append(F.embedding_bag(index[:count * out_channels], tables.view(-1, pixels), mode="sum"))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if bias is not None:
+        out.view(batch, out_channels, pixels).add_(bias.view(-1, 1))
+    return out.view(batch, out_channels, *spatial)
 
 
 def _blocks(weight_shape: list[int], groups: int, itemsize: int) -> list[slice]:
@@ -121,10 +205,14 @@ def _check(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
 def conv(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, weight_shape: list[int],
          stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
     """``F.conv{n}d(input, expand(codebooks, codes).view(weight_shape), bias, stride, padding, dilation, groups)``,
-    the weight expanded a block of output channels at a time (see the module docstring)."""
+    the weight expanded a block of output channels at a time, or a pointwise one computed from the codes (see the
+    module docstring)."""
     dims = _check(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups)
     unbatched = input.dim() == dims + 1
     x = input.unsqueeze(0) if unbatched else input
+    if _compressed(x, codebooks, weight_shape, padding, groups):
+        out = _pointwise(x, codebooks, codes, bias, stride)
+        return out.squeeze(0) if unbatched else out
     outs = []
     for rows, channels, block_groups in _parts(x, weight_shape, groups):
         weight = expand(codebooks, codes[:, rows]).view(rows.stop - rows.start, *weight_shape[1:])

