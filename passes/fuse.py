@@ -23,8 +23,8 @@ hot rows, if any, are added as above.
 A convolution (``F.conv1d/2d/3d``, their aten ops, ``aten.convolution`` not transposed) reading
 ``expand(...).view(shape)`` becomes one ``rpq_fx::conv`` node, which expands the weight a block of output
 channels at a time (:mod:`rpq_fx.ops.conv`), or computes a pointwise one in the compressed domain, where either
-pays (:func:`~rpq_fx.ops.conv.fused_pays`: a weight bigger than one block, or a 1x1 convolution whose codes save
-enough products); another, or one with hot rows or additive stages, keeps its expansion::
+pays (:func:`~rpq_fx.ops.conv.fused_pays`: a weight bigger than one block, a 1x1 convolution whose codes save
+enough products, or a strided 1x1 one); another, or one with hot rows or additive stages, keeps its expansion::
 
     conv_weight = torch.ops.rpq_fx.expand.default(conv_weight_codebooks, conv_weight_codes).view((512, 512, 3, 3))
     conv = torch.conv2d(x, conv_weight, None, 1, 1, 1, 1)
@@ -218,7 +218,7 @@ def _conv_call(gm: fx.GraphModule, expansion: fx.Node) -> tuple[fx.Node, tuple] 
     codebooks, codes = expansion.args
     dtype = _dtype(gm, codebooks)
     if (None in (stride, padding, dilation, dtype) or type(args["groups"]) is not int
-            or not fused_pays(shape, dtype, padding, args["groups"], _shape(gm, codebooks))):
+            or not fused_pays(shape, dtype, stride, padding, args["groups"], _shape(gm, codebooks))):
         return None
     return user, (args["input"], codebooks, codes, args["bias"], list(shape), stride, padding, dilation,
                   args["groups"])

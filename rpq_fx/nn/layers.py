@@ -126,8 +126,8 @@ class _RPQConvMixin:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str) and weight.hot is None
-                and weight.additive is None and fused_pays(weight.shape, weight.dtype, self.padding, self.groups,
-                                                           tuple(weight.codebooks.shape))):
+                and weight.additive is None and fused_pays(weight.shape, weight.dtype, self.stride, self.padding,
+                                                           self.groups, tuple(weight.codebooks.shape))):
             # a big weight is expanded a block of output channels at a time, a pointwise one can compute from its
             # codes (rpq_fx.ops.conv)
             return rpq_conv(input, weight.compute_codebooks(), weight.codes, self.bias, list(weight.shape),

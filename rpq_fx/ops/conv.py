@@ -35,6 +35,11 @@ time against dense ``F.conv2d``): out = 1024 / 2048 (savings 3.8 / 7.1) took 0.1
 (a permuted copy of the input and of the output) took 1.7x dense at out = 1024 and 0.8x at 2048, batch 1: the two
 copies cost more than its kernel saves there.
 
+A bigger ungrouped 2-D convolution computes the same way on its unfolded input (``F.unfold``: each output
+position's receptive field is a row in the weight's own order) where the weight dwarfs that input
+(:data:`UNFOLD_RATIO`): resnet50's layer4 3x3 convolutions at batch 1, where expanding 9.4 MB costs more than their
+products. It saves less there (1.9x of the products) and does not pay at batch 2.
+
 Other weights are worth the op only above :data:`BLOCK_BYTES` (:func:`blocks_pay`): below it one block is
 the whole weight, which ``expand`` + ``F.conv`` compute the same way. :func:`fused_pays` says which layers to
 fuse into the op.
@@ -50,7 +55,8 @@ from .checks import _require, check_codes, check_devices, check_expand
 from .library import expand
 from .policy import forced_path
 
-__all__ = ["conv", "BLOCK_BYTES", "MIN_SAVING", "blocks_pay", "pointwise_pays", "fused_pays"]
+__all__ = ["conv", "BLOCK_BYTES", "MIN_SAVING", "UNFOLD_MIN_SAVING", "UNFOLD_RATIO", "blocks_pay", "pointwise_pays",
+           "fused_pays"]
 
 # Expanded weight per block (benchmarks/results/model_speed.md). resnet50 at batch 1, one thread: with every conv
 # expanded whole 11616 page faults a call and 1.25x dense; in 2 MiB blocks none and 1.04x. Smaller blocks fault less
@@ -71,6 +77,12 @@ MIN_SAVING = 3.0
 # bigger one can cost page faults each call (resnet50's layer3 at batch 32: 25 MB of tables in one go, 14 ms a call
 # with faults against 6 ms in 4 MiB parts)
 TABLE_BYTES = 4 * 2**20
+# Another ungrouped 2-D convolution computes from its codes on its unfolded input where it saves at least
+# UNFOLD_MIN_SAVING of the products and unfolded input * UNFOLD_RATIO <= weight (values): resnet50's layer4 3x3
+# (512x512x3x3, saving 1.9, two threads) took 0.97 ms at batch 1 (unfolded input 10x smaller than the weight)
+# against 1.33 in blocks (dense 0.83), and 1.84 against 1.73 at batch 2 (5x smaller)
+UNFOLD_MIN_SAVING = 1.5
+UNFOLD_RATIO = 8
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -92,24 +104,59 @@ def pointwise_pays(weight_shape, padding, groups, num_codes: int, codebook_dim: 
             and 1 / (num_codes / weight_shape[0] + 1 / codebook_dim) >= MIN_SAVING)
 
 
-def fused_pays(weight_shape, dtype: torch.dtype, padding, groups, codebooks_shape=None) -> bool:
+def _strided_1x1(weight_shape, stride, padding) -> bool:
+    """A 1x1 kernel, no padding, a stride: the same as the unstrided convolution of the subsampled input."""
+    return all(k == 1 for k in weight_shape[2:]) and not any(padding) and any(s > 1 for s in stride)
+
+
+def fused_pays(weight_shape, dtype: torch.dtype, stride, padding, groups, codebooks_shape=None) -> bool:
     """Whether a convolution is worth ``rpq_fx::conv`` rather than ``expand`` + ``F.conv``: a weight above one block
-    (:func:`blocks_pay`), or a pointwise one that pays (:func:`pointwise_pays`; ``codebooks_shape`` ``[G, K, d]``,
-    where known)."""
-    return blocks_pay(weight_shape, dtype) or (codebooks_shape is not None and pointwise_pays(
-        weight_shape, padding, groups, codebooks_shape[1], codebooks_shape[2]))
+    (:func:`blocks_pay`), a pointwise one that pays (:func:`pointwise_pays`; ``codebooks_shape`` ``[G, K, d]``,
+    where known), or a strided 1x1 one (its input subsampled first: :func:`conv`)."""
+    return (blocks_pay(weight_shape, dtype) or _strided_1x1(weight_shape, stride, padding)
+            or (codebooks_shape is not None and pointwise_pays(weight_shape, padding, groups, codebooks_shape[1],
+                                                               codebooks_shape[2])))
 
 
-def _compressed(input: Tensor, codebooks: Tensor, weight_shape, padding, groups) -> bool:
-    """Whether this call computes through :func:`_pointwise`: a pointwise convolution on a contiguous input, where
-    :func:`~rpq_fx.ops.compute_path` forces ``"compressed"``, or on the CPU in float32 / float64 where it pays."""
-    if not (_is_pointwise(weight_shape, padding, groups) and input.is_contiguous() and input.numel() > 0):
-        return False
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _route(input: Tensor, codebooks: Tensor, weight_shape, stride, padding, dilation, groups) -> str | None:
+    """How this call computes from the codes, if it does: ``"pointwise"`` (:func:`_pointwise` on the input),
+    ``"unfold"`` (on the unfolded input of an ungrouped 2-D convolution) or None (the weight expanded). Where
+    :func:`~rpq_fx.ops.compute_path` forces ``"compressed"``, wherever it can; otherwise on the CPU in float32 /
+    float64 where it pays: a pointwise one by :func:`pointwise_pays`, another where it saves at least
+    :data:`UNFOLD_MIN_SAVING` of the products and its unfolded input is small beside the weight
+    (:data:`UNFOLD_RATIO`)."""
+    if groups != 1 or not input.is_contiguous() or input.numel() == 0:
+        return None
+    kind = "pointwise" if _is_pointwise(weight_shape, padding, groups) else "unfold" if len(weight_shape) == 4 \
+        else None
     path = forced_path("auto")
-    if path in ("compressed", "expand"):
-        return path == "compressed"
-    return (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
-            and pointwise_pays(weight_shape, padding, groups, codebooks.shape[1], codebooks.shape[2]))
+    if kind is None or path == "expand":
+        return None
+    if path == "compressed":
+        return kind
+    if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+        return None
+    num_codes, dim = codebooks.shape[1:]
+    if kind == "pointwise":
+        return kind if pointwise_pays(weight_shape, padding, groups, num_codes, dim) else None
+    positions = math.prod(_output_size(input.shape[2 + i], weight_shape[2 + i], stride[i], padding[i], dilation[i])
+                          for i in range(2))
+    unfolded = input.shape[0] * positions * math.prod(weight_shape[1:])
+    saving = 1 / (num_codes / weight_shape[0] + 1 / dim)
+    return kind if saving >= UNFOLD_MIN_SAVING and unfolded * UNFOLD_RATIO <= math.prod(weight_shape) else None
+
+
+def _unfolded(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, weight_shape, stride, padding,
+              dilation) -> Tensor:
+    """An ungrouped 2-D convolution from codebooks and codes: :func:`_pointwise` on ``F.unfold(x)`` (its rows are
+    the weight's rows' order: input channel, then kernel row and column)."""
+    cols = F.unfold(x, weight_shape[2:], dilation, padding, stride)  # [batch, in * kh * kw, positions]
+    size = [_output_size(x.shape[2 + i], weight_shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)]
+    return _pointwise(cols, codebooks, codes, bias, [1]).view(x.shape[0], weight_shape[0], *size)
 
 
 def _pointwise(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, stride: list[int]) -> Tensor:
@@ -205,14 +252,21 @@ def _check(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
 def conv(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, weight_shape: list[int],
          stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
     """``F.conv{n}d(input, expand(codebooks, codes).view(weight_shape), bias, stride, padding, dilation, groups)``,
-    the weight expanded a block of output channels at a time, or a pointwise one computed from the codes (see the
-    module docstring)."""
+    the weight expanded a block of output channels at a time, or computed from the codes (see the module
+    docstring)."""
     dims = _check(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups)
     unbatched = input.dim() == dims + 1
     x = input.unsqueeze(0) if unbatched else input
-    if _compressed(x, codebooks, weight_shape, padding, groups):
-        out = _pointwise(x, codebooks, codes, bias, stride)
+    route = _route(x, codebooks, weight_shape, stride, padding, dilation, groups)
+    if route is not None:
+        out = (_pointwise(x, codebooks, codes, bias, stride) if route == "pointwise"
+               else _unfolded(x, codebooks, codes, bias, weight_shape, stride, padding, dilation))
         return out.squeeze(0) if unbatched else out
+    if _strided_1x1(weight_shape, stride, padding):
+        # reason: oneDNN's strided 1x1 convolution took 2.02 ms where the same on the subsampled input took 0.50
+        # (resnet50's layer2 downsample, 256 -> 512 channels, 56x56, batch 1; 70 against 60 ms at batch 32)
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+        stride = [1] * dims
     outs = []
     for rows, channels, block_groups in _parts(x, weight_shape, groups):
         weight = expand(codebooks, codes[:, rows]).view(rows.stop - rows.start, *weight_shape[1:])
