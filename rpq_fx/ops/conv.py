@@ -1,4 +1,5 @@
-"""``rpq_fx::conv``: a convolution whose weight is expanded a block of output channels at a time.
+"""``rpq_fx::conv``: a convolution whose weight is expanded a block of output channels at a time, or that computes
+from its codes where that pays.
 
 ``conv(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups)`` is
 ``F.conv{1,2,3}d(input, expand(codebooks, codes).view(weight_shape), bias, ...)`` (the weight's rows are
@@ -20,7 +21,7 @@ input channels, then a gather-sum over the codes) computes ``K / out_channels`` 
 before its gather; measured on that 512x512x3x3 layer (slices of 8 channels, K = 256, one thread) its
 grouped convolution alone took 0.8x the dense convolution at batch 1 and 5.6x at batch 32, the gather-sum
 brought batch 1 to 1.4x: it does not pay here, and ``rpq_fx.RPQ``'s 64-value slices of 3x3 kernels do not
-cover whole channels anyway.
+cover whole channels anyway (the unfolded form below does not need them to).
 
 A pointwise convolution (1x1 kernel, no padding, one group; a stride subsamples the input first) is different:
 its weight is a linear layer's, ``[out, in]`` split into slices of whole input channels, so it is computed in the
@@ -40,9 +41,10 @@ position's receptive field is a row in the weight's own order) where the weight 
 (:data:`UNFOLD_RATIO`): resnet50's layer4 3x3 convolutions at batch 1, where expanding 9.4 MB costs more than their
 products. It saves less there (1.9x of the products) and does not pay at batch 2.
 
-Other weights are worth the op only above :data:`BLOCK_BYTES` (:func:`blocks_pay`): below it one block is
-the whole weight, which ``expand`` + ``F.conv`` compute the same way. :func:`fused_pays` says which layers to
-fuse into the op.
+A strided 1x1 convolution that expands its weight convolves the subsampled input with stride 1: oneDNN's strided
+1x1 convolution was up to 4x slower than that. Other weights are worth the op only above :data:`BLOCK_BYTES`
+(:func:`blocks_pay`): below it one block is the whole weight, which ``expand`` + ``F.conv`` compute the same way.
+:func:`fused_pays` says which layers to fuse into the op.
 """
 
 import math
