@@ -273,3 +273,23 @@ def test_broadcast_that_would_grow_the_left_operand_runs_out_of_place_in_a_model
         gm(x)
     assert adds.calls == {"add": 1, "add_": 0}
     check.matches_dense_reference(model, gm, x)
+
+
+# --------------------------------------------------------------------------- deployment exports
+
+def test_torch_export_and_onnx_of_a_model_with_in_place_adds(check, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny_resnet()
+    gm = convert(model).eval()
+    assert len(adds_into(gm)) == 4
+    x = torch.randn(2, 3, 32, 32)
+    reference = check.dense_reference(model, gm)
+    with torch.no_grad():
+        expected = reference(x)
+    exported = torch.export.export(gm, (x,))
+    check.outputs_close(exported.module()(x), expected)
+    path = rpq_fx.export_onnx(gm, (x,), tmp_path / "resnet.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    check.outputs_close(torch.from_numpy(actual), expected)
