@@ -18,7 +18,7 @@ batch (``torch.profiler``, self CPU time per op) shows where the converted model
 ``--quick``: fewer repeats, MiniLM at random init in the same layout (d = 4 shared: the kernels' speed does
 not depend on the values), no ``expand path`` variant; a few minutes on 2 cores.
 
-Writes ``benchmarks/results/model_speed.md`` and ``.json``.
+Writes ``benchmarks/results/model_speed.md`` (keeping its hand-written ``## Notes`` section) and ``.json``.
 
     python benchmarks/model_speed.py [--quick] [--models minilm,resnet50,convnext_tiny] [--batches 1,32]
                                      [--repeats N] [--threads N]
@@ -211,11 +211,21 @@ def main() -> None:
         for batch, prof in profiles:
             body += (f"\nBatch {batch}, one call each, self CPU ms per op (torch.profiler), largest differences "
                      f"first:\n\n" + table(prof, ["op", "dense", "converted", "converted - dense"]) + "\n")
-    write("model_speed", "Whole models: converted against dense, CPU latency", body, started, args.out)
+    notes = _notes(args.out / "model_speed.md")
+    path = write("model_speed", "Whole models: converted against dense, CPU latency", body, started, args.out)
+    if notes:
+        path.write_text(path.read_text() + "\n" + notes)
     (args.out / "model_speed.json").write_text(json.dumps(
         {"command": command(), "machine": machine(), "load_at_start": started, "load_at_end": load(),
          "results": results, "profiles": {name: {str(b): p for b, p in profiles} for name, _, profiles in sections}},
         indent=1) + "\n")
+
+
+def _notes(path: Path) -> str:
+    """The hand-written ``## Notes`` section of an earlier results file (to the end), kept across reruns."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find("\n## Notes")
+    return text[at + 1:] if at >= 0 else ""
 
 
 if __name__ == "__main__":
