@@ -124,13 +124,14 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _route(input: Tensor, codebooks: Tensor, weight_shape, stride, padding, dilation, groups) -> str | None:
+def _route(input: Tensor, codebooks: Tensor, codes: Tensor, weight_shape, stride, padding, dilation,
+           groups) -> str | None:
     """How this call computes from the codes, if it does: ``"pointwise"`` (:func:`_pointwise` on the input),
     ``"unfold"`` (on the unfolded input of an ungrouped 2-D convolution) or None (the weight expanded). Where
     :func:`~rpq_fx.ops.compute_path` forces ``"compressed"``, wherever it can; otherwise on the CPU in float32 /
-    float64 where it pays: a pointwise one by :func:`pointwise_pays`, another where it saves at least
-    :data:`UNFOLD_MIN_SAVING` of the products and its unfolded input is small beside the weight
-    (:data:`UNFOLD_RATIO`)."""
+    float64 where it pays and one image's tables fit :data:`TABLE_BYTES`: a pointwise one by :func:`pointwise_pays`,
+    another where it saves at least :data:`UNFOLD_MIN_SAVING` of the products and its unfolded input is small beside
+    the weight (:data:`UNFOLD_RATIO`)."""
     if groups != 1 or not input.is_contiguous() or input.numel() == 0:
         return None
     kind = "pointwise" if _is_pointwise(weight_shape, padding, groups) else "unfold" if len(weight_shape) == 4 \
@@ -143,10 +144,14 @@ def _route(input: Tensor, codebooks: Tensor, weight_shape, stride, padding, dila
     if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
         return None
     num_codes, dim = codebooks.shape[1:]
+    positions = math.prod(_output_size(input.shape[2 + i], weight_shape[2 + i], stride[i], padding[i], dilation[i])
+                          for i in range(len(weight_shape) - 2))
+    # reason: measured only where one image's tables fit TABLE_BYTES; above it each image's are a fresh buffer
+    # (512 -> 2048 channels at 28x28, batch 8: 6.4 MB of tables an image, 1.6x dense's time)
+    if codes.shape[0] * num_codes * positions * input.element_size() > TABLE_BYTES:
+        return None
     if kind == "pointwise":
         return kind if pointwise_pays(weight_shape, padding, groups, num_codes, dim) else None
-    positions = math.prod(_output_size(input.shape[2 + i], weight_shape[2 + i], stride[i], padding[i], dilation[i])
-                          for i in range(2))
     unfolded = input.shape[0] * positions * math.prod(weight_shape[1:])
     saving = 1 / (num_codes / weight_shape[0] + 1 / dim)
     return kind if saving >= UNFOLD_MIN_SAVING and unfolded * UNFOLD_RATIO <= math.prod(weight_shape) else None
@@ -259,7 +264,7 @@ def conv(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None, w
     dims = _check(input, codebooks, codes, bias, weight_shape, stride, padding, dilation, groups)
     unbatched = input.dim() == dims + 1
     x = input.unsqueeze(0) if unbatched else input
-    route = _route(x, codebooks, weight_shape, stride, padding, dilation, groups)
+    route = _route(x, codebooks, codes, weight_shape, stride, padding, dilation, groups)
     if route is not None:
         out = (_pointwise(x, codebooks, codes, bias, stride) if route == "pointwise"
                else _unfolded(x, codebooks, codes, bias, weight_shape, stride, padding, dilation))

@@ -135,6 +135,8 @@ def test_the_pointwise_path_is_chosen_where_its_saving_pays(ref, out_channels, p
             conv_module.conv(x, codebooks, codes, None, shape, [1, 1], [0, 0], [1, 1], 1)
         conv_module.conv(x.to(memory_format=torch.channels_last), codebooks, codes, None, shape, [1, 1], [0, 0],
                          [1, 1], 1)
+        with mock.patch.object(conv_module, "TABLE_BYTES", 2 * 256 * 16 * 4 - 1):  # one image's tables: above it
+            conv_module.conv(x, codebooks, codes, None, shape, [1, 1], [0, 0], [1, 1], 1)
     assert len(calls) == int(pays), "only the first call, and only where it pays"
     torch.testing.assert_close(out, F.conv2d(x, weight.view(shape)), rtol=1e-4, atol=1e-4)
 
