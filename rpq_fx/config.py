@@ -40,7 +40,9 @@ def check_float(where: str, name: str, value: Any, low: float | None = None, hig
     """Refuse ``value`` unless it is a finite real number (not a bool) within ``[low, high]`` (``low_open`` /
     ``high_open``: that bound excluded; None: unbounded), naming ``where``, ``name`` and the value."""
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if number and math.isfinite(value) and not (
+    # reason: an int is finite however large; math.isfinite would convert it to a float, and overflow past 1e308
+    finite = number and (isinstance(value, numbers.Integral) or math.isfinite(value))
+    if finite and not (
             low is not None and (value <= low if low_open else value < low)) and not (
             high is not None and (value >= high if high_open else value > high)):
         return
@@ -51,7 +53,7 @@ def check_float(where: str, name: str, value: Any, low: float | None = None, hig
             f"a number {'<' if high_open else '<='} {high}"
     else:
         accepted = "a finite number"
-    why = ", which is not finite" if number and not math.isfinite(value) else ""
+    why = ", which is not finite" if number and not finite else ""
     raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}{why}")
 
 

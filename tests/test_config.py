@@ -1,6 +1,7 @@
 """RPQConfig and filter_fn: wrong values are refused up front, naming the value and the layer."""
 
 import dataclasses
+import fractions
 import math
 import re
 import sys
@@ -186,11 +187,17 @@ def test_check_float_bounds_open_and_closed(value, low, high, low_open, high_ope
         check_float("f", "x", value, low, high, low_open=low_open, high_open=high_open)
 
 
-@pytest.mark.parametrize("value", [0, 0.0, 1, 0.5, 1e-300, np.float32(0.25), np.float64(1.0)])
+@pytest.mark.parametrize("value", [0, 0.0, 1, 0.5, 1e-300, np.float32(0.25), np.float64(1.0), fractions.Fraction(1, 3)])
 def test_check_float_accepts_finite_numbers_in_range_bounds_included(value):
     check_float("f", "x", value, 0, 1)
     check_float("f", "x", value * 1e30, 0)
     check_float("f", "x", -value, None, 0)
+
+
+def test_check_float_takes_an_int_past_the_largest_float_as_finite():
+    check_float("f", "x", 10**400, 0)
+    with pytest.raises(ValueError, match=_message("f", "x", "a number <= 1", 10**400) + "$"):
+        check_float("f", "x", 10**400, None, 1)
 
 
 @pytest.mark.parametrize("damp", [float("nan"), float("inf"), True, "0.1", -0.01, 0])
