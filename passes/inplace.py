@@ -42,12 +42,6 @@ FRESH_MODULES = frozenset({nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchN
                            nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, *RPQ_LAYERS.values()})
 _rpq = torch.ops.rpq_fx
 _aten = torch.ops.aten
-# Functions that return a fresh tensor given tensors (rpq_fx's ops are custom ops: an output never aliases an input)
-FRESH_FUNCTIONS = frozenset({
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, torch.add, torch.sub, torch.mul,
-    torch.matmul, torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm,
-    F.layer_norm, F.group_norm, _rpq.linear.default, _rpq.conv.default, _rpq.embedding.default,
-    _aten.convolution.default, _aten.linear.default, _aten.addmm.default})
 _ADDS = (operator.add, torch.add)
 
 
@@ -62,6 +56,15 @@ def add_into(a, b):
             and _fits(a, b) and torch.result_type(a, b) == a.dtype):
         return a.add_(b)
     return a + b
+
+
+# Functions that return a fresh tensor given tensors (rpq_fx's ops are custom ops: an output never aliases an input;
+# add_into returns its left operand, fresh where it rewrites, or a fresh sum)
+FRESH_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, torch.add, torch.sub, torch.mul,
+    torch.matmul, torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm,
+    F.layer_norm, F.group_norm, _rpq.linear.default, _rpq.conv.default, _rpq.embedding.default,
+    _aten.convolution.default, _aten.linear.default, _aten.addmm.default, add_into})
 
 
 def _fits(a: Tensor, b) -> bool:

@@ -89,6 +89,26 @@ def test_plus_equals_on_a_fused_linear_is_rewritten(check):
     check.matches_dense_reference(model, gm, torch.randn(5, 64))
 
 
+def test_a_chain_of_adds_is_rewritten_once(check):
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc(x) + x + 1.5  # the second add's left operand is the first add
+
+    model = Chain()
+    gm = convert(model)
+    assert adds_into(gm) == ["add", "add_1"]
+    assert inplace_adds(gm) == 0, "a second run finds nothing left"
+    x = torch.randn(5, 64)
+    with torch.no_grad(), AtenAdds() as adds:
+        gm(x)
+    assert adds.calls == {"add": 0, "add_": 2}
+    check.matches_dense_reference(model, gm, x)
+
+
 def test_backward_through_a_converted_resnet_matches_the_dense_model(check):
     model = tiny_resnet()
     gm = convert(model)
