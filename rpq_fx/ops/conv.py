@@ -180,15 +180,19 @@ def _pointwise(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
     index = codes.to(torch.int64)
     if codes.dtype == torch.int16:
         index = index & 0xFFFF  # reason: codes above 32767 are stored as int16 bit patterns
-    # bag (image i, output channel n) sums table rows (i * C + c) * K + codes[c, n], c < C
-    offsets = torch.arange(0, images * num_codebooks * num_codes, num_codes, device=codes.device)
-    index = (index.t() + offsets.view(images, 1, num_codebooks)).reshape(images * out_channels, num_codebooks)
+    index = index.t() + torch.arange(0, num_codebooks * num_codes, num_codes, device=codes.device)  # [out, C]
+    # reason: one bmm over the slices with the images side by side; matmul's broadcast over images copied the
+    # codebooks once per image (10-17% of the time at batch 8-32)
+    codebooks = codebooks.expand(num_codebooks, num_codes, dim)
     parts = []
     for start in range(0, batch, images):
         part = x[start:start + images]
         count = part.shape[0]
-        tables = torch.matmul(codebooks, part.reshape(count, num_codebooks, dim, pixels))  # [count, C, K, pixels]
-        parts.append(F.embedding_bag(index[:count * out_channels], tables.view(-1, pixels), mode="sum"))
+        columns = part.reshape(count, num_codebooks, dim, pixels).permute(1, 2, 0, 3).reshape(num_codebooks, dim, -1)
+        tables = torch.bmm(codebooks, columns)  # [C, K, count * pixels]: rows of pixels by (c, k, image)
+        # bag (image i, output channel n) sums rows (c * K + codes[c, n]) * count + i, c < C
+        bags = (index * count + torch.arange(count, device=codes.device).view(count, 1, 1)).reshape(-1, num_codebooks)
+        parts.append(F.embedding_bag(bags, tables.view(-1, pixels), mode="sum"))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     if bias is not None:
         out.view(batch, out_channels, pixels).add_(bias.view(-1, 1))
