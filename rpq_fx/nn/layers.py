@@ -58,7 +58,7 @@ class RPQLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class RPQEmbedding(nn.Module):
+class RPQEmbedding(nn.Embedding):
     """``nn.Embedding`` with an RPQ weight: rows are embeddings, split over the embedding dim.
 
     The forward is ``rpq_fx::embedding``: only the looked-up rows are expanded (one lookup per
@@ -68,19 +68,22 @@ class RPQEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int,
                  padding_idx: int | None = None, *, scale_grad_by_freq: bool = False, num_codes: int = 256,
                  shared_codebooks: bool = False, additive_codebooks: int = 1, device=None, dtype=None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.scale_grad_by_freq = scale_grad_by_freq
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"RPQEmbedding: padding_idx must be within num_embeddings={num_embeddings}, "
                              f"got {padding_idx}")
-        if padding_idx is not None and padding_idx < 0:
-            padding_idx += num_embeddings
-        self.padding_idx = padding_idx
         dim = _split(embedding_dim, num_codebooks, "RPQEmbedding")
+        # reason: an nn.Embedding (transformers resizes only those, and reads its weight's data, which RPQWeight
+        # refuses with a clear message), built on the meta device as the RPQ convolutions are
+        super().__init__(num_embeddings, embedding_dim, padding_idx, scale_grad_by_freq=scale_grad_by_freq,
+                         device="meta", dtype=dtype)
+        del self.weight
         self.weight = RPQWeight(num_codebooks, dim, num_embeddings, num_codes, shared_codebooks,
                                 additive_codebooks=additive_codebooks, device=device, dtype=dtype)
-        self.weight.reset_parameters("normal", zero_rows=() if padding_idx is None else (padding_idx,))
+        self.weight.reset_parameters("normal", zero_rows=() if self.padding_idx is None else (self.padding_idx,))
+
+    def reset_parameters(self) -> None:
+        # reason: nn.Embedding.__init__ calls this to initialise a dense weight; the RPQ weight initialises itself
+        pass
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
