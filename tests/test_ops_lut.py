@@ -9,6 +9,7 @@ thread and a helper (``split_phases``): bit for bit the one-thread result, and a
 that has not started. ``rpq_fx::_lut_split_hooks`` (tests only) forces the split on tiny calls and delays helpers.
 """
 
+import os
 import time
 
 import pytest
@@ -263,3 +264,32 @@ def test_the_caller_does_not_wait_for_a_helper_that_never_starts(defaults):
     del out, x, codebooks, codes
     time.sleep(0.4)  # the late helper starts, finds every counter spent and leaves
     assert hooks() == before
+
+
+@needs_two
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_computes_without_helpers(defaults):
+    """After the parent's helpers have run, a forked child (a DataLoader worker) computes on its own thread: at::launch
+    there blocked for ever (the pool's threads are not in the child)."""
+    codebooks, _, codes = make_case(256, 256, 4, 1024, True, torch.float32, 8)
+    x = torch.randn(1, 1024)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    hooks(0, 0, 1000)
+    lut(x, codebooks, codes, 32)  # the parent's inter-op pool is running
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it computed the one-thread result, and exit without pytest's teardown
+        ok = torch.equal(lut(x, codebooks, codes, 32), alone)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 30.0
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.01)
+    assert os.read(read, 1) == b"1"
+    os.close(read)

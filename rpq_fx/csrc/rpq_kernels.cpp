@@ -39,6 +39,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <pthread.h>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -756,6 +757,12 @@ std::atomic<int64_t> g_split_min_ns{-1};  // -1: kSplitMinNs
 std::atomic<int64_t> g_helper_delay_us{0}, g_caller_delay_us{0};
 std::atomic<int64_t> g_helper_tasks{0};
 
+// reason: in a process forked from one whose inter-op pool had started, at::launch blocked for ever (the pool's
+// threads do not exist in the child; its condition variable was copied mid-use): forked children never launch
+// helpers (DataLoader workers run one thread anyway)
+std::atomic<bool> g_forked{false};
+[[maybe_unused]] const int g_fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
 inline void cpu_relax() {
 #if defined(__x86_64__)
   _mm_pause();
@@ -796,7 +803,8 @@ template <size_t N, typename F>
 void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
   static_assert(N <= SplitState::kMaxPhases);
   const int64_t most = *std::max_element(tasks.begin(), tasks.end());
-  const int64_t helpers = split ? std::min<int64_t>(at::get_num_threads() - 1, most - 1) : 0;
+  const int64_t helpers =
+      split && !g_forked.load(std::memory_order_relaxed) ? std::min<int64_t>(at::get_num_threads() - 1, most - 1) : 0;
   if (helpers <= 0) {
     for (size_t p = 0; p < N; ++p)
       for (int64_t t = 0; t < tasks[p]; ++t) f(static_cast<int>(p), t);
