@@ -40,6 +40,7 @@
 #include <mutex>
 #include <optional>
 #include <pthread.h>
+#include <sched.h>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -748,6 +749,7 @@ struct SplitState {
   void* context = nullptr;  // the caller's work function: valid while a claim can succeed
   std::mutex error_lock;
   std::exception_ptr error;  // the first exception a task threw, rethrown by the caller
+  std::atomic<int> caller_cpu{-1};  // the CPU the caller last claimed a task on
 };
 
 // Test hooks (rpq_fx::_lut_split_hooks, tests only): the least estimated work (ns) that is shared out, a delay before
@@ -762,6 +764,15 @@ std::atomic<int64_t> g_helper_tasks{0};
 // helpers (DataLoader workers run one thread anyway)
 std::atomic<bool> g_forked{false};
 [[maybe_unused]] const int g_fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
+// The CPU this thread runs on (-1 where unknown).
+inline int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
 
 inline void cpu_relax() {
 #if defined(__x86_64__)
@@ -779,12 +790,23 @@ void wait_done(const SplitPhase& phase) {
   }
 }
 
+// Whether this thread runs on the CPU the caller last claimed a task on (then the caller is not running: a helper
+// there leaves, handing the CPU back; see participate_elsewhere).
+bool on_the_callers_cpu(const SplitState& s) {
+  const int cpu = current_cpu();
+  return cpu >= 0 && cpu == s.caller_cpu.load(std::memory_order_relaxed);
+}
+
 void participate(SplitState& s, bool helper) {
   for (int p = 0; p < s.count; ++p) {
     SplitPhase& phase = s.phases[p];
+    if (helper && on_the_callers_cpu(s)) return;
     if (p > 0) wait_done(s.phases[p - 1]);
-    for (int64_t t = phase.next.fetch_add(1, std::memory_order_relaxed); t < phase.tasks;
-         t = phase.next.fetch_add(1, std::memory_order_relaxed)) {
+    while (true) {
+      if (helper && on_the_callers_cpu(s)) return;
+      if (!helper) s.caller_cpu.store(current_cpu(), std::memory_order_relaxed);
+      const int64_t t = phase.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= phase.tasks) break;
       try {
         s.run(s.context, p, t);
       } catch (...) {
@@ -795,6 +817,29 @@ void participate(SplitState& s, bool helper) {
       phase.done.fetch_add(1, std::memory_order_release);
     }
   }
+}
+
+// A helper's share, run off the caller's CPU. reason: the scheduler often woke the helper on the caller's CPU (the
+// other one busy, e.g. with OpenMP's idle worker, which spins for milliseconds after ATen's last parallel region); it
+// then preempted the caller and ran every task itself (d = 2, batch 1 in benchmarks/linear.py: 2.1 ms, one thread
+// alone 1.6 ms). Such a helper moves itself to the other CPUs this thread may use (its affinity, restored after), where
+// it runs beside the caller; if it still finds itself on the caller's CPU it leaves before each claim (participate).
+void participate_elsewhere(SplitState& s) {
+#if defined(__linux__)
+  const int caller = s.caller_cpu.load(std::memory_order_relaxed);
+  cpu_set_t allowed, others;
+  bool moved = false;
+  if (caller >= 0 && caller < CPU_SETSIZE && current_cpu() == caller &&
+      sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_ISSET(caller, &allowed) && CPU_COUNT(&allowed) > 1) {
+    others = allowed;
+    CPU_CLR(caller, &others);
+    moved = sched_setaffinity(0, sizeof(others), &others) == 0;
+  }
+  participate(s, true);
+  if (moved) sched_setaffinity(0, sizeof(allowed), &allowed);
+#else
+  participate(s, true);
+#endif
 }
 
 // f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
@@ -816,14 +861,15 @@ void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
   using Fn = std::remove_reference_t<F>;
   state->run = [](void* context, int p, int64_t t) { (*static_cast<Fn*>(context))(p, t); };
   state->context = const_cast<void*>(static_cast<const void*>(&f));
+  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
+  state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
   for (int64_t h = 0; h < helpers; ++h) {
     at::launch([state] {
-      const int64_t delay = g_helper_delay_us.load(std::memory_order_relaxed);
-      if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
-      participate(*state, true);
+      const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
+      if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
+      participate_elsewhere(*state);
     });
   }
-  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
   if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
   participate(*state, false);
   wait_done(state->phases[N - 1]);
