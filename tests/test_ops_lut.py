@@ -293,3 +293,32 @@ def test_a_forked_child_computes_without_helpers(defaults):
         time.sleep(0.01)
     assert os.read(read, 1) == b"1"
     os.close(read)
+
+
+@needs_two
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"), reason="Linux only")
+def test_a_helper_on_the_callers_cpu_leaves_it_to_the_caller(defaults):
+    """Every thread of the process held to one CPU: a helper can only run where the caller runs (it would preempt the
+    caller and run every task itself), so it leaves without claiming any, and the result is the one-thread one."""
+    codebooks, _, codes = make_case(512, 256, 4, 2048, True, torch.float32, 9)
+    x = torch.randn(1, 2048)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    hooks(0)
+    lut(x, codebooks, codes, 32)  # the inter-op pool's threads exist before the affinity is set
+    tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    saved = {t: os.sched_getaffinity(t) for t in tasks}
+    cpu = min(saved[os.getpid()])
+    try:
+        for t in tasks:
+            os.sched_setaffinity(t, {cpu})
+        before = hooks(0)
+        for _ in range(20):
+            assert torch.equal(lut(x, codebooks, codes, 32), alone)
+        assert hooks(0) == before
+    finally:
+        for t, mask in saved.items():
+            try:
+                os.sched_setaffinity(t, mask)
+            except OSError:  # reason: a thread that ended meanwhile
+                pass
