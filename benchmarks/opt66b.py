@@ -88,6 +88,18 @@ def weight_bytes_per_token(model: torch.nn.Module, lookups: set[str]) -> int:
     return total
 
 
+def op_breakdown(step, top: int = 6) -> str:
+    """Where one decode token's time goes: ``torch.profiler``'s self time per op (wall time on the calling thread,
+    ms), the largest first, and the rest together."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    times = sorted(((e.self_cpu_time_total / 1e3, e.key) for e in prof.key_averages()), reverse=True)
+    shown = ", ".join(f"{name} {ms:.1f}" for ms, name in times[:top])
+    return f"{shown}, other ops {sum(ms for ms, _ in times[top:]):.1f} (ms)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=8)
@@ -142,6 +154,7 @@ def main() -> None:
             step_cpu.append(time.process_time() - cpu)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         assert torch.isfinite(out.logits).all()
+        breakdown = op_breakdown(lambda: model(input_ids=token, past_key_values=past, use_cache=True))
     watch.done.set()
     watch.join()
     steps.sort()
@@ -170,6 +183,7 @@ def main() -> None:
         ["decode fastest / that limit", f"{steps[0] / limit_copy:.2f}x (copy), {steps[0] / limit_read:.2f}x (read)"],
         ["decode median CPU time / threads / that limit (what a quiet machine would show, roughly)",
          f"{step_cpu[len(step_cpu) // 2] / torch.get_num_threads() / limit_copy:.2f}x (copy)"],
+        ["one more decode token by op (torch.profiler self time, calling thread)", breakdown],
         ["process CPU time (bandwidth, build, run)", f"{decode_cpu:.1f} s"]]
     rows = [["convert on meta", f"{t1 - t0:.1f} s"], ["materialise + random RPQ init", f"{t2 - t1:.1f} s"],
             ["model_size", f"{size:.1f} MiB"], ["resident-set growth when materialised", f"{held:.1f} MiB"],
@@ -183,7 +197,8 @@ def main() -> None:
     what = ("OPT-66b (fp32, 65.7 B parameters, 264 GB dense)" if whole else
             f"OPT-66b's first {args.layers} of 64 decoder layers, its embedding and head")
     body = (f"{what} as RPQ with 72 codebooks, on the CPU of this machine ({torch.get_num_threads()} threads, "
-            f"{os.cpu_count()} cores).\n\n" + table(rows, ["", ""]) + "\n")
+            f"{os.cpu_count()} cores; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}).\n\n"
+            + table(rows, ["", ""]) + "\n")
     write("opt66b" if whole else "opt66b_quick",
           "OPT-66b as RPQ: materialised and run on a 2-core, 24 GB machine" if whole else
           f"OPT-66b as RPQ, {args.layers} of 64 layers: decode against the memory-bandwidth limit", body, started)

@@ -4,8 +4,13 @@ Batches of one or two rows with 33-256 codewords and uint8 codes compute through
 ``"compressed"`` path where the CPU has AVX-512 VBMI); ``path="lut8"`` / ``"lut16"`` opt in to 8- and 16-bit tables.
 Checked: the VBMI permutes against the scalar loop (the same bits), each width against an exact float64 reference
 within the bound its quantisation allows, the 32-bit path within float32's tolerance against the stock-op kernels
-(forward and backward, float32 and bfloat16), and the opt-in paths' routing.
+(forward and backward, float32 and bfloat16), the opt-in paths' routing, and the work split between the calling
+thread and a helper (``split_phases``): bit for bit the one-thread result, and a caller that never waits for a helper
+that has not started. ``rpq_fx::_lut_split_hooks`` (tests only) forces the split on tiny calls and delays helpers.
 """
+
+import os
+import time
 
 import pytest
 import torch
@@ -157,3 +162,163 @@ def test_a_non_finite_input_makes_its_row_nan(bits):
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
     x[1, 77] = float("nan")
     assert torch.isnan(lut(x, cb, codes, bits, False)[1]).all()
+
+
+# ------------------------------------------------------------------ the split between the calling thread and a helper
+split_hooks = torch.ops.rpq_fx._lut_split_hooks if _kernels.available() else None
+NEVER = 1 << 62  # no call is estimated at this many ns: everything on the calling thread
+threads = torch.get_num_threads()
+needs_two = pytest.mark.skipif(threads < 2, reason="torch has one thread: nothing to split")
+
+
+def hooks(min_ns: int = -1, helper_delay_us: int = 0, caller_delay_us: int = 0) -> int:
+    """Sets the kernel's test hooks; the number of tasks helpers have run so far."""
+    return split_hooks(min_ns, helper_delay_us, caller_delay_us)[3]
+
+
+@pytest.fixture
+def defaults():
+    """Restores the kernel's defaults (split from its threshold, no delays) and torch's threads after the test."""
+    yield
+    hooks()
+    torch.set_num_threads(threads)
+
+
+def _one_thread_and_split(x, codebooks, codes, bits=32):
+    """The kernel's result on the calling thread alone, and split with the caller held back 1 ms, so that a helper
+    computes most tasks even of a tiny call."""
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, bits)
+    hooks(0, 0, 1000)
+    return alone, lut(x, codebooks, codes, bits)
+
+
+@needs_two
+@pytest.mark.parametrize("d", [1, 2, 4, 8, 128])
+@pytest.mark.parametrize("K", [16, 256])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_split_is_bit_identical_to_one_thread_and_matches_the_stock_ops(defaults, d, K, shared, dtype):
+    """Odd sizes (a last group of 3 slices, a last band of 11 rows), both table layouts (a group per task for cheap
+    tables; a few slices per task, then a quantisation phase, for long slices), one to three rows."""
+    C, N = (131, 523) if d < 128 else (67, 523)
+    codebooks, _, codes = make_case(C, K, d, N, shared, torch.float32, d * K + shared)
+    codebooks = codebooks.to(dtype)
+    before = hooks()
+    for B in (1, 2, 3):
+        x = torch.randn(B, C * d, generator=torch.Generator().manual_seed(B)).to(dtype)
+        alone, split = _one_thread_and_split(x, codebooks, codes)
+        assert torch.equal(alone, split)
+        assert torch.equal(*_one_thread_and_split(x, codebooks, codes, 8))  # narrower tables: the same phases
+        with ops.stock_ops():
+            ref = linear(x, codebooks, codes, None, "compressed")
+        tol = dict(rtol=1e-4, atol=1e-5 * ref.abs().max().item()) if dtype == torch.float32 else \
+            dict(rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+        torch.testing.assert_close(split, ref, **tol)
+    assert hooks() > before  # helpers computed some of it
+
+
+@needs_two
+@pytest.mark.parametrize("d, shared", [(4, True), (128, False)])
+def test_a_helper_takes_part_without_hooks_delaying_the_caller(defaults, d, shared):
+    """At the default threshold, calls of a layer big enough to outlast a helper's wake-up hand it tasks, and every
+    result is the one-thread one."""
+    C, N = (1024, 4096) if d == 4 else (72, 4096)
+    codebooks, _, codes = make_case(C, 256, d, N, shared, torch.float32, 5)
+    x = torch.randn(1, C * d)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    before = hooks()
+    deadline = time.monotonic() + 10.0  # reason: a busy machine may keep the helper off a core for a while
+    while hooks() == before and time.monotonic() < deadline:
+        assert torch.equal(lut(x, codebooks, codes, 32), alone)
+    assert hooks() > before, "no helper ran a task in 10 s of calls"
+
+
+def test_one_thread_never_splits(defaults):
+    codebooks, _, codes = make_case(1024, 256, 4, 4096, True, torch.float32, 6)
+    x = torch.randn(1, 4096)
+    torch.set_num_threads(1)
+    before = hooks(0, 0, 1000)
+    for _ in range(5):
+        lut(x, codebooks, codes, 32)
+    assert hooks() == before
+
+
+@needs_two
+def test_the_caller_does_not_wait_for_a_helper_that_never_starts(defaults):
+    """With every helper held back 200 ms, a call of about a millisecond returns in far less than that, with the
+    right result, its helper having run nothing; the helper, starting after the call returned and its tensors were
+    freed, runs nothing either and touches only the state it shares (scripts/asan.sh runs this under ASan)."""
+    codebooks, _, codes = make_case(1024, 256, 4, 4096, True, torch.float32, 7)
+    x = torch.randn(2, 4096)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    before = hooks(0, 200_000)
+    start = time.perf_counter()
+    out = lut(x, codebooks, codes, 32)
+    elapsed = time.perf_counter() - start
+    assert torch.equal(out, alone)
+    assert elapsed < 0.1, f"the call took {elapsed * 1e3:.0f} ms: it waited for the delayed helper"
+    assert hooks(0, 200_000) == before
+    del out, x, codebooks, codes
+    time.sleep(0.4)  # the late helper starts, finds every counter spent and leaves
+    assert hooks() == before
+
+
+@needs_two
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_computes_without_helpers(defaults):
+    """After the parent's helpers have run, a forked child (a DataLoader worker) computes on its own thread: at::launch
+    there blocked for ever (the pool's threads are not in the child)."""
+    codebooks, _, codes = make_case(256, 256, 4, 1024, True, torch.float32, 8)
+    x = torch.randn(1, 1024)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    hooks(0, 0, 1000)
+    lut(x, codebooks, codes, 32)  # the parent's inter-op pool is running
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it computed the one-thread result, and exit without pytest's teardown
+        ok = torch.equal(lut(x, codebooks, codes, 32), alone)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 30.0
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.01)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+
+
+@needs_two
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"), reason="Linux only")
+def test_a_helper_on_the_callers_cpu_leaves_it_to_the_caller(defaults):
+    """Every thread of the process held to one CPU: a helper can only run where the caller runs (it would preempt the
+    caller and run every task itself), so it leaves without claiming any, and the result is the one-thread one."""
+    codebooks, _, codes = make_case(512, 256, 4, 2048, True, torch.float32, 9)
+    x = torch.randn(1, 2048)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    hooks(0)
+    lut(x, codebooks, codes, 32)  # the inter-op pool's threads exist before the affinity is set
+    tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    saved = {t: os.sched_getaffinity(t) for t in tasks}
+    cpu = min(saved[os.getpid()])
+    try:
+        for t in tasks:
+            os.sched_setaffinity(t, {cpu})
+        before = hooks(0)
+        for _ in range(20):
+            assert torch.equal(lut(x, codebooks, codes, 32), alone)
+        assert hooks(0) == before
+    finally:
+        for t, mask in saved.items():
+            try:
+                os.sched_setaffinity(t, mask)
+            except OSError:  # reason: a thread that ended meanwhile
+                pass

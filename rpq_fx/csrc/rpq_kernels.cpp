@@ -27,13 +27,21 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <initializer_list>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <pthread.h>
+#include <sched.h>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -719,19 +727,153 @@ Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t c
   return out;
 }
 
-// f(t) for t < tasks, the threads claiming tasks one at a time: a thread slowed by a busy machine takes fewer, where
-// at::parallel_for's equal shares would make the others wait for it. `inline_only`: on this thread (work too small to
-// pay for waking the others, or for waiting on one the scheduler has put aside).
-template <typename F>
-void claim_tasks(int64_t tasks, F&& f, bool inline_only = false) {
-  if (inline_only) {
-    for (int64_t t = 0; t < tasks; ++t) f(t);
+// ------------------------------------------------------------------ work shared with helpers that may never start
+// The calling thread and up to threads - 1 helpers (tasks on ATen's inter-op pool, at::launch) claim small tasks
+// from shared atomic counters, a few phases one after another (a phase starts once every task of the one before is
+// done). reason: at::parallel_for's join waits for every thread of its region to ARRIVE, and on a busy machine a
+// descheduled worker turned 0.5 ms calls into 37-48 ms. Here the caller never waits for a thread that has not
+// started: it claims tasks until a phase's counter runs out, then waits only for the tasks already claimed (each
+// small, run by a thread that is running). A helper that starts late joins the phase under way; one that starts
+// after the call returned finds every counter spent and leaves without touching the call's data (the state it reads
+// is shared-owned; the call's work function is reached only through a successful claim, which the call waits for).
+struct SplitPhase {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t tasks = 0;
+};
+
+struct SplitState {
+  static constexpr int kMaxPhases = 3;
+  std::array<SplitPhase, kMaxPhases> phases;
+  int count = 0;
+  void (*run)(void*, int, int64_t) = nullptr;  // run(context, phase, task)
+  void* context = nullptr;  // the caller's work function: valid while a claim can succeed
+  std::mutex error_lock;
+  std::exception_ptr error;  // the first exception a task threw, rethrown by the caller
+  std::atomic<int> caller_cpu{-1};  // the CPU the caller last claimed a task on
+};
+
+// Test hooks (rpq_fx::_lut_split_hooks, tests only): the least estimated work (ns) that is shared out, a delay before
+// each helper starts and one before the caller starts (us), and how many tasks helpers have run (so a test can see
+// the split happen, or not).
+std::atomic<int64_t> g_split_min_ns{-1};  // -1: kSplitMinNs
+std::atomic<int64_t> g_helper_delay_us{0}, g_caller_delay_us{0};
+std::atomic<int64_t> g_helper_tasks{0};
+
+// reason: in a process forked from one whose inter-op pool had started, at::launch blocked for ever (the pool's
+// threads do not exist in the child; its condition variable was copied mid-use): forked children never launch
+// helpers (DataLoader workers run one thread anyway)
+std::atomic<bool> g_forked{false};
+[[maybe_unused]] const int g_fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
+// The CPU this thread runs on (-1 where unknown).
+inline int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+// Waits until every task of `phase` is done; only tasks already claimed can be outstanding.
+void wait_done(const SplitPhase& phase) {
+  // reason: spin briefly (a task is tens of microseconds), then yield: on a busy machine the thread finishing the
+  // task may need this core
+  for (int spins = 0; phase.done.load(std::memory_order_acquire) < phase.tasks; ++spins) {
+    if (spins < 4096) cpu_relax();
+    else std::this_thread::yield();
+  }
+}
+
+// Whether this thread runs on the CPU the caller last claimed a task on (then the caller is not running: a helper
+// there leaves, handing the CPU back; see participate_elsewhere).
+bool on_the_callers_cpu(const SplitState& s) {
+  const int cpu = current_cpu();
+  return cpu >= 0 && cpu == s.caller_cpu.load(std::memory_order_relaxed);
+}
+
+void participate(SplitState& s, bool helper) {
+  for (int p = 0; p < s.count; ++p) {
+    SplitPhase& phase = s.phases[p];
+    if (helper && on_the_callers_cpu(s)) return;
+    if (p > 0) wait_done(s.phases[p - 1]);
+    while (true) {
+      if (helper && on_the_callers_cpu(s)) return;
+      if (!helper) s.caller_cpu.store(current_cpu(), std::memory_order_relaxed);
+      const int64_t t = phase.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= phase.tasks) break;
+      try {
+        s.run(s.context, p, t);
+      } catch (...) {
+        std::lock_guard<std::mutex> guard(s.error_lock);
+        if (!s.error) s.error = std::current_exception();
+      }
+      if (helper) g_helper_tasks.fetch_add(1, std::memory_order_relaxed);
+      phase.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+}
+
+// A helper's share, run off the caller's CPU. reason: the scheduler often woke the helper on the caller's CPU (the
+// other one busy, e.g. with OpenMP's idle worker, which spins for milliseconds after ATen's last parallel region); it
+// then preempted the caller and ran every task itself (d = 2, batch 1 in benchmarks/linear.py: 2.1 ms, one thread
+// alone 1.6 ms). Such a helper moves itself to the other CPUs this thread may use (its affinity, restored after), where
+// it runs beside the caller; if it still finds itself on the caller's CPU it leaves before each claim (participate).
+void participate_elsewhere(SplitState& s) {
+#if defined(__linux__)
+  const int caller = s.caller_cpu.load(std::memory_order_relaxed);
+  cpu_set_t allowed, others;
+  bool moved = false;
+  if (caller >= 0 && caller < CPU_SETSIZE && current_cpu() == caller &&
+      sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_ISSET(caller, &allowed) && CPU_COUNT(&allowed) > 1) {
+    others = allowed;
+    CPU_CLR(caller, &others);
+    moved = sched_setaffinity(0, sizeof(others), &others) == 0;
+  }
+  participate(s, true);
+  if (moved) sched_setaffinity(0, sizeof(allowed), &allowed);
+#else
+  participate(s, true);
+#endif
+}
+
+// f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
+// one thread, else all on this thread. Every result is computed by exactly one task, so who runs it changes no bit.
+template <size_t N, typename F>
+void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
+  static_assert(N <= SplitState::kMaxPhases);
+  const int64_t most = *std::max_element(tasks.begin(), tasks.end());
+  const int64_t helpers =
+      split && !g_forked.load(std::memory_order_relaxed) ? std::min<int64_t>(at::get_num_threads() - 1, most - 1) : 0;
+  if (helpers <= 0) {
+    for (size_t p = 0; p < N; ++p)
+      for (int64_t t = 0; t < tasks[p]; ++t) f(static_cast<int>(p), t);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) f(t);
-  });
+  auto state = std::make_shared<SplitState>();
+  state->count = static_cast<int>(N);
+  for (size_t p = 0; p < N; ++p) state->phases[p].tasks = tasks[p];
+  using Fn = std::remove_reference_t<F>;
+  state->run = [](void* context, int p, int64_t t) { (*static_cast<Fn*>(context))(p, t); };
+  state->context = const_cast<void*>(static_cast<const void*>(&f));
+  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
+  state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
+  for (int64_t h = 0; h < helpers; ++h) {
+    at::launch([state] {
+      const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
+      if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
+      participate_elsewhere(*state);
+    });
+  }
+  if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+  participate(*state, false);
+  wait_done(state->phases[N - 1]);
+  if (state->error) std::rethrow_exception(state->error);
 }
 
 // ------------------------------------------------------------------ quantised lookup tables (small batches)
@@ -1004,8 +1146,8 @@ struct LutInputs {
 };
 
 // T[c - c0, k] = codebooks[g(c), k] . x[b, c-th slice] for the slices [c0, c0 + cg), in float32 over the slice in
-// order. reason: computed here, on the calling thread, not by ATen's mm: its parallel region's join waited on a
-// descheduled thread on a busy machine
+// order. reason: computed here, not by ATen's mm: its parallel region's join waited on a descheduled thread on a busy
+// machine (split_phases shares these loops out instead)
 void lut_tables(const LutInputs& in, int64_t b, int64_t c0, int64_t cg, int64_t K, float* __restrict T) {
   const int64_t d = in.d;
   for (int64_t c = c0; c < c0 + cg; ++c) {
@@ -1033,54 +1175,84 @@ void lut_tables(const LutInputs& in, int64_t b, int64_t c0, int64_t cg, int64_t 
   }
 }
 
-// y [B, N] (float32) from each row's tables (built a group of slices at a time, then quantised) and uint8 codes [C, N],
-// through P-byte tables.
+// One thread's cost (ns) of the lookup-table forward's parts, for the decision to share a call out and the size of
+// its table tasks: per multiply-add of a table (shared codebooks are read from cache; one codebook per slice streams
+// from memory), per table entry quantised, per lookup of one byte plane (2-core AVX-512 VBMI machine, 4096x4096 at
+// d = 4 shared and OPT-66b's 9216-wide layers at d = 128 and 512 per slice, medians of a quiet machine).
+constexpr double kLutSharedMacNs = 0.03, kLutSliceMacNs = 0.13, kLutEntryNs = 0.32, kLutPlaneLookupNs = 0.035;
+// Calls estimated below this (ns) run on the calling thread: waking a helper (at::launch) and handing it work cost
+// about as much as it saves there (measured, one thread / split, d = 4 shared: estimated 42 us, 35 / 41 us; 66 us,
+// 53 / 48 us; 104 us, 73 / 60 us; 204 us, 148 / 104 us).
+constexpr int64_t kSplitMinNs = 60000;
+// A table task builds about this much work's worth of slices (ns): enough to pay for claiming it, small enough that
+// waiting for the last one claimed costs little.
+constexpr double kTableTaskNs = 16000;
+
+// y [B, N] (float32) from each row's tables (built and quantised per group of slices) and uint8 codes [C, N], through
+// P-byte tables, in three phases that the calling thread shares with a helper when the call is big enough
+// (split_phases): (0) the tables, (1) their quantisation per group, (2) the lookups, a band of rows per task. Where a
+// group's tables are cheap (shared codebooks, short slices) phase 0 builds and quantises a group per task, and phase
+// 1 is empty; else phase 0 builds a few slices per task (one codebook per slice: streaming them is most of the call,
+// and one core cannot stream what two can) into a table of the whole row.
 template <int P>
 void lut_forward(const LutInputs& in, int64_t B, int64_t C, int64_t K, const uint8_t* codes, int64_t N, float* y,
                  bool vector) {
   const int64_t groups = (C + kLutGroup - 1) / kLutGroup;
+  const double mac_ns = in.shared_t != nullptr ? kLutSharedMacNs : kLutSliceMacNs;
+  const int64_t slices = std::clamp<int64_t>(static_cast<int64_t>(kTableTaskNs / (mac_ns * K * in.d)), 1, kLutGroup);
+  const bool fused = slices == kLutGroup;  // a group's tables built and quantised by one task
+  const int64_t chunks = (C + slices - 1) / slices;
   // reason: reused by the thread's next call: a fresh buffer of this size (1 MiB at C = 1024, 32 bits) is a fresh
   // mapping whose page faults cost as much as the quantisation
   thread_local std::vector<uint8_t> q_buffer;
-  thread_local std::vector<float> lo_buffer, scale_buffer;
+  thread_local std::vector<float> lo_buffer, scale_buffer, table_buffer;
   if (q_buffer.size() < static_cast<size_t>(B * C * P * 256)) q_buffer.resize(B * C * P * 256);
   if (lo_buffer.size() < static_cast<size_t>(B * C)) lo_buffer.resize(B * C);
   if (scale_buffer.size() < static_cast<size_t>(B * groups)) scale_buffer.resize(B * groups);
-  // reason: the worker threads below must see this thread's buffers, not their own thread_locals
+  if (!fused && table_buffer.size() < static_cast<size_t>(B * C * K)) table_buffer.resize(B * C * K);
+  // reason: the helpers must see this thread's buffers, not their own thread_locals
   uint8_t* q = q_buffer.data();
   float* lo = lo_buffer.data();
   float* scale = scale_buffer.data();
-  // reason: below 64M lookups (about 4 ms on one thread) the work runs on the calling thread: on a busy machine each
-  // parallel region's join waited for a descheduled thread (4096x4096 at d = 4, batch 1: 48 ms a call at load 5
-  // with ATen's mm and two regions, 0.5 ms on one thread; d = 2 at batch 2, 16.7M lookups: 40 ms), where a quiet
-  // machine's second thread would save half of it
-  const bool small = B * C * N < (int64_t(1) << 26);
-  claim_tasks(B * groups, [&](int64_t t) {
-    const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
-    thread_local std::vector<float> table;
-    table.resize(kLutGroup * K);
-    lut_tables(in, b, c0, cg, K, table.data());
-    scale[t] = lut_quantise<P>(table.data(), K, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0, vector);
-  }, small);
+  float* tables = table_buffer.data();
   // bands of rows, whole blocks of 64 (the lookups' width), about eight per thread, at least 256 rows (each band
   // reads every slice's table planes once from L2)
   const int64_t threads = at::get_num_threads();
   const int64_t band = std::max<int64_t>(256, (N / std::max<int64_t>(1, 8 * threads / B) + 63) / 64 * 64);
   const int64_t bands = (N + band - 1) / band;
-  claim_tasks(B * bands, [&](int64_t t) {
-    thread_local std::vector<double> acc;
-    acc.assign(band, 0.0);
-    const int64_t b = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t c0 = g * kLutGroup;
-      lut_group<P>(q + (b * C + c0) * P * 256, codes + c0 * N + n0, N, std::min(kLutGroup, C - c0), K, nn,
-                   scale[b * groups + g], acc.data(), vector);
+  const double work_ns = static_cast<double>(B * C) * (mac_ns * K * in.d + kLutEntryNs * K + kLutPlaneLookupNs * P * N);
+  const int64_t least = g_split_min_ns.load(std::memory_order_relaxed);
+  const bool split = work_ns >= static_cast<double>(least < 0 ? kSplitMinNs : least);
+  const std::array<int64_t, 3> tasks{B * (fused ? groups : chunks), fused ? 0 : B * groups, B * bands};
+  split_phases(tasks, split, [&](int phase, int64_t t) {
+    if (phase == 0 && fused) {
+      const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
+      thread_local std::vector<float> table;
+      table.resize(kLutGroup * K);
+      lut_tables(in, b, c0, cg, K, table.data());
+      scale[t] = lut_quantise<P>(table.data(), K, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0, vector);
+    } else if (phase == 0) {
+      const int64_t b = t / chunks, c0 = (t % chunks) * slices;
+      lut_tables(in, b, c0, std::min(slices, C - c0), K, tables + (b * C + c0) * K);
+    } else if (phase == 1) {
+      const int64_t b = t / groups, c0 = (t % groups) * kLutGroup, cg = std::min(kLutGroup, C - c0);
+      scale[t] = lut_quantise<P>(tables + (b * C + c0) * K, K, cg, K, q + (b * C + c0) * P * 256, lo + b * C + c0,
+                                 vector);
+    } else {
+      thread_local std::vector<double> acc;
+      acc.assign(band, 0.0);
+      const int64_t b = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * kLutGroup;
+        lut_group<P>(q + (b * C + c0) * P * 256, codes + c0 * N + n0, N, std::min(kLutGroup, C - c0), K, nn,
+                     scale[b * groups + g], acc.data(), vector);
+      }
+      double offset = 0.0;
+      for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
+      float* __restrict out = y + b * N + n0;
+      for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset);
     }
-    double offset = 0.0;
-    for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
-    float* __restrict out = y + b * N + n0;
-    for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset);
-  }, small);
+  });
 }
 
 // Whether the quantised-table kernel takes this call: uint8 codes, at most 256 codewords, float32 or bfloat16.
@@ -1276,7 +1448,19 @@ Tensor linear_lut_op(const Tensor& x, const Tensor& codebooks, const Tensor& cod
   return out;
 }
 
+// rpq_fx::_lut_split_hooks(int min_ns, int helper_delay_us, int caller_delay_us) -> int[]: TESTS ONLY, process-wide.
+// Sets the least estimated work (ns) the lookup-table forward shares with helpers (-1: the default), a delay before
+// each helper starts and one before the caller starts its share (us; 0: none; the latter lets helpers take tasks of
+// tiny calls); returns the previous three and the number of tasks helpers have run so far.
+std::vector<int64_t> lut_split_hooks(int64_t min_ns, int64_t helper_delay_us, int64_t caller_delay_us) {
+  TORCH_CHECK(min_ns >= -1 && helper_delay_us >= 0 && caller_delay_us >= 0,
+              "rpq_fx _lut_split_hooks: min_ns >= -1, delays >= 0");
+  return {g_split_min_ns.exchange(min_ns), g_helper_delay_us.exchange(helper_delay_us),
+          g_caller_delay_us.exchange(caller_delay_us), g_helper_tasks.load()};
+}
+
 TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
+  m.def("_lut_split_hooks(int min_ns, int helper_delay_us, int caller_delay_us) -> int[]", &lut_split_hooks);
   m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
   m.def("_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized=True) -> Tensor");
 }

@@ -33,6 +33,24 @@ LUT_BITS = {"lut8": 8, "lut16": 16}  # the opt-in paths' table widths
 _LUT_MAX_ROWS = 8
 _PATH_ENV = "RPQ_FX_PATH"
 
+# The C++ forward's cost per (slice, output row) pair for one batch block of each width (ns, one thread), and per
+# multiply-add of a task's table: timed on the 2-core AVX-512 machine (4096x4096, d = 2, 4, 8 and 256, K = 16 and 256,
+# float32, medians of CPU time on a loaded machine; benchmarks/linear.py).
+_PAIR_NS = {1: 0.35, 2: 0.6, 4: 0.6, 8: 0.65, 16: 0.75, 32: 1.1}
+_TABLE_MAC_NS = 0.028
+# The 32-bit lookup-table forward (one or two rows): per (slice, output row) and per table entry quantised, one thread
+# (the same machine, 4096x4096 at d = 2, 4, 8, medians of CPU time on a loaded machine); calls of more than about
+# 60 us share their work with a helper thread (csrc ``split_phases``), as the halving below assumes.
+_LUT_PAIR_NS = 0.07
+_LUT_ENTRY_NS = 0.4
+_LUT_AUTO_ROWS = 2  # the C++ kernels' kLutMaxRows
+# reason: no GPU has run rpq_fx yet, so no GPU figures exist: a simple rule that benchmarks/gpu.py's table will
+# confirm or replace. Up to this many rows the Triton compressed path (lookup tables up to 16 rows, tiles of W
+# expanded in shared memory above) reads only the codes and L2-resident codebooks; above it, one write and read
+# of the dense weight is small beside the cuBLAS GEMM it feeds.
+_CUDA_COMPRESSED_MAX_BATCH = 256
+_FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # 16-bit floats summed in float32
+
 
 def _valid(path: str, where: str) -> str:
     if path not in PATHS:
@@ -110,13 +128,6 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
     return expansion + 2 * gemm + 0.5 * weight + 0.5 * weight + 10 * C * N + 4e3
 
 
-# The C++ forward's cost per (slice, output row) pair for one batch block of each width (ns, one thread), and per
-# multiply-add of a task's table: timed on the 2-core AVX-512 machine (4096x4096, d = 2, 4, 8 and 256, K = 16 and 256,
-# float32, medians of CPU time on a loaded machine; benchmarks/linear.py).
-_PAIR_NS = {1: 0.35, 2: 0.6, 4: 0.6, 8: 0.65, 16: 0.75, 32: 1.1}
-_TABLE_MAC_NS = 0.028
-
-
 def _compressed_forward_ns(batch: int, in_features: int, out_features: int, num_codebooks: int, num_codes: int,
                            codebook_dim: int) -> float:
     """The float32 C++ forward (csrc/rpq_kernels.cpp ``forward_impl``): batch blocks of 1-32 columns, each cut into
@@ -134,15 +145,6 @@ def _compressed_forward_ns(batch: int, in_features: int, out_features: int, num_
         gather = batch * _LUT_PAIR_NS * num_codebooks * out_features
         tables = batch * (_TABLE_MAC_NS * num_codes * in_features + _LUT_ENTRY_NS * num_codebooks * num_codes)
     return (gather + tables) / 2 + 2e3
-
-
-# The 32-bit lookup-table forward (one or two rows): per (slice, output row) and per table entry quantised, one thread
-# (the same machine, 4096x4096 at d = 2, 4, 8, medians of CPU time on a loaded machine).
-_LUT_PAIR_NS = 0.07
-_LUT_ENTRY_NS = 0.4
-
-
-_LUT_AUTO_ROWS = 2  # the C++ kernels' kLutMaxRows
 
 
 def _lut_max_rows() -> int:
@@ -182,13 +184,6 @@ def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "au
     return "compressed" if _cost_ns("compressed", *args) <= _cost_ns("expand", *args) else "expand"
 
 
-# reason: no GPU has run rpq_fx yet, so no GPU figures exist: a simple rule that benchmarks/gpu.py's table will
-# confirm or replace. Up to this many rows the Triton compressed path (lookup tables up to 16 rows, tiles of W
-# expanded in shared memory above) reads only the codes and L2-resident codebooks; above it, one write and read
-# of the dense weight is small beside the cuBLAS GEMM it feeds.
-_CUDA_COMPRESSED_MAX_BATCH = 256
-
-
 def _cuda_path(batch: int) -> str:
     """The path on CUDA where the Triton kernels compute (forward and backward alike; untimed, see above)."""
     return "compressed" if batch <= _CUDA_COMPRESSED_MAX_BATCH else "expand"
@@ -198,9 +193,6 @@ def _triton_applies(x: Tensor, codebooks: Tensor) -> bool:
     """Whether the Triton kernels compute this call (CUDA, float16 / bfloat16 / float32, one dtype), not stock ops."""
     return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and codebooks.dtype == x.dtype and _triton.serving())
-
-
-_FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # 16-bit floats summed in float32
 
 
 def lut_applies(x: Tensor, codebooks: Tensor, codes: Tensor) -> bool:
