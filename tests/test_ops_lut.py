@@ -168,7 +168,8 @@ def test_a_non_finite_input_makes_its_row_nan(bits):
 split_hooks = torch.ops.rpq_fx._lut_split_hooks if _kernels.available() else None
 NEVER = 1 << 62  # no call is estimated at this many ns: everything on the calling thread
 threads = torch.get_num_threads()
-needs_two = pytest.mark.skipif(threads < 2, reason="torch has one thread: nothing to split")
+# reason: xdist workers run torch with one thread (tests/conftest.py); the split needs a second, so these tests set two
+needs_two = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: nothing to split")
 
 
 def hooks(min_ns: int = -1, helper_delay_us: int = 0, caller_delay_us: int = 0) -> int:
@@ -178,7 +179,9 @@ def hooks(min_ns: int = -1, helper_delay_us: int = 0, caller_delay_us: int = 0) 
 
 @pytest.fixture
 def defaults():
-    """Restores the kernel's defaults (split from its threshold, no delays) and torch's threads after the test."""
+    """Two torch threads for the test (a helper to split with); the kernel's defaults (split from its threshold, no
+    delays) and torch's threads restored after it."""
+    torch.set_num_threads(2)
     yield
     hooks()
     torch.set_num_threads(threads)
