@@ -50,6 +50,13 @@ def table(rows, headers, floatfmt=".2f", **options) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", floatfmt=floatfmt, **options)
 
 
+def kept_notes(path: Path) -> str:
+    """The hand-written ``## Notes`` section of an earlier results file (to the end), kept across reruns."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find("\n## Notes")
+    return text[at + 1:] if at >= 0 else ""
+
+
 def write(name: str, title: str, body: str, load_before: str, directory: Path = RESULTS) -> Path:
     """``<directory>/<name>.md`` (``benchmarks/results/`` by default): title, command, machine and load, then ``body``."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, load, table, timed, write  # noqa: E402
+from _common import RESULTS, kept_notes, load, table, timed, write  # noqa: E402
 from _quality import methods, tasks  # noqa: E402
 
 import rpq_fx  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     if args.whole_model:  # reason: block_split finding no blocks is the whole-model path (convert and allocate)
         sequential.block_split = allocate_module.block_split = lambda *args, **kwargs: None
     label = " (whole model per group)" if args.whole_model else ""
-    notes = _notes(args.out / "fit_minilm.md")
+    notes = kept_notes(args.out / "fit_minilm.md")
     started = load()
     task = tasks.build_minilm()
     chosen = methods.weight_filter(task.weights)
@@ -92,13 +92,6 @@ def main() -> None:
                  directory=args.out)
     if notes:
         path.write_text(path.read_text() + "\n" + notes)
-
-
-def _notes(path: Path) -> str:
-    """The hand-written ``## Notes`` section of an earlier results file (to the end), kept across reruns."""
-    text = path.read_text() if path.exists() else ""
-    at = text.find("\n## Notes")
-    return text[at + 1:] if at >= 0 else ""
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, command, load, machine, table, write  # noqa: E402
+from _common import RESULTS, command, kept_notes, load, machine, table, write  # noqa: E402
 
 import rpq_fx  # noqa: E402
 import rpq_fx.ops.conv as rpq_conv  # noqa: E402
@@ -211,7 +211,7 @@ def main() -> None:
         for batch, prof in profiles:
             body += (f"\nBatch {batch}, one call each, self CPU ms per op (torch.profiler), largest differences "
                      f"first:\n\n" + table(prof, ["op", "dense", "converted", "converted - dense"]) + "\n")
-    notes = _notes(args.out / "model_speed.md")
+    notes = kept_notes(args.out / "model_speed.md")
     path = write("model_speed", "Whole models: converted against dense, CPU latency", body, started, args.out)
     if notes:
         path.write_text(path.read_text() + "\n" + notes)
@@ -219,13 +219,6 @@ def main() -> None:
         {"command": command(), "machine": machine(), "load_at_start": started, "load_at_end": load(),
          "results": results, "profiles": {name: {str(b): p for b, p in profiles} for name, _, profiles in sections}},
         indent=1) + "\n")
-
-
-def _notes(path: Path) -> str:
-    """The hand-written ``## Notes`` section of an earlier results file (to the end), kept across reruns."""
-    text = path.read_text() if path.exists() else ""
-    at = text.find("\n## Notes")
-    return text[at + 1:] if at >= 0 else ""
 
 
 if __name__ == "__main__":

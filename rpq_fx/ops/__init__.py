@@ -3,7 +3,8 @@
 
 - :mod:`.library`: the op definitions (schemas, fake kernels, autograd) and the loading of the C++
   CPU kernels, which the dispatcher reaches by device;
-- :mod:`.conv`: ``rpq_fx::conv``, a convolution whose weight is expanded a block of output channels at a time;
+- :mod:`.conv`: ``rpq_fx::conv``, a convolution whose weight is expanded a block of output channels at a time, or
+  computed from its codes (1x1, or unfolded) where that pays;
 - :mod:`.stock`: the same kernels in stock torch ops (any device and dtype; the fallback);
 - :mod:`.policy`: which way ``rpq_fx::linear`` computes each call (a CPU cost model; on CUDA a batch-size rule), and
   :func:`compute_path` to force it for a block of code;
