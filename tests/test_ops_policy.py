@@ -107,3 +107,27 @@ def test_fitted_small_d_layers_run_compressed_where_it_was_timed_faster():
     codebooks, codes = torch.zeros(1, 256, 1), torch.zeros(4096, 4096, dtype=torch.uint8)
     assert ops.choose_path(torch.zeros(1, 4096), codebooks, codes) == "compressed"
     assert ops.choose_path(torch.zeros(512, 4096), codebooks, codes) == "expand"
+
+
+@pytest.mark.skipif(not _kernels.available(), reason="the cost model of the C++ kernels")
+def test_the_cached_choice_follows_the_kernels_and_the_threads():
+    """choose_path caches the cost model's answer per call shape: a change of what computes the call (stock ops in
+    ``stock_ops``) or of the thread count must still reach the model, not a stale answer."""
+    x, codebooks, codes = torch.zeros(16, 384), torch.zeros(1, 16, 1), torch.zeros(384, 384, dtype=torch.uint8)
+    assert ops.choose_path(x, codebooks, codes) == "compressed"  # the C++ lookups
+    with ops.stock_ops():
+        assert ops.choose_path(x, codebooks, codes) == "expand"  # a stock gather of d = 1 loses to the GEMM
+    assert ops.choose_path(x, codebooks, codes) == "compressed"
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for batch, d in ((1, 4), (2, 4), (64, 4), (128, 4), (512, 1)):
+                x, codebooks = torch.zeros(batch, 384), torch.zeros(1, 256, d)
+                codes = torch.zeros(384 // d, 1536, dtype=torch.uint8)
+                args = (batch, 384, 1536, 384 // d, 256, d, torch.float32, "cpu", True, False, n, policy._lut_max_rows())
+                want = "compressed" if policy._cost_ns("compressed", *args) <= policy._cost_ns("expand", *args) \
+                    else "expand"
+                assert ops.choose_path(x, codebooks, codes) == want, (n, batch, d)
+    finally:
+        torch.set_num_threads(threads)

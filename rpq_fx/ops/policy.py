@@ -86,7 +86,8 @@ def _padded_batch(batch: int) -> int:
 
 
 def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_codebooks: int, num_codes: int,
-             codebook_dim: int, dtype: torch.dtype, device: torch.device, fast_kernels: bool, backward: bool) -> float:
+             codebook_dim: int, dtype: torch.dtype, device_type: str, fast_kernels: bool, backward: bool, threads: int,
+             lut_rows: int) -> float:
     """A rough time model (nanoseconds), fitted to 2-core AVX-512 CPU measurements (benchmarks/linear.py).
 
     Only the ratio of the two paths matters. The dense weight is ``out * in`` values; the compressed
@@ -95,7 +96,7 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
     """
     B, N, C, K, d = batch, out_features, num_codebooks, num_codes, codebook_dim
     weight = N * in_features
-    if device.type == "cuda":
+    if device_type == "cuda":
         # reason: stock ops on CUDA (no Triton), untimed (no GPU in CI); bandwidth and tensor-core rates of a
         # recent data-centre GPU
         mac, move, add = 1 / 50e3, 1 / 500.0, 1 / 300.0
@@ -106,7 +107,7 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
             (2 * expand + move * 2 * weight) if backward else expand)
     itemsize = dtype.itemsize
     if fast_kernels and dtype == torch.float32 and not backward and path == "compressed":
-        return _compressed_forward_ns(B, in_features, N, C, K, d)
+        return _compressed_forward_ns(B, in_features, N, C, K, d, threads, lut_rows)
     # reason: ATen's CPU float16 GEMM (no AVX512-FP16 here) ran 34x slower than float32's (64x768 by 768x768, one
     # thread); the C++ kernels compute float16's products in float32
     slow_half = 34.0 if dtype == torch.float16 else itemsize / 4
@@ -129,18 +130,18 @@ def _cost_ns(path: str, batch: int, in_features: int, out_features: int, num_cod
 
 
 def _compressed_forward_ns(batch: int, in_features: int, out_features: int, num_codebooks: int, num_codes: int,
-                           codebook_dim: int) -> float:
+                           codebook_dim: int, threads: int, lut_rows: int) -> float:
     """The float32 C++ forward (csrc/rpq_kernels.cpp ``forward_impl``): batch blocks of 1-32 columns, each cut into
     bands of rows that build their own table (K * in * width multiply-adds) and add C values per row; two threads."""
     width = 32 if batch > 16 else _padded_batch(batch)
     blocks = -(-batch // width)
-    threads = max(1, torch.get_num_threads())
+    threads = max(1, threads)
     shortest = max(64, num_codes * codebook_dim // 8 if width == 1 else num_codes * codebook_dim)
     bands = min(max(1, -(-2 * threads // blocks)), max(1, out_features // shortest))
     pair = 0.08 if width == 1 and num_codes <= 32 else _PAIR_NS[width]  # one-row lookups by permutes: no gather
     gather = pair * blocks * num_codebooks * out_features
     tables = _TABLE_MAC_NS * blocks * bands * num_codes * in_features * width
-    if 32 < num_codes <= 256 and batch <= _lut_max_rows():
+    if 32 < num_codes <= 256 and batch <= lut_rows:
         # 32-bit tables in registers, row by row: lookups per (slice, output row), the table's quantisation per entry
         gather = batch * _LUT_PAIR_NS * num_codebooks * out_features
         tables = batch * (_TABLE_MAC_NS * num_codes * in_features + _LUT_ENTRY_NS * num_codebooks * num_codes)
@@ -179,8 +180,15 @@ def choose_path(input: Tensor, codebooks: Tensor, codes: Tensor, path: str = "au
     if _triton_applies(input, codebooks):
         return _cuda_path(batch)
     fast = _fast_kernels_apply(input, codebooks)
-    args = (batch, in_features, out_features, num_codebooks, codebooks.shape[1], codebooks.shape[2],
-            input.dtype, input.device, fast, backward)
+    return _auto_path(batch, in_features, out_features, num_codebooks, codebooks.shape[1], codebooks.shape[2],
+                      input.dtype, input.device.type, fast, backward, torch.get_num_threads(), _lut_max_rows())
+
+
+# reason: the cost model took about half of choose_path's 4 us, on every call of every layer; its answer depends only
+# on these arguments (the threads and the lookup-table rows included), so it is computed once per layer shape
+@functools.lru_cache(maxsize=4096)
+def _auto_path(*args) -> str:
+    """The cheaper path by :func:`_cost_ns` for ``_cost_ns``'s arguments after ``path``."""
     return "compressed" if _cost_ns("compressed", *args) <= _cost_ns("expand", *args) else "expand"
 
 
