@@ -95,7 +95,7 @@ def _rewritable(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
         return False
     a, b = node.args
-    return a is not b and len(a.users) == 1 if isinstance(a, fx.Node) and _fresh(gm, a) else False
+    return _fresh(gm, a) and a is not b and len(a.users) == 1
 
 
 def inplace_adds(gm: fx.GraphModule) -> int:

@@ -99,11 +99,16 @@ def _is_pointwise(weight_shape, padding, groups) -> bool:
     return groups == 1 and all(k == 1 for k in weight_shape[2:]) and not any(padding)
 
 
+def _saving(out_channels: int, num_codes: int, codebook_dim: int) -> float:
+    """Dense products / products from the codes, ``1 / (K/out + 1/d)`` (the module docstring)."""
+    return 1 / (num_codes / out_channels + 1 / codebook_dim)
+
+
 def pointwise_pays(weight_shape, padding, groups, num_codes: int, codebook_dim: int) -> bool:
     """Whether a convolution is pointwise and saves at least :data:`MIN_SAVING` of its products computed from
-    ``num_codes`` codewords of ``codebook_dim`` values (the module docstring)."""
+    ``num_codes`` codewords of ``codebook_dim`` values."""
     return (_is_pointwise(weight_shape, padding, groups)
-            and 1 / (num_codes / weight_shape[0] + 1 / codebook_dim) >= MIN_SAVING)
+            and _saving(weight_shape[0], num_codes, codebook_dim) >= MIN_SAVING)
 
 
 def _strided_1x1(weight_shape, stride, padding) -> bool:
@@ -153,7 +158,7 @@ def _route(input: Tensor, codebooks: Tensor, codes: Tensor, weight_shape, stride
     if kind == "pointwise":
         return kind if pointwise_pays(weight_shape, padding, groups, num_codes, dim) else None
     unfolded = input.shape[0] * positions * math.prod(weight_shape[1:])
-    saving = 1 / (num_codes / weight_shape[0] + 1 / dim)
+    saving = _saving(weight_shape[0], num_codes, dim)
     return kind if saving >= UNFOLD_MIN_SAVING and unfolded * UNFOLD_RATIO <= math.prod(weight_shape) else None
 
 
