@@ -12,7 +12,7 @@ from torch import nn
 
 from rpq_fx._model import empty_shell
 from rpq_fx.graph_module import graphs_of
-from rpq_fx.nn.weight import RPQWeight
+from rpq_fx.nn.weight import RPQWeight, lookup_weight
 
 from .plan import LayerPlan, parameter_at
 from .weight_ops import LAYERS, emit_layer_call, layer_arguments
@@ -149,12 +149,30 @@ def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor) -> fx.Nod
     return _expansion(graph, path, value) if isinstance(value, RPQWeight) else graph.get_attr(path)
 
 
+def _reads_rows(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s own forward (run by ``functional_call``) reads its tensor ``name`` as an embedding
+    table: the ``weight`` of an ``nn.Embedding`` subclass (OPT's positional embedding, which computes its
+    positions and ends in ``super().forward``)."""
+    return isinstance(module, nn.Embedding) and name == "weight"
+
+
+def _lookup(graph: fx.Graph, path: str) -> fx.Node:
+    """The RPQ weight at ``path`` as a :class:`~rpq_fx.nn.weight.LookupWeight`: a lookup on it reads only its
+    rows (every other use expands it)."""
+    return graph.call_function(lookup_weight, (graph.get_attr(path),), name=f"{path.replace('.', '_')}_lookup")
+
+
 def _rewrite_attribute(gm: fx.GraphModule, node: fx.Node, weight: RPQWeight) -> None:
-    """``get_attr`` of a converted parameter: the RPQ weight takes its place, each reader its own expansion."""
+    """``get_attr`` of a converted parameter: the RPQ weight takes its place, each reader its own expansion
+    (a lookup weight where a module's own forward reads it as its embedding table, :func:`_reads_rows`)."""
     _install(gm, node.target, weight)
     for user in list(node.users):
+        rows = user.target is torch.func.functional_call and any(
+            value is node and _reads_rows(gm.get_submodule(user.args[0].target), name)
+            for name, value in user.args[1].items())
         with node.graph.inserting_before(user):
-            user.replace_input_with(node, _expansion(node.graph, node.target, weight))
+            read = _lookup(node.graph, node.target) if rows else _expansion(node.graph, node.target, weight)
+            user.replace_input_with(node, read)
     node.graph.erase_node(node)
 
 
@@ -175,7 +193,9 @@ def _rewrite_call(node: fx.Node, module: nn.Module, state: dict[str, nn.Module |
                                        dict(node.kwargs))
         else:
             call = graph.call_function(torch.func.functional_call, (
-                graph.get_attr(f"{node.target}.module"), {name: read(name) for name in state},
+                graph.get_attr(f"{node.target}.module"),
+                {name: _lookup(graph, f"{node.target}.{name}") if isinstance(state[name], RPQWeight)
+                 and _reads_rows(module, name) else read(name) for name in state},
                 tuple(node.args), dict(node.kwargs)))
     _replace_call(node, call)
 

@@ -4,11 +4,14 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from ..ops import check_codes, expand
+from ..ops import check_codes, embedding, expand, hot_embedding
 
-__all__ = ["RPQWeight", "code_dtype", "rpq_bytes", "additive_bytes", "hot_bytes", "rpq_weights", "check_index"]
+__all__ = ["RPQWeight", "LookupWeight", "lookup_weight", "code_dtype", "rpq_bytes", "additive_bytes", "hot_bytes",
+           "rpq_weights", "check_index"]
 
 
 def code_dtype(num_codes: int) -> torch.dtype:
@@ -261,6 +264,22 @@ class RPQWeight(nn.Module):
             rows = rows.add(stage.expand_rows())
         return rows if self.hot is None else rows.index_add(0, self.hot_index.long(), self.hot.expand_rows())
 
+    def lookup(self, indices: torch.Tensor, padding_idx: int | None = None,
+               scale_grad_by_freq: bool = False) -> torch.Tensor:
+        """``F.embedding(indices, self(), padding_idx, scale_grad_by_freq=...)``, expanding only the looked-up
+        rows (``rpq_fx::embedding`` per stage, the hot rows' residuals added), as the fuse pass writes a lookup;
+        the whole weight where that form does not apply (a reshaped or transposed weight, hot rows with
+        ``scale_grad_by_freq``)."""
+        if self.transposed or len(self.shape) != 2 or (self.hot is not None and scale_grad_by_freq):
+            return F.embedding(indices, self(), padding_idx, None, 2.0, scale_grad_by_freq)
+        rows = embedding(indices, self.compute_codebooks(), self.codes, padding_idx, scale_grad_by_freq)
+        for stage in self.additive or ():
+            rows = rows + embedding(indices, stage.compute_codebooks(), stage.codes, padding_idx, scale_grad_by_freq)
+        if self.hot is not None:
+            rows = rows + hot_embedding(indices, self.hot.compute_codebooks(), self.hot.codes, self.hot_index.long(),
+                                        self.num_vectors)
+        return rows
+
     def forward(self) -> torch.Tensor:
         """The dense weight, by the ops the rewrite pass writes for it (``rewrite._expansion``), so a
         traced RPQ layer reads as the graph a converted layer has (saved forwards compare equal)."""
@@ -279,3 +298,83 @@ class RPQWeight(nn.Module):
             shared += f", hot_rows={self.hot.num_vectors}, hot_codebook_dim={self.hot.codebook_dim}"
         return (f"num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
                 f"num_vectors={self.num_vectors}, num_codes={self.num_codes}{shared}, shape={self.shape}")
+
+
+_T = torch.Tensor
+# reads of a tensor's metadata, answered by a LookupWeight without expanding it
+_METADATA = frozenset({
+    *(getattr(_T, name).__get__ for name in ("shape", "dtype", "device", "requires_grad", "ndim", "layout", "is_cpu",
+                                             "is_cuda", "is_meta", "is_sparse", "is_quantized", "is_nested")),
+    _T.size, _T.dim, _T.ndimension, _T.numel, _T.nelement, _T.element_size, _T.is_floating_point, _T.is_complex,
+    _T.get_device, _T.__len__})
+
+
+class LookupWeight(torch.Tensor):
+    """An RPQ weight as a tensor of the dense weight's shape that holds no values, for a layer's own forward
+    (run by ``torch.func.functional_call``, an ``nn.Embedding`` subclass's ``forward`` that ends in
+    ``super().forward(...)``): an embedding lookup on it (``F.embedding``, ``torch.embedding``) is
+    :meth:`RPQWeight.lookup`, which reads only the looked-up rows, and its metadata (shape, dtype, device,
+    ``requires_grad``) is the weight's; any other use expands the weight and runs on the dense tensor. Gradients
+    reach the codebooks either way (autograd records the ops on them, never on this tensor)."""
+
+    weight: RPQWeight
+
+    @staticmethod
+    def __new__(cls, weight: RPQWeight):
+        # reason: a wrapper subclass has the weight's metadata and no storage (the dense values never exist)
+        self = torch.Tensor._make_wrapper_subclass(cls, weight.shape, dtype=weight.dtype, device=weight.device,
+                                                   requires_grad=weight.requires_grad and torch.is_grad_enabled())
+        self.weight = weight
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if func is F.embedding:
+            lookup = _embedding_call(*args, **kwargs)
+            if lookup is not None:
+                return lookup
+        elif func is torch.embedding:
+            lookup = _aten_embedding_call(*args, **kwargs)
+            if lookup is not None:
+                return lookup
+        dense = {}  # each weight expanded once per call, however many arguments name it
+        args, kwargs = tree_map(lambda v: dense.setdefault(id(v), v.weight()) if isinstance(v, LookupWeight) else v,
+                                (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # reason: every op is answered in __torch_function__, above autograd; one reaching the dispatcher would
+        # skip the codebooks' gradients, so it is refused rather than computed
+        raise RuntimeError(f"rpq_fx LookupWeight: {func} reached the dispatcher with an RPQ weight that has no dense "
+                           "values; call the weight (weight()) for them")
+
+    def __repr__(self) -> str:
+        return f"LookupWeight({self.weight.extra_repr()})"
+
+
+def _embedding_call(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                    sparse=False) -> torch.Tensor | None:
+    """``F.embedding``'s lookup on a :class:`LookupWeight` as :meth:`RPQWeight.lookup`, or None where that is not
+    the same call: the weight is another argument, ``max_norm`` renormalises rows in place, sparse gradients."""
+    if (not isinstance(weight, LookupWeight) or isinstance(input, LookupWeight) or max_norm is not None or sparse
+            or not isinstance(input, torch.Tensor)):
+        return None
+    return weight.weight.lookup(input, padding_idx, scale_grad_by_freq)
+
+
+def _aten_embedding_call(weight, indices, padding_idx=-1, scale_grad_by_freq=False,
+                         sparse=False) -> torch.Tensor | None:
+    """``torch.embedding`` (aten's argument order) as :func:`_embedding_call`; aten takes ``padding_idx`` as given,
+    so a negative one (-1 by default) matches no index: no padding row."""
+    return _embedding_call(indices, weight, None if padding_idx < 0 else padding_idx, None, 2.0,
+                           scale_grad_by_freq, sparse)
+
+
+def lookup_weight(weight: RPQWeight) -> LookupWeight:
+    """``weight`` as a :class:`LookupWeight`: what a graph hands a layer's own forward (``functional_call``)."""
+    return LookupWeight(weight)
