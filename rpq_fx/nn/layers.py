@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import embedding as rpq_embedding
-from ..ops import hot_embedding
 from ..ops import linear as rpq_linear
 from ..ops.conv import fused_pays
 from ..ops.conv import conv as rpq_conv
@@ -86,19 +84,7 @@ class RPQEmbedding(nn.Embedding):
         pass
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if weight.hot is not None and self.scale_grad_by_freq:  # reason: hot residuals would not be rescaled
-            return F.embedding(input, weight(), self.padding_idx, None, 2.0, True, False)
-        out = rpq_embedding(input, weight.compute_codebooks(), weight.codes, self.padding_idx,
-                            self.scale_grad_by_freq)
-        for stage in weight.additive or ():
-            out = out + rpq_embedding(input, stage.compute_codebooks(), stage.codes, self.padding_idx,
-                                      self.scale_grad_by_freq)
-        if weight.hot is None:
-            return out
-        hot = weight.hot
-        return out + hot_embedding(input, hot.compute_codebooks(), hot.codes, weight.hot_index.long(),
-                                   weight.num_vectors)
+        return self.weight.lookup(input, self.padding_idx, self.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
