@@ -39,10 +39,12 @@ def test_forward_expands_no_positional_table(opt):
         assert_outputs_close(actual, reference(ids).logits)
 
 
-def test_generate_with_the_kv_cache(opt):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_with_the_kv_cache(opt, cache):
     _, converted, reference = opt
     ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(2))
-    options = dict(max_new_tokens=6, do_sample=False, use_cache=True, output_scores=True, return_dict_in_generate=True)
+    options = dict(max_new_tokens=6, do_sample=False, use_cache=True, output_scores=True, return_dict_in_generate=True,
+                   cache_implementation=cache)
     actual, expected = converted.generate(ids, **options), reference.generate(ids, **options)
     assert torch.equal(actual.sequences, expected.sequences)
     assert_outputs_close(torch.stack(actual.scores), torch.stack(expected.scores))
