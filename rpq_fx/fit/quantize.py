@@ -479,7 +479,10 @@ def fit_rows(rows: Tensor, num_codebooks: int, num_codes: int, shared: bool, *, 
     inputs) or ``row_weights [N]`` make the fit data-aware (see the module docstring).
     ``error_feedback=False`` quantises each slice under ``H``'s diagonal alone, pushing nothing on.
     ``damp`` (GPTQ's default 0.01) of ``H``'s mean diagonal is added to the diagonal of the ``H``
-    that steers the slice-by-slice quantisation (the codebooks are then solved under ``H`` itself).
+    that steers the slice-by-slice quantisation (the codebooks are then solved under ``H`` itself). Where
+    ``H`` comes from few inputs for its width (text: 256 lines for MiniLM's 384- and 1536-wide layers), a
+    larger ``damp`` (0.1) fits held-out inputs better (``benchmarks/results/minilm_heldout.md``,
+    ``tests/fit/test_fit_heldout.py``).
 
     Input-aware fits of a shared codebook run two rounds (the second re-quantises with the solved
     codebook); with a codebook per slice position one round, as a second did not help on the
