@@ -26,7 +26,8 @@ it gets.
 else as in the full model (the same layers, embedding and head), so the ratio is measured honestly on fewer
 layers; a minute or two and ~1.3 GB.
 
-Writes ``benchmarks/results/opt66b.md`` (``opt66b_quick.md`` with ``--quick`` or ``--layers``).
+Writes ``benchmarks/results/opt66b.md`` (``opt66b_quick.md`` with ``--quick`` or ``--layers``), keeping the
+hand-written ``## Notes`` section of the file it replaces.
 
     python benchmarks/opt66b.py [--prompt 8] [--new-tokens 8] [--layers 64] [--quick] [--stream-mib 1024] [--no-child]
 """
@@ -45,7 +46,7 @@ import torch
 from transformers import StaticCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import load, table, write  # noqa: E402
+from _common import RESULTS, kept_notes, load, table, write  # noqa: E402
 from static_sizes import materialise, opt_66b  # noqa: E402
 
 import rpq_fx  # noqa: E402
@@ -278,9 +279,11 @@ def main() -> None:
     body = (f"{what} as RPQ with 72 codebooks, on the CPU of this machine ({threads} threads, "
             f"{os.cpu_count()} cores; OMP_WAIT_POLICY {policy or 'unset'}), {args.prompt} prompt tokens, "
             f"{args.new_tokens} decoded.\n\n" + table(rows, ["", ""]) + "\n")
-    write("opt66b" if whole else "opt66b_quick",
-          "OPT-66b as RPQ: materialised and run on a 2-core, 24 GB machine" if whole else
-          f"OPT-66b as RPQ, {args.layers} of 64 layers: decode against the memory-bandwidth limit", body, started)
+    name = "opt66b" if whole else "opt66b_quick"
+    notes = kept_notes(RESULTS / f"{name}.md")
+    write(name, "OPT-66b as RPQ: materialised and run on a 2-core, 24 GB machine" if whole else
+          f"OPT-66b as RPQ, {args.layers} of 64 layers: decode against the memory-bandwidth limit",
+          body + ("\n" + notes if notes else ""), started)
 
 
 if __name__ == "__main__":
