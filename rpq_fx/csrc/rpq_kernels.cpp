@@ -199,7 +199,7 @@ void gather_rows<float, uint8_t, 1>(const float* __restrict table, int64_t K, co
 
 // The table of slices [c0, c0 + cb) for one batch block, [cb, K, BB] in A, into `table`:
 //   table[c - c0, k, j] = codebooks[g(c), k] . x[j, c*d:(c+1)*d]        (x's columns past the batch: zero)
-// xt: the block's x as [C, d, BB] in A. Short slices (d < 16) are summed here in A over the slice, ascending; long
+// xt: the block's slices [c0, c0 + cb) of x as [cb, d, BB] in A (transpose_block). Short slices (d < 16) are summed here in A over the slice, ascending; long
 // ones by ATen's bmm in the products' dtype T (cbe: the codebooks [C, K, d], xb: the block as [C, d, BB]), widened to A.
 // cbt: the codebooks transposed, [1, d, K] in A (shared codebooks, BB == 1 only: the sums then run along K).
 template <typename A, typename T, int BB>
@@ -222,7 +222,7 @@ void table_block(A* __restrict table, const Tensor& cbe, const Tensor& xb, const
   }
   for (int64_t c = c0; c < c0 + cb; ++c) {
     A* __restrict acc = table + (c - c0) * K * BB;
-    const A* __restrict xc = xt + c * d * BB;
+    const A* __restrict xc = xt + (c - c0) * d * BB;
     if (BB == 1 && cbt != nullptr) {
       // shared codebooks, one batch row: along K, one slice element at a time
 #pragma omp simd
@@ -299,24 +299,43 @@ void scatter_block(const G* __restrict grad, int64_t ldg, int64_t bw, const code
   }
 }
 
+// The slices [c0, c0 + cb) of one batch block of x (rows b0 .. b0 + bw of x [B, in], stored as S) as [cb, d, BB] in
+// A, zero past the batch: what table_block reads for short slices. reason: built per task, in cache, from x in place;
+// a copy of the whole x in this layout (and its zero padding) was a separate parallel op of its own on every call
+template <typename A, typename S, int BB>
+void transpose_block(const S* __restrict x, int64_t in, int64_t b0, int64_t bw, int64_t c0, int64_t cb, int64_t d,
+                     A* __restrict xt) {
+  const int64_t len = cb * d;
+  for (int64_t j = 0; j < BB; ++j) {
+    if (j < bw) {
+      const S* __restrict row = x + (b0 + j) * in + c0 * d;
+      for (int64_t e = 0; e < len; ++e) xt[e * BB + j] = static_cast<A>(row[e]);
+    } else {
+      for (int64_t e = 0; e < len; ++e) xt[e * BB + j] = A(0);
+    }
+  }
+}
+
 // y = x W^T for the rows of one dtype combination: x and cbe (the codebooks [C, K, d], shared ones expanded) stored
 // as T (the products' dtype; ATen's bmm sums bfloat16 in float32), the tables kept in A, each output summed in A over the
 // slices in order and stored as O. The work is cut into tasks (a batch block and a band of rows) that the threads
 // claim one at a time, so that a thread slowed by a busy machine takes fewer; each task builds its block's table a
 // block of slices at a time (kTableBlockBytes) and adds every row of its band from it while it is in cache.
 template <typename A, typename T, typename O, typename code_t, int BB>
-Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes, Tensor out) {
-  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
+Tensor forward_impl(const Tensor& x, const Tensor& xp, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes,
+                    const O* bias_p, Tensor out) {
+  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = codebooks.size(1), d = codebooks.size(2);
   const bool shared = codebooks.size(0) == 1;
   const int64_t nbb = (B + BB - 1) / BB;
   const int64_t threads = at::get_num_threads();
   const at::ScalarType acc_type = c10::CppTypeToScalarType<A>::value;
-  // x's batch blocks as [nbb, C, d, BB], zero past the batch
-  const Tensor xpad = B == nbb * BB ? x : at::constant_pad_nd(x, {0, 0, 0, nbb * BB - B});
-  const Tensor xblocks = xpad.view({nbb, BB, C, d}).permute({0, 2, 3, 1}).contiguous();
-  Tensor xt, cba, cbt;  // in A, for the tables summed here (short slices)
-  if (d < 16) {
-    xt = xblocks.to(acc_type);
+  Tensor xblocks, cba, cbt;
+  if (d >= 16) {
+    // ATen's bmm builds the tables from x's batch blocks as [nbb, C, d, BB] in T, zero past the batch
+    const Tensor xpad = B == nbb * BB ? xp : at::constant_pad_nd(xp, {0, 0, 0, nbb * BB - B});
+    xblocks = xpad.view({nbb, BB, C, d}).permute({0, 2, 3, 1}).contiguous();
+  } else {
+    // short slices: summed here from x read in place (transpose_block), in A
     cba = codebooks.to(acc_type).contiguous();
     if (BB == 1 && shared) cbt = cba.transpose(1, 2).contiguous();
   }
@@ -331,7 +350,7 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks,
   bands = (N + band - 1) / band;
   const int64_t tasks = nbb * bands;
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
-  const A* xt_p = xt.defined() ? xt.data_ptr<A>() : nullptr;
+  const O* x_p = x.data_ptr<O>();
   const A* cba_p = cba.defined() ? cba.data_ptr<A>() : nullptr;
   const A* cbt_p = cbt.defined() ? cbt.data_ptr<A>() : nullptr;
   O* out_p = out.data_ptr<O>();
@@ -340,19 +359,27 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks,
     at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
     std::vector<A> table((slices * K + 32) * BB);  // 32 readable values past the end (the AVX-512 permutes)
     std::vector<A> partial(band * BB);
+    std::vector<A> xt(d < 16 ? slices * d * BB : 0);
     for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
       const int64_t bb = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
       const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-      const Tensor xb = xblocks[bb];
+      const Tensor xb = d >= 16 ? xblocks[bb] : Tensor();
       for (int64_t c0 = 0; c0 < C; c0 += slices) {
         const int64_t cb = std::min(slices, C - c0);
-        table_block<A, T, BB>(table.data(), cbe, xb, xt_p ? xt_p + bb * C * d * BB : nullptr, cbt_p, cba_p, shared,
-                              K, d, c0, cb);
+        if (d < 16) transpose_block<A, O, BB>(x_p, C * d, b0, bw, c0, cb, d, xt.data());
+        table_block<A, T, BB>(table.data(), cbe, xb, xt.data(), cbt_p, cba_p, shared, K, d, c0, cb);
         gather_rows<A, code_t, BB>(table.data(), K, codes_p + c0 * N + n0, N, cb, nn, partial.data(), c0 == 0);
       }
+      // each output rounded to O, then the bias added as out.add_(bias) would (in A, rounded to O once more)
       for (int64_t j = 0; j < bw; ++j) {
         O* __restrict o = out_p + (b0 + j) * N + n0;
-        for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(partial[i * BB + j]);
+        if (bias_p != nullptr) {
+          const O* __restrict bias_n = bias_p + n0;
+          for (int64_t i = 0; i < nn; ++i)
+            o[i] = static_cast<O>(static_cast<A>(static_cast<O>(partial[i * BB + j])) + static_cast<A>(bias_n[i]));
+        } else {
+          for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(partial[i * BB + j]);
+        }
       }
     }
   });
@@ -422,14 +449,15 @@ int64_t block_width(int64_t B) {
 }
 
 template <typename A, typename T, typename O, typename code_t>
-Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes, const Tensor& out) {
+Tensor forward_bb(const Tensor& x, const Tensor& xp, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes,
+                  const O* bias, const Tensor& out) {
   switch (block_width(x.size(0))) {
-    case 1: return forward_impl<A, T, O, code_t, 1>(x, cbe, codebooks, codes, out);
-    case 2: return forward_impl<A, T, O, code_t, 2>(x, cbe, codebooks, codes, out);
-    case 4: return forward_impl<A, T, O, code_t, 4>(x, cbe, codebooks, codes, out);
-    case 8: return forward_impl<A, T, O, code_t, 8>(x, cbe, codebooks, codes, out);
-    case 16: return forward_impl<A, T, O, code_t, 16>(x, cbe, codebooks, codes, out);
-    default: return forward_impl<A, T, O, code_t, 32>(x, cbe, codebooks, codes, out);
+    case 1: return forward_impl<A, T, O, code_t, 1>(x, xp, cbe, codebooks, codes, bias, out);
+    case 2: return forward_impl<A, T, O, code_t, 2>(x, xp, cbe, codebooks, codes, bias, out);
+    case 4: return forward_impl<A, T, O, code_t, 4>(x, xp, cbe, codebooks, codes, bias, out);
+    case 8: return forward_impl<A, T, O, code_t, 8>(x, xp, cbe, codebooks, codes, bias, out);
+    case 16: return forward_impl<A, T, O, code_t, 16>(x, xp, cbe, codebooks, codes, bias, out);
+    default: return forward_impl<A, T, O, code_t, 32>(x, xp, cbe, codebooks, codes, bias, out);
   }
 }
 
@@ -513,32 +541,26 @@ Tensor expanded_codebooks(const Tensor& codebooks, int64_t C) {
 }
 
 // W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]], d values of E bytes each (any dtype of that size).
-// A block of rows at a time: the block's codes are gathered first (one cache line per codebook),
-// then each row of W is written front to back.
+// A block of rows at a time, each row of W written front to back, its codes read in place: the block's C cache lines
+// of codes stay in L1 across its rows. reason: the codes were first gathered into a table of offsets [rows, C]
+// written column by column; with C = 384 (a 1536-wide row at d = 4) those scattered writes made the expansion 3.5x
+// slower per value than at C = 96 (389 us against 104 for 590K values, one thread)
 template <typename E, typename code_t, int D>
 void expand_rows(const E* __restrict cb, const code_t* __restrict codes, E* __restrict out, int64_t C, int64_t N,
                  int64_t K, int64_t d, int64_t groups) {
   constexpr int64_t NB = 64;
   const int64_t dim = D > 0 ? D : d;
   const int64_t row_len = C * dim;
+  const int64_t slice_step = groups == 1 ? 0 : K * dim;  // codebook c starts at c * slice_step
   at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> offsets(NB * C);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
+    for (int64_t n = begin * NB; n < std::min(N, end * NB); ++n) {
+      E* __restrict row = out + n * row_len;
+      const code_t* __restrict cc = codes + n;
       for (int64_t c = 0; c < C; ++c) {
-        const code_t* __restrict cc = codes + c * N + n0;
-        const int64_t base = (groups == 1 ? 0 : c * K);
-        for (int64_t i = 0; i < nn; ++i) offsets[i * C + c] = (base + static_cast<int64_t>(cc[i])) * dim;
-      }
-      for (int64_t i = 0; i < nn; ++i) {
-        E* __restrict row = out + (n0 + i) * row_len;
-        const int64_t* __restrict off = offsets.data() + i * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const E* __restrict src = cb + off[c];
-          E* __restrict dst = row + c * dim;
+        const E* __restrict src = cb + c * slice_step + static_cast<int64_t>(cc[c * N]) * dim;
+        E* __restrict dst = row + c * dim;
 #pragma omp simd
-          for (int64_t j = 0; j < dim; ++j) dst[j] = src[j];
-        }
+        for (int64_t j = 0; j < dim; ++j) dst[j] = src[j];
       }
     }
   });
@@ -1281,30 +1303,48 @@ void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, i
   if (!y.is_same(out)) out.copy_(y);
 }
 
-// y [B, N] = x [B, in] @ W^T, W never built; written into `out` when given.
-Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor& codes_in,
+// y [B, N] = x [B, in] @ W^T (+ bias [N] where defined), W never built; written into `out` when given.
+Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor& codes_in, const Tensor& bias_in,
                       const c10::optional<Tensor>& out_in) {
-  check(x_in, codebooks, codes_in, "rpq_fx linear_forward");
+  const char* what = "rpq_fx linear_forward";
+  check(x_in, codebooks, codes_in, what);
+  if (bias_in.defined()) {
+    check_cpu(bias_in, "bias", what);
+    TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == codes_in.size(1), what, ": bias must be [",
+                codes_in.size(1), "], got ", bias_in.sizes());
+  }
   at::NoGradGuard no_grad;  // reason: the callers' autograd formulas differentiate this; its inner ops must not record
   Tensor x = x_in.contiguous(), codes = codes_in.contiguous();
-  check_codes(codes, codebooks.size(1), "rpq_fx linear_forward");
-  Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, "rpq_fx linear_forward");
-  if (!fast_dtypes({x.scalar_type(), codebooks.scalar_type()})) {
+  check_codes(codes, codebooks.size(1), what);
+  Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, what);
+  // the bias is added in the output's write where it has x's dtype and the hand-written loops compute; else after
+  const bool fast = fast_dtypes({x.scalar_type(), codebooks.scalar_type()});
+  const bool lut = fast && x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() &&
+                   lut_supports(x, codebooks, codes);
+  const bool fold = bias_in.defined() && fast && !lut && bias_in.scalar_type() == x.scalar_type();
+  if (!fast) {
     linear_forward_aten(x, codebooks, codes, out);
-    return out;
-  }
-  // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
-  // looked up on this thread (robust on a busy machine, see lut_forward)
-  if (x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() && lut_supports(x, codebooks, codes)) {
+  } else if (lut) {
+    // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
+    // looked up on this thread (robust on a busy machine, see lut_forward)
     lut_linear(x, codebooks, codes, kLutAutoBits, true, out);
-    return out;
+  } else {
+    const Tensor bias = fold ? bias_in.contiguous() : Tensor();
+    // ATen's bmm builds the tables of long slices, in the products' dtype; short ones are summed from x in place
+    Tensor xp, cbe;
+    if (codebooks.size(2) >= 16) {
+      const at::ScalarType products = product_type(x.scalar_type());
+      xp = x.to(products);
+      cbe = expanded_codebooks(codebooks.to(products), codes.size(0));
+    }
+    dispatch_types(x.scalar_type(), codes, [&](auto a, auto p, auto s, auto c) {
+      using S = decltype(s);
+      return forward_bb<decltype(a), decltype(p), S, decltype(c)>(
+          x, xp, cbe, codebooks, codes, fold ? reinterpret_cast<const S*>(bias.data_ptr()) : nullptr, out);
+    });
   }
-  const at::ScalarType products = product_type(x.scalar_type());
-  Tensor xp = x.to(products), cbp = codebooks.to(products).contiguous();
-  Tensor cbe = expanded_codebooks(cbp, codes.size(0));
-  return dispatch_types(x.scalar_type(), codes, [&](auto a, auto p, auto s, auto c) {
-    return forward_bb<decltype(a), decltype(p), decltype(s), decltype(c)>(xp, cbe, cbp, codes, out);
-  });
+  if (bias_in.defined() && !fold) out.add_(bias_in);
+  return out;
 }
 
 // (grad_x [B, in] or undefined, grad_codebooks [G, K, d] or undefined) of linear_forward; grad_x is
@@ -1402,14 +1442,17 @@ void expand_backward_add_op(at::Tensor& out, const Tensor& grad, const Tensor& c
   expand_backward(grad, codes, out.size(0), out.size(1), out);
 }
 
-// rpq_fx::_linear_compressed(Tensor x, Tensor codebooks, Tensor codes) -> Tensor: x [..., in] -> y [..., N].
-Tensor linear_compressed_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes) {
+// rpq_fx::_linear_compressed(Tensor x, Tensor codebooks, Tensor codes, Tensor? bias=None) -> Tensor: x [..., in] ->
+// y [..., N], plus bias [N] where given.
+Tensor linear_compressed_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes,
+                            const c10::optional<Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && codes.dim() == 2, "rpq_fx linear: x [..., in] and codes [C, N]");
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = codes.size(1);
   Tensor out = at::empty(shape, x.options());
   Tensor out_2d = out.view({-1, codes.size(1)});
-  if (out_2d.size(0) > 0) linear_forward(x.reshape({-1, x.size(-1)}), codebooks, codes, out_2d);
+  if (out_2d.size(0) > 0)
+    linear_forward(x.reshape({-1, x.size(-1)}), codebooks, codes, bias.has_value() ? *bias : Tensor(), out_2d);
   return out;
 }
 
