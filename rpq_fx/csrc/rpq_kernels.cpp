@@ -197,6 +197,30 @@ void gather_rows<float, uint8_t, 1>(const float* __restrict table, int64_t K, co
 }
 #endif
 
+// acc[k, :] = sum_t cbc[k, t] * xc[t, :] for k < K (BB columns, t ascending from t = 0), xc [D, BB] held in registers:
+// per codeword D broadcasts and D * P multiply-adds, no load of x. The same sums in the same order as table_block's
+// loop for any d.
+template <typename A, int BB, int D>
+inline void table_rows(A* __restrict acc, const A* __restrict xc, const A* __restrict cbc, int64_t K) {
+  constexpr int P = vector_parts<A, BB>(), W = BB / P;
+  typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
+  vec_t xv[D][P];
+#pragma GCC unroll 16
+  for (int q = 0; q < D * P; ++q) std::memcpy(&xv[q / P][q % P], xc + (q / P) * BB + (q % P) * W, sizeof(vec_t));
+  for (int64_t k = 0; k < K; ++k) {
+    const A* __restrict w = cbc + k * D;
+    vec_t a[P];
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) a[p] = w[0] * xv[0][p];
+#pragma GCC unroll 8
+    for (int t = 1; t < D; ++t) {
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) a[p] += w[t] * xv[t][p];
+    }
+    std::memcpy(acc + k * BB, a, sizeof(a));
+  }
+}
+
 // The table of slices [c0, c0 + cb) for one batch block, [cb, K, BB] in A, into `table`:
 //   table[c - c0, k, j] = codebooks[g(c), k] . x[j, c*d:(c+1)*d]        (x's columns past the batch: zero)
 // xt: the block's slices [c0, c0 + cb) of x as [cb, d, BB] in A (transpose_block). Short slices (d < 16) are summed here in A over the slice, ascending; long
@@ -236,6 +260,13 @@ void table_block(A* __restrict table, const Tensor& cbe, const Tensor& xb, const
     } else {
       const A* __restrict cbc = cba + (shared ? 0 : c * K * d);
       if constexpr (BB >= 2) {
+        switch (d) {  // reason: a compile-time d holds the block's x in registers across the K codewords
+          case 1: table_rows<A, BB, 1>(acc, xc, cbc, K); continue;
+          case 2: table_rows<A, BB, 2>(acc, xc, cbc, K); continue;
+          case 4: table_rows<A, BB, 4>(acc, xc, cbc, K); continue;
+          case 8: table_rows<A, BB, 8>(acc, xc, cbc, K); continue;
+          default: break;
+        }
         // reason: as in gather_row_group, GCC left the `omp simd` form scalar; explicit vectors
         constexpr int P = vector_parts<A, BB>(), W = BB / P;
         typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
