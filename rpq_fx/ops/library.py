@@ -177,8 +177,8 @@ def linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None 
     """
     check_linear(input, codebooks, codes, bias)
     out_features = codes.shape[1]
-    x = input.reshape(-1, input.shape[-1])
-    chosen = choose_path(input, codebooks, codes, path) if x.shape[0] > 0 else "expand"
+    rows = input.shape[:-1].numel()
+    chosen = choose_path(input, codebooks, codes, path) if rows > 0 else "expand"
     if chosen == "compressed":
         if bias is None or input.device.type != "cuda":
             return torch.ops.rpq_fx._linear_compressed(input, codebooks, codes, bias)  # the bias added in its write
@@ -190,8 +190,8 @@ def linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None 
     # reason: written through a 2-D view into a fresh tensor: an op's output must not be a view (callers
     # modify it in place)
     out = input.new_empty(*input.shape[:-1], out_features)
-    if x.shape[0] > 0:
-        _expand_forward(x, codebooks, codes, bias, out.view(-1, out_features))
+    if rows > 0:
+        _expand_forward(input.reshape(-1, input.shape[-1]), codebooks, codes, bias, out.view(-1, out_features))
     return out
 
 
