@@ -330,6 +330,159 @@ void scatter_block(const G* __restrict grad, int64_t ldg, int64_t bw, const code
   }
 }
 
+// ------------------------------------------------------------------ work shared with helpers that may never start
+// The calling thread and up to threads - 1 helpers (tasks on ATen's inter-op pool, at::launch) claim small tasks
+// from shared atomic counters, a few phases one after another (a phase starts once every task of the one before is
+// done). reason: at::parallel_for's join waits for every thread of its region to ARRIVE, and on a busy machine a
+// descheduled worker turned 0.5 ms calls into 37-48 ms. Here the caller never waits for a thread that has not
+// started: it claims tasks until a phase's counter runs out, then waits only for the tasks already claimed (each
+// small, run by a thread that is running). A helper that starts late joins the phase under way; one that starts
+// after the call returned finds every counter spent and leaves without touching the call's data (the state it reads
+// is shared-owned; the call's work function is reached only through a successful claim, which the call waits for).
+struct SplitPhase {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t tasks = 0;
+};
+
+struct SplitState {
+  static constexpr int kMaxPhases = 3;
+  std::array<SplitPhase, kMaxPhases> phases;
+  int count = 0;
+  void (*run)(void*, int, int64_t) = nullptr;  // run(context, phase, task)
+  void* context = nullptr;  // the caller's work function: valid while a claim can succeed
+  std::mutex error_lock;
+  std::exception_ptr error;  // the first exception a task threw, rethrown by the caller
+  std::atomic<int> caller_cpu{-1};  // the CPU the caller last claimed a task on
+};
+
+// Test hooks (rpq_fx::_lut_split_hooks, tests only): the least estimated work (ns) that is shared out, a delay before
+// each helper starts and one before the caller starts (us), and how many tasks helpers have run (so a test can see
+// the split happen, or not).
+std::atomic<int64_t> g_split_min_ns{-1};  // -1: kSplitMinNs
+// Calls estimated below this (ns) run on the calling thread (split_phases' users): waking a helper (at::launch) and handing it work cost
+// about as much as it saves there (measured, one thread / split, d = 4 shared: estimated 42 us, 35 / 41 us; 66 us,
+// 53 / 48 us; 104 us, 73 / 60 us; 204 us, 148 / 104 us).
+constexpr int64_t kSplitMinNs = 60000;
+std::atomic<int64_t> g_helper_delay_us{0}, g_caller_delay_us{0};
+std::atomic<int64_t> g_helper_tasks{0};
+
+// reason: in a process forked from one whose inter-op pool had started, at::launch blocked for ever (the pool's
+// threads do not exist in the child; its condition variable was copied mid-use): forked children never launch
+// helpers (DataLoader workers run one thread anyway)
+std::atomic<bool> g_forked{false};
+[[maybe_unused]] const int g_fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
+// The CPU this thread runs on (-1 where unknown).
+inline int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+// Waits until every task of `phase` is done; only tasks already claimed can be outstanding.
+void wait_done(const SplitPhase& phase) {
+  // reason: spin briefly (a task is tens of microseconds), then yield: on a busy machine the thread finishing the
+  // task may need this core
+  for (int spins = 0; phase.done.load(std::memory_order_acquire) < phase.tasks; ++spins) {
+    if (spins < 4096) cpu_relax();
+    else std::this_thread::yield();
+  }
+}
+
+// Whether this thread runs on the CPU the caller last claimed a task on (then the caller is not running: a helper
+// there leaves, handing the CPU back; see participate_elsewhere).
+bool on_the_callers_cpu(const SplitState& s) {
+  const int cpu = current_cpu();
+  return cpu >= 0 && cpu == s.caller_cpu.load(std::memory_order_relaxed);
+}
+
+void participate(SplitState& s, bool helper) {
+  for (int p = 0; p < s.count; ++p) {
+    SplitPhase& phase = s.phases[p];
+    if (helper && on_the_callers_cpu(s)) return;
+    if (p > 0) wait_done(s.phases[p - 1]);
+    while (true) {
+      if (helper && on_the_callers_cpu(s)) return;
+      if (!helper) s.caller_cpu.store(current_cpu(), std::memory_order_relaxed);
+      const int64_t t = phase.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= phase.tasks) break;
+      try {
+        s.run(s.context, p, t);
+      } catch (...) {
+        std::lock_guard<std::mutex> guard(s.error_lock);
+        if (!s.error) s.error = std::current_exception();
+      }
+      if (helper) g_helper_tasks.fetch_add(1, std::memory_order_relaxed);
+      phase.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+}
+
+// A helper's share, run off the caller's CPU. reason: the scheduler often woke the helper on the caller's CPU (the
+// other one busy, e.g. with OpenMP's idle worker, which spins for milliseconds after ATen's last parallel region); it
+// then preempted the caller and ran every task itself (d = 2, batch 1 in benchmarks/linear.py: 2.1 ms, one thread
+// alone 1.6 ms). Such a helper moves itself to the other CPUs this thread may use (its affinity, restored after), where
+// it runs beside the caller; if it still finds itself on the caller's CPU it leaves before each claim (participate).
+void participate_elsewhere(SplitState& s) {
+#if defined(__linux__)
+  const int caller = s.caller_cpu.load(std::memory_order_relaxed);
+  cpu_set_t allowed, others;
+  bool moved = false;
+  if (caller >= 0 && caller < CPU_SETSIZE && current_cpu() == caller &&
+      sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_ISSET(caller, &allowed) && CPU_COUNT(&allowed) > 1) {
+    others = allowed;
+    CPU_CLR(caller, &others);
+    moved = sched_setaffinity(0, sizeof(others), &others) == 0;
+  }
+  participate(s, true);
+  if (moved) sched_setaffinity(0, sizeof(allowed), &allowed);
+#else
+  participate(s, true);
+#endif
+}
+
+// f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
+// one thread, else all on this thread. Every result is computed by exactly one task, so who runs it changes no bit.
+template <size_t N, typename F>
+void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
+  static_assert(N <= SplitState::kMaxPhases);
+  const int64_t most = *std::max_element(tasks.begin(), tasks.end());
+  const int64_t helpers =
+      split && !g_forked.load(std::memory_order_relaxed) ? std::min<int64_t>(at::get_num_threads() - 1, most - 1) : 0;
+  if (helpers <= 0) {
+    for (size_t p = 0; p < N; ++p)
+      for (int64_t t = 0; t < tasks[p]; ++t) f(static_cast<int>(p), t);
+    return;
+  }
+  auto state = std::make_shared<SplitState>();
+  state->count = static_cast<int>(N);
+  for (size_t p = 0; p < N; ++p) state->phases[p].tasks = tasks[p];
+  using Fn = std::remove_reference_t<F>;
+  state->run = [](void* context, int p, int64_t t) { (*static_cast<Fn*>(context))(p, t); };
+  state->context = const_cast<void*>(static_cast<const void*>(&f));
+  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
+  state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
+  for (int64_t h = 0; h < helpers; ++h) {
+    at::launch([state] {
+      const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
+      if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
+      participate_elsewhere(*state);
+    });
+  }
+  if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+  participate(*state, false);
+  wait_done(state->phases[N - 1]);
+  if (state->error) std::rethrow_exception(state->error);
+}
+
 // The slices [c0, c0 + cb) of one batch block of x (rows b0 .. b0 + bw of x [B, in], stored as S) as [cb, d, BB] in
 // A, zero past the batch: what table_block reads for short slices. reason: built per task, in cache, from x in place;
 // a copy of the whole x in this layout (and its zero padding) was a separate parallel op of its own on every call
@@ -385,35 +538,57 @@ Tensor forward_impl(const Tensor& x, const Tensor& xp, const Tensor& cbe, const 
   const A* cba_p = cba.defined() ? cba.data_ptr<A>() : nullptr;
   const A* cbt_p = cbt.defined() ? cbt.data_ptr<A>() : nullptr;
   O* out_p = out.data_ptr<O>();
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-    at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
-    std::vector<A> table((slices * K + 32) * BB);  // 32 readable values past the end (the AVX-512 permutes)
-    std::vector<A> partial(band * BB);
-    std::vector<A> xt(d < 16 ? slices * d * BB : 0);
-    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-      const int64_t bb = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
-      const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-      const Tensor xb = d >= 16 ? xblocks[bb] : Tensor();
-      for (int64_t c0 = 0; c0 < C; c0 += slices) {
-        const int64_t cb = std::min(slices, C - c0);
-        if (d < 16) transpose_block<A, O, BB>(x_p, C * d, b0, bw, c0, cb, d, xt.data());
-        table_block<A, T, BB>(table.data(), cbe, xb, xt.data(), cbt_p, cba_p, shared, K, d, c0, cb);
-        gather_rows<A, code_t, BB>(table.data(), K, codes_p + c0 * N + n0, N, cb, nn, partial.data(), c0 == 0);
-      }
-      // each output rounded to O, then the bias added as out.add_(bias) would (in A, rounded to O once more)
-      for (int64_t j = 0; j < bw; ++j) {
-        O* __restrict o = out_p + (b0 + j) * N + n0;
-        if (bias_p != nullptr) {
-          const O* __restrict bias_n = bias_p + n0;
-          for (int64_t i = 0; i < nn; ++i)
-            o[i] = static_cast<O>(static_cast<A>(static_cast<O>(partial[i * BB + j])) + static_cast<A>(bias_n[i]));
-        } else {
-          for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(partial[i * BB + j]);
-        }
+  const int64_t table_size = (slices * K + 32) * BB;  // 32 readable values past the end (the AVX-512 permutes)
+  // one task: its block's table a block of slices at a time, every row of its band summed from it, written out
+  auto run = [&](int64_t t, A* table, A* partial, A* xt) {
+    const int64_t bb = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
+    const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
+    const Tensor xb = d >= 16 ? xblocks[bb] : Tensor();
+    for (int64_t c0 = 0; c0 < C; c0 += slices) {
+      const int64_t cb = std::min(slices, C - c0);
+      if (d < 16) transpose_block<A, O, BB>(x_p, C * d, b0, bw, c0, cb, d, xt);
+      table_block<A, T, BB>(table, cbe, xb, xt, cbt_p, cba_p, shared, K, d, c0, cb);
+      gather_rows<A, code_t, BB>(table, K, codes_p + c0 * N + n0, N, cb, nn, partial, c0 == 0);
+    }
+    // each output rounded to O, then the bias added as out.add_(bias) would (in A, rounded to O once more)
+    for (int64_t j = 0; j < bw; ++j) {
+      O* __restrict o = out_p + (b0 + j) * N + n0;
+      if (bias_p != nullptr) {
+        const O* __restrict bias_n = bias_p + n0;
+        for (int64_t i = 0; i < nn; ++i)
+          o[i] = static_cast<O>(static_cast<A>(static_cast<O>(partial[i * BB + j])) + static_cast<A>(bias_n[i]));
+      } else {
+        for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(partial[i * BB + j]);
       }
     }
-  });
+  };
+  if (d >= 16) {
+    // reason: these tasks call ATen's bmm; inside at::parallel_for's region it runs on the task's thread (no nested
+    // team), where on a split_phases helper it would start a parallel region of its own
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+      at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
+      std::vector<A> table(table_size), partial(band * BB);
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t, table.data(), partial.data(), nullptr);
+    });
+    return out;
+  }
+  // Short slices: the tasks are plain loops, shared with helpers by split_phases. reason: at::parallel_for's join
+  // waits for every worker of its region to arrive, and on a busy machine a descheduled one kept the caller waiting
+  // (benchmarks/contention.py); here the caller never waits for a thread that has not started. The estimate: each
+  // task's table (K * d multiply-adds per slice and column, ~0.028 ns) and the gathers (~1 ns per slice, row and block).
+  const double work_ns = 0.028 * static_cast<double>(tasks * K * C * d * BB) + 1.0 * static_cast<double>(nbb * C * N);
+  const int64_t least = g_split_min_ns.load(std::memory_order_relaxed);
+  split_phases(std::array<int64_t, 1>{tasks}, work_ns >= static_cast<double>(least < 0 ? kSplitMinNs : least),
+               [&](int, int64_t t) {
+                 // reason: reused by the thread's next call (a fresh 256 KiB table costs page faults); each thread
+                 // its own, and one instance per template instantiation
+                 thread_local std::vector<A> table, partial, xt;
+                 if (table.size() < static_cast<size_t>(table_size)) table.resize(table_size);
+                 if (partial.size() < static_cast<size_t>(band * BB)) partial.resize(band * BB);
+                 if (xt.size() < static_cast<size_t>(slices * d * BB)) xt.resize(slices * d * BB);
+                 run(t, table.data(), partial.data(), xt.data());
+               });
   return out;
 }
 
@@ -780,155 +955,6 @@ Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t c
   return out;
 }
 
-// ------------------------------------------------------------------ work shared with helpers that may never start
-// The calling thread and up to threads - 1 helpers (tasks on ATen's inter-op pool, at::launch) claim small tasks
-// from shared atomic counters, a few phases one after another (a phase starts once every task of the one before is
-// done). reason: at::parallel_for's join waits for every thread of its region to ARRIVE, and on a busy machine a
-// descheduled worker turned 0.5 ms calls into 37-48 ms. Here the caller never waits for a thread that has not
-// started: it claims tasks until a phase's counter runs out, then waits only for the tasks already claimed (each
-// small, run by a thread that is running). A helper that starts late joins the phase under way; one that starts
-// after the call returned finds every counter spent and leaves without touching the call's data (the state it reads
-// is shared-owned; the call's work function is reached only through a successful claim, which the call waits for).
-struct SplitPhase {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t tasks = 0;
-};
-
-struct SplitState {
-  static constexpr int kMaxPhases = 3;
-  std::array<SplitPhase, kMaxPhases> phases;
-  int count = 0;
-  void (*run)(void*, int, int64_t) = nullptr;  // run(context, phase, task)
-  void* context = nullptr;  // the caller's work function: valid while a claim can succeed
-  std::mutex error_lock;
-  std::exception_ptr error;  // the first exception a task threw, rethrown by the caller
-  std::atomic<int> caller_cpu{-1};  // the CPU the caller last claimed a task on
-};
-
-// Test hooks (rpq_fx::_lut_split_hooks, tests only): the least estimated work (ns) that is shared out, a delay before
-// each helper starts and one before the caller starts (us), and how many tasks helpers have run (so a test can see
-// the split happen, or not).
-std::atomic<int64_t> g_split_min_ns{-1};  // -1: kSplitMinNs
-std::atomic<int64_t> g_helper_delay_us{0}, g_caller_delay_us{0};
-std::atomic<int64_t> g_helper_tasks{0};
-
-// reason: in a process forked from one whose inter-op pool had started, at::launch blocked for ever (the pool's
-// threads do not exist in the child; its condition variable was copied mid-use): forked children never launch
-// helpers (DataLoader workers run one thread anyway)
-std::atomic<bool> g_forked{false};
-[[maybe_unused]] const int g_fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
-
-// The CPU this thread runs on (-1 where unknown).
-inline int current_cpu() {
-#if defined(__linux__)
-  return sched_getcpu();
-#else
-  return -1;
-#endif
-}
-
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  _mm_pause();
-#endif
-}
-
-// Waits until every task of `phase` is done; only tasks already claimed can be outstanding.
-void wait_done(const SplitPhase& phase) {
-  // reason: spin briefly (a task is tens of microseconds), then yield: on a busy machine the thread finishing the
-  // task may need this core
-  for (int spins = 0; phase.done.load(std::memory_order_acquire) < phase.tasks; ++spins) {
-    if (spins < 4096) cpu_relax();
-    else std::this_thread::yield();
-  }
-}
-
-// Whether this thread runs on the CPU the caller last claimed a task on (then the caller is not running: a helper
-// there leaves, handing the CPU back; see participate_elsewhere).
-bool on_the_callers_cpu(const SplitState& s) {
-  const int cpu = current_cpu();
-  return cpu >= 0 && cpu == s.caller_cpu.load(std::memory_order_relaxed);
-}
-
-void participate(SplitState& s, bool helper) {
-  for (int p = 0; p < s.count; ++p) {
-    SplitPhase& phase = s.phases[p];
-    if (helper && on_the_callers_cpu(s)) return;
-    if (p > 0) wait_done(s.phases[p - 1]);
-    while (true) {
-      if (helper && on_the_callers_cpu(s)) return;
-      if (!helper) s.caller_cpu.store(current_cpu(), std::memory_order_relaxed);
-      const int64_t t = phase.next.fetch_add(1, std::memory_order_relaxed);
-      if (t >= phase.tasks) break;
-      try {
-        s.run(s.context, p, t);
-      } catch (...) {
-        std::lock_guard<std::mutex> guard(s.error_lock);
-        if (!s.error) s.error = std::current_exception();
-      }
-      if (helper) g_helper_tasks.fetch_add(1, std::memory_order_relaxed);
-      phase.done.fetch_add(1, std::memory_order_release);
-    }
-  }
-}
-
-// A helper's share, run off the caller's CPU. reason: the scheduler often woke the helper on the caller's CPU (the
-// other one busy, e.g. with OpenMP's idle worker, which spins for milliseconds after ATen's last parallel region); it
-// then preempted the caller and ran every task itself (d = 2, batch 1 in benchmarks/linear.py: 2.1 ms, one thread
-// alone 1.6 ms). Such a helper moves itself to the other CPUs this thread may use (its affinity, restored after), where
-// it runs beside the caller; if it still finds itself on the caller's CPU it leaves before each claim (participate).
-void participate_elsewhere(SplitState& s) {
-#if defined(__linux__)
-  const int caller = s.caller_cpu.load(std::memory_order_relaxed);
-  cpu_set_t allowed, others;
-  bool moved = false;
-  if (caller >= 0 && caller < CPU_SETSIZE && current_cpu() == caller &&
-      sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_ISSET(caller, &allowed) && CPU_COUNT(&allowed) > 1) {
-    others = allowed;
-    CPU_CLR(caller, &others);
-    moved = sched_setaffinity(0, sizeof(others), &others) == 0;
-  }
-  participate(s, true);
-  if (moved) sched_setaffinity(0, sizeof(allowed), &allowed);
-#else
-  participate(s, true);
-#endif
-}
-
-// f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
-// one thread, else all on this thread. Every result is computed by exactly one task, so who runs it changes no bit.
-template <size_t N, typename F>
-void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
-  static_assert(N <= SplitState::kMaxPhases);
-  const int64_t most = *std::max_element(tasks.begin(), tasks.end());
-  const int64_t helpers =
-      split && !g_forked.load(std::memory_order_relaxed) ? std::min<int64_t>(at::get_num_threads() - 1, most - 1) : 0;
-  if (helpers <= 0) {
-    for (size_t p = 0; p < N; ++p)
-      for (int64_t t = 0; t < tasks[p]; ++t) f(static_cast<int>(p), t);
-    return;
-  }
-  auto state = std::make_shared<SplitState>();
-  state->count = static_cast<int>(N);
-  for (size_t p = 0; p < N; ++p) state->phases[p].tasks = tasks[p];
-  using Fn = std::remove_reference_t<F>;
-  state->run = [](void* context, int p, int64_t t) { (*static_cast<Fn*>(context))(p, t); };
-  state->context = const_cast<void*>(static_cast<const void*>(&f));
-  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
-  state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
-  for (int64_t h = 0; h < helpers; ++h) {
-    at::launch([state] {
-      const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
-      if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
-      participate_elsewhere(*state);
-    });
-  }
-  if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
-  participate(*state, false);
-  wait_done(state->phases[N - 1]);
-  if (state->error) std::rethrow_exception(state->error);
-}
-
 // ------------------------------------------------------------------ quantised lookup tables (small batches)
 // One batch row at a time (T-MAC, faiss fast-scan): the row's table T[c, k] = codebooks[g(c), k] . x[c-th slice]
 // (float32) is quantised per group of kLutGroup slices to unsigned fixed point of 8 * P bits around each slice's centre,
@@ -1233,10 +1259,6 @@ void lut_tables(const LutInputs& in, int64_t b, int64_t c0, int64_t cg, int64_t 
 // from memory), per table entry quantised, per lookup of one byte plane (2-core AVX-512 VBMI machine, 4096x4096 at
 // d = 4 shared and OPT-66b's 9216-wide layers at d = 128 and 512 per slice, medians of a quiet machine).
 constexpr double kLutSharedMacNs = 0.03, kLutSliceMacNs = 0.13, kLutEntryNs = 0.32, kLutPlaneLookupNs = 0.035;
-// Calls estimated below this (ns) run on the calling thread: waking a helper (at::launch) and handing it work cost
-// about as much as it saves there (measured, one thread / split, d = 4 shared: estimated 42 us, 35 / 41 us; 66 us,
-// 53 / 48 us; 104 us, 73 / 60 us; 204 us, 148 / 104 us).
-constexpr int64_t kSplitMinNs = 60000;
 // A table task builds about this much work's worth of slices (ns): enough to pay for claiming it, small enough that
 // waiting for the last one claimed costs little.
 constexpr double kTableTaskNs = 16000;
