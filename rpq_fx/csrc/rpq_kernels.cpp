@@ -9,12 +9,15 @@
 //             grad_codebooks[g(c), k] += sum_b S[c, k, b] x[b, c*d:(c+1)*d]
 //
 // The batch is cut into blocks of BB columns, and the forward's work into tasks (a batch block and a band of rows)
-// that the threads claim one at a time. A task builds its block's table T[c, :, b0:b0+BB] a block of slices at a
-// time (kTableBlockBytes, so it stays in L2: the whole table of d = 4, K = 256, BB = 32 is 32 MiB) and adds every
-// row of its band from it, keeping per-row partial sums; each row's sum still runs over c in order. Each row the
-// gather adds is BB contiguous values (one or two vector registers), several rows at a time to hide the adds'
-// latency; one-row batches use AVX-512 permutes (K <= 32) or gathers. Codes are read as they are stored (uint8, or
-// int16 read as uint16): no index tensor is built. The backward's scatter is not blocked yet.
+// that the threads claim one at a time (short slices: shared with helpers by split_phases, so the caller never waits
+// for a thread that has not started; long ones: at::parallel_for). A task builds its block's table T[c, :, b0:b0+BB]
+// a block of slices at a time (kTableBlockBytes, so it stays in L2: the whole table of d = 4, K = 256, BB = 32 is
+// 32 MiB) from x read in place (short slices: transposed a block at a time, held in registers for d = 1, 2, 4, 8) and
+// adds every row of its band from it, keeping per-row partial sums; each row's sum still runs over c in order, and
+// the bias is added as each output is written. Each row the gather adds is BB contiguous values (one or two vector
+// registers), several rows at a time to hide the adds' latency; one-row batches use AVX-512 permutes (K <= 32) or
+// gathers. Codes are read as they are stored (uint8, or int16 read as uint16): no index tensor is built. The
+// backward's scatter is not blocked yet.
 //
 // These are the CPU kernels of the rpq_fx ops, registered with the dispatcher (TORCH_LIBRARY_IMPL at
 // the end): rpq_fx/ops/library.py defines the schemas, and torch.ops.rpq_fx.* reaches these for CPU
