@@ -3,8 +3,10 @@ competes for the cores?
 
 Issue 23: on a loaded machine the C++ kernel at 2 threads once ran 5x slower than dense where on a quiet one it
 was 9x faster (statically split work waiting for the slowest thread). The forward now cuts its work into tasks
-that the threads claim one at a time, and the lookup-table path (batches of one or two rows) shares its work with a
-helper thread without ever waiting for one that has not started. Here each layer is timed (median wall and CPU time,
+that the threads claim one at a time, and both the lookup-table path (batches of one or two rows) and the batched
+kernel at short slices (d < 16: every product-quantization row here) share their tasks with a helper thread without
+ever waiting for one that has not started (``split_phases``); long slices (the RPQ row) still join through
+``at::parallel_for``. Here each layer is timed (median wall and CPU time,
 dense and auto called in turn) in one process, first alone, then with one busy-loop process per core beside it; the
 ratio busy / alone is each path's slowdown, and the target is ``auto``'s slowdown within 1.5x of dense
 ``F.linear``'s.

@@ -9,12 +9,15 @@
 //             grad_codebooks[g(c), k] += sum_b S[c, k, b] x[b, c*d:(c+1)*d]
 //
 // The batch is cut into blocks of BB columns, and the forward's work into tasks (a batch block and a band of rows)
-// that the threads claim one at a time. A task builds its block's table T[c, :, b0:b0+BB] a block of slices at a
-// time (kTableBlockBytes, so it stays in L2: the whole table of d = 4, K = 256, BB = 32 is 32 MiB) and adds every
-// row of its band from it, keeping per-row partial sums; each row's sum still runs over c in order. Each row the
-// gather adds is BB contiguous values (one or two vector registers), several rows at a time to hide the adds'
-// latency; one-row batches use AVX-512 permutes (K <= 32) or gathers. Codes are read as they are stored (uint8, or
-// int16 read as uint16): no index tensor is built. The backward's scatter is not blocked yet.
+// that the threads claim one at a time (short slices: shared with helpers by split_phases, so the caller never waits
+// for a thread that has not started; long ones: at::parallel_for). A task builds its block's table T[c, :, b0:b0+BB]
+// a block of slices at a time (kTableBlockBytes, so it stays in L2: the whole table of d = 4, K = 256, BB = 32 is
+// 32 MiB) from x read in place (short slices: transposed a block at a time, held in registers for d = 1, 2, 4, 8) and
+// adds every row of its band from it, keeping per-row partial sums; each row's sum still runs over c in order, and
+// the bias is added as each output is written. Each row the gather adds is BB contiguous values (one or two vector
+// registers), several rows at a time to hide the adds' latency; one-row batches use AVX-512 permutes (K <= 32) or
+// gathers. Codes are read as they are stored (uint8, or int16 read as uint16): no index tensor is built. The
+// backward's scatter is not blocked yet.
 //
 // These are the CPU kernels of the rpq_fx ops, registered with the dispatcher (TORCH_LIBRARY_IMPL at
 // the end): rpq_fx/ops/library.py defines the schemas, and torch.ops.rpq_fx.* reaches these for CPU
@@ -197,9 +200,33 @@ void gather_rows<float, uint8_t, 1>(const float* __restrict table, int64_t K, co
 }
 #endif
 
+// acc[k, :] = sum_t cbc[k, t] * xc[t, :] for k < K (BB columns, t ascending from t = 0), xc [D, BB] held in registers:
+// per codeword D broadcasts and D * P multiply-adds, no load of x. The same sums in the same order as table_block's
+// loop for any d.
+template <typename A, int BB, int D>
+inline void table_rows(A* __restrict acc, const A* __restrict xc, const A* __restrict cbc, int64_t K) {
+  constexpr int P = vector_parts<A, BB>(), W = BB / P;
+  typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
+  vec_t xv[D][P];
+#pragma GCC unroll 16
+  for (int q = 0; q < D * P; ++q) std::memcpy(&xv[q / P][q % P], xc + (q / P) * BB + (q % P) * W, sizeof(vec_t));
+  for (int64_t k = 0; k < K; ++k) {
+    const A* __restrict w = cbc + k * D;
+    vec_t a[P];
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) a[p] = w[0] * xv[0][p];
+#pragma GCC unroll 8
+    for (int t = 1; t < D; ++t) {
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) a[p] += w[t] * xv[t][p];
+    }
+    std::memcpy(acc + k * BB, a, sizeof(a));
+  }
+}
+
 // The table of slices [c0, c0 + cb) for one batch block, [cb, K, BB] in A, into `table`:
 //   table[c - c0, k, j] = codebooks[g(c), k] . x[j, c*d:(c+1)*d]        (x's columns past the batch: zero)
-// xt: the block's x as [C, d, BB] in A. Short slices (d < 16) are summed here in A over the slice, ascending; long
+// xt: the block's slices [c0, c0 + cb) of x as [cb, d, BB] in A (transpose_block). Short slices (d < 16) are summed here in A over the slice, ascending; long
 // ones by ATen's bmm in the products' dtype T (cbe: the codebooks [C, K, d], xb: the block as [C, d, BB]), widened to A.
 // cbt: the codebooks transposed, [1, d, K] in A (shared codebooks, BB == 1 only: the sums then run along K).
 template <typename A, typename T, int BB>
@@ -222,7 +249,7 @@ void table_block(A* __restrict table, const Tensor& cbe, const Tensor& xb, const
   }
   for (int64_t c = c0; c < c0 + cb; ++c) {
     A* __restrict acc = table + (c - c0) * K * BB;
-    const A* __restrict xc = xt + c * d * BB;
+    const A* __restrict xc = xt + (c - c0) * d * BB;
     if (BB == 1 && cbt != nullptr) {
       // shared codebooks, one batch row: along K, one slice element at a time
 #pragma omp simd
@@ -236,6 +263,13 @@ void table_block(A* __restrict table, const Tensor& cbe, const Tensor& xb, const
     } else {
       const A* __restrict cbc = cba + (shared ? 0 : c * K * d);
       if constexpr (BB >= 2) {
+        switch (d) {  // reason: a compile-time d holds the block's x in registers across the K codewords
+          case 1: table_rows<A, BB, 1>(acc, xc, cbc, K); continue;
+          case 2: table_rows<A, BB, 2>(acc, xc, cbc, K); continue;
+          case 4: table_rows<A, BB, 4>(acc, xc, cbc, K); continue;
+          case 8: table_rows<A, BB, 8>(acc, xc, cbc, K); continue;
+          default: break;
+        }
         // reason: as in gather_row_group, GCC left the `omp simd` form scalar; explicit vectors
         constexpr int P = vector_parts<A, BB>(), W = BB / P;
         typedef A vec_t __attribute__((vector_size(sizeof(A) * W)));
@@ -299,24 +333,196 @@ void scatter_block(const G* __restrict grad, int64_t ldg, int64_t bw, const code
   }
 }
 
+// ------------------------------------------------------------------ work shared with helpers that may never start
+// The calling thread and up to threads - 1 helpers (tasks on ATen's inter-op pool, at::launch) claim small tasks
+// from shared atomic counters, a few phases one after another (a phase starts once every task of the one before is
+// done). reason: at::parallel_for's join waits for every thread of its region to ARRIVE, and on a busy machine a
+// descheduled worker turned 0.5 ms calls into 37-48 ms. Here the caller never waits for a thread that has not
+// started: it claims tasks until a phase's counter runs out, then waits only for the tasks already claimed (each
+// small, run by a thread that is running). A helper that starts late joins the phase under way; one that starts
+// after the call returned finds every counter spent and leaves without touching the call's data (the state it reads
+// is shared-owned; the call's work function is reached only through a successful claim, which the call waits for).
+struct SplitPhase {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t tasks = 0;
+};
+
+struct SplitState {
+  static constexpr int kMaxPhases = 3;
+  std::array<SplitPhase, kMaxPhases> phases;
+  int count = 0;
+  void (*run)(void*, int, int64_t) = nullptr;  // run(context, phase, task)
+  void* context = nullptr;  // the caller's work function: valid while a claim can succeed
+  std::mutex error_lock;
+  std::exception_ptr error;  // the first exception a task threw, rethrown by the caller
+  std::atomic<int> caller_cpu{-1};  // the CPU the caller last claimed a task on
+};
+
+// Test hooks (rpq_fx::_lut_split_hooks, tests only): the least estimated work (ns) that is shared out, a delay before
+// each helper starts and one before the caller starts (us), and how many tasks helpers have run (so a test can see
+// the split happen, or not).
+std::atomic<int64_t> g_split_min_ns{-1};  // -1: kSplitMinNs
+// Calls estimated below this (ns) run on the calling thread (split_phases' users): waking a helper (at::launch) and handing it work cost
+// about as much as it saves there (measured, one thread / split, d = 4 shared: estimated 42 us, 35 / 41 us; 66 us,
+// 53 / 48 us; 104 us, 73 / 60 us; 204 us, 148 / 104 us).
+constexpr int64_t kSplitMinNs = 60000;
+std::atomic<int64_t> g_helper_delay_us{0}, g_caller_delay_us{0};
+std::atomic<int64_t> g_helper_tasks{0};
+
+// reason: in a process forked from one whose inter-op pool had started, at::launch blocked for ever (the pool's
+// threads do not exist in the child; its condition variable was copied mid-use): forked children never launch
+// helpers (DataLoader workers run one thread anyway)
+std::atomic<bool> g_forked{false};
+[[maybe_unused]] const int g_fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
+// The CPU this thread runs on (-1 where unknown).
+inline int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+// Waits until every task of `phase` is done; only tasks already claimed can be outstanding.
+void wait_done(const SplitPhase& phase) {
+  // reason: spin briefly (a task is tens of microseconds), then yield: on a busy machine the thread finishing the
+  // task may need this core
+  for (int spins = 0; phase.done.load(std::memory_order_acquire) < phase.tasks; ++spins) {
+    if (spins < 4096) cpu_relax();
+    else std::this_thread::yield();
+  }
+}
+
+// Whether this thread runs on the CPU the caller last claimed a task on (then the caller is not running: a helper
+// there leaves, handing the CPU back; see participate_elsewhere).
+bool on_the_callers_cpu(const SplitState& s) {
+  const int cpu = current_cpu();
+  return cpu >= 0 && cpu == s.caller_cpu.load(std::memory_order_relaxed);
+}
+
+void participate(SplitState& s, bool helper) {
+  for (int p = 0; p < s.count; ++p) {
+    SplitPhase& phase = s.phases[p];
+    if (helper && on_the_callers_cpu(s)) return;
+    if (p > 0) wait_done(s.phases[p - 1]);
+    while (true) {
+      if (helper && on_the_callers_cpu(s)) return;
+      if (!helper) s.caller_cpu.store(current_cpu(), std::memory_order_relaxed);
+      const int64_t t = phase.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= phase.tasks) break;
+      try {
+        s.run(s.context, p, t);
+      } catch (...) {
+        std::lock_guard<std::mutex> guard(s.error_lock);
+        if (!s.error) s.error = std::current_exception();
+      }
+      if (helper) g_helper_tasks.fetch_add(1, std::memory_order_relaxed);
+      phase.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+}
+
+// A helper's share, run off the caller's CPU. reason: the scheduler often woke the helper on the caller's CPU (the
+// other one busy, e.g. with OpenMP's idle worker, which spins for milliseconds after ATen's last parallel region); it
+// then preempted the caller and ran every task itself (d = 2, batch 1 in benchmarks/linear.py: 2.1 ms, one thread
+// alone 1.6 ms). Such a helper moves itself to the other CPUs this thread may use (its affinity, restored after), where
+// it runs beside the caller; if it still finds itself on the caller's CPU it leaves before each claim (participate).
+void participate_elsewhere(SplitState& s) {
+#if defined(__linux__)
+  const int caller = s.caller_cpu.load(std::memory_order_relaxed);
+  cpu_set_t allowed, others;
+  bool moved = false;
+  if (caller >= 0 && caller < CPU_SETSIZE && current_cpu() == caller &&
+      sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_ISSET(caller, &allowed) && CPU_COUNT(&allowed) > 1) {
+    others = allowed;
+    CPU_CLR(caller, &others);
+    moved = sched_setaffinity(0, sizeof(others), &others) == 0;
+  }
+  participate(s, true);
+  if (moved) sched_setaffinity(0, sizeof(allowed), &allowed);
+#else
+  participate(s, true);
+#endif
+}
+
+// f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
+// one thread, else all on this thread. Every result is computed by exactly one task, so who runs it changes no bit.
+template <size_t N, typename F>
+void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
+  static_assert(N <= SplitState::kMaxPhases);
+  const int64_t most = *std::max_element(tasks.begin(), tasks.end());
+  const int64_t helpers =
+      split && !g_forked.load(std::memory_order_relaxed) ? std::min<int64_t>(at::get_num_threads() - 1, most - 1) : 0;
+  if (helpers <= 0) {
+    for (size_t p = 0; p < N; ++p)
+      for (int64_t t = 0; t < tasks[p]; ++t) f(static_cast<int>(p), t);
+    return;
+  }
+  auto state = std::make_shared<SplitState>();
+  state->count = static_cast<int>(N);
+  for (size_t p = 0; p < N; ++p) state->phases[p].tasks = tasks[p];
+  using Fn = std::remove_reference_t<F>;
+  state->run = [](void* context, int p, int64_t t) { (*static_cast<Fn*>(context))(p, t); };
+  state->context = const_cast<void*>(static_cast<const void*>(&f));
+  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
+  state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
+  for (int64_t h = 0; h < helpers; ++h) {
+    at::launch([state] {
+      const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
+      if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
+      participate_elsewhere(*state);
+    });
+  }
+  if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+  participate(*state, false);
+  wait_done(state->phases[N - 1]);
+  if (state->error) std::rethrow_exception(state->error);
+}
+
+// The slices [c0, c0 + cb) of one batch block of x (rows b0 .. b0 + bw of x [B, in], stored as S) as [cb, d, BB] in
+// A, zero past the batch: what table_block reads for short slices. reason: built per task, in cache, from x in place;
+// a copy of the whole x in this layout (and its zero padding) was a separate parallel op of its own on every call
+template <typename A, typename S, int BB>
+void transpose_block(const S* __restrict x, int64_t in, int64_t b0, int64_t bw, int64_t c0, int64_t cb, int64_t d,
+                     A* __restrict xt) {
+  const int64_t len = cb * d;
+  for (int64_t j = 0; j < BB; ++j) {
+    if (j < bw) {
+      const S* __restrict row = x + (b0 + j) * in + c0 * d;
+      for (int64_t e = 0; e < len; ++e) xt[e * BB + j] = static_cast<A>(row[e]);
+    } else {
+      for (int64_t e = 0; e < len; ++e) xt[e * BB + j] = A(0);
+    }
+  }
+}
+
 // y = x W^T for the rows of one dtype combination: x and cbe (the codebooks [C, K, d], shared ones expanded) stored
 // as T (the products' dtype; ATen's bmm sums bfloat16 in float32), the tables kept in A, each output summed in A over the
 // slices in order and stored as O. The work is cut into tasks (a batch block and a band of rows) that the threads
 // claim one at a time, so that a thread slowed by a busy machine takes fewer; each task builds its block's table a
 // block of slices at a time (kTableBlockBytes) and adds every row of its band from it while it is in cache.
 template <typename A, typename T, typename O, typename code_t, int BB>
-Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes, Tensor out) {
-  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = cbe.size(1), d = cbe.size(2);
+Tensor forward_impl(const Tensor& x, const Tensor& xp, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes,
+                    const O* bias_p, Tensor out) {
+  const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1), K = codebooks.size(1), d = codebooks.size(2);
   const bool shared = codebooks.size(0) == 1;
   const int64_t nbb = (B + BB - 1) / BB;
   const int64_t threads = at::get_num_threads();
   const at::ScalarType acc_type = c10::CppTypeToScalarType<A>::value;
-  // x's batch blocks as [nbb, C, d, BB], zero past the batch
-  const Tensor xpad = B == nbb * BB ? x : at::constant_pad_nd(x, {0, 0, 0, nbb * BB - B});
-  const Tensor xblocks = xpad.view({nbb, BB, C, d}).permute({0, 2, 3, 1}).contiguous();
-  Tensor xt, cba, cbt;  // in A, for the tables summed here (short slices)
-  if (d < 16) {
-    xt = xblocks.to(acc_type);
+  Tensor xblocks, cba, cbt;
+  if (d >= 16) {
+    // ATen's bmm builds the tables from x's batch blocks as [nbb, C, d, BB] in T, zero past the batch
+    const Tensor xpad = B == nbb * BB ? xp : at::constant_pad_nd(xp, {0, 0, 0, nbb * BB - B});
+    xblocks = xpad.view({nbb, BB, C, d}).permute({0, 2, 3, 1}).contiguous();
+  } else {
+    // short slices: summed here from x read in place (transpose_block), in A
     cba = codebooks.to(acc_type).contiguous();
     if (BB == 1 && shared) cbt = cba.transpose(1, 2).contiguous();
   }
@@ -331,31 +537,61 @@ Tensor forward_impl(const Tensor& x, const Tensor& cbe, const Tensor& codebooks,
   bands = (N + band - 1) / band;
   const int64_t tasks = nbb * bands;
   const code_t* codes_p = reinterpret_cast<const code_t*>(codes.data_ptr());
-  const A* xt_p = xt.defined() ? xt.data_ptr<A>() : nullptr;
+  const O* x_p = x.data_ptr<O>();
   const A* cba_p = cba.defined() ? cba.data_ptr<A>() : nullptr;
   const A* cbt_p = cbt.defined() ? cbt.data_ptr<A>() : nullptr;
   O* out_p = out.data_ptr<O>();
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-    at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
-    std::vector<A> table((slices * K + 32) * BB);  // 32 readable values past the end (the AVX-512 permutes)
-    std::vector<A> partial(band * BB);
-    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-      const int64_t bb = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
-      const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
-      const Tensor xb = xblocks[bb];
-      for (int64_t c0 = 0; c0 < C; c0 += slices) {
-        const int64_t cb = std::min(slices, C - c0);
-        table_block<A, T, BB>(table.data(), cbe, xb, xt_p ? xt_p + bb * C * d * BB : nullptr, cbt_p, cba_p, shared,
-                              K, d, c0, cb);
-        gather_rows<A, code_t, BB>(table.data(), K, codes_p + c0 * N + n0, N, cb, nn, partial.data(), c0 == 0);
-      }
-      for (int64_t j = 0; j < bw; ++j) {
-        O* __restrict o = out_p + (b0 + j) * N + n0;
+  const int64_t table_size = (slices * K + 32) * BB;  // 32 readable values past the end (the AVX-512 permutes)
+  // one task: its block's table a block of slices at a time, every row of its band summed from it, written out
+  auto run = [&](int64_t t, A* table, A* partial, A* xt) {
+    const int64_t bb = t / bands, n0 = (t % bands) * band, nn = std::min(band, N - n0);
+    const int64_t b0 = bb * BB, bw = std::min<int64_t>(BB, B - b0);
+    const Tensor xb = d >= 16 ? xblocks[bb] : Tensor();
+    for (int64_t c0 = 0; c0 < C; c0 += slices) {
+      const int64_t cb = std::min(slices, C - c0);
+      if (d < 16) transpose_block<A, O, BB>(x_p, C * d, b0, bw, c0, cb, d, xt);
+      table_block<A, T, BB>(table, cbe, xb, xt, cbt_p, cba_p, shared, K, d, c0, cb);
+      gather_rows<A, code_t, BB>(table, K, codes_p + c0 * N + n0, N, cb, nn, partial, c0 == 0);
+    }
+    // each output rounded to O, then the bias added as out.add_(bias) would (in A, rounded to O once more)
+    for (int64_t j = 0; j < bw; ++j) {
+      O* __restrict o = out_p + (b0 + j) * N + n0;
+      if (bias_p != nullptr) {
+        const O* __restrict bias_n = bias_p + n0;
+        for (int64_t i = 0; i < nn; ++i)
+          o[i] = static_cast<O>(static_cast<A>(static_cast<O>(partial[i * BB + j])) + static_cast<A>(bias_n[i]));
+      } else {
         for (int64_t i = 0; i < nn; ++i) o[i] = static_cast<O>(partial[i * BB + j]);
       }
     }
-  });
+  };
+  if (d >= 16) {
+    // reason: these tasks call ATen's bmm; inside at::parallel_for's region it runs on the task's thread (no nested
+    // team), where on a split_phases helper it would start a parallel region of its own
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+      at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
+      std::vector<A> table(table_size), partial(band * BB);
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t, table.data(), partial.data(), nullptr);
+    });
+    return out;
+  }
+  // Short slices: the tasks are plain loops, shared with helpers by split_phases. reason: at::parallel_for's join
+  // waits for every worker of its region to arrive, and on a busy machine a descheduled one kept the caller waiting
+  // (benchmarks/contention.py); here the caller never waits for a thread that has not started. The estimate: each
+  // task's table (K * d multiply-adds per slice and column, ~0.028 ns) and the gathers (~1 ns per slice, row and block).
+  const double work_ns = 0.028 * static_cast<double>(tasks * K * C * d * BB) + 1.0 * static_cast<double>(nbb * C * N);
+  const int64_t least = g_split_min_ns.load(std::memory_order_relaxed);
+  split_phases(std::array<int64_t, 1>{tasks}, work_ns >= static_cast<double>(least < 0 ? kSplitMinNs : least),
+               [&](int, int64_t t) {
+                 // reason: reused by the thread's next call (a fresh 256 KiB table costs page faults); each thread
+                 // its own, and one instance per template instantiation
+                 thread_local std::vector<A> table, partial, xt;
+                 if (table.size() < static_cast<size_t>(table_size)) table.resize(table_size);
+                 if (partial.size() < static_cast<size_t>(band * BB)) partial.resize(band * BB);
+                 if (xt.size() < static_cast<size_t>(slices * d * BB)) xt.resize(slices * d * BB);
+                 run(t, table.data(), partial.data(), xt.data());
+               });
   return out;
 }
 
@@ -422,14 +658,15 @@ int64_t block_width(int64_t B) {
 }
 
 template <typename A, typename T, typename O, typename code_t>
-Tensor forward_bb(const Tensor& x, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes, const Tensor& out) {
+Tensor forward_bb(const Tensor& x, const Tensor& xp, const Tensor& cbe, const Tensor& codebooks, const Tensor& codes,
+                  const O* bias, const Tensor& out) {
   switch (block_width(x.size(0))) {
-    case 1: return forward_impl<A, T, O, code_t, 1>(x, cbe, codebooks, codes, out);
-    case 2: return forward_impl<A, T, O, code_t, 2>(x, cbe, codebooks, codes, out);
-    case 4: return forward_impl<A, T, O, code_t, 4>(x, cbe, codebooks, codes, out);
-    case 8: return forward_impl<A, T, O, code_t, 8>(x, cbe, codebooks, codes, out);
-    case 16: return forward_impl<A, T, O, code_t, 16>(x, cbe, codebooks, codes, out);
-    default: return forward_impl<A, T, O, code_t, 32>(x, cbe, codebooks, codes, out);
+    case 1: return forward_impl<A, T, O, code_t, 1>(x, xp, cbe, codebooks, codes, bias, out);
+    case 2: return forward_impl<A, T, O, code_t, 2>(x, xp, cbe, codebooks, codes, bias, out);
+    case 4: return forward_impl<A, T, O, code_t, 4>(x, xp, cbe, codebooks, codes, bias, out);
+    case 8: return forward_impl<A, T, O, code_t, 8>(x, xp, cbe, codebooks, codes, bias, out);
+    case 16: return forward_impl<A, T, O, code_t, 16>(x, xp, cbe, codebooks, codes, bias, out);
+    default: return forward_impl<A, T, O, code_t, 32>(x, xp, cbe, codebooks, codes, bias, out);
   }
 }
 
@@ -513,32 +750,26 @@ Tensor expanded_codebooks(const Tensor& codebooks, int64_t C) {
 }
 
 // W[n, c*d:(c+1)*d] = codebooks[g(c), codes[c, n]], d values of E bytes each (any dtype of that size).
-// A block of rows at a time: the block's codes are gathered first (one cache line per codebook),
-// then each row of W is written front to back.
+// A block of rows at a time, each row of W written front to back, its codes read in place: the block's C cache lines
+// of codes stay in L1 across its rows. reason: the codes were first gathered into a table of offsets [rows, C]
+// written column by column; with C = 384 (a 1536-wide row at d = 4) those scattered writes made the expansion 3.5x
+// slower per value than at C = 96 (389 us against 104 for 590K values, one thread)
 template <typename E, typename code_t, int D>
 void expand_rows(const E* __restrict cb, const code_t* __restrict codes, E* __restrict out, int64_t C, int64_t N,
                  int64_t K, int64_t d, int64_t groups) {
   constexpr int64_t NB = 64;
   const int64_t dim = D > 0 ? D : d;
   const int64_t row_len = C * dim;
+  const int64_t slice_step = groups == 1 ? 0 : K * dim;  // codebook c starts at c * slice_step
   at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> offsets(NB * C);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
+    for (int64_t n = begin * NB; n < std::min(N, end * NB); ++n) {
+      E* __restrict row = out + n * row_len;
+      const code_t* __restrict cc = codes + n;
       for (int64_t c = 0; c < C; ++c) {
-        const code_t* __restrict cc = codes + c * N + n0;
-        const int64_t base = (groups == 1 ? 0 : c * K);
-        for (int64_t i = 0; i < nn; ++i) offsets[i * C + c] = (base + static_cast<int64_t>(cc[i])) * dim;
-      }
-      for (int64_t i = 0; i < nn; ++i) {
-        E* __restrict row = out + (n0 + i) * row_len;
-        const int64_t* __restrict off = offsets.data() + i * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const E* __restrict src = cb + off[c];
-          E* __restrict dst = row + c * dim;
+        const E* __restrict src = cb + c * slice_step + static_cast<int64_t>(cc[c * N]) * dim;
+        E* __restrict dst = row + c * dim;
 #pragma omp simd
-          for (int64_t j = 0; j < dim; ++j) dst[j] = src[j];
-        }
+        for (int64_t j = 0; j < dim; ++j) dst[j] = src[j];
       }
     }
   });
@@ -725,155 +956,6 @@ Tensor result_buffer(const c10::optional<Tensor>& given, int64_t rows, int64_t c
               out.scalar_type() == like.scalar_type() && out.device() == like.device(),
               what, ": out must be a contiguous [", rows, ", ", cols, "] tensor like the input");
   return out;
-}
-
-// ------------------------------------------------------------------ work shared with helpers that may never start
-// The calling thread and up to threads - 1 helpers (tasks on ATen's inter-op pool, at::launch) claim small tasks
-// from shared atomic counters, a few phases one after another (a phase starts once every task of the one before is
-// done). reason: at::parallel_for's join waits for every thread of its region to ARRIVE, and on a busy machine a
-// descheduled worker turned 0.5 ms calls into 37-48 ms. Here the caller never waits for a thread that has not
-// started: it claims tasks until a phase's counter runs out, then waits only for the tasks already claimed (each
-// small, run by a thread that is running). A helper that starts late joins the phase under way; one that starts
-// after the call returned finds every counter spent and leaves without touching the call's data (the state it reads
-// is shared-owned; the call's work function is reached only through a successful claim, which the call waits for).
-struct SplitPhase {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t tasks = 0;
-};
-
-struct SplitState {
-  static constexpr int kMaxPhases = 3;
-  std::array<SplitPhase, kMaxPhases> phases;
-  int count = 0;
-  void (*run)(void*, int, int64_t) = nullptr;  // run(context, phase, task)
-  void* context = nullptr;  // the caller's work function: valid while a claim can succeed
-  std::mutex error_lock;
-  std::exception_ptr error;  // the first exception a task threw, rethrown by the caller
-  std::atomic<int> caller_cpu{-1};  // the CPU the caller last claimed a task on
-};
-
-// Test hooks (rpq_fx::_lut_split_hooks, tests only): the least estimated work (ns) that is shared out, a delay before
-// each helper starts and one before the caller starts (us), and how many tasks helpers have run (so a test can see
-// the split happen, or not).
-std::atomic<int64_t> g_split_min_ns{-1};  // -1: kSplitMinNs
-std::atomic<int64_t> g_helper_delay_us{0}, g_caller_delay_us{0};
-std::atomic<int64_t> g_helper_tasks{0};
-
-// reason: in a process forked from one whose inter-op pool had started, at::launch blocked for ever (the pool's
-// threads do not exist in the child; its condition variable was copied mid-use): forked children never launch
-// helpers (DataLoader workers run one thread anyway)
-std::atomic<bool> g_forked{false};
-[[maybe_unused]] const int g_fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
-
-// The CPU this thread runs on (-1 where unknown).
-inline int current_cpu() {
-#if defined(__linux__)
-  return sched_getcpu();
-#else
-  return -1;
-#endif
-}
-
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  _mm_pause();
-#endif
-}
-
-// Waits until every task of `phase` is done; only tasks already claimed can be outstanding.
-void wait_done(const SplitPhase& phase) {
-  // reason: spin briefly (a task is tens of microseconds), then yield: on a busy machine the thread finishing the
-  // task may need this core
-  for (int spins = 0; phase.done.load(std::memory_order_acquire) < phase.tasks; ++spins) {
-    if (spins < 4096) cpu_relax();
-    else std::this_thread::yield();
-  }
-}
-
-// Whether this thread runs on the CPU the caller last claimed a task on (then the caller is not running: a helper
-// there leaves, handing the CPU back; see participate_elsewhere).
-bool on_the_callers_cpu(const SplitState& s) {
-  const int cpu = current_cpu();
-  return cpu >= 0 && cpu == s.caller_cpu.load(std::memory_order_relaxed);
-}
-
-void participate(SplitState& s, bool helper) {
-  for (int p = 0; p < s.count; ++p) {
-    SplitPhase& phase = s.phases[p];
-    if (helper && on_the_callers_cpu(s)) return;
-    if (p > 0) wait_done(s.phases[p - 1]);
-    while (true) {
-      if (helper && on_the_callers_cpu(s)) return;
-      if (!helper) s.caller_cpu.store(current_cpu(), std::memory_order_relaxed);
-      const int64_t t = phase.next.fetch_add(1, std::memory_order_relaxed);
-      if (t >= phase.tasks) break;
-      try {
-        s.run(s.context, p, t);
-      } catch (...) {
-        std::lock_guard<std::mutex> guard(s.error_lock);
-        if (!s.error) s.error = std::current_exception();
-      }
-      if (helper) g_helper_tasks.fetch_add(1, std::memory_order_relaxed);
-      phase.done.fetch_add(1, std::memory_order_release);
-    }
-  }
-}
-
-// A helper's share, run off the caller's CPU. reason: the scheduler often woke the helper on the caller's CPU (the
-// other one busy, e.g. with OpenMP's idle worker, which spins for milliseconds after ATen's last parallel region); it
-// then preempted the caller and ran every task itself (d = 2, batch 1 in benchmarks/linear.py: 2.1 ms, one thread
-// alone 1.6 ms). Such a helper moves itself to the other CPUs this thread may use (its affinity, restored after), where
-// it runs beside the caller; if it still finds itself on the caller's CPU it leaves before each claim (participate).
-void participate_elsewhere(SplitState& s) {
-#if defined(__linux__)
-  const int caller = s.caller_cpu.load(std::memory_order_relaxed);
-  cpu_set_t allowed, others;
-  bool moved = false;
-  if (caller >= 0 && caller < CPU_SETSIZE && current_cpu() == caller &&
-      sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_ISSET(caller, &allowed) && CPU_COUNT(&allowed) > 1) {
-    others = allowed;
-    CPU_CLR(caller, &others);
-    moved = sched_setaffinity(0, sizeof(others), &others) == 0;
-  }
-  participate(s, true);
-  if (moved) sched_setaffinity(0, sizeof(allowed), &allowed);
-#else
-  participate(s, true);
-#endif
-}
-
-// f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
-// one thread, else all on this thread. Every result is computed by exactly one task, so who runs it changes no bit.
-template <size_t N, typename F>
-void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
-  static_assert(N <= SplitState::kMaxPhases);
-  const int64_t most = *std::max_element(tasks.begin(), tasks.end());
-  const int64_t helpers =
-      split && !g_forked.load(std::memory_order_relaxed) ? std::min<int64_t>(at::get_num_threads() - 1, most - 1) : 0;
-  if (helpers <= 0) {
-    for (size_t p = 0; p < N; ++p)
-      for (int64_t t = 0; t < tasks[p]; ++t) f(static_cast<int>(p), t);
-    return;
-  }
-  auto state = std::make_shared<SplitState>();
-  state->count = static_cast<int>(N);
-  for (size_t p = 0; p < N; ++p) state->phases[p].tasks = tasks[p];
-  using Fn = std::remove_reference_t<F>;
-  state->run = [](void* context, int p, int64_t t) { (*static_cast<Fn*>(context))(p, t); };
-  state->context = const_cast<void*>(static_cast<const void*>(&f));
-  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
-  state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
-  for (int64_t h = 0; h < helpers; ++h) {
-    at::launch([state] {
-      const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
-      if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
-      participate_elsewhere(*state);
-    });
-  }
-  if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
-  participate(*state, false);
-  wait_done(state->phases[N - 1]);
-  if (state->error) std::rethrow_exception(state->error);
 }
 
 // ------------------------------------------------------------------ quantised lookup tables (small batches)
@@ -1180,10 +1262,6 @@ void lut_tables(const LutInputs& in, int64_t b, int64_t c0, int64_t cg, int64_t 
 // from memory), per table entry quantised, per lookup of one byte plane (2-core AVX-512 VBMI machine, 4096x4096 at
 // d = 4 shared and OPT-66b's 9216-wide layers at d = 128 and 512 per slice, medians of a quiet machine).
 constexpr double kLutSharedMacNs = 0.03, kLutSliceMacNs = 0.13, kLutEntryNs = 0.32, kLutPlaneLookupNs = 0.035;
-// Calls estimated below this (ns) run on the calling thread: waking a helper (at::launch) and handing it work cost
-// about as much as it saves there (measured, one thread / split, d = 4 shared: estimated 42 us, 35 / 41 us; 66 us,
-// 53 / 48 us; 104 us, 73 / 60 us; 204 us, 148 / 104 us).
-constexpr int64_t kSplitMinNs = 60000;
 // A table task builds about this much work's worth of slices (ns): enough to pay for claiming it, small enough that
 // waiting for the last one claimed costs little.
 constexpr double kTableTaskNs = 16000;
@@ -1281,30 +1359,48 @@ void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, i
   if (!y.is_same(out)) out.copy_(y);
 }
 
-// y [B, N] = x [B, in] @ W^T, W never built; written into `out` when given.
-Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor& codes_in,
+// y [B, N] = x [B, in] @ W^T (+ bias [N] where defined), W never built; written into `out` when given.
+Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor& codes_in, const Tensor& bias_in,
                       const c10::optional<Tensor>& out_in) {
-  check(x_in, codebooks, codes_in, "rpq_fx linear_forward");
+  const char* what = "rpq_fx linear_forward";
+  check(x_in, codebooks, codes_in, what);
+  if (bias_in.defined()) {
+    check_cpu(bias_in, "bias", what);
+    TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == codes_in.size(1), what, ": bias must be [",
+                codes_in.size(1), "], got ", bias_in.sizes());
+  }
   at::NoGradGuard no_grad;  // reason: the callers' autograd formulas differentiate this; its inner ops must not record
   Tensor x = x_in.contiguous(), codes = codes_in.contiguous();
-  check_codes(codes, codebooks.size(1), "rpq_fx linear_forward");
-  Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, "rpq_fx linear_forward");
-  if (!fast_dtypes({x.scalar_type(), codebooks.scalar_type()})) {
+  check_codes(codes, codebooks.size(1), what);
+  Tensor out = result_buffer(out_in, x.size(0), codes.size(1), x, what);
+  // the bias is added in the output's write where it has x's dtype and the hand-written loops compute; else after
+  const bool fast = fast_dtypes({x.scalar_type(), codebooks.scalar_type()});
+  const bool lut = fast && x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() &&
+                   lut_supports(x, codebooks, codes);
+  const bool fold = bias_in.defined() && fast && !lut && bias_in.scalar_type() == x.scalar_type();
+  if (!fast) {
     linear_forward_aten(x, codebooks, codes, out);
-    return out;
-  }
-  // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
-  // looked up on this thread (robust on a busy machine, see lut_forward)
-  if (x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() && lut_supports(x, codebooks, codes)) {
+  } else if (lut) {
+    // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
+    // looked up on this thread (robust on a busy machine, see lut_forward)
     lut_linear(x, codebooks, codes, kLutAutoBits, true, out);
-    return out;
+  } else {
+    const Tensor bias = fold ? bias_in.contiguous() : Tensor();
+    // ATen's bmm builds the tables of long slices, in the products' dtype; short ones are summed from x in place
+    Tensor xp, cbe;
+    if (codebooks.size(2) >= 16) {
+      const at::ScalarType products = product_type(x.scalar_type());
+      xp = x.to(products);
+      cbe = expanded_codebooks(codebooks.to(products), codes.size(0));
+    }
+    dispatch_types(x.scalar_type(), codes, [&](auto a, auto p, auto s, auto c) {
+      using S = decltype(s);
+      return forward_bb<decltype(a), decltype(p), S, decltype(c)>(
+          x, xp, cbe, codebooks, codes, fold ? reinterpret_cast<const S*>(bias.data_ptr()) : nullptr, out);
+    });
   }
-  const at::ScalarType products = product_type(x.scalar_type());
-  Tensor xp = x.to(products), cbp = codebooks.to(products).contiguous();
-  Tensor cbe = expanded_codebooks(cbp, codes.size(0));
-  return dispatch_types(x.scalar_type(), codes, [&](auto a, auto p, auto s, auto c) {
-    return forward_bb<decltype(a), decltype(p), decltype(s), decltype(c)>(xp, cbe, cbp, codes, out);
-  });
+  if (bias_in.defined() && !fold) out.add_(bias_in);
+  return out;
 }
 
 // (grad_x [B, in] or undefined, grad_codebooks [G, K, d] or undefined) of linear_forward; grad_x is
@@ -1402,14 +1498,17 @@ void expand_backward_add_op(at::Tensor& out, const Tensor& grad, const Tensor& c
   expand_backward(grad, codes, out.size(0), out.size(1), out);
 }
 
-// rpq_fx::_linear_compressed(Tensor x, Tensor codebooks, Tensor codes) -> Tensor: x [..., in] -> y [..., N].
-Tensor linear_compressed_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes) {
+// rpq_fx::_linear_compressed(Tensor x, Tensor codebooks, Tensor codes, Tensor? bias=None) -> Tensor: x [..., in] ->
+// y [..., N], plus bias [N] where given.
+Tensor linear_compressed_op(const Tensor& x, const Tensor& codebooks, const Tensor& codes,
+                            const c10::optional<Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && codes.dim() == 2, "rpq_fx linear: x [..., in] and codes [C, N]");
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = codes.size(1);
   Tensor out = at::empty(shape, x.options());
   Tensor out_2d = out.view({-1, codes.size(1)});
-  if (out_2d.size(0) > 0) linear_forward(x.reshape({-1, x.size(-1)}), codebooks, codes, out_2d);
+  if (out_2d.size(0) > 0)
+    linear_forward(x.reshape({-1, x.size(-1)}), codebooks, codes, bias.has_value() ? *bias : Tensor(), out_2d);
   return out;
 }
 

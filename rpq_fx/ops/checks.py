@@ -62,9 +62,24 @@ def check_devices(op: str, **tensors: Tensor | None) -> None:
         raise RuntimeError(f"{op}: tensors on different devices ({where}); all must be on one device")
 
 
+def _one_device(op: str, **tensors: Tensor | None) -> None:
+    """:func:`check_devices`, comparing the devices first (building its message only when they differ)."""
+    device = None
+    for t in tensors.values():
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                check_devices(op, **tensors)
+
+
 def check_expand(codebooks: Tensor, codes: Tensor, op: str = "rpq_fx expand") -> None:
     """Shapes and dtypes of ``expand(codebooks [G, K, d], codes [C, N])``, G = C or 1 (values: :func:`check_codes`)."""
-    check_devices(op, codebooks=codebooks, codes=codes)
+    _one_device(op, codebooks=codebooks, codes=codes)
+    _check_expand_shapes(codebooks, codes, op)
+
+
+def _check_expand_shapes(codebooks: Tensor, codes: Tensor, op: str) -> None:
     _require(codebooks.dim() == 3, lambda: f"{op}: codebooks must be [G, K, d], got {tuple(codebooks.shape)}")
     _require(codes.dim() == 2, lambda: f"{op}: codes must be [C, N], got {tuple(codes.shape)}")
     _check_code_dtype(codes, op)
@@ -88,8 +103,8 @@ def check_expand_backward(grad: Tensor, codes: Tensor, num_groups: int, num_code
 
 def check_linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
                  op: str = "rpq_fx linear") -> None:
-    check_devices(op, input=input, codebooks=codebooks, codes=codes, bias=bias)
-    check_expand(codebooks, codes, op)
+    _one_device(op, input=input, codebooks=codebooks, codes=codes, bias=bias)
+    _check_expand_shapes(codebooks, codes, op)
     _require(input.dim() >= 1 and input.shape[-1] == codes.shape[0] * codebooks.shape[2],
              lambda: f"{op}: input has {input.shape[-1] if input.dim() else 0} features, the weight "
                      f"{codes.shape[0]}x{codebooks.shape[2]} = {codes.shape[0] * codebooks.shape[2]}")

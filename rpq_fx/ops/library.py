@@ -37,10 +37,19 @@ _EXPAND_BLOCK_BYTES = 8 * 2**20  # weight rows expanded at a time on the expand 
 
 _lib = torch.library.Library("rpq_fx", "FRAGMENT")
 _lib.define("_expand_backward_add(Tensor(a!) out, Tensor grad, Tensor codes) -> ()")
-_lib.define("_linear_compressed(Tensor x, Tensor codebooks, Tensor codes) -> Tensor")
+_lib.define("_linear_compressed(Tensor x, Tensor codebooks, Tensor codes, Tensor? bias=None) -> Tensor")
 _lib.define("_linear_compressed_backward(Tensor grad, Tensor x, Tensor codebooks, Tensor codes, bool need_input, "
             "bool need_codebooks) -> (Tensor, Tensor)")
-_STOCK = {"_expand_backward_add": stock.expand_backward_add, "_linear_compressed": stock.linear_compressed,
+
+
+def _linear_compressed_stock(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x W^T + bias`` by the stock ops: the product, then the bias added in place (the C++ kernel adds it in its
+    output's write, with the same roundings)."""
+    out = stock.linear_compressed(x, codebooks, codes)
+    return out if bias is None else out.add_(bias)
+
+
+_STOCK = {"_expand_backward_add": stock.expand_backward_add, "_linear_compressed": _linear_compressed_stock,
           "_linear_compressed_backward": stock.linear_compressed_backward}
 for _name, _kernel in _STOCK.items():
     _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
@@ -168,19 +177,21 @@ def linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None 
     """
     check_linear(input, codebooks, codes, bias)
     out_features = codes.shape[1]
-    x = input.reshape(-1, input.shape[-1])
-    chosen = choose_path(input, codebooks, codes, path) if x.shape[0] > 0 else "expand"
-    if chosen in LUT_BITS or chosen == "compressed":
-        out = (torch.ops.rpq_fx._linear_lut(input, codebooks, codes, LUT_BITS[chosen]) if chosen in LUT_BITS
-               else torch.ops.rpq_fx._linear_compressed(input, codebooks, codes))
-        if bias is not None:
-            out.add_(bias)
-        return out
+    rows = input.shape[:-1].numel()
+    chosen = choose_path(input, codebooks, codes, path) if rows > 0 else "expand"
+    if chosen == "compressed":
+        if bias is None or input.device.type != "cuda":
+            return torch.ops.rpq_fx._linear_compressed(input, codebooks, codes, bias)  # the bias added in its write
+        # reason: the Triton kernel (rpq_fx/ops/triton/cuda.py) takes no bias yet
+        return torch.ops.rpq_fx._linear_compressed(input, codebooks, codes).add_(bias)
+    if chosen in LUT_BITS:
+        out = torch.ops.rpq_fx._linear_lut(input, codebooks, codes, LUT_BITS[chosen])
+        return out if bias is None else out.add_(bias)
     # reason: written through a 2-D view into a fresh tensor: an op's output must not be a view (callers
     # modify it in place)
     out = input.new_empty(*input.shape[:-1], out_features)
-    if x.shape[0] > 0:
-        _expand_forward(x, codebooks, codes, bias, out.view(-1, out_features))
+    if rows > 0:
+        _expand_forward(input.reshape(-1, input.shape[-1]), codebooks, codes, bias, out.view(-1, out_features))
     return out
 
 

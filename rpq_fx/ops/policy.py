@@ -38,6 +38,12 @@ _PATH_ENV = "RPQ_FX_PATH"
 # float32, medians of CPU time on a loaded machine; benchmarks/linear.py).
 _PAIR_NS = {1: 0.35, 2: 0.6, 4: 0.6, 8: 0.65, 16: 0.75, 32: 1.1}
 _TABLE_MAC_NS = 0.028
+# Batch blocks of 2-32 columns at d = 1, 2, 4, 8 hold the block's x in registers (csrc ``table_rows``): a table entry
+# costs its store plus d multiply-adds, 0.03 + 0.004 * d ns (1536x384 at 128 rows, K = 256 less K = 16, one thread,
+# best CPU time on a loaded machine: d = 2, 4, 8 took 0.022, 0.0115, 0.008 ns per multiply-add, where the loop above
+# took 0.015-0.029).
+_HELD_DIMS = (1, 2, 4, 8)
+_ENTRY_NS, _HELD_MAC_NS = 0.03, 0.004
 # The 32-bit lookup-table forward (one or two rows): per (slice, output row) and per table entry quantised, one thread
 # (the same machine, 4096x4096 at d = 2, 4, 8, medians of CPU time on a loaded machine); calls of more than about
 # 60 us share their work with a helper thread (csrc ``split_phases``), as the halving below assumes.
@@ -140,7 +146,10 @@ def _compressed_forward_ns(batch: int, in_features: int, out_features: int, num_
     bands = min(max(1, -(-2 * threads // blocks)), max(1, out_features // shortest))
     pair = 0.08 if width == 1 and num_codes <= 32 else _PAIR_NS[width]  # one-row lookups by permutes: no gather
     gather = pair * blocks * num_codebooks * out_features
-    tables = _TABLE_MAC_NS * blocks * bands * num_codes * in_features * width
+    if width > 1 and codebook_dim in _HELD_DIMS:
+        tables = (_ENTRY_NS + _HELD_MAC_NS * codebook_dim) * blocks * bands * num_codes * num_codebooks * width
+    else:
+        tables = _TABLE_MAC_NS * blocks * bands * num_codes * in_features * width
     if 32 < num_codes <= 256 and batch <= lut_rows:
         # 32-bit tables in registers, row by row: lookups per (slice, output row), the table's quantisation per entry
         gather = batch * _LUT_PAIR_NS * num_codebooks * out_features
