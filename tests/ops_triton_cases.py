@@ -200,6 +200,9 @@ def test_registered_functions_compute_what_the_stock_kernels_do(kern):
     assert torch.equal(kern.cuda.expand(codebooks, codes), stock.expand(codebooks, codes))
     _close(kern.cuda.linear_compressed(x, codebooks, codes), stock.linear_compressed(x, codebooks, codes),
            torch.float32)
+    bias = torch.randn(40, device=DEVICE)
+    _close(kern.cuda.linear_compressed(x, codebooks, codes, bias), stock.linear_compressed(x, codebooks, codes) + bias,
+           torch.float32)
     for got, want in zip(kern.cuda.linear_compressed_backward(grad, x, codebooks, codes, True, True),
                          stock.linear_compressed_backward(grad, x, codebooks, codes, True, True)):
         _close(got, want, torch.float32)

@@ -180,10 +180,7 @@ def linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None 
     rows = input.shape[:-1].numel()
     chosen = choose_path(input, codebooks, codes, path) if rows > 0 else "expand"
     if chosen == "compressed":
-        if bias is None or input.device.type != "cuda":
-            return torch.ops.rpq_fx._linear_compressed(input, codebooks, codes, bias)  # the bias added in its write
-        # reason: the Triton kernel (rpq_fx/ops/triton/cuda.py) takes no bias yet
-        return torch.ops.rpq_fx._linear_compressed(input, codebooks, codes).add_(bias)
+        return torch.ops.rpq_fx._linear_compressed(input, codebooks, codes, bias)  # the bias added in its write
     if chosen in LUT_BITS:
         out = torch.ops.rpq_fx._linear_lut(input, codebooks, codes, LUT_BITS[chosen])
         return out if bias is None else out.add_(bias)

@@ -63,13 +63,15 @@ def expand_backward_add(out: Tensor, grad: Tensor, codes: Tensor) -> None:
         _kernels("expand").scatter_rows(out, grad, codes)
 
 
-def linear_compressed(x: Tensor, codebooks: Tensor, codes: Tensor) -> Tensor:
-    """``rpq_fx::_linear_compressed``: lookup tables for a few rows, a fused GEMM above."""
+def linear_compressed(x: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``rpq_fx::_linear_compressed``: lookup tables for a few rows, a fused GEMM above; the bias added after."""
     if not _linear_applies(x, codebooks):
-        return stock.linear_compressed(x, codebooks, codes)
-    check_codes(codes, codebooks.shape[1], "rpq_fx linear")
-    with _on(codes):
-        return _kernels("linear").linear(x, codebooks, codes)
+        out = stock.linear_compressed(x, codebooks, codes)
+    else:
+        check_codes(codes, codebooks.shape[1], "rpq_fx linear")
+        with _on(codes):
+            out = _kernels("linear").linear(x, codebooks, codes)
+    return out if bias is None else out.add_(bias)
 
 
 def linear_compressed_backward(grad: Tensor, x: Tensor, codebooks: Tensor, codes: Tensor, need_input: bool,
