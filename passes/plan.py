@@ -18,7 +18,7 @@ from rpq_fx.errors import RPQConversionError
 from rpq_fx.graph_module import graphs_of
 from rpq_fx.record import LayerPlan
 
-from .weight_ops import LAYERS, layer_arguments, layer_refusal, padding_row, refusal, weight_arg
+from .weight_ops import LAYERS, layer_arguments, layer_refusal, padding_row, reads_rows, refusal, weight_arg
 
 __all__ = ["LayerPlan", "plan_conversion", "check_strict", "parameter_at"]
 
@@ -73,6 +73,16 @@ def _not_a_weight(uses: dict[int, _Uses], param: nn.Parameter, layer: str) -> No
     use.refusal = use.refusal or f"read by {layer} other than as its weight"
 
 
+def _own_forward_use(use: _Uses, layer: nn.Module, name: str) -> None:
+    """``layer``'s own forward reads its tensor ``name`` (through ``functional_call``): an ``nn.Embedding``
+    subclass's weight is its table (read through a ``LookupWeight``), with the built-in layer's padding row and
+    refusals (``max_norm``, ``sparse``)."""
+    if reads_rows(layer, name):
+        use.refusal = use.refusal or layer_refusal(layer, {})
+        if layer.padding_idx is not None:
+            use.padding_rows.add(layer.padding_idx)
+
+
 def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> None:
     """Add how ``gm`` (the part of the model at ``prefix``) reads each parameter to ``uses``."""
     for node in (node for graph in graphs_of(gm) for node in graph.nodes):
@@ -81,12 +91,13 @@ def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> No
             if type(module) in LAYERS:
                 _layer_use(module, prefix + node.target, node, uses)
                 continue
-            for param in module.parameters():  # any other leaf: run through torch.func.functional_call
+            for name, param in module.named_parameters():  # any other leaf: run through torch.func.functional_call
                 if param.dim() >= 2:
                     use = uses.setdefault(id(param), _Uses())
                     use.ops.append(type(module).__name__)
                     use.layers[prefix + node.target] = module
                     use.transposed.add(False)
+                    _own_forward_use(use, module, name)
         elif node.op == "get_attr":
             value = parameter_at(gm, node.target)
             if value is None:
@@ -111,6 +122,8 @@ def _collect_uses(gm: fx.GraphModule, prefix: str, uses: dict[int, _Uses]) -> No
                     use.functional = True
                     use.transposed.add(spec is not None and spec.transposed)
                     use.refusal = use.refusal or (spec.refusal(value) if spec is not None else None)
+                    if spec is None:
+                        _own_forward_use(use, layer, next(n for n, v in user.args[1].items() if v is node))
                 else:
                     use.others.append(f"used by {_target_name(user)}")
                     if _mutates(user):

@@ -15,7 +15,7 @@ from rpq_fx.graph_module import graphs_of
 from rpq_fx.nn.weight import RPQWeight, lookup_weight
 
 from .plan import LayerPlan, parameter_at
-from .weight_ops import LAYERS, emit_layer_call, layer_arguments
+from .weight_ops import LAYERS, emit_layer_call, layer_arguments, reads_rows
 
 __all__ = ["rewrite", "new_weights", "is_expansion", "additive_stages"]
 
@@ -149,13 +149,6 @@ def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor) -> fx.Nod
     return _expansion(graph, path, value) if isinstance(value, RPQWeight) else graph.get_attr(path)
 
 
-def _reads_rows(module: nn.Module, name: str) -> bool:
-    """Whether ``module``'s own forward (run by ``functional_call``) reads its tensor ``name`` as an embedding
-    table: the ``weight`` of an ``nn.Embedding`` subclass (OPT's positional embedding, which computes its
-    positions and ends in ``super().forward``)."""
-    return isinstance(module, nn.Embedding) and name == "weight"
-
-
 def _lookup(graph: fx.Graph, path: str) -> fx.Node:
     """The RPQ weight at ``path`` as a :class:`~rpq_fx.nn.weight.LookupWeight`: a lookup on it reads only its
     rows (every other use expands it)."""
@@ -164,11 +157,11 @@ def _lookup(graph: fx.Graph, path: str) -> fx.Node:
 
 def _rewrite_attribute(gm: fx.GraphModule, node: fx.Node, weight: RPQWeight) -> None:
     """``get_attr`` of a converted parameter: the RPQ weight takes its place, each reader its own expansion
-    (a lookup weight where a module's own forward reads it as its embedding table, :func:`_reads_rows`)."""
+    (a lookup weight where a module's own forward reads it as its embedding table, :func:`~.weight_ops.reads_rows`)."""
     _install(gm, node.target, weight)
     for user in list(node.users):
         rows = user.target is torch.func.functional_call and any(
-            value is node and _reads_rows(gm.get_submodule(user.args[0].target), name)
+            value is node and reads_rows(gm.get_submodule(user.args[0].target), name)
             for name, value in user.args[1].items())
         with node.graph.inserting_before(user):
             read = _lookup(node.graph, node.target) if rows else _expansion(node.graph, node.target, weight)
@@ -195,7 +188,7 @@ def _rewrite_call(node: fx.Node, module: nn.Module, state: dict[str, nn.Module |
             call = graph.call_function(torch.func.functional_call, (
                 graph.get_attr(f"{node.target}.module"),
                 {name: _lookup(graph, f"{node.target}.{name}") if isinstance(state[name], RPQWeight)
-                 and _reads_rows(module, name) else read(name) for name in state},
+                 and reads_rows(module, name) else read(name) for name in state},
                 tuple(node.args), dict(node.kwargs)))
     _replace_call(node, call)
 

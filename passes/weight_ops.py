@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["WeightArg", "FUNCTIONS", "LayerSpec", "LAYERS", "register_layer", "weight_arg", "refusal", "padding_row",
-           "layer_arguments", "layer_refusal", "emit_layer_call"]
+           "reads_rows", "layer_arguments", "layer_refusal", "emit_layer_call"]
 
 aten = torch.ops.aten
 
@@ -110,6 +110,13 @@ def layer_refusal(module: nn.Module, arguments: dict[str, object]) -> str | None
     if arguments.get("output_size") is not None:
         return f"{type(module).__name__} called with output_size, which fixes output_padding per call"
     return None
+
+
+def reads_rows(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s own forward (run by ``functional_call``) reads its tensor ``name`` as an embedding
+    table: the ``weight`` of an ``nn.Embedding`` subclass (OPT's positional embedding, which computes its
+    positions and ends in ``super().forward``)."""
+    return isinstance(module, nn.Embedding) and name == "weight"
 
 
 @dataclass(frozen=True)

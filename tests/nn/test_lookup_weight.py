@@ -193,3 +193,29 @@ def test_lookup_of_additive_and_hot_weights(kind):
     F.embedding(indices, weight()).sum().backward()
     for got, want in zip(grads, [p.grad for p in weight.parameters()]):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_subclass_padding_row_starts_at_zero(inplace):
+    """Random init zeroes the padding row of a subclass run by its own forward, as it does nn.Embedding's: the dense
+    weight's padding row is zero (and only it), and a lookup of it is a zero vector."""
+    torch.manual_seed(5)
+    converted = _convert(Model(Direct(ROWS, DIM, padding_idx=-3)), inplace=inplace)  # nn.Embedding: ROWS - 3
+    dense = next(w for w in converted.modules() if isinstance(w, RPQWeight))()
+    assert dense[ROWS - 3].abs().max() == 0 and dense.abs().sum(1).gt(0).sum() == ROWS - 1
+    assert converted.layer(torch.tensor([[ROWS - 3, 0]]))[0, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("options", [{"max_norm": 1.0}, {"sparse": True}])
+def test_a_subclass_that_renormalises_or_gives_sparse_gradients_stays_dense(options):
+    """``max_norm`` rewrites looked-up rows in place and ``sparse`` gives sparse gradients: the subclass's weight
+    stays dense, with the built-in layer's reason, and the model computes as before."""
+    torch.manual_seed(6)
+    original = Model(Positions(ROWS, DIM, **options))
+    reference = copy.deepcopy(original)
+    converted = _convert(original)
+    assert not any(isinstance(w, RPQWeight) for w in converted.modules() if w is not converted.head)
+    reasons = {layer.name: layer.reason or "" for layer in converted.rpq_layers}
+    assert any("max_norm" in r or "sparse" in r for r in reasons.values()), reasons
+    mask = torch.ones(1, 5, dtype=torch.long)
+    assert_outputs_close(converted.layer(mask), reference.layer(mask))
