@@ -7,8 +7,6 @@ stock-op kernels, and against the same kernel without the bias followed by ``add
 rounds as ``add_`` does), at odd sizes, every d and K, float32 / bfloat16 / float16, contiguous and not.
 """
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,66 +130,31 @@ def test_expand_of_wide_rows_matches_the_reference(ref, C, d, K, shared):
     assert torch.equal(ops.expand(codebooks, codes), ref.expand(codebooks, ucodes))
 
 
-# ------------------------------------------------------------------ the batched kernel's split (split_phases)
-# Short slices' batches of 3 or more rows share their tasks with helpers the way the lookup-table path does; the
-# test hooks (rpq_fx::_lut_split_hooks: least work split, helper and caller delays) force it on small calls.
-NEVER = 1 << 62
+# ------------------------------------------------------------------ the batched kernel's threads
+# Batches of 3 or more rows share their tasks (a batch block and a band of rows) among the threads of an
+# at::parallel_for region; every output is computed by one task, whichever thread runs it.
 
 
-def _hooks(min_ns: int = -1, helper_delay_us: int = 0, caller_delay_us: int = 0) -> int:
-    return torch.ops.rpq_fx._lut_split_hooks(min_ns, helper_delay_us, caller_delay_us)[3]
-
-
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    _hooks()
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.skipif((torch.multiprocessing.cpu_count() or 1) < 2, reason="one CPU: nothing to split")
-@pytest.mark.parametrize("d", [1, 2, 4, 8, 5])
+@pytest.mark.skipif((torch.multiprocessing.cpu_count() or 1) < 2, reason="one CPU: nothing to share")
+@pytest.mark.parametrize("d", [1, 2, 4, 8, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_batched_split_is_bit_identical_to_one_thread(two_threads, ref, d, dtype):
-    """Every result is computed by one task whoever runs it: with the caller held back 1 ms (helpers take most tasks)
-    the bits of the calling thread alone, at batches of every block width, bias folded, odd sizes; at each batch,
-    calls until a helper has run a task."""
+def test_the_batched_kernel_on_two_threads_is_bit_identical_to_one(ref, d, dtype):
+    """The bits of one thread on two, at batches of every block width, bias folded, odd sizes."""
     C, N = 37, 301  # K = 16: bands of 64-128 rows, so even a one-block batch is several tasks
     codebooks, ucodes, codes = ref.make_case(C, 16, d, N, True, torch.float32, d)
     codebooks = codebooks.to(dtype)
     bias = torch.randn(N).to(dtype)
-    for batch in (3, 8, 16, 33, 70):
-        x = torch.randn(batch, C * d, generator=torch.Generator().manual_seed(batch)).to(dtype)
-        _hooks(NEVER)
-        alone = torch.ops.rpq_fx._linear_compressed(x, codebooks, codes, bias)
-        before = _hooks(0, 0, 1000)
-        deadline = time.monotonic() + 10.0  # reason: a busy machine may keep the helper off a core for a while
-        while True:
-            split = torch.ops.rpq_fx._linear_compressed(x, codebooks, codes, bias)
-            assert torch.equal(alone, split)
-            if _hooks(0, 0, 1000) > before or time.monotonic() > deadline:
-                break
-        assert _hooks(0, 0, 1000) > before, "no helper ran a task in 10 s of calls"
-        expected = _reference(x, codebooks, ucodes, bias, ref)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(split.double(), expected, rtol=tol * 10, atol=tol * expected.abs().max().item())
-
-
-@pytest.mark.skipif((torch.multiprocessing.cpu_count() or 1) < 2, reason="one CPU: nothing to split")
-def test_the_batched_caller_does_not_wait_for_a_helper_that_never_starts(two_threads, ref):
-    """Helpers held back 200 ms: a call of a few milliseconds returns long before, every task run by the caller."""
-    codebooks, _, codes = ref.make_case(256, 256, 4, 1024, True, torch.float32, 3)
-    x = torch.randn(32, 1024)
-    _hooks(NEVER)
-    alone = torch.ops.rpq_fx._linear_compressed(x, codebooks, codes)
-    before = _hooks(0, 200_000)
-    start = time.perf_counter()
-    split = torch.ops.rpq_fx._linear_compressed(x, codebooks, codes)
-    took = time.perf_counter() - start
-    assert torch.equal(alone, split)
-    assert took < 0.15, f"the call waited {took * 1e3:.0f} ms: for a helper held back 200 ms?"
-    assert _hooks() == before
-    time.sleep(0.25)  # reason: the held-back helper starts after the call returned; it must find nothing to do
-    assert _hooks() == before
+    threads = torch.get_num_threads()
+    try:
+        for batch in (3, 8, 16, 33, 70):
+            x = torch.randn(batch, C * d, generator=torch.Generator().manual_seed(batch)).to(dtype)
+            torch.set_num_threads(1)
+            alone = torch.ops.rpq_fx._linear_compressed(x, codebooks, codes, bias)
+            torch.set_num_threads(2)
+            shared = torch.ops.rpq_fx._linear_compressed(x, codebooks, codes, bias)
+            assert torch.equal(alone, shared)
+            expected = _reference(x, codebooks, ucodes, bias, ref)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(shared.double(), expected, rtol=tol * 10, atol=tol * expected.abs().max().item())
+    finally:
+        torch.set_num_threads(threads)

@@ -9,8 +9,8 @@
 //             grad_codebooks[g(c), k] += sum_b S[c, k, b] x[b, c*d:(c+1)*d]
 //
 // The batch is cut into blocks of BB columns, and the forward's work into tasks (a batch block and a band of rows)
-// that the threads claim one at a time (short slices: shared with helpers by split_phases, so the caller never waits
-// for a thread that has not started; long ones: at::parallel_for). A task builds its block's table T[c, :, b0:b0+BB]
+// that the threads of an at::parallel_for region claim one at a time (the one- and two-row lookup-table path shares
+// its work by split_phases instead). A task builds its block's table T[c, :, b0:b0+BB]
 // a block of slices at a time (kTableBlockBytes, so it stays in L2: the whole table of d = 4, K = 256, BB = 32 is
 // 32 MiB) from x read in place (short slices: transposed a block at a time, held in registers for d = 1, 2, 4, 8) and
 // adds every row of its band from it, keeping per-row partial sums; each row's sum still runs over c in order, and
@@ -565,33 +565,23 @@ Tensor forward_impl(const Tensor& x, const Tensor& xp, const Tensor& cbe, const 
       }
     }
   };
-  if (d >= 16) {
-    // reason: these tasks call ATen's bmm; inside at::parallel_for's region it runs on the task's thread (no nested
-    // team), where on a split_phases helper it would start a parallel region of its own
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-      at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
-      std::vector<A> table(table_size), partial(band * BB);
-      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t, table.data(), partial.data(), nullptr);
-    });
-    return out;
-  }
-  // Short slices: the tasks are plain loops, shared with helpers by split_phases. reason: at::parallel_for's join
-  // waits for every worker of its region to arrive, and on a busy machine a descheduled one kept the caller waiting
-  // (benchmarks/contention.py); here the caller never waits for a thread that has not started. The estimate: each
-  // task's table (K * d multiply-adds per slice and column, ~0.028 ns) and the gathers (~1 ns per slice, row and block).
-  const double work_ns = 0.028 * static_cast<double>(tasks * K * C * d * BB) + 1.0 * static_cast<double>(nbb * C * N);
-  const int64_t least = g_split_min_ns.load(std::memory_order_relaxed);
-  split_phases(std::array<int64_t, 1>{tasks}, work_ns >= static_cast<double>(least < 0 ? kSplitMinNs : least),
-               [&](int, int64_t t) {
-                 // reason: reused by the thread's next call (a fresh 256 KiB table costs page faults); each thread
-                 // its own, and one instance per template instantiation
-                 thread_local std::vector<A> table, partial, xt;
-                 if (table.size() < static_cast<size_t>(table_size)) table.resize(table_size);
-                 if (partial.size() < static_cast<size_t>(band * BB)) partial.resize(band * BB);
-                 if (xt.size() < static_cast<size_t>(slices * d * BB)) xt.resize(slices * d * BB);
-                 run(t, table.data(), partial.data(), xt.data());
-               });
+  // reason: at::parallel_for, not split_phases: inside a model the OpenMP worker is still spinning from the ATen op
+  // before (layer norm, GELU, attention) and takes its task at once, where a helper woken from the inter-op pool
+  // came late and fought that worker for the second core (all-MiniLM-L6-v2, 2 threads, benchmarks/model_speed.py
+  // --quick --models minilm, two runs each: batch 1 1.26-1.33x dense with split_phases, 0.74-0.97x with this; batch
+  // 32 1.03-1.05x against 0.84-0.92x); and d >= 16's tasks call ATen's bmm, which must run inside the region.
+  // The threads claim tasks from one counter, so a slow thread takes fewer.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
+    // reason: reused by the thread's next call (a fresh 256 KiB table costs page faults); each thread its own, one
+    // instance per template instantiation
+    thread_local std::vector<A> table, partial, xt;
+    if (table.size() < static_cast<size_t>(table_size)) table.resize(table_size);
+    if (partial.size() < static_cast<size_t>(band * BB)) partial.resize(band * BB);
+    if (d < 16 && xt.size() < static_cast<size_t>(slices * d * BB)) xt.resize(slices * d * BB);
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t, table.data(), partial.data(), xt.data());
+  });
   return out;
 }
 
