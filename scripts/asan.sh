@@ -16,4 +16,4 @@ export LD_PRELOAD="$libasan $(${CXX:-g++} -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:${ASAN_OPTIONS:-}"
 .venv/bin/python -c "import rpq_fx._kernels as k; k.main()"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_ops_compressed.py tests/test_ops_bounds.py \
-  tests/test_ops_devices.py tests/test_ops_bf16.py tests/test_ops_lut.py "$@"
+  tests/test_ops_devices.py tests/test_ops_bf16.py tests/test_ops_lut.py tests/test_ops_fused.py "$@"
