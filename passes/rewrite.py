@@ -144,9 +144,12 @@ def _container(state: dict[str, nn.Module | torch.Tensor]) -> nn.Module:
     return container
 
 
-def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor) -> fx.Node:
-    """A node reading the tensor at ``path``: an expansion for an RPQ weight, else a ``get_attr``."""
-    return _expansion(graph, path, value) if isinstance(value, RPQWeight) else graph.get_attr(path)
+def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor, rows: bool = False) -> fx.Node:
+    """A node reading the tensor at ``path``: for an RPQ weight an expansion, or a lookup weight where the reader
+    looks up its rows (``rows``: :func:`~.weight_ops.reads_rows`); else a ``get_attr``."""
+    if not isinstance(value, RPQWeight):
+        return graph.get_attr(path)
+    return _lookup(graph, path) if rows else _expansion(graph, path, value)
 
 
 def _lookup(graph: fx.Graph, path: str) -> fx.Node:
@@ -164,8 +167,7 @@ def _rewrite_attribute(gm: fx.GraphModule, node: fx.Node, weight: RPQWeight) -> 
             value is node and reads_rows(gm.get_submodule(user.args[0].target), name)
             for name, value in user.args[1].items())
         with node.graph.inserting_before(user):
-            read = _lookup(node.graph, node.target) if rows else _expansion(node.graph, node.target, weight)
-            user.replace_input_with(node, read)
+            user.replace_input_with(node, _read(node.graph, node.target, weight, rows))
     node.graph.erase_node(node)
 
 
@@ -173,8 +175,8 @@ def _rewrite_call(node: fx.Node, module: nn.Module, state: dict[str, nn.Module |
     """A call of ``module``, whose tensors now sit in a container at its path, reading them from there."""
     graph = node.graph
 
-    def read(name: str) -> fx.Node:
-        return _read(graph, f"{node.target}.{name}", state[name])
+    def read(name: str, rows: bool = False) -> fx.Node:
+        return _read(graph, f"{node.target}.{name}", state[name], rows)
 
     spec = LAYERS.get(type(module))
     with graph.inserting_before(node):
@@ -187,8 +189,7 @@ def _rewrite_call(node: fx.Node, module: nn.Module, state: dict[str, nn.Module |
         else:
             call = graph.call_function(torch.func.functional_call, (
                 graph.get_attr(f"{node.target}.module"),
-                {name: _lookup(graph, f"{node.target}.{name}") if isinstance(state[name], RPQWeight)
-                 and reads_rows(module, name) else read(name) for name in state},
+                {name: read(name, reads_rows(module, name)) for name in state},
                 tuple(node.args), dict(node.kwargs)))
     _replace_call(node, call)
 
