@@ -503,9 +503,9 @@ void transpose_block(const S* __restrict x, int64_t in, int64_t b0, int64_t bw, 
   }
 }
 
-// y = x W^T for the rows of one dtype combination: x and cbe (the codebooks [C, K, d], shared ones expanded) stored
-// as T (the products' dtype; ATen's bmm sums bfloat16 in float32), the tables kept in A, each output summed in A over the
-// slices in order and stored as O. The work is cut into tasks (a batch block and a band of rows) that the threads
+// y = x W^T (+ bias_p, where not null) for the rows of one dtype combination: x stored as O; for long slices (d >= 16)
+// xp and cbe (x and the codebooks [C, K, d], shared ones expanded) stored as T (the products' dtype; ATen's bmm sums
+// bfloat16 in float32); the tables kept in A, each output summed in A over the slices in order and stored as O. The work is cut into tasks (a batch block and a band of rows) that the threads
 // claim one at a time, so that a thread slowed by a busy machine takes fewer; each task builds its block's table a
 // block of slices at a time (kTableBlockBytes) and adds every row of its band from it while it is in cache.
 template <typename A, typename T, typename O, typename code_t, int BB>
@@ -570,7 +570,6 @@ Tensor forward_impl(const Tensor& x, const Tensor& xp, const Tensor& cbe, const 
   // came late and fought that worker for the second core (all-MiniLM-L6-v2, 2 threads, benchmarks/model_speed.py
   // --quick --models minilm, two runs each: batch 1 1.26-1.33x dense with split_phases, 0.74-0.97x with this; batch
   // 32 1.03-1.05x against 0.84-0.92x); and d >= 16's tasks call ATen's bmm, which must run inside the region.
-  // The threads claim tasks from one counter, so a slow thread takes fewer.
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     at::NoGradGuard no_grad;  // reason: grad mode is per thread; worker threads start with it on
