@@ -301,12 +301,17 @@ class RPQWeight(nn.Module):
 
 
 _T = torch.Tensor
-# reads of a tensor's metadata, answered by a LookupWeight without expanding it
+# reads of a tensor's metadata, answered by a LookupWeight without expanding it: from its values-less (meta) stand-in
 _METADATA = frozenset({
-    *(getattr(_T, name).__get__ for name in ("shape", "dtype", "device", "requires_grad", "ndim", "layout", "is_cpu",
-                                             "is_cuda", "is_meta", "is_sparse", "is_quantized", "is_nested")),
+    *(getattr(_T, name).__get__ for name in ("shape", "dtype", "ndim", "layout", "is_sparse", "is_quantized",
+                                             "is_nested")),
     _T.size, _T.dim, _T.ndimension, _T.numel, _T.nelement, _T.element_size, _T.is_floating_point, _T.is_complex,
-    _T.get_device, _T.__len__})
+    _T.__len__})
+# ... and from the RPQ weight: where it lives and whether it trains
+_PLACE = {_T.device.__get__: lambda w: w.device, _T.is_cpu.__get__: lambda w: w.device.type == "cpu",
+          _T.is_cuda.__get__: lambda w: w.device.type == "cuda", _T.is_meta.__get__: lambda w: w.device.type == "meta",
+          _T.get_device: lambda w: w.codebooks.get_device(),
+          _T.requires_grad.__get__: lambda w: w.requires_grad and torch.is_grad_enabled()}
 
 
 class LookupWeight(torch.Tensor):
@@ -315,21 +320,30 @@ class LookupWeight(torch.Tensor):
     ``super().forward(...)``): an embedding lookup on it (``F.embedding``, ``torch.embedding``) is
     :meth:`RPQWeight.lookup`, which reads only the looked-up rows, and its metadata (shape, dtype, device,
     ``requires_grad``) is the weight's; any other use expands the weight and runs on the dense tensor. Gradients
-    reach the codebooks either way (autograd records the ops on them, never on this tensor)."""
+    reach the codebooks either way (autograd records the ops on them, never on this tensor).
+
+    It is a ``__torch_function__`` subclass of a meta tensor of the weight's shape (``as_subclass``), not a wrapper
+    subclass: ``torch.compile`` traces its making and its ``__torch_function__`` into the graph (it cannot trace
+    ``_make_wrapper_subclass``, and refuses ``as_subclass`` to a class with ``__torch_dispatch__``). So nothing
+    refuses an op that gets past ``__torch_function__`` (only code that switches it off for subclasses does): it
+    sees the meta stand-in, and most such ops fail or give a meta tensor, but a few return made-up values
+    (``torch.mm`` of a CPU tensor and a meta one gives a CPU tensor).
+    """
 
     weight: RPQWeight
 
     @staticmethod
     def __new__(cls, weight: RPQWeight):
-        # reason: a wrapper subclass has the weight's metadata and no storage (the dense values never exist)
-        self = torch.Tensor._make_wrapper_subclass(cls, weight.shape, dtype=weight.dtype, device=weight.device,
-                                                   requires_grad=weight.requires_grad and torch.is_grad_enabled())
+        # reason: a meta stand-in has the weight's shape and dtype and no storage (the dense values never exist)
+        self = torch.empty(weight.shape, dtype=weight.dtype, device="meta").as_subclass(cls)
         self.weight = weight
         return self
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _PLACE and isinstance(args[0], LookupWeight):
+            return _PLACE[func](args[0].weight)
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
@@ -345,13 +359,6 @@ class LookupWeight(torch.Tensor):
         args, kwargs = tree_map(lambda v: dense.setdefault(id(v), v.weight()) if isinstance(v, LookupWeight) else v,
                                 (args, kwargs))
         return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        # reason: every op is answered in __torch_function__, above autograd; one reaching the dispatcher would
-        # skip the codebooks' gradients, so it is refused rather than computed
-        raise RuntimeError(f"rpq_fx LookupWeight: {func} reached the dispatcher with an RPQ weight that has no dense "
-                           "values; call the weight (weight()) for them")
 
     def __repr__(self) -> str:
         return f"LookupWeight({self.weight.extra_repr()})"

@@ -66,3 +66,27 @@ def test_training_gradients_of_the_positions(opt):
     assert dense.abs().sum() > 0
     expected = codebook_gradient(dense, weight.codes, weight.codebooks.shape[0], weight.num_codes)
     torch.testing.assert_close(weight.codebooks.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_compiles_whole_without_a_graph_break(opt):
+    """``torch.compile(fullgraph=True)`` of the whole converted OPT (raises at any graph break; the positional
+    table's LookupWeight broke it before): one graph, both embeddings looked up as ``rpq_fx::embedding``, nothing
+    expanded; it computes what eager and the dense reference compute."""
+    _, converted, reference = opt
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(4))
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        actual = torch.compile(converted, backend=recording, fullgraph=True)(ids).logits
+        eager, expected = converted(ids).logits, reference(ids).logits
+    torch._dynamo.reset()
+    targets = [node.target for gm in graphs for node in gm.graph.nodes]
+    assert len(graphs) == 1
+    assert targets.count(torch.ops.rpq_fx.embedding.default) == 2 and torch.ops.rpq_fx.expand.default not in targets
+    torch.testing.assert_close(actual, eager, rtol=0, atol=0)
+    assert_outputs_close(actual, expected)

@@ -219,3 +219,71 @@ def test_a_subclass_that_renormalises_or_gives_sparse_gradients_stays_dense(opti
     assert any("max_norm" in r or "sparse" in r for r in reasons.values()), reasons
     mask = torch.ones(1, 5, dtype=torch.long)
     assert_outputs_close(converted.layer(mask), reference.layer(mask))
+
+
+def _recording(graphs: list):
+    """A ``torch.compile`` backend that keeps each graph dynamo captured and runs it as captured."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def _targets(graphs: list) -> set:
+    return {node.target for gm in graphs for node in gm.graph.nodes}
+
+
+def test_compiles_without_a_graph_break():
+    """``torch.compile(fullgraph=True)`` (which raises at any graph break) of the converted layer: one graph, the
+    lookup in it as ``rpq_fx::embedding`` and no expansion; inductor's code computes what eager and the dense
+    reference compute."""
+    torch.manual_seed(7)
+    original = Model(Positions(ROWS, DIM))
+    converted = _convert(original)
+    reference = dense_reference(original, converted)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        captured = torch.compile(converted.layer, backend=_recording(graphs), fullgraph=True)(mask, 3)
+        torch._dynamo.reset()
+        inductor = torch.compile(converted.layer, fullgraph=True)(mask, 3)
+        eager, expected = converted.layer(mask, 3), reference.layer(mask, 3)
+    assert len(graphs) == 1
+    assert torch.ops.rpq_fx.embedding.default in _targets(graphs)
+    assert torch.ops.rpq_fx.expand.default not in _targets(graphs)
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    torch.testing.assert_close(inductor, eager)
+    assert_outputs_close(inductor, expected)
+
+
+def test_compiled_training_gradients_reach_the_codebooks():
+    """Backward through the compiled layer (AOT autograd, one graph): the codebooks get the dense reference's
+    gradient summed into their codewords."""
+    torch.manual_seed(8)
+    original = Model(Positions(ROWS, DIM))
+    converted = _convert(original)
+    reference = dense_reference(original, converted, leftovers=True)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :4] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(converted.layer, backend="aot_eager", fullgraph=True)
+    converted.head(compiled(mask, 2)).square().sum().backward()
+    reference(mask, 2).square().sum().backward()
+    _codebook_grads_match(converted, reference, "layer")
+
+
+def test_metadata_follows_the_weight():
+    """Where the weight lives and whether it trains come from the RPQ weight, not from the values-less stand-in."""
+    weight = RPQWeight(4, 8, 300).requires_grad_(False)
+    lookup = LookupWeight(weight)
+    assert (lookup.device, lookup.is_cpu, lookup.is_meta, lookup.get_device(), lookup.requires_grad) == (
+        torch.device("cpu"), True, False, -1, False)
+    weight.requires_grad_(True)
+    with torch.no_grad():
+        assert not LookupWeight(weight).requires_grad
+    with torch.device("meta"):
+        assert LookupWeight(RPQWeight(4, 8, 300)).is_meta
