@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._lookup_compat import graph_before_lookups, padding_rows_before_lookups, written_before_lookups
 from .config import LAYER_SETTINGS, NEW_DEFAULTS, LayerSettings, RPQConfig, dtype_name, without_new_defaults
 from .convert import convert
 from .decompress import decompress
@@ -187,13 +188,17 @@ def _mode_name(training: bool) -> str:
     return "train" if training else "eval"
 
 
-def _codes(model: nn.Module) -> dict[str, str]:
+def _codes(model: nn.Module, checkpoint_before_lookups: bool | None = None) -> dict[str, str]:
     """The generated forward of each graph and each mode it has a graph for: ``{"train": code}``,
-    ``{"train": ..., "eval": ...}``, or for a model converted in place ``{"<part>:train": ...}``."""
+    ``{"train": ..., "eval": ...}``, or for a model converted in place ``{"<part>:train": ...}``; each graph as
+    rpq_fx wrote it before lookup weights where ``checkpoint_before_lookups`` is set (to the config's
+    ``checkpoint``: :func:`~rpq_fx._lookup_compat.graph_before_lookups`)."""
     codes = {}
     for name, gm in graph_parts(model):
         graphs = gm.meta.get("rpq_mode_graphs") or {gm.training: gm.graph}
         for mode, graph in graphs.items():
+            if checkpoint_before_lookups is not None:
+                graph = graph_before_lookups(gm, graph, checkpoint_before_lookups)
             codes[f"{name}:{_mode_name(mode)}" if name else _mode_name(mode)] = graph.python_code("self").src
     return codes
 
@@ -765,8 +770,9 @@ def _by_part_and_mode(codes: dict[str, str]) -> dict[str, str]:
             for part, graphs in parts.items() for mode in ("train", "eval")}
 
 
-def _check_forward(path: Path, info: dict, here_codes: dict[str, str]) -> None:
-    """Refuse a model whose converted forward does other operations than the saved one, in either mode."""
+def _check_forward(path: Path, info: dict, here_codes: dict[str, str], before_lookups: bool = False) -> None:
+    """Refuse a model whose converted forward does other operations than the saved one, in either mode
+    (``before_lookups``: ``here_codes`` are this model's forwards as rpq_fx wrote them before lookup weights)."""
     saved, here = _by_part_and_mode(info["code"]), _by_part_and_mode(here_codes)
     if saved.keys() != here.keys():
         parts = sorted({k.rpartition(":")[0] or "(whole model)" for k in saved.keys() ^ here.keys()})
@@ -781,10 +787,11 @@ def _check_forward(path: Path, info: dict, here_codes: dict[str, str]) -> None:
         where = f"{part} in {mode}" if part else mode
         detail = (f"operation {i + 1}: saved `{a[i]}`, here `{b[i]}`" if i < min(len(a), len(b))
                   else f"saved forward has {len(a)} operations, here {len(b)}")
+        as_written = " as rpq_fx wrote it before lookup weights, as the file was" if before_lookups else ""
         raise RPQCheckpointError(
             f"{path}: this model has the saved tensors but computes something else: its converted ({where} mode) "
-            f"forward differs at {detail} (saved with torch {info.get('torch_version')}, this is {torch.__version__}; "
-            "pass check_forward=False to load anyway)")
+            f"forward{as_written} differs at {detail} (saved with torch {info.get('torch_version')}, this is "
+            f"{torch.__version__}; pass check_forward=False to load anyway)")
 
 
 # how the saved values were found (format 1's init, format 2's outcome and init setting): load reads them, never fits
@@ -812,6 +819,15 @@ def unfitted(config: RPQConfig) -> RPQConfig:
     return dataclasses.replace(config, init="random", overrides=overrides)
 
 
+def _padding_as_saved(saved: dict[str, Any] | None, here: dict[str, Any], own_rows: set[int]) -> dict[str, Any]:
+    """``here`` (a comparable layer record) with the padding rows the saved one has, where they differ only by
+    ``own_rows``: the rows a file written before lookup weights did not give a weight read through one."""
+    if saved is None or "padding_rows" not in saved:
+        return here
+    rows, kept = set(here["padding_rows"]), set(saved["padding_rows"])
+    return {**here, "padding_rows": saved["padding_rows"]} if rows - own_rows <= kept <= rows else here
+
+
 def _check_converted(path: Path, gm: nn.Module, record: ConversionRecord, info: dict, check_forward: bool) -> None:
     here = _architecture(gm, record)
     if here["fingerprint"] != info["architecture"]["fingerprint"]:
@@ -821,6 +837,14 @@ def _check_converted(path: Path, gm: nn.Module, record: ConversionRecord, info: 
     layers = [comparable_record(_v1_record(layer) if info["format_version"] == 1 else layer_record(layer, None))
               for layer in record.layers]
     saved_by_name = {r["name"]: comparable_record(r) for r in saved_layers}
+    before_lookups = written_before_lookups(info["code"])
+    checkpoint = record.config.checkpoint if before_lookups else None
+    if before_lookups:  # reason: padding rows a file written before lookup weights never gave them (ec0be8d)
+        own = padding_rows_before_lookups(gm)
+        by_alias = {alias: layer.name for layer in record.layers for alias in layer.aliases}
+        own = {by_alias.get(name, name): rows for name, rows in own.items()}
+        layers = [_padding_as_saved(saved_by_name.get(r["name"]), r, own[r["name"]]) if r["name"] in own else r
+                  for r in layers]
     for record in layers:
         saved = saved_by_name.get(record["name"])
         common = set(record) & set(saved or {})  # reason: a setting added since the file was written is not in it
@@ -834,7 +858,7 @@ def _check_converted(path: Path, gm: nn.Module, record: ConversionRecord, info: 
     if len(layers) != len(saved_layers):
         raise RPQCheckpointError(f"{path}: the saved record has {len(saved_layers)} weights, this model {len(layers)}")
     if check_forward:
-        _check_forward(path, info, _codes(gm))
+        _check_forward(path, info, _codes(gm, checkpoint), before_lookups)
 
 
 def _read_tensors(path: Path, header: dict, info: dict, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
