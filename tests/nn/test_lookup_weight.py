@@ -287,3 +287,26 @@ def test_metadata_follows_the_weight():
         assert not LookupWeight(weight).requires_grad
     with torch.device("meta"):
         assert LookupWeight(RPQWeight(4, 8, 300)).is_meta
+
+
+def test_exports_with_the_lookup_as_one_op(tmp_path):
+    """``torch.export`` (strict, dynamo's capture) of the converted layer keeps the lookup as one ``rpq_fx::embedding``
+    (the wrapper subclass stopped it); the ONNX export built on it computes in onnxruntime what eager computes."""
+    torch.manual_seed(9)
+    converted = _convert(Model(Positions(ROWS, DIM))).eval()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    program = torch.export.export(converted.layer, (mask,), strict=True)
+    targets = [n.target for n in program.graph.nodes]
+    assert targets.count(torch.ops.rpq_fx.embedding.default) == 1 and torch.ops.rpq_fx.expand.default not in targets
+    with torch.no_grad():
+        eager = converted.layer(mask)
+        torch.testing.assert_close(program.module()(mask), eager, rtol=0, atol=0)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from rpq_fx.onnx_export import export_onnx
+
+    path = export_onnx(converted.layer, (mask,), tmp_path / "positions.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {session.get_inputs()[0].name: mask.numpy()})
+    torch.testing.assert_close(torch.from_numpy(actual), eager)
