@@ -12,6 +12,7 @@ its saved forward (written before) with this model as rpq_fx wrote it then: :fun
 
 import copy
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
@@ -19,7 +20,7 @@ from torch import nn
 
 from .graph_module import graph_parts, graphs_of
 from .nn.weight import lookup_weight
-from .passes import insert_checkpoints
+from .passes import LayerPlan, insert_checkpoints
 from .passes.rewrite import _expansion
 
 __all__ = ["written_before_lookups", "graph_before_lookups", "padding_rows_before_lookups"]
@@ -58,9 +59,11 @@ def graph_before_lookups(part: fx.GraphModule, graph: fx.Graph, checkpoint: bool
     return holder.graph
 
 
-def padding_rows_before_lookups(model: nn.Module) -> dict[str, set[int]]:
-    """``{weight path: rows}``: the padding rows the plan of each weight read through a LookupWeight got from the
-    layer's own forward (its ``padding_idx``), which the plan before lookup weights did not give it."""
+def padding_rows_before_lookups(model: nn.Module, layers: Sequence[LayerPlan]) -> dict[str, set[int]]:
+    """``{plan name: rows}``: the padding rows the plan (one of ``layers``) of each weight of ``model`` read through a
+    LookupWeight got from the layer's own forward (its ``padding_idx``), which the plan before lookup weights did
+    not give it."""
+    names = {alias: layer.name for layer in layers for alias in layer.aliases}
     rows: dict[str, set[int]] = {}
     for name, part in graph_parts(model):
         for node in (n for graph in graphs_of(part) for n in graph.nodes if _is_lookup(n)):
@@ -68,5 +71,5 @@ def padding_rows_before_lookups(model: nn.Module) -> dict[str, set[int]]:
             for user in node.users:
                 layer = part.get_submodule(user.args[0].target) if user.target is torch.func.functional_call else None
                 if isinstance(layer, nn.Embedding) and layer.padding_idx is not None:
-                    rows.setdefault(path, set()).add(layer.padding_idx)
+                    rows.setdefault(names.get(path, path), set()).add(layer.padding_idx)
     return rows

@@ -840,9 +840,7 @@ def _check_converted(path: Path, gm: nn.Module, record: ConversionRecord, info: 
     before_lookups = written_before_lookups(info["code"])
     checkpoint = record.config.checkpoint if before_lookups else None
     if before_lookups:  # reason: padding rows a file written before lookup weights never gave them (ec0be8d)
-        own = padding_rows_before_lookups(gm)
-        by_alias = {alias: layer.name for layer in record.layers for alias in layer.aliases}
-        own = {by_alias.get(name, name): rows for name, rows in own.items()}
+        own = padding_rows_before_lookups(gm, record.layers)
         layers = [_padding_as_saved(saved_by_name.get(r["name"]), r, own[r["name"]]) if r["name"] in own else r
                   for r in layers]
     for record in layers:
