@@ -3,9 +3,9 @@
 Before 6ec7b69 rpq_fx handed an ``nn.Embedding`` subclass run by its own forward (``functional_call``) its weight's
 expansion, where it now hands a ``LookupWeight``; before ec0be8d the subclass's plan had no padding row. Both come
 from one function, ``weight_ops.reads_rows``, called by the plan and the rewrite pass: with it answering False,
-today's ``convert`` writes what the old one wrote. That is how the old files here are made (:func:`_old_file`);
-the metadata that rpq_fx at 6ec7b69^ (a ``git archive`` of it, run on these models) wrote was identical to these,
-string for string, for every case below and for the tiny OPT of ``test_hf_opt_positions.py``.
+today's ``convert`` writes what the old one wrote. That is how the old files here are made (:func:`_old_file`):
+the safetensors metadata that rpq_fx at 6ec7b69^ (a ``git archive`` of it, run with ``RPQ_FX_KERNELS=torch``) wrote
+for every model here (the five ``CASES``, ``TwoTables``, the tiny OPT) was identical to these, string for string.
 """
 
 import copy
