@@ -465,8 +465,10 @@ inline int64_t now_ns() {
 // s a token with launched helpers, 0.19 s with the team). But the team's join waits for every worker to arrive, and a
 // worker descheduled by another process costs the caller milliseconds a call; so a call whose join waited longer
 // than kTeamLateNs sends the next calls to launched helpers (which the caller never waits for) for a back-off that
-// doubles while the team stays late (kTeamBackoffNs up to 64 times that) and is reset by a timely join.
-constexpr int64_t kTeamLateNs = 200000, kTeamBackoffNs = 10000000;
+// doubles while the team stays late (kTeamBackoffNs up to 32 times that) and is reset by a timely join. A late join
+// cost 7-8 ms a call beside another CPU-bound process (a worker left spinning is preempted, and waits its turn), so
+// the back-off is long enough that probing the team costs under 1% of a busy machine's time.
+constexpr int64_t kTeamLateNs = 200000, kTeamBackoffNs = 100000000;
 std::atomic<int> g_split_mode{-1};  // test hook: -1 chosen as above, 0 launched helpers, 1 the team
 std::atomic<int64_t> g_team_after{0}, g_team_backoff{kTeamBackoffNs};
 
@@ -484,7 +486,7 @@ void team_joined(int64_t waited_ns) {
   }
   const int64_t backoff = g_team_backoff.load(std::memory_order_relaxed);
   g_team_after.store(now_ns() + backoff, std::memory_order_relaxed);
-  g_team_backoff.store(std::min(backoff * 2, 64 * kTeamBackoffNs), std::memory_order_relaxed);
+  g_team_backoff.store(std::min(backoff * 2, 32 * kTeamBackoffNs), std::memory_order_relaxed);
 }
 
 // f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
