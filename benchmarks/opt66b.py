@@ -13,7 +13,9 @@ Decode is bound by memory bandwidth: each token reads every codebook and code of
 only its rows). The run also measures this machine's bandwidth, a STREAM-like copy (``dst.copy_(src)`` of
 two buffers far larger than the caches, counted as bytes read + written; best of the repeats, as STREAM
 reports) and a read-only sum, and reports decode time over ``bytes per token / bandwidth`` (issue 23's
-target: within 1.3x).
+target: within 1.3x). The bandwidth this machine gets varies over minutes (34-76 GB/s read on one day, with other
+work on it or, it seems, on its host), so the run also decodes once more with a read-only sum after each token and reports each
+token against the bandwidth measured just after it.
 
 Decode runs twice, with transformers' ``DynamicCache`` (keys and values concatenated onto the cache every token)
 and with its ``StaticCache`` (preallocated for the whole generation, written in place); the faster is the decode
@@ -36,6 +38,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -68,6 +71,18 @@ class PeakRSS(threading.Thread):
     def run(self):
         while not self.done.wait(0.005):
             self.peak = max(self.peak, rss_mib())
+
+
+def read_probe(mib: int):
+    """A call that returns the read-only bandwidth (bytes per second) of one ``sum`` of a float32 buffer of ``mib``
+    MiB, with torch's threads (the buffer's pages touched once here)."""
+    src = torch.ones(mib * 2**20 // 4)
+
+    def probe() -> float:
+        start = time.perf_counter()
+        src.sum()
+        return src.nbytes / (time.perf_counter() - start)
+    return probe
 
 
 def bandwidth(mib: int, repeats: int = 5) -> tuple[float, float]:
@@ -115,14 +130,15 @@ def op_breakdown(step, top: int = 6) -> str:
 CACHES = ("dynamic", "static")
 
 
-def decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache: str):
+def decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache: str, probe=None):
     """A prefill of ``prompt``, then greedy decoding of ``new_tokens`` one call per token with a ``cache`` KV cache
     (``"dynamic"``: transformers' default ``DynamicCache``; ``"static"``: a ``StaticCache`` sized for the whole run
-    and one more token). Returns the prefill's seconds, each token's wall and process-CPU seconds, and a call that
-    decodes one more token (for the profiler)."""
+    and one more token). Returns the prefill's seconds, each token's wall and process-CPU seconds (sorted), a call that
+    decodes one more token (for the profiler) and, with ``probe``, (token seconds, the probe's bandwidth just after
+    it) per token in order."""
     past = (StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 1) if cache == "static"
             else None)
-    steps, step_cpu = [], []
+    steps, step_cpu, probed = [], [], []
     with torch.inference_mode():
         start = time.perf_counter()
         out = model(input_ids=prompt, cache=past, use_cache=True)
@@ -134,6 +150,8 @@ def decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache:
             out = model(input_ids=token, cache=past, use_cache=True)
             steps.append(time.perf_counter() - start)
             step_cpu.append(time.process_time() - cpu)
+            if probe is not None:
+                probed.append((steps[-1], probe()))
             past, token = out.cache, out.logits[:, -1:].argmax(-1)
         assert torch.isfinite(out.logits).all()
 
@@ -141,7 +159,7 @@ def decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache:
         with torch.inference_mode():
             model(input_ids=token, cache=past, use_cache=True)
 
-    return prefill, sorted(steps), sorted(step_cpu), one_more
+    return prefill, sorted(steps), sorted(step_cpu), one_more, probed
 
 
 def build(layers: int) -> tuple[torch.nn.Module, set[str], float, float, float]:
@@ -167,7 +185,7 @@ def decode_rows(model: torch.nn.Module, args) -> dict[str, dict]:
     prompt = torch.randint(0, 50272, (1, args.prompt))
     rows = {}
     for cache in CACHES:
-        prefill, steps, cpu, _ = decode(model, prompt, args.new_tokens, cache)
+        prefill, steps, cpu, *_ = decode(model, prompt, args.new_tokens, cache)
         rows[cache] = {"prefill": prefill, "median": steps[len(steps) // 2], "fastest": steps[0], "slowest": steps[-1],
                        "cpu": cpu[len(cpu) // 2]}
     return rows
@@ -217,7 +235,8 @@ def main() -> None:
     decoded = decode_rows(model, args)
     best = min(CACHES, key=lambda c: decoded[c]["median"])
     torch.manual_seed(0)
-    *_, one_more = decode(model, torch.randint(0, 50272, (1, args.prompt)), args.new_tokens, best)
+    *_, one_more, probed = decode(model, torch.randint(0, 50272, (1, args.prompt)), args.new_tokens, best,
+                                  read_probe(args.stream_mib))
     cpu_token = time.process_time()
     breakdown = op_breakdown(one_more)
     cpu_token = time.process_time() - cpu_token
@@ -260,6 +279,11 @@ def main() -> None:
          f"{median / limit_copy:.2f}x (copy), {median / limit_read:.2f}x (read)"],
         ["decode fastest / that limit", f"{decoded[best]['fastest'] / limit_copy:.2f}x (copy), "
                                         f"{decoded[best]['fastest'] / limit_read:.2f}x (read)"],
+        [f"decode ({best} cache) again, a read-only sum of {args.stream_mib} MiB after each token: median of token / "
+         "(bytes / the bandwidth of the sum after it); that bandwidth, lowest-highest",
+         f"{statistics.median(step * bw / per_token for step, bw in probed):.2f}x "
+         f"({min(bw for _, bw in probed) / 1e9:.1f}-{max(bw for _, bw in probed) / 1e9:.1f} GB/s; tokens "
+         f"{statistics.median(step for step, _ in probed):.3f} s median)"],
         ["decode median CPU time / threads / that limit (what a quiet machine would show, roughly)",
          f"{decoded[best]['cpu'] / threads / limit_copy:.2f}x (copy)"],
         [f"one more decode token ({best} cache) by op (torch.profiler self time, calling thread; "

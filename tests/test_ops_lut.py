@@ -172,9 +172,12 @@ threads = torch.get_num_threads()
 needs_two = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: nothing to split")
 
 
-def hooks(min_ns: int = -1, helper_delay_us: int = 0, caller_delay_us: int = 0) -> int:
+LAUNCHED, TEAM = 0, 1  # who helps the caller: helpers on the inter-op pool, or the intra-op (OpenMP) team
+
+
+def hooks(min_ns: int = -1, helper_delay_us: int = 0, caller_delay_us: int = 0, mode: int = -1) -> int:
     """Sets the kernel's test hooks; the number of tasks helpers have run so far."""
-    return split_hooks(min_ns, helper_delay_us, caller_delay_us)[3]
+    return split_hooks(min_ns, helper_delay_us, caller_delay_us, mode)[3]
 
 
 @pytest.fixture
@@ -187,12 +190,12 @@ def defaults():
     torch.set_num_threads(threads)
 
 
-def _one_thread_and_split(x, codebooks, codes, bits=32):
+def _one_thread_and_split(x, codebooks, codes, bits=32, mode=-1):
     """The kernel's result on the calling thread alone, and split with the caller held back 1 ms, so that a helper
     computes most tasks even of a tiny call."""
     hooks(NEVER)
     alone = lut(x, codebooks, codes, bits)
-    hooks(0, 0, 1000)
+    hooks(0, 0, 1000, mode)
     return alone, lut(x, codebooks, codes, bits)
 
 
@@ -201,7 +204,8 @@ def _one_thread_and_split(x, codebooks, codes, bits=32):
 @pytest.mark.parametrize("K", [16, 256])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_split_is_bit_identical_to_one_thread_and_matches_the_stock_ops(defaults, d, K, shared, dtype):
+@pytest.mark.parametrize("mode", [LAUNCHED, TEAM])
+def test_the_split_is_bit_identical_to_one_thread_and_matches_the_stock_ops(defaults, d, K, shared, dtype, mode):
     """Odd sizes (a last group of 3 slices, a last band of 11 rows), both table layouts (a group per task for cheap
     tables; a few slices per task, then a quantisation phase, for long slices), one to three rows."""
     C, N = (131, 523) if d < 128 else (67, 523)
@@ -210,9 +214,9 @@ def test_the_split_is_bit_identical_to_one_thread_and_matches_the_stock_ops(defa
     before = hooks()
     for B in (1, 2, 3):
         x = torch.randn(B, C * d, generator=torch.Generator().manual_seed(B)).to(dtype)
-        alone, split = _one_thread_and_split(x, codebooks, codes)
+        alone, split = _one_thread_and_split(x, codebooks, codes, mode=mode)
         assert torch.equal(alone, split)
-        assert torch.equal(*_one_thread_and_split(x, codebooks, codes, 8))  # narrower tables: the same phases
+        assert torch.equal(*_one_thread_and_split(x, codebooks, codes, 8, mode))  # narrower tables: the same phases
         with ops.stock_ops():
             ref = linear(x, codebooks, codes, None, "compressed")
         tol = dict(rtol=1e-4, atol=1e-5 * ref.abs().max().item()) if dtype == torch.float32 else \
@@ -257,16 +261,47 @@ def test_the_caller_does_not_wait_for_a_helper_that_never_starts(defaults):
     x = torch.randn(2, 4096)
     hooks(NEVER)
     alone = lut(x, codebooks, codes, 32)
-    before = hooks(0, 200_000)
+    before = hooks(0, 200_000, 0, LAUNCHED)
     start = time.perf_counter()
     out = lut(x, codebooks, codes, 32)
     elapsed = time.perf_counter() - start
     assert torch.equal(out, alone)
     assert elapsed < 0.1, f"the call took {elapsed * 1e3:.0f} ms: it waited for the delayed helper"
-    assert hooks(0, 200_000) == before
+    assert hooks(0, 200_000, 0, LAUNCHED) == before
     del out, x, codebooks, codes
     time.sleep(0.4)  # the late helper starts, finds every counter spent and leaves
     assert hooks() == before
+
+
+@needs_two
+def test_a_late_team_sends_the_next_calls_to_launched_helpers(defaults):
+    """The intra-op team's join waits for its worker: held back 50 ms, the first call waits for it; the calls after
+    it go to launched helpers (the caller never waits for those) and return in far less; all give the one-thread
+    result. After the back-off the team is tried again and, joined in time, keeps the calls."""
+    codebooks, _, codes = make_case(1024, 256, 4, 4096, True, torch.float32, 7)
+    x = torch.randn(1, 4096)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    hooks(0, 0, 0, TEAM)  # forgets any lateness measured before
+    assert split_hooks(0, 50_000, 0, -1)[5] == 1  # the next call goes to the team
+    start = time.perf_counter()
+    assert torch.equal(lut(x, codebooks, codes, 32), alone)
+    assert time.perf_counter() - start >= 0.05  # it waited at the join
+    assert split_hooks(0, 50_000, 0, -1)[5] == 0  # the team is backed off
+    start = time.perf_counter()
+    assert torch.equal(lut(x, codebooks, codes, 32), alone)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.04, f"the call took {elapsed * 1e3:.0f} ms: it waited for the late team"
+    time.sleep(0.15)  # past the back-off (100 ms)
+    assert split_hooks(0, 0, 0, -1)[5] == 1  # the team is tried again (its worker no longer held back) ...
+    for _ in range(50):  # reason: on a busy machine the worker may still be late (that is the point)
+        hooks(0, 0, 0, TEAM)  # (forgets the lateness)
+        split_hooks(0, 0, 0, -1)
+        assert torch.equal(lut(x, codebooks, codes, 32), alone)
+        if split_hooks(0, 0, 0, -1)[5] == 1:
+            break  # ... and, joined in time, keeps the calls
+    else:
+        pytest.fail("the team never joined in time in 50 calls")
 
 
 @needs_two
@@ -311,7 +346,7 @@ def test_a_helper_on_the_callers_cpu_leaves_it_to_the_caller(defaults):
     x = torch.randn(1, 2048)
     hooks(NEVER)
     alone = lut(x, codebooks, codes, 32)
-    hooks(0)
+    hooks(0, 0, 0, LAUNCHED)
     lut(x, codebooks, codes, 32)  # the inter-op pool's threads exist before the affinity is set
     tasks = [int(t) for t in os.listdir("/proc/self/task")]
     saved = {t: os.sched_getaffinity(t) for t in tasks}
@@ -319,13 +354,13 @@ def test_a_helper_on_the_callers_cpu_leaves_it_to_the_caller(defaults):
     try:
         for t in tasks:
             os.sched_setaffinity(t, {cpu})
-        before = hooks(0)
+        before = hooks(0, 0, 0, LAUNCHED)
         for _ in range(CALLS):
             assert torch.equal(lut(x, codebooks, codes, 32), alone)
         # reason: on a busy machine (two busy loops beside `pytest -n 2`) helpers still ran 21-43% of the tasks in 3
         # of 12 runs (why is not known yet: a note on issue 23); without the leave check a helper woken there runs
         # nearly all of them, so the bound is half
-        assert hooks(0) - before < CALLS * TASKS_PER_CALL / 2
+        assert hooks(0, 0, 0, LAUNCHED) - before < CALLS * TASKS_PER_CALL / 2
     finally:
         for t, mask in saved.items():
             try:

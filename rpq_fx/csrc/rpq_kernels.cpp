@@ -334,14 +334,16 @@ void scatter_block(const G* __restrict grad, int64_t ldg, int64_t bw, const code
 }
 
 // ------------------------------------------------------------------ work shared with helpers that may never start
-// The calling thread and up to threads - 1 helpers (tasks on ATen's inter-op pool, at::launch) claim small tasks
-// from shared atomic counters, a few phases one after another (a phase starts once every task of the one before is
-// done). reason: at::parallel_for's join waits for every thread of its region to ARRIVE, and on a busy machine a
-// descheduled worker turned 0.5 ms calls into 37-48 ms. Here the caller never waits for a thread that has not
-// started: it claims tasks until a phase's counter runs out, then waits only for the tasks already claimed (each
-// small, run by a thread that is running). A helper that starts late joins the phase under way; one that starts
-// after the call returned finds every counter spent and leaves without touching the call's data (the state it reads
-// is shared-owned; the call's work function is reached only through a successful claim, which the call waits for).
+// The calling thread and up to threads - 1 helpers claim small tasks from shared atomic counters, a few phases one
+// after another (a phase starts once every task of the one before is done). The helpers are torch's intra-op team
+// (at::parallel_for) while it joins in time, else tasks launched on ATen's inter-op pool (at::launch; see use_team).
+// reason: at::parallel_for's join waits for every thread of its region to ARRIVE, and on a busy machine a
+// descheduled worker turned 0.5 ms calls into 37-48 ms. With launched helpers the caller never waits for a thread
+// that has not started: it claims tasks until a phase's counter runs out, then waits only for the tasks already
+// claimed (each small, run by a thread that is running). A helper that starts late joins the phase under way; one
+// that starts after the call returned finds every counter spent and leaves without touching the call's data (the
+// state it reads is shared-owned; the call's work function is reached only through a successful claim, which the
+// call waits for).
 struct SplitPhase {
   std::atomic<int64_t> next{0}, done{0};
   int64_t tasks = 0;
@@ -452,6 +454,41 @@ void participate_elsewhere(SplitState& s) {
 #endif
 }
 
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Who helps the caller: torch's intra-op team (at::parallel_for) or helpers launched on the inter-op pool. reason: on
+// a quiet machine the team is the faster: after any ATen parallel op its OpenMP worker spins on the other core for
+// milliseconds (OMP_WAIT_POLICY unset), where a launched helper had to share that core with it (OPT-66b decode: 0.27
+// s a token with launched helpers, 0.19 s with the team). But the team's join waits for every worker to arrive, and a
+// worker descheduled by another process costs the caller milliseconds a call; so a call whose join waited longer
+// than kTeamLateNs sends the next calls to launched helpers (which the caller never waits for) for a back-off that
+// doubles while the team stays late (kTeamBackoffNs up to 32 times that) and is reset by a timely join. A late join
+// cost 7-8 ms a call beside another CPU-bound process (a worker left spinning is preempted, and waits its turn), so
+// the back-off is long enough that probing the team costs under 1% of a busy machine's time.
+constexpr int64_t kTeamLateNs = 200000, kTeamBackoffNs = 100000000;
+std::atomic<int> g_split_mode{-1};  // test hook: -1 chosen as above, 0 launched helpers, 1 the team
+std::atomic<int64_t> g_team_after{0}, g_team_backoff{kTeamBackoffNs};
+
+bool use_team() {
+  const int mode = g_split_mode.load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 1;
+  return now_ns() >= g_team_after.load(std::memory_order_relaxed);
+}
+
+// Records how long a team call's caller waited at the join after its own last task.
+void team_joined(int64_t waited_ns) {
+  if (waited_ns <= kTeamLateNs) {
+    g_team_backoff.store(kTeamBackoffNs, std::memory_order_relaxed);
+    return;
+  }
+  const int64_t backoff = g_team_backoff.load(std::memory_order_relaxed);
+  g_team_after.store(now_ns() + backoff, std::memory_order_relaxed);
+  g_team_backoff.store(std::min(backoff * 2, 32 * kTeamBackoffNs), std::memory_order_relaxed);
+}
+
 // f(phase, t) for every t < tasks[phase], phase by phase; shared with helpers when `split` and torch has more than
 // one thread, else all on this thread. Every result is computed by exactly one task, so who runs it changes no bit.
 template <size_t N, typename F>
@@ -473,6 +510,24 @@ void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
   state->context = const_cast<void*>(static_cast<const void*>(&f));
   const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
   state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
+  if (use_team()) {
+    std::atomic<int64_t> caller_done{0};
+    at::parallel_for(0, helpers + 1, 1, [&](int64_t begin, int64_t end) {
+      const bool helper = at::get_thread_num() != 0;
+      if (helper) {
+        const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
+        if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
+      } else if (delay > 0) {
+        std::this_thread::sleep_for(std::chrono::microseconds(delay));
+      }
+      for (int64_t i = begin; i < end; ++i) participate(*state, helper);
+      if (!helper) caller_done.store(now_ns(), std::memory_order_relaxed);
+    });
+    const int64_t done = caller_done.load(std::memory_order_relaxed);
+    team_joined(done > 0 ? now_ns() - done : 0);
+    if (state->error) std::rethrow_exception(state->error);
+    return;
+  }
   for (int64_t h = 0; h < helpers; ++h) {
     at::launch([state] {
       const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
@@ -1216,6 +1271,36 @@ struct LutInputs {
   int64_t d, row_len;
 };
 
+#if defined(__AVX512F__)
+// t[k] = w[k] . xs for the K rows of one slice's codebook w [K, d], d a multiple of 16: four rows at a time, so four
+// chains of multiply-adds run at once and the call streams w at the memory's rate (one row at a time waited on each
+// add's latency: one thread built OPT-66b's tables at 24 GB/s)
+void slice_tables_avx512(const float* __restrict w, const float* __restrict xs, int64_t K, int64_t d,
+                         float* __restrict t) {
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const float* __restrict r = w + k * d;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) {
+      const __m512 v = _mm512_loadu_ps(xs + j);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + j), v, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + d + j), v, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 2 * d + j), v, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 3 * d + j), v, a3);
+    }
+    t[k] = _mm512_reduce_add_ps(a0);
+    t[k + 1] = _mm512_reduce_add_ps(a1);
+    t[k + 2] = _mm512_reduce_add_ps(a2);
+    t[k + 3] = _mm512_reduce_add_ps(a3);
+  }
+  for (; k < K; ++k) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(w + k * d + j), _mm512_loadu_ps(xs + j), a);
+    t[k] = _mm512_reduce_add_ps(a);
+  }
+}
+#endif
+
 // T[c - c0, k] = codebooks[g(c), k] . x[b, c-th slice] for the slices [c0, c0 + cg), in float32 over the slice in
 // order. reason: computed here, not by ATen's mm: its parallel region's join waited on a descheduled thread on a busy
 // machine (split_phases shares these loops out instead)
@@ -1236,6 +1321,12 @@ void lut_tables(const LutInputs& in, int64_t b, int64_t c0, int64_t cg, int64_t 
       }
     } else {
       const float* __restrict w = in.codebooks + c * K * d;
+#if defined(__AVX512F__)
+      if (d % 16 == 0) {
+        slice_tables_avx512(w, xs, K, d, t);
+        continue;
+      }
+#endif
       for (int64_t k = 0; k < K; ++k) {
         float a = 0.0f;
 #pragma omp simd reduction(+ : a)
@@ -1263,7 +1354,7 @@ constexpr double kTableTaskNs = 16000;
 // and one core cannot stream what two can) into a table of the whole row.
 template <int P>
 void lut_forward(const LutInputs& in, int64_t B, int64_t C, int64_t K, const uint8_t* codes, int64_t N, float* y,
-                 bool vector) {
+                 const float* bias, bool vector) {
   const int64_t groups = (C + kLutGroup - 1) / kLutGroup;
   const double mac_ns = in.shared_t != nullptr ? kLutSharedMacNs : kLutSliceMacNs;
   const int64_t slices = std::clamp<int64_t>(static_cast<int64_t>(kTableTaskNs / (mac_ns * K * in.d)), 1, kLutGroup);
@@ -1317,7 +1408,11 @@ void lut_forward(const LutInputs& in, int64_t B, int64_t C, int64_t K, const uin
       double offset = 0.0;
       for (int64_t c = 0; c < C; ++c) offset += lo[b * C + c];
       float* __restrict out = y + b * N + n0;
-      for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset);
+      if (bias == nullptr) {
+        for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset);
+      } else {  // rounded as out.add_(bias) would: the sum stored as float32 first
+        for (int64_t i = 0; i < nn; ++i) out[i] = static_cast<float>(acc[i] + offset) + bias[n0 + i];
+      }
     }
   });
 }
@@ -1331,19 +1426,21 @@ bool lut_supports(const Tensor& x, const Tensor& codebooks, const Tensor& codes)
 
 // y [B, N] = x W^T through bits-bit tables (8, 16, 24 or 32), into `out` (x's dtype): x [B, in], codes contiguous and
 // checked. The tables are built in float32 whatever x's dtype.
-void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, int64_t bits, bool vector, Tensor& out) {
+void lut_linear(const Tensor& x, const Tensor& codebooks, const Tensor& codes, int64_t bits, bool vector, Tensor& out,
+                const float* bias = nullptr) {
   const int64_t B = x.size(0), C = codes.size(0), N = codes.size(1);
   const int64_t G = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
   const Tensor xf = x.to(at::kFloat).contiguous(), cbf = codebooks.to(at::kFloat).contiguous();
   const Tensor cbt = G == 1 ? cbf[0].t().contiguous() : Tensor();  // [d, K]
   const LutInputs in{xf.data_ptr<float>(), cbf.data_ptr<float>(), G == 1 ? cbt.data_ptr<float>() : nullptr, d, C * d};
   Tensor y = out.scalar_type() == at::kFloat && out.is_contiguous() ? out : at::empty({B, N}, xf.options());
+  TORCH_INTERNAL_ASSERT(bias == nullptr || y.is_same(out), "rpq_fx lut_linear: a bias is added only into out");
   const uint8_t* codes_p = codes.data_ptr<uint8_t>();
   switch (bits) {
-    case 8: lut_forward<1>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
-    case 16: lut_forward<2>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
-    case 24: lut_forward<3>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
-    default: lut_forward<4>(in, B, C, K, codes_p, N, y.data_ptr<float>(), vector); break;
+    case 8: lut_forward<1>(in, B, C, K, codes_p, N, y.data_ptr<float>(), bias, vector); break;
+    case 16: lut_forward<2>(in, B, C, K, codes_p, N, y.data_ptr<float>(), bias, vector); break;
+    case 24: lut_forward<3>(in, B, C, K, codes_p, N, y.data_ptr<float>(), bias, vector); break;
+    default: lut_forward<4>(in, B, C, K, codes_p, N, y.data_ptr<float>(), bias, vector); break;
   }
   if (!y.is_same(out)) out.copy_(y);
 }
@@ -1366,13 +1463,15 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
   const bool fast = fast_dtypes({x.scalar_type(), codebooks.scalar_type()});
   const bool lut = fast && x.size(0) <= kLutMaxRows && codebooks.size(1) > 32 && has_vbmi() &&
                    lut_supports(x, codebooks, codes);
-  const bool fold = bias_in.defined() && fast && !lut && bias_in.scalar_type() == x.scalar_type();
+  const bool fold = bias_in.defined() && fast && bias_in.scalar_type() == x.scalar_type() &&
+                    (!lut || (x.scalar_type() == at::kFloat && out.is_contiguous()));
   if (!fast) {
     linear_forward_aten(x, codebooks, codes, out);
   } else if (lut) {
     // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
     // looked up on this thread (robust on a busy machine, see lut_forward)
-    lut_linear(x, codebooks, codes, kLutAutoBits, true, out);
+    const Tensor bias = fold ? bias_in.contiguous() : Tensor();
+    lut_linear(x, codebooks, codes, kLutAutoBits, true, out, fold ? bias.data_ptr<float>() : nullptr);
   } else {
     const Tensor bias = fold ? bias_in.contiguous() : Tensor();
     // ATen's bmm builds the tables of long slices, in the products' dtype; short ones are summed from x in place
@@ -1536,19 +1635,29 @@ Tensor linear_lut_op(const Tensor& x, const Tensor& codebooks, const Tensor& cod
   return out;
 }
 
-// rpq_fx::_lut_split_hooks(int min_ns, int helper_delay_us, int caller_delay_us) -> int[]: TESTS ONLY, process-wide.
-// Sets the least estimated work (ns) the lookup-table forward shares with helpers (-1: the default), a delay before
-// each helper starts and one before the caller starts its share (us; 0: none; the latter lets helpers take tasks of
-// tiny calls); returns the previous three and the number of tasks helpers have run so far.
-std::vector<int64_t> lut_split_hooks(int64_t min_ns, int64_t helper_delay_us, int64_t caller_delay_us) {
-  TORCH_CHECK(min_ns >= -1 && helper_delay_us >= 0 && caller_delay_us >= 0,
-              "rpq_fx _lut_split_hooks: min_ns >= -1, delays >= 0");
-  return {g_split_min_ns.exchange(min_ns), g_helper_delay_us.exchange(helper_delay_us),
-          g_caller_delay_us.exchange(caller_delay_us), g_helper_tasks.load()};
+// rpq_fx::_lut_split_hooks(int min_ns, int helper_delay_us, int caller_delay_us, int mode) -> int[]: TESTS ONLY,
+// process-wide. Sets the least estimated work (ns) the lookup-table forward shares with helpers (-1: the default), a
+// delay before each helper starts and one before the caller starts its share (us; 0: none; the latter lets helpers
+// take tasks of tiny calls) and who helps (-1: chosen per call, 0: launched helpers, 1: the intra-op team; changing it
+// forgets a team's lateness); returns the previous three, the number of tasks helpers have run so far, the
+// previous mode and whether the next chosen call would go to the team.
+std::vector<int64_t> lut_split_hooks(int64_t min_ns, int64_t helper_delay_us, int64_t caller_delay_us, int64_t mode) {
+  TORCH_CHECK(min_ns >= -1 && helper_delay_us >= 0 && caller_delay_us >= 0 && mode >= -1 && mode <= 1,
+              "rpq_fx _lut_split_hooks: min_ns >= -1, delays >= 0, mode -1, 0 or 1");
+  const bool team_next = now_ns() >= g_team_after.load();
+  std::vector<int64_t> previous{g_split_min_ns.exchange(min_ns), g_helper_delay_us.exchange(helper_delay_us),
+                                g_caller_delay_us.exchange(caller_delay_us), g_helper_tasks.load(),
+                                g_split_mode.exchange(static_cast<int>(mode)), team_next};
+  if (previous[4] != mode) {
+    g_team_after.store(0);
+    g_team_backoff.store(kTeamBackoffNs);
+  }
+  return previous;
 }
 
 TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
-  m.def("_lut_split_hooks(int min_ns, int helper_delay_us, int caller_delay_us) -> int[]", &lut_split_hooks);
+  m.def("_lut_split_hooks(int min_ns, int helper_delay_us, int caller_delay_us, int mode=-1) -> int[]",
+        &lut_split_hooks);
   m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
   m.def("_linear_lut(Tensor x, Tensor codebooks, Tensor codes, int bits, bool vectorized=True) -> Tensor");
 }
