@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--expand", action="store_true", help="expand the whole table per call (the old path)")
     args = parser.parse_args()
     if args.expand:  # reason: a benchmark's A/B switch, not an API: the rewrite then reads the table as before
-        sys.modules["rpq_fx.passes.rewrite"]._reads_rows = lambda module, name: False
+        sys.modules["rpq_fx.passes.rewrite"].reads_rows = lambda module, name: False
     model = rpq_fx.convert(Holder(), num_codebooks=72, progress=False).eval()
     mask = torch.ones(1, 17, dtype=torch.long)
     walls, cpus = [], []

@@ -17,7 +17,7 @@ from rpq_fx.nn.weight import RPQWeight, lookup_weight
 from .plan import LayerPlan, parameter_at
 from .weight_ops import LAYERS, emit_layer_call, layer_arguments, reads_rows
 
-__all__ = ["rewrite", "new_weights", "is_expansion", "additive_stages"]
+__all__ = ["rewrite", "new_weights", "is_expansion", "additive_stages", "expansion"]
 
 
 def new_weights(plans: list[LayerPlan], seed: int = 0) -> dict[str, RPQWeight]:
@@ -67,7 +67,7 @@ def additive_stages(expansion: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return head, stages
 
 
-def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
+def expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
     """``get_attr`` codebooks and codes (codebooks cast where stored in another dtype),
     ``rpq_fx::expand``, each additive stage's expansion added (``add``), the hot rows' expansion
     added in (``index_add``), and a view or transpose to the weight's layout."""
@@ -83,14 +83,14 @@ def _expansion(graph: fx.Graph, path: str, weight: RPQWeight) -> fx.Node:
     rows = graph.create_node("call_function", torch.ops.rpq_fx.expand.default, (codebooks, codes),
                              name=f"{name}_rows" if later else name)
     for m, stage in enumerate(weight.additive or (), 1):
-        stage_rows = _expansion(graph, f"{path}.additive.{m - 1}", stage)
+        stage_rows = expansion(graph, f"{path}.additive.{m - 1}", stage)
         last = m == len(weight.additive) and not (reshape or hot)
         rows = graph.create_node("call_method", "add", (rows, stage_rows), name=name if last else f"{name}_rows")
     if hot:
         # reason: stored int32 (half the bytes), read as int64: ONNX's ScatterND, index_add's export, takes no other
         index = graph.create_node("call_method", "long", (graph.get_attr(f"{path}.hot_index"),),
                                   name=f"{name}_hot_index_int64")
-        hot_rows = _expansion(graph, f"{path}.hot", weight.hot)
+        hot_rows = expansion(graph, f"{path}.hot", weight.hot)
         rows = graph.create_node("call_method", "index_add", (rows, 0, index, hot_rows),
                                  name=f"{name}_rows" if reshape else name)
     if reshape is None:
@@ -149,7 +149,7 @@ def _read(graph: fx.Graph, path: str, value: nn.Module | torch.Tensor, rows: boo
     looks up its rows (``rows``: :func:`~.weight_ops.reads_rows`); else a ``get_attr``."""
     if not isinstance(value, RPQWeight):
         return graph.get_attr(path)
-    return _lookup(graph, path) if rows else _expansion(graph, path, value)
+    return _lookup(graph, path) if rows else expansion(graph, path, value)
 
 
 def _lookup(graph: fx.Graph, path: str) -> fx.Node:

@@ -21,7 +21,7 @@ from torch import nn
 from .graph_module import graph_parts, graphs_of
 from .nn.weight import lookup_weight
 from .passes import LayerPlan, insert_checkpoints
-from .passes.rewrite import _expansion
+from .passes.rewrite import expansion
 
 __all__ = ["written_before_lookups", "graph_before_lookups", "padding_rows_before_lookups"]
 
@@ -49,7 +49,7 @@ def graph_before_lookups(part: fx.GraphModule, graph: fx.Graph, checkpoint: bool
     for node in [n for n in holder.graph.nodes if _is_lookup(n)]:
         attribute = node.args[0]
         with holder.graph.inserting_before(node):
-            rows = _expansion(holder.graph, attribute.target, holder.get_submodule(attribute.target))
+            rows = expansion(holder.graph, attribute.target, holder.get_submodule(attribute.target))
         node.replace_all_uses_with(rows)
         holder.graph.erase_node(node)
         if not attribute.users:

@@ -281,7 +281,7 @@ class RPQWeight(nn.Module):
         return rows
 
     def forward(self) -> torch.Tensor:
-        """The dense weight, by the ops the rewrite pass writes for it (``rewrite._expansion``), so a
+        """The dense weight, by the ops the rewrite pass writes for it (``rewrite.expansion``), so a
         traced RPQ layer reads as the graph a converted layer has (saved forwards compare equal)."""
         rows = self.expand_rows()
         if self.transposed:
