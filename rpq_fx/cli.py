@@ -83,13 +83,15 @@ def _factory(spec: str):
 
 
 def _hf_model(path_text: str, meta: bool):
+    path = Path(path_text)
+    # reason: checked before transformers is imported: importing it can print other libraries' warnings (torchao's
+    # registrations under torch 2.14), and a mistyped path's error is one line
+    if not path.exists():
+        raise CLIError(f"hf:{path_text}: no such folder or file")
     try:
         transformers = require("transformers", "hf", "hf: models")
     except ImportError as error:
         raise CLIError(str(error)) from None
-    path = Path(path_text)
-    if not path.exists():
-        raise CLIError(f"hf:{path_text}: no such folder or file")
     folder = path if path.is_dir() else path.parent
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
