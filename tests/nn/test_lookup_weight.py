@@ -70,6 +70,17 @@ def _codebook_grads_match(converted: nn.Module, reference: nn.Module, name: str)
     torch.testing.assert_close(weight.codebooks.grad, expected, rtol=1e-5, atol=1e-6)
 
 
+def _training_case(seed: int):
+    """A converted positions model, its dense reference and a padding mask (the first row half padding)."""
+    torch.manual_seed(seed)
+    original = Model(Positions(ROWS, DIM))
+    converted = _convert(original)
+    reference = dense_reference(original, converted, leftovers=True)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :4] = 0
+    return converted, reference, mask
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_subclass_forward_in_place_conversion_reads_rows_only(inplace):
     torch.manual_seed(0)
@@ -88,12 +99,7 @@ def test_subclass_forward_in_place_conversion_reads_rows_only(inplace):
 
 
 def test_training_gradients_reach_the_codebooks():
-    torch.manual_seed(1)
-    original = Model(Positions(ROWS, DIM))
-    converted = _convert(original)
-    reference = dense_reference(original, converted, leftovers=True)
-    mask = torch.ones(3, 11, dtype=torch.long)
-    mask[0, :4] = 0
+    converted, reference, mask = _training_case(1)
     converted(mask, 2).square().sum().backward()
     reference(mask, 2).square().sum().backward()
     _codebook_grads_match(converted, reference, "layer")
@@ -263,12 +269,7 @@ def test_compiles_without_a_graph_break():
 def test_compiled_training_gradients_reach_the_codebooks():
     """Backward through the compiled layer (AOT autograd, one graph): the codebooks get the dense reference's
     gradient summed into their codewords."""
-    torch.manual_seed(8)
-    original = Model(Positions(ROWS, DIM))
-    converted = _convert(original)
-    reference = dense_reference(original, converted, leftovers=True)
-    mask = torch.ones(3, 11, dtype=torch.long)
-    mask[0, :4] = 0
+    converted, reference, mask = _training_case(8)
     torch._dynamo.reset()
     compiled = torch.compile(converted.layer, backend="aot_eager", fullgraph=True)
     converted.head(compiled(mask, 2)).square().sum().backward()
