@@ -461,8 +461,8 @@ inline int64_t now_ns() {
 
 // Who helps the caller: torch's intra-op team (at::parallel_for) or helpers launched on the inter-op pool. reason: on
 // a quiet machine the team is the faster: after any ATen parallel op its OpenMP worker spins on the other core for
-// milliseconds (OMP_WAIT_POLICY unset), where a launched helper had to share that core with it (OPT-66b decode: 0.27
-// s a token with launched helpers, 0.19 s with the team). But the team's join waits for every worker to arrive, and a
+// milliseconds (OMP_WAIT_POLICY unset), where a launched helper had to share that core with it (OPT-66b decode: 0.29
+// s a token with launched helpers, 0.19-0.21 s with the team). But the team's join waits for every worker to arrive, and a
 // worker descheduled by another process costs the caller milliseconds a call; so a call whose join waited longer
 // than kTeamLateNs sends the next calls to launched helpers (which the caller never waits for) for a back-off that
 // doubles while the team stays late (kTeamBackoffNs up to 32 times that) and is reset by a timely join. A late join
@@ -1468,8 +1468,8 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& codebooks, const Tensor&
   if (!fast) {
     linear_forward_aten(x, codebooks, codes, out);
   } else if (lut) {
-    // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), built and
-    // looked up on this thread (robust on a busy machine, see lut_forward)
+    // one or two rows, K beyond the one-register permutes: 32-bit tables in registers (as close as float32), the work
+    // shared by split_phases (see lut_forward)
     const Tensor bias = fold ? bias_in.contiguous() : Tensor();
     lut_linear(x, codebooks, codes, kLutAutoBits, true, out, fold ? bias.data_ptr<float>() : nullptr);
   } else {
