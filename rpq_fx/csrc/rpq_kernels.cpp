@@ -512,8 +512,11 @@ void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
   state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
   if (use_team()) {
     std::atomic<int64_t> caller_done{0};
+    const std::thread::id caller = std::this_thread::get_id();
     at::parallel_for(0, helpers + 1, 1, [&](int64_t begin, int64_t end) {
-      const bool helper = at::get_thread_num() != 0;
+      // reason: by thread, not at::get_thread_num(): called inside another parallel region, at::parallel_for runs
+      // this inline on the caller, whose thread number there may be any; as a helper it would leave every task
+      const bool helper = std::this_thread::get_id() != caller;
       if (helper) {
         const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
         if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
@@ -524,7 +527,7 @@ void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
       if (!helper) caller_done.store(now_ns(), std::memory_order_relaxed);
     });
     const int64_t done = caller_done.load(std::memory_order_relaxed);
-    team_joined(done > 0 ? now_ns() - done : 0);
+    team_joined(now_ns() - done);
     if (state->error) std::rethrow_exception(state->error);
     return;
   }
