@@ -305,6 +305,20 @@ def test_a_late_team_sends_the_next_calls_to_launched_helpers(defaults):
 
 
 @needs_two
+@pytest.mark.parametrize("mode", [LAUNCHED, TEAM])
+def test_a_caller_inside_a_parallel_region_computes_every_task(defaults, mode):
+    """Called by each thread of a two-thread ATen parallel region (the team's region then runs inline on the caller,
+    whose thread number there is 0 or 1), the split computes every output: the one-thread result, on both threads."""
+    codebooks, _, codes = make_case(72, 256, 128, 1024, False, torch.float32, 11)
+    x = torch.randn(1, 72 * 128)
+    hooks(NEVER)
+    alone = lut(x, codebooks, codes, 32)
+    hooks(0, 0, 0, mode)
+    results = torch.ops.rpq_fx._linear_lut_in_region(x, codebooks, codes)
+    assert len(results) == 2 and all(torch.equal(r, alone) for r in results)
+
+
+@needs_two
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_a_forked_child_computes_without_helpers(defaults):
     """After the parent's helpers have run, a forked child (a DataLoader worker) computes on its own thread: at::launch

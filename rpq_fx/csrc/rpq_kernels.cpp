@@ -512,11 +512,8 @@ void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
   state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
   if (use_team()) {
     std::atomic<int64_t> caller_done{0};
-    const std::thread::id caller = std::this_thread::get_id();
     at::parallel_for(0, helpers + 1, 1, [&](int64_t begin, int64_t end) {
-      // reason: by thread, not at::get_thread_num(): called inside another parallel region, at::parallel_for runs
-      // this inline on the caller, whose thread number there may be any; as a helper it would leave every task
-      const bool helper = std::this_thread::get_id() != caller;
+      const bool helper = at::get_thread_num() != 0;  // run inline (inside another parallel region): thread 0
       if (helper) {
         const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
         if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
@@ -1658,7 +1655,19 @@ std::vector<int64_t> lut_split_hooks(int64_t min_ns, int64_t helper_delay_us, in
   return previous;
 }
 
+// rpq_fx::_linear_lut_in_region(Tensor x, Tensor codebooks, Tensor codes) -> Tensor[]: TESTS ONLY. The 32-bit
+// lookup-table forward called by each thread of a two-thread at::parallel_for region (one result per thread that
+// ran): what a caller already inside a parallel region, whose thread number may be nonzero, gets.
+std::vector<Tensor> linear_lut_in_region(const Tensor& x, const Tensor& codebooks, const Tensor& codes) {
+  std::vector<Tensor> results(2);
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) results[i] = linear_lut_op(x, codebooks, codes, 32, true);
+  });
+  return results;
+}
+
 TORCH_LIBRARY_FRAGMENT(rpq_fx, m) {
+  m.def("_linear_lut_in_region(Tensor x, Tensor codebooks, Tensor codes) -> Tensor[]", &linear_lut_in_region);
   m.def("_lut_split_hooks(int min_ns, int helper_delay_us, int caller_delay_us, int mode=-1) -> int[]",
         &lut_split_hooks);
   m.def("_nearest(Tensor x, Tensor centroids) -> (Tensor, Tensor)");  // k-means assignment (rpq_fx.fit), CPU only
