@@ -454,6 +454,12 @@ void participate_elsewhere(SplitState& s) {
 #endif
 }
 
+// Sleeps for a test hook's delay (us), if one is set.
+void hold(const std::atomic<int64_t>& delay_us) {
+  const int64_t us = delay_us.load(std::memory_order_relaxed);
+  if (us > 0) std::this_thread::sleep_for(std::chrono::microseconds(us));
+}
+
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -508,34 +514,27 @@ void split_phases(const std::array<int64_t, N>& tasks, bool split, F&& f) {
   using Fn = std::remove_reference_t<F>;
   state->run = [](void* context, int p, int64_t t) { (*static_cast<Fn*>(context))(p, t); };
   state->context = const_cast<void*>(static_cast<const void*>(&f));
-  const int64_t delay = g_caller_delay_us.load(std::memory_order_relaxed);
-  state->caller_cpu.store(delay > 0 ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
+  const bool held_back = g_caller_delay_us.load(std::memory_order_relaxed) > 0;
+  state->caller_cpu.store(held_back ? -1 : current_cpu(), std::memory_order_relaxed);  // -1: held back (test hook)
   if (use_team()) {
-    std::atomic<int64_t> caller_done{0};
+    int64_t caller_done = 0;  // read after the region's join
     at::parallel_for(0, helpers + 1, 1, [&](int64_t begin, int64_t end) {
       const bool helper = at::get_thread_num() != 0;  // run inline (inside another parallel region): thread 0
-      if (helper) {
-        const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
-        if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
-      } else if (delay > 0) {
-        std::this_thread::sleep_for(std::chrono::microseconds(delay));
-      }
+      hold(helper ? g_helper_delay_us : g_caller_delay_us);
       for (int64_t i = begin; i < end; ++i) participate(*state, helper);
-      if (!helper) caller_done.store(now_ns(), std::memory_order_relaxed);
+      if (!helper) caller_done = now_ns();
     });
-    const int64_t done = caller_done.load(std::memory_order_relaxed);
-    team_joined(now_ns() - done);
+    team_joined(now_ns() - caller_done);
     if (state->error) std::rethrow_exception(state->error);
     return;
   }
   for (int64_t h = 0; h < helpers; ++h) {
     at::launch([state] {
-      const int64_t held = g_helper_delay_us.load(std::memory_order_relaxed);
-      if (held > 0) std::this_thread::sleep_for(std::chrono::microseconds(held));
+      hold(g_helper_delay_us);
       participate_elsewhere(*state);
     });
   }
-  if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+  hold(g_caller_delay_us);
   participate(*state, false);
   wait_done(state->phases[N - 1]);
   if (state->error) std::rethrow_exception(state->error);

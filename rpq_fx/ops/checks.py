@@ -55,27 +55,22 @@ def _check_code_dtype(codes: Tensor, op: str) -> None:
 
 def check_devices(op: str, **tensors: Tensor | None) -> None:
     """All tensors on one device, as a dense layer requires: a meta weight called on a CPU input must
-    raise, not hand back an uninitialised CPU tensor (issue 19)."""
-    devices = {t.device for t in tensors.values() if t is not None}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
-        raise RuntimeError(f"{op}: tensors on different devices ({where}); all must be on one device")
-
-
-def _one_device(op: str, **tensors: Tensor | None) -> None:
-    """:func:`check_devices`, comparing the devices first (building its message only when they differ)."""
+    raise, not hand back an uninitialised CPU tensor (issue 19). (On every op call: compared one by one,
+    the message built only when they differ.)"""
     device = None
     for t in tensors.values():
-        if t is not None:
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                check_devices(op, **tensors)
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+            raise RuntimeError(f"{op}: tensors on different devices ({where}); all must be on one device")
 
 
 def check_expand(codebooks: Tensor, codes: Tensor, op: str = "rpq_fx expand") -> None:
     """Shapes and dtypes of ``expand(codebooks [G, K, d], codes [C, N])``, G = C or 1 (values: :func:`check_codes`)."""
-    _one_device(op, codebooks=codebooks, codes=codes)
+    check_devices(op, codebooks=codebooks, codes=codes)
     _check_expand_shapes(codebooks, codes, op)
 
 
@@ -103,7 +98,7 @@ def check_expand_backward(grad: Tensor, codes: Tensor, num_groups: int, num_code
 
 def check_linear(input: Tensor, codebooks: Tensor, codes: Tensor, bias: Tensor | None,
                  op: str = "rpq_fx linear") -> None:
-    _one_device(op, input=input, codebooks=codebooks, codes=codes, bias=bias)
+    check_devices(op, input=input, codebooks=codebooks, codes=codes, bias=bias)
     _check_expand_shapes(codebooks, codes, op)
     _require(input.dim() >= 1 and input.shape[-1] == codes.shape[0] * codebooks.shape[2],
              lambda: f"{op}: input has {input.shape[-1] if input.dim() else 0} features, the weight "
